@@ -1,0 +1,147 @@
+"""The ``cdinn-stream`` command line: simulate, train, evaluate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    return tuple(int(w) for w in text.split(","))
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .simulate import simulate
+
+    with tqdm(total=args.n, desc="simulating", unit="sample") as bar:
+        data = simulate(args.n, args.size, seed=args.seed, photons=args.photons, background=args.background,
+                        pad=args.pad, progress=bar.update)
+    np.savez_compressed(args.out, intensity=data.intensity, amplitude=data.amplitude, phase=data.phase)
+    print(f"wrote {len(data)} samples to {args.out} (intensity {data.intensity.shape}, amplitude, phase)")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(out_dir=Path(args.out), size=args.size, widths=args.widths,
+                      convs_per_stage=args.convs_per_stage, n_train=args.n_train, n_val=args.n_val,
+                      batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, lr=args.lr,
+                      seed=args.seed, max_minutes=args.max_minutes, photons=args.photons, threads=args.threads)
+    result = train(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
+    print(f"training curve: {Path(args.out) / 'training_curve.png'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, report_table
+    from .reconstruct import load_model
+
+    model = load_model(args.model, device=args.device)
+    report = evaluate(model, args.out, n=args.n, seed=args.seed, photons=args.photons, erhio=not args.no_erhio,
+                      erhio_iterations=args.iterations, refine_iterations=args.refine_iterations)
+    print(report_table(report))
+    print(f"report and figures in {args.out}/ (report.json, report.md, examples.png, best.png, worst.png)")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmarks
+
+    run_benchmarks(args.out, model=args.model, n=args.n, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by the docs)."""
+    p = argparse.ArgumentParser(
+        prog="cdinn-stream",
+        description="Real-time coherent diffraction inversion (CDI NN) for Bragg CDI beamlines.",
+        epilog="Each command has its own --help. Conventions: README.md, 'Conventions'.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="write simulated samples (paper recipe) to an .npz file",
+                       description="Simulate random convex crystals with smooth strain phase and their "
+                                   "diffraction intensities, and save them as intensity/amplitude/phase arrays.")
+    s.add_argument("out", help="output .npz path")
+    s.add_argument("-n", type=int, default=1000, help="number of samples (default 1000)")
+    s.add_argument("--size", type=int, default=32, choices=(32, 64, 128), help="frame size N (default 32)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--photons", type=float, default=None, help="Poisson noise: total photons per frame")
+    s.add_argument("--background", type=float, default=0.0, help="constant background per pixel")
+    s.add_argument("--pad", type=int, default=1, help="zero-padding factor of the object (2: oversampled)")
+    s.set_defaults(func=_cmd_simulate)
+
+    t = sub.add_parser("train", help="train a CDI NN on simulated data (checkpoints, resume, curve PNG)",
+                       description="Adam, batch 256, 180k/20k train/validation split, early stopping on the "
+                                   "validation loss, a checkpoint each epoch (--resume continues), fixed seed.")
+    t.add_argument("--out", default="runs/cdinn-32", help="output folder (default runs/cdinn-32)")
+    t.add_argument("--size", type=int, default=32, choices=(32, 64, 128))
+    t.add_argument("--widths", type=_widths, default=(12, 24, 48),
+                   help="encoder widths, comma-separated (default 12,24,48; the paper: 32,64,128)")
+    t.add_argument("--convs-per-stage", type=int, default=2)
+    t.add_argument("--n-train", type=int, default=180_000)
+    t.add_argument("--n-val", type=int, default=20_000)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping may end sooner)")
+    t.add_argument("--patience", type=int, default=4, help="epochs without improvement before stopping")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--photons", type=float, default=None, help="train on Poisson-noisy patterns")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch past this budget")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a model on fresh samples against ER/HIO; JSON + figures",
+                       description="Simulate fresh samples, reconstruct them with the network and with "
+                                   "620-iteration ER/HIO (and NN-seeded refinement), and write report.json, "
+                                   "report.md and the figures examples.png, best.png, worst.png.")
+    e.add_argument("--model", default="cdinn-32", help="shipped model name or path to a .pt (default cdinn-32)")
+    e.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
+    e.add_argument("-n", type=int, default=1000, help="number of fresh samples (default 1000)")
+    e.add_argument("--seed", type=int, default=20_251_125)
+    e.add_argument("--photons", type=float, default=None, help="evaluate on Poisson-noisy patterns")
+    e.add_argument("--iterations", type=int, default=620, help="ER/HIO iterations (default 620)")
+    e.add_argument("--refine-iterations", type=int, default=100,
+                   help="iterations of NN-seeded ER/HIO refinement (0: skip)")
+    e.add_argument("--no-erhio", action="store_true", help="skip the ER/HIO baseline")
+    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    e.set_defaults(func=_cmd_evaluate)
+
+    b = sub.add_parser("bench", help="speed benchmarks; writes JSON + a markdown table",
+                       description="Time the network (per batch size) and 620-iteration ER/HIO on the same "
+                                   "patterns in one run, and the simulator; results go to OUT.")
+    b.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    b.add_argument("--model", default="cdinn-32")
+    b.add_argument("-n", type=int, default=256, help="patterns for the ER/HIO timing (default 256)")
+    b.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cdinn-stream`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"cdinn-stream {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

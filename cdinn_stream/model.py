@@ -1,0 +1,111 @@
+"""The CDI NN after Cherukara et al., Fig. 1 (pure torch, no I/O).
+
+A convolutional encoder (3x3 convolution + ReLU pairs, each stage closed by 2x2 max-pooling)
+feeds two up-sampling decoders (nearest 2x up-sampling, 3x3 convolution + ReLU pairs), one
+for the shape (amplitude) and one for the phase; each ends in a 3x3 convolution with a sigmoid.
+The encoder is shared between the two decoders (see ``docs/design.md``). The phase sigmoid maps
+onto ``[-pi, pi]``.
+
+Input ``(B, 1, N, N)``: diffraction amplitudes ``sqrt(I)`` scaled to a maximum of 1.
+Output: amplitude ``(B, N, N)`` in [0, 1] and phase ``(B, N, N)`` in radians.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["ModelConfig", "CDINN", "count_flops"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a :class:`CDINN`.
+
+    Attributes:
+        size: frame size ``N`` (input and output are ``N x N``; a multiple of ``2**len(widths)``).
+        widths: channels of each encoder stage (the paper: 32, 64, 128); decoders mirror them.
+        convs_per_stage: 3x3 convolutions per stage (the paper: 2).
+    """
+
+    size: int = 32
+    widths: tuple[int, ...] = (32, 64, 128)
+    convs_per_stage: int = 2
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "widths": list(self.widths)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(size=int(d["size"]), widths=tuple(int(w) for w in d["widths"]),
+                   convs_per_stage=int(d["convs_per_stage"]))
+
+
+def _convs(c_in: int, c_out: int, n: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i in range(n):
+        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+    return layers
+
+
+def _decoder(widths: tuple[int, ...], n: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    rev = widths[::-1]
+    for i, w in enumerate(rev):
+        layers += _convs(rev[i - 1] if i else w, w, n)
+        layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+    layers.append(nn.Conv2d(widths[0], 1, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
+class CDINN(nn.Module):
+    """Shared convolutional encoder with shape and phase up-sampling decoders."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        if config.size % 2 ** len(config.widths):
+            raise ValueError(f"size {config.size} is not a multiple of {2 ** len(config.widths)}")
+        self.config = config
+        layers: list[nn.Module] = []
+        c = 1
+        for w in config.widths:
+            layers += _convs(c, w, config.convs_per_stage)
+            layers.append(nn.MaxPool2d(2))
+            c = w
+        self.encoder = nn.Sequential(*layers)
+        self.shape_decoder = _decoder(config.widths, config.convs_per_stage)
+        self.phase_decoder = _decoder(config.widths, config.convs_per_stage)
+
+    def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-sigmoid outputs ``(B, N, N)`` for shape and phase (used by the training loss)."""
+        z = self.encoder(x)
+        return self.shape_decoder(z)[:, 0], self.phase_decoder(z)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Amplitude in [0, 1] and phase in [-pi, pi], each ``(B, N, N)``."""
+        s, p = self.forward_logits(x)
+        return torch.sigmoid(s), (torch.sigmoid(p) - 0.5) * (2 * math.pi)
+
+
+def count_flops(model: CDINN) -> int:
+    """Multiply-accumulates x 2 per frame for one forward pass (convolutions only)."""
+    flops = 0
+    size = model.config.size
+    hooks = []
+
+    def hook(mod, inp, out):
+        nonlocal flops
+        k = mod.kernel_size[0] * mod.kernel_size[1]
+        flops += 2 * out.shape[-1] * out.shape[-2] * mod.in_channels * mod.out_channels * k
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.zeros(1, 1, size, size))
+    for h in hooks:
+        h.remove()
+    return flops

@@ -1,0 +1,171 @@
+"""The public inference API: :func:`load_model` and :class:`CDIModel.predict`.
+
+>>> from cdinn_stream import load_model
+>>> model = load_model()                  # the shipped 32x32 default
+>>> rec = model.predict(intensity)        # (H, W) or (N, H, W) detector counts, peak-centred
+>>> rec.amplitude, rec.phase              # (N, H, W) float32: [0, 1] and radians
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import CDINN
+from .physics import SUPPORT_THRESHOLD, normalized_amplitude
+from .weights import read_weights
+
+__all__ = ["Reconstruction", "CDIModel", "load_model", "model_path", "DEFAULT_MODEL", "validate_frames"]
+
+#: Name of the shipped default model.
+DEFAULT_MODEL = "cdinn-32"
+
+
+@dataclass
+class Reconstruction:
+    """Network output for ``N`` frames.
+
+    Attributes:
+        amplitude: ``(N, H, W)`` float32 object amplitude (shape) in [0, 1].
+        phase: ``(N, H, W)`` float32 phase in radians, 0 outside the predicted support.
+    """
+
+    amplitude: np.ndarray
+    phase: np.ndarray
+
+    @property
+    def support(self) -> np.ndarray:
+        """``(N, H, W)`` bool: amplitude above the paper's threshold of 0.1."""
+        return self.amplitude > SUPPORT_THRESHOLD
+
+    @property
+    def complex(self) -> np.ndarray:
+        """``amplitude * exp(i * phase)`` as complex64."""
+        return (self.amplitude * np.exp(1j * self.phase)).astype(np.complex64)
+
+    def __len__(self) -> int:
+        return len(self.amplitude)
+
+
+def validate_frames(intensity: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """Check a ``(H, W)`` or ``(N, H, W)`` stack of intensities; return it as ``(N, H, W)``.
+
+    Raises:
+        ValueError: wrong dimensionality or size, complex or non-numeric data, NaN or inf,
+            negative values, or an all-zero frame; the message names the frames at fault.
+    """
+    if not isinstance(intensity, torch.Tensor):
+        arr = np.asarray(intensity)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"intensities must be real numbers, got dtype {arr.dtype}")
+        intensity = torch.from_numpy(np.ascontiguousarray(arr))
+    elif intensity.is_complex() or intensity.dtype == torch.bool:
+        raise ValueError(f"intensities must be real numbers, got dtype {intensity.dtype}")
+    x = intensity
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"expected (H, W) or (N, H, W) intensities, got shape {tuple(intensity.shape)}")
+    if tuple(x.shape[-2:]) != (size, size):
+        raise ValueError(
+            f"frames are {tuple(x.shape[-2:])} but this model takes ({size}, {size}): crop around the "
+            "Bragg peak first (cdinn_stream.crop) or load a model of that size"
+        )
+    if len(x) == 0:
+        raise ValueError("no frames given")
+    x = x.float()
+
+    def frames(bad: torch.Tensor) -> str:
+        idx = torch.nonzero(bad).flatten().tolist()
+        return f"{idx[:10]}{' ...' if len(idx) > 10 else ''}"
+
+    finite = torch.isfinite(x).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        raise ValueError(f"NaN or inf in frame(s) {frames(~finite)}")
+    negative = (x < 0).flatten(1).any(dim=1)
+    if bool(negative.any()):
+        raise ValueError(f"negative intensities in frame(s) {frames(negative)}: subtract background and clip at 0")
+    empty = (x == 0).flatten(1).all(dim=1)
+    if bool(empty.any()):
+        raise ValueError(f"all-zero frame(s) {frames(empty)}: nothing to reconstruct")
+    return x
+
+
+class CDIModel:
+    """A trained network on a device, with its model card; call :meth:`predict`."""
+
+    def __init__(self, network: CDINN, *, name: str = "custom", card: dict | None = None,
+                 device: str | torch.device | None = None):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.name = name
+        self.card = card or {}
+
+    @property
+    def size(self) -> int:
+        """Frame size ``N`` the network takes."""
+        return self.network.config.size
+
+    def __repr__(self) -> str:
+        return f"CDIModel(name={self.name!r}, size={self.size}, device={str(self.device)!r})"
+
+    @torch.inference_mode()
+    def predict_tensor(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw network call on normalised amplitudes ``(B, N, N)`` already on :attr:`device`;
+        returns amplitude and phase (0 outside the support) on the device."""
+        amp, phase = self.network(amplitude[:, None])
+        return amp, torch.where(amp > SUPPORT_THRESHOLD, phase, torch.zeros_like(phase))
+
+    def predict(self, intensity: np.ndarray | torch.Tensor, *, batch_size: int = 1024) -> Reconstruction:
+        """Shape and phase of ``(H, W)`` or ``(N, H, W)`` diffraction intensities.
+
+        Intensities are detector counts (any overall scale), zero frequency at ``N // 2``;
+        numpy or torch, on any device. Raises ``ValueError`` on bad input (see
+        :func:`validate_frames`).
+        """
+        x = validate_frames(intensity, self.size)
+        amps, phases = [], []
+        for i in range(0, len(x), batch_size):
+            chunk = normalized_amplitude(x[i : i + batch_size].to(self.device, non_blocking=True))
+            a, p = self.predict_tensor(chunk)
+            amps.append(a.float().cpu())
+            phases.append(p.float().cpu())
+        return Reconstruction(torch.cat(amps).numpy(), torch.cat(phases).numpy())
+
+
+def _model_dirs() -> list[Path]:
+    dirs = [Path(str(resources.files("cdinn_stream") / "_models"))]
+    dirs.append(Path(__file__).resolve().parent.parent / "models")  # source checkout
+    return [d for d in dirs if d.is_dir()]
+
+
+def model_path(name: str) -> Path:
+    """Path of a shipped model's weights (``models/<name>.pt``)."""
+    for d in _model_dirs():
+        p = d / f"{name}.pt"
+        if p.is_file():
+            return p
+    known = sorted({p.stem for d in _model_dirs() for p in d.glob("*.pt")})
+    raise ValueError(f"no shipped model named {name!r}; known: {known} (or give a path to a .pt file)")
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device | None = None) -> CDIModel:
+    """Load a shipped model by name (``"cdinn-32"``, ``"cdinn-64"``) or a weights file by path.
+
+    The model goes to ``device`` (default: CUDA when available, else CPU). Weights are read
+    with ``weights_only=True``; the model card (``<name>.json`` beside the weights) is attached.
+    """
+    p = Path(name_or_path)
+    if not (p.suffix == ".pt" or p.exists()):
+        p = model_path(str(name_or_path))
+    network = read_weights(p)
+    card_path = p.with_suffix(".json")
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    return CDIModel(network, name=p.stem, card=card, device=device)

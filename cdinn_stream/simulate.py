@@ -1,0 +1,231 @@
+"""Simulated Bragg-CDI training data after Cherukara et al. (pure numpy).
+
+Each sample is a compact crystal: a convex hull of random points, 1 inside and 0 outside,
+edges blurred by a Gaussian of 1 px; a smooth strain phase mixing sine gratings and Gaussians
+with random weights, periods, positions and numbers, peak-to-peak up to 2*pi with no phase
+wraps, centred on zero (mid-range) inside the support and 0 outside it; and its diffraction
+intensity ``|F|**2`` with ``F = far_field(amplitude * exp(i*phase))``.
+
+The object is rolled so that its centre of mass sits at ``N // 2``: ``|F|`` cannot see a
+translation, so a centred object is the one answer a network can learn. See
+:mod:`cdinn_stream.physics` for the conventions (centring, amplitude vs intensity, orientation).
+
+Generation is vectorised in chunks of :data:`CHUNK` samples, each with its own child seed of
+``numpy.random.SeedSequence(seed)``, so a given seed gives the same samples on any machine and a
+larger set starts with the samples of a smaller one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+from scipy.spatial import ConvexHull
+
+from .physics import SUPPORT_THRESHOLD, far_field
+
+__all__ = ["SimulatedSet", "simulate", "simulate_objects", "diffraction_intensity", "add_noise", "SIZES", "CHUNK"]
+
+#: Frame sizes the recipe is tuned for.
+SIZES = (32, 64, 128)
+#: Samples generated per seeded chunk.
+CHUNK = 2048
+_MAX_POINTS = 16
+_MAX_TERMS = 3
+
+
+@dataclass
+class SimulatedSet:
+    """A batch of simulated samples; every array is ``(n, N, N)`` float32.
+
+    Attributes:
+        intensity: diffraction intensity ``|F|**2`` (or photon counts when noise was added),
+            zero frequency at ``N // 2``.
+        amplitude: object amplitude in [0, 1] (1 inside, blurred edge).
+        phase: object phase in radians, mid-range centred on 0 inside the support, 0 outside.
+    """
+
+    intensity: np.ndarray
+    amplitude: np.ndarray
+    phase: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.intensity)
+
+    @property
+    def support(self) -> np.ndarray:
+        """Boolean support: amplitude above :data:`~cdinn_stream.physics.SUPPORT_THRESHOLD`."""
+        return self.amplitude > SUPPORT_THRESHOLD
+
+    def __getitem__(self, index) -> SimulatedSet:
+        return SimulatedSet(self.intensity[index], self.amplitude[index], self.phase[index])
+
+
+def _convex_masks(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """Binary masks of convex hulls of random points, ``(n, size, size)`` float32."""
+    margin = 2.0
+    extent = rng.uniform(0.3, 0.85, n) * size  # side of the box that holds the points
+    centre = size / 2 + rng.uniform(-1, 1, (n, 2)) * (size / 2 - margin - extent[:, None] / 2).clip(0)
+    n_points = rng.integers(4, _MAX_POINTS + 1, n)
+    # Hull vertices (counter-clockwise), padded by repeating the first vertex: a degenerate
+    # edge of zero length passes every half-plane test. Slivers (hull area under a fifth of
+    # the box) are drawn again, so that every object covers pixels.
+    verts = np.empty((n, _MAX_POINTS + 1, 2))
+    for i in range(n):
+        while True:
+            p = centre[i] + (rng.random((n_points[i], 2)) - 0.5) * extent[i]
+            try:
+                hull = ConvexHull(p)
+            except Exception:  # collinear points
+                continue
+            if hull.volume >= 0.2 * extent[i] ** 2:
+                break
+        v = p[hull.vertices]
+        verts[i, : len(v)] = v
+        verts[i, len(v) :] = v[0]
+    a = verts
+    b = np.roll(verts, -1, axis=1)
+    b[:, -1] = verts[:, 0]
+    # Fix the wrap edge for each sample: the last real vertex connects to the first one.
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    pix = np.stack([yy.ravel(), xx.ravel()], axis=-1)  # (P, 2) as (y, x)
+    ey = (b[..., 0] - a[..., 0])[:, :, None]
+    ex = (b[..., 1] - a[..., 1])[:, :, None]
+    py = pix[None, None, :, 0] - a[..., 0][:, :, None]
+    px = pix[None, None, :, 1] - a[..., 1][:, :, None]
+    cross = ex * py - ey * px
+    inside = (cross >= -1e-9).all(axis=1) | (cross <= 1e-9).all(axis=1)
+    return inside.reshape(n, size, size).astype(np.float32)
+
+
+def _phase_fields(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """Smooth random fields mixing sine gratings and Gaussians, ``(n, size, size)``."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    n_sine = rng.integers(0, _MAX_TERMS + 1, n)
+    n_gauss = rng.integers(0, _MAX_TERMS + 1, n)
+    n_gauss[(n_sine + n_gauss) == 0] = 1
+    terms = np.arange(_MAX_TERMS)
+    field = np.zeros((n, size, size), np.float32)
+    # Sine gratings: period 0.5..2 frame widths, random direction and phase.
+    w = rng.uniform(0.2, 1.0, (n, _MAX_TERMS)) * (terms < n_sine[:, None])
+    k = 1.0 / rng.uniform(0.5, 2.0, (n, _MAX_TERMS))
+    theta = rng.uniform(0, 2 * np.pi, (n, _MAX_TERMS))
+    phi0 = rng.uniform(0, 2 * np.pi, (n, _MAX_TERMS))
+    arg = 2 * np.pi * k[..., None, None] * (
+        np.cos(theta)[..., None, None] * xx + np.sin(theta)[..., None, None] * yy
+    ) + phi0[..., None, None]
+    field += (w[..., None, None] * np.sin(arg)).sum(axis=1)
+    # Gaussians: width 1/16..1/4 of the frame, anywhere near the object, either sign.
+    w = rng.uniform(-1.0, 1.0, (n, _MAX_TERMS)) * (terms < n_gauss[:, None])
+    y0, x0 = rng.uniform(0.2, 0.8, (2, n, _MAX_TERMS))
+    sig = rng.uniform(1 / 16, 1 / 4, (n, _MAX_TERMS))
+    r2 = (yy - y0[..., None, None]) ** 2 + (xx - x0[..., None, None]) ** 2
+    field += (w[..., None, None] * np.exp(-r2 / (2 * sig[..., None, None] ** 2))).sum(axis=1)
+    return field
+
+
+def _centre(amplitude: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Roll each sample so that its amplitude's centre of mass sits at ``N // 2``."""
+    n, size, _ = amplitude.shape
+    idx = np.arange(size)
+    mass = amplitude.sum(axis=(1, 2))
+    cy = (amplitude.sum(axis=2) * idx).sum(axis=1) / mass
+    cx = (amplitude.sum(axis=1) * idx).sum(axis=1) / mass
+    sy = size // 2 - np.rint(cy).astype(int)
+    sx = size // 2 - np.rint(cx).astype(int)
+    rows = (idx[None, :] - sy[:, None]) % size  # source row for each destination row
+    cols = (idx[None, :] - sx[:, None]) % size
+    out = []
+    for arr in (amplitude, *others):
+        out.append(arr[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]])
+    return out
+
+
+def simulate_objects(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random centred objects: ``(amplitude, phase)``, each ``(n, size, size)`` float32."""
+    mask = _convex_masks(rng, n, size)
+    amplitude = gaussian_filter(mask, sigma=(0, 1.0, 1.0), mode="constant").astype(np.float32)
+    amplitude /= amplitude.max(axis=(1, 2), keepdims=True).clip(1e-6)
+    support = amplitude > SUPPORT_THRESHOLD
+    field = _phase_fields(rng, n, size)
+    big = np.float32(np.inf)
+    lo = np.where(support, field, big).min(axis=(1, 2), keepdims=True)
+    hi = np.where(support, field, -big).max(axis=(1, 2), keepdims=True)
+    ptp = rng.uniform(0.0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
+    phase = (field - (lo + hi) / 2) / np.maximum(hi - lo, 1e-6) * ptp
+    phase = np.where(support, phase, 0).astype(np.float32)
+    amplitude, phase = _centre(amplitude, phase)
+    return np.ascontiguousarray(amplitude), np.ascontiguousarray(phase)
+
+
+def diffraction_intensity(amplitude: np.ndarray, phase: np.ndarray, *, pad: int = 1) -> np.ndarray:
+    """Intensity ``|F|**2`` of ``(n, N, N)`` objects, zero-padded ``pad`` times (2 = oversampled)."""
+    obj = amplitude * np.exp(1j * phase.astype(np.float32))
+    if pad > 1:
+        size = obj.shape[-1]
+        extra = size * (pad - 1)
+        before = extra // 2
+        obj = np.pad(obj, ((0, 0), (before, extra - before), (before, extra - before)))
+    return (np.abs(far_field(obj.astype(np.complex64))) ** 2).astype(np.float32)
+
+
+def add_noise(
+    rng: np.random.Generator, intensity: np.ndarray, *, photons: float | None, background: float = 0.0
+) -> np.ndarray:
+    """Detector counts: scale each frame to ``photons`` in total, add ``background`` per pixel,
+    then draw Poisson counts. ``photons=None`` keeps the noise-free intensity (plus background)."""
+    out = intensity.astype(np.float64)
+    if photons is not None:
+        out = out * (photons / out.sum(axis=(-2, -1), keepdims=True).clip(1e-30))
+    out = out + background
+    if photons is not None:
+        out = rng.poisson(out)
+    return out.astype(np.float32)
+
+
+def simulate(
+    n: int,
+    size: int = 32,
+    *,
+    seed: int = 0,
+    photons: float | None = None,
+    background: float = 0.0,
+    pad: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> SimulatedSet:
+    """Generate ``n`` samples of ``size x size`` (32, 64 or 128) after the paper's recipe.
+
+    Args:
+        n: number of samples.
+        size: frame size ``N`` of the object and (for ``pad=1``) of the diffraction pattern.
+        seed: seed; the same seed always gives the same samples.
+        photons: total photons per frame for Poisson noise; ``None`` for noise-free intensity.
+        background: constant background added per pixel (counts when ``photons`` is set).
+        pad: zero-padding of the object before the transform (``2`` for oversampled patterns,
+            as the paper's ER/HIO baseline uses; the pattern is then ``pad*N`` wide).
+        progress: called with the number of samples finished after each chunk.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    chunks = -(-n // CHUNK)
+    seeds = np.random.SeedSequence(seed).spawn(max(chunks, 1))
+    m = size * pad
+    intensity = np.empty((n, m, m), np.float32)
+    amplitude = np.empty((n, size, size), np.float32)
+    phase = np.empty((n, size, size), np.float32)
+    for c in range(chunks):
+        rng = np.random.default_rng(seeds[c])
+        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
+        a, p = simulate_objects(rng, CHUNK, size)
+        a, p = a[: hi - lo], p[: hi - lo]
+        amplitude[lo:hi], phase[lo:hi] = a, p
+        clean = diffraction_intensity(a, p, pad=pad)
+        noise_rng = np.random.default_rng(seeds[c].spawn(1)[0])
+        intensity[lo:hi] = add_noise(noise_rng, clean, photons=photons, background=background)
+        if progress is not None:
+            progress(hi - lo)
+    return SimulatedSet(intensity, amplitude, phase)

@@ -33,7 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     cfg = TrainConfig(out_dir=Path(args.out), size=args.size, widths=args.widths,
-                      convs_per_stage=args.convs_per_stage, n_train=args.n_train, n_val=args.n_val,
+                      convs_per_stage=args.convs_per_stage, space_to_depth=args.space_to_depth, n_train=args.n_train, n_val=args.n_val,
                       batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, lr=args.lr,
                       seed=args.seed, max_minutes=args.max_minutes, photons=args.photons, threads=args.threads)
     result = train(cfg, resume=args.resume)
@@ -51,6 +51,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       erhio_iterations=args.iterations, refine_iterations=args.refine_iterations)
     print(report_table(report))
     print(f"report and figures in {args.out}/ (report.json, report.md, examples.png, best.png, worst.png)")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .card import publish
+
+    card = publish(args.run, args.evaluation, args.name, args.models)
+    print(f"wrote {card} and its weights beside it")
     return 0
 
 
@@ -88,9 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "validation loss, a checkpoint each epoch (--resume continues), fixed seed.")
     t.add_argument("--out", default="runs/cdinn-32", help="output folder (default runs/cdinn-32)")
     t.add_argument("--size", type=int, default=32, choices=(32, 64, 128))
-    t.add_argument("--widths", type=_widths, default=(12, 24, 48),
-                   help="encoder widths, comma-separated (default 12,24,48; the paper: 32,64,128)")
-    t.add_argument("--convs-per-stage", type=int, default=2)
+    t.add_argument("--widths", type=_widths, default=(32, 64, 128),
+                   help="encoder widths, comma-separated (default 32,64,128, as the paper)")
+    t.add_argument("--convs-per-stage", type=int, default=1,
+                   help="3x3 convolutions per stage (default 1; the paper: 2)")
+    t.add_argument("--space-to-depth", type=int, default=4,
+                   help="fold r x r pixel blocks into channels at input and output (default 4, the shipped "
+                        "models; 1 for the paper's network: --widths 32,64,128 --convs-per-stage 2 "
+                        "--space-to-depth 1)")
     t.add_argument("--n-train", type=int, default=180_000)
     t.add_argument("--n-val", type=int, default=20_000)
     t.add_argument("--batch-size", type=int, default=256)
@@ -119,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-erhio", action="store_true", help="skip the ER/HIO baseline")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     e.set_defaults(func=_cmd_evaluate)
+
+    pb = sub.add_parser("publish", help="ship a trained model: weights + model card JSON into models/",
+                        description="Copy RUN/best.pt to MODELS/NAME.pt and write the model card MODELS/NAME.json "
+                                    "(recipe, data, epochs, validation curve, evaluation metrics, code commit).")
+    pb.add_argument("run", help="training output folder (holds best.pt and history.json)")
+    pb.add_argument("evaluation", help="evaluation folder of those weights (holds report.json)")
+    pb.add_argument("--name", required=True, help="model name, e.g. cdinn-32")
+    pb.add_argument("--models", default="models", help="models folder (default ./models)")
+    pb.set_defaults(func=_cmd_publish)
 
     b = sub.add_parser("bench", help="speed benchmarks; writes JSON + a markdown table",
                        description="Time the network (per batch size) and 620-iteration ER/HIO on the same "

@@ -17,30 +17,43 @@ from .physics import SUPPORT_THRESHOLD, twin_phase_torch, twin_torch
 __all__ = ["sample_losses", "twin_aware_loss"]
 
 
+#: Weight of the mean phase offset in the offset-invariant phase loss: it only keeps the
+#: network's phase centred in its sigmoid range.
+OFFSET_ANCHOR = 0.1
+
+
 def sample_losses(
     shape_logits: torch.Tensor, phase_logits: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor,
-    *, phase_weight: float = 1.0,
+    *, phase_weight: float = 1.0, offset_invariant: bool = False,
 ) -> torch.Tensor:
     """Per-sample loss ``(B,)``: shape cross-entropy + ``phase_weight`` x phase MSE in the support.
 
     ``amplitude`` and ``phase`` are the targets ``(B, N, N)``; the phase prediction is
     ``(sigmoid(phase_logits) - 0.5) * 2 pi`` and is scored only inside the true support.
+    With ``offset_invariant``, the mean phase difference over the support (a global phase
+    offset, which ``|F|`` cannot see) is removed before the MSE and only weakly penalised
+    (:data:`OFFSET_ANCHOR`).
     """
     bce = F.binary_cross_entropy_with_logits(shape_logits, amplitude, reduction="none").mean(dim=(-2, -1))
     pred_phase = (torch.sigmoid(phase_logits) - 0.5) * (2 * math.pi)
     support = (amplitude > SUPPORT_THRESHOLD).to(pred_phase.dtype)
-    sq = (pred_phase - phase) ** 2 * support
-    mse = sq.sum(dim=(-2, -1)) / support.sum(dim=(-2, -1)).clamp_min(1.0)
+    count = support.sum(dim=(-2, -1)).clamp_min(1.0)
+    diff = (pred_phase - phase) * support
+    if offset_invariant:
+        offset = diff.sum(dim=(-2, -1)) / count
+        centred = (diff - offset[:, None, None]) * support
+        mse = (centred**2).sum(dim=(-2, -1)) / count + OFFSET_ANCHOR * offset**2
+    else:
+        mse = (diff**2).sum(dim=(-2, -1)) / count
     return bce + phase_weight * mse
 
 
 def twin_aware_loss(
     shape_logits: torch.Tensor, phase_logits: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor,
-    *, phase_weight: float = 1.0,
+    *, phase_weight: float = 1.0, offset_invariant: bool = False,
 ) -> torch.Tensor:
     """Mean over the batch of the better of (truth, twin of truth) for each sample."""
-    direct = sample_losses(shape_logits, phase_logits, amplitude, phase, phase_weight=phase_weight)
-    mirrored = sample_losses(
-        shape_logits, phase_logits, twin_torch(amplitude), twin_phase_torch(phase), phase_weight=phase_weight
-    )
+    kw = {"phase_weight": phase_weight, "offset_invariant": offset_invariant}
+    direct = sample_losses(shape_logits, phase_logits, amplitude, phase, **kw)
+    mirrored = sample_losses(shape_logits, phase_logits, twin_torch(amplitude), twin_phase_torch(phase), **kw)
     return torch.minimum(direct, mirrored).mean()

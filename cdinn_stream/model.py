@@ -6,6 +6,10 @@ for the shape (amplitude) and one for the phase; each ends in a 3x3 convolution 
 The encoder is shared between the two decoders (see ``docs/design.md``). The phase sigmoid maps
 onto ``[-pi, pi]``.
 
+``space_to_depth=r > 1`` folds each ``r x r`` block of input pixels into ``r**2`` channels
+(``pixel_unshuffle``) before the encoder and unfolds the decoders' ``r**2`` output channels back
+(``pixel_shuffle``): the same network on an ``r``-times smaller grid, for a fraction of the FLOPs.
+
 Input ``(B, 1, N, N)``: diffraction amplitudes ``sqrt(I)`` scaled to a maximum of 1.
 Output: amplitude ``(B, N, N)`` in [0, 1] and phase ``(B, N, N)`` in radians.
 """
@@ -29,11 +33,14 @@ class ModelConfig:
         size: frame size ``N`` (input and output are ``N x N``; a multiple of ``2**len(widths)``).
         widths: channels of each encoder stage (the paper: 32, 64, 128); decoders mirror them.
         convs_per_stage: 3x3 convolutions per stage (the paper: 2).
+        space_to_depth: fold ``r x r`` pixel blocks into channels at the input and unfold them at
+            the output (the paper: 1, no folding).
     """
 
     size: int = 32
     widths: tuple[int, ...] = (32, 64, 128)
     convs_per_stage: int = 2
+    space_to_depth: int = 1
 
     def to_dict(self) -> dict:
         return {**asdict(self), "widths": list(self.widths)}
@@ -41,7 +48,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         return cls(size=int(d["size"]), widths=tuple(int(w) for w in d["widths"]),
-                   convs_per_stage=int(d["convs_per_stage"]))
+                   convs_per_stage=int(d["convs_per_stage"]), space_to_depth=int(d.get("space_to_depth", 1)))
 
 
 def _convs(c_in: int, c_out: int, n: int) -> list[nn.Module]:
@@ -51,13 +58,13 @@ def _convs(c_in: int, c_out: int, n: int) -> list[nn.Module]:
     return layers
 
 
-def _decoder(widths: tuple[int, ...], n: int) -> nn.Sequential:
+def _decoder(widths: tuple[int, ...], n: int, out_channels: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     rev = widths[::-1]
     for i, w in enumerate(rev):
         layers += _convs(rev[i - 1] if i else w, w, n)
         layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
-    layers.append(nn.Conv2d(widths[0], 1, 3, padding=1))
+    layers.append(nn.Conv2d(widths[0], out_channels, 3, padding=1))
     return nn.Sequential(*layers)
 
 
@@ -66,18 +73,22 @@ class CDINN(nn.Module):
 
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
-        if config.size % 2 ** len(config.widths):
-            raise ValueError(f"size {config.size} is not a multiple of {2 ** len(config.widths)}")
+        r = config.space_to_depth
+        if config.size % (r * 2 ** len(config.widths)):
+            raise ValueError(f"size {config.size} is not a multiple of {r * 2 ** len(config.widths)}")
         self.config = config
-        layers: list[nn.Module] = []
-        c = 1
+        layers: list[nn.Module] = [nn.PixelUnshuffle(r)] if r > 1 else []
+        c = r * r
         for w in config.widths:
             layers += _convs(c, w, config.convs_per_stage)
             layers.append(nn.MaxPool2d(2))
             c = w
         self.encoder = nn.Sequential(*layers)
-        self.shape_decoder = _decoder(config.widths, config.convs_per_stage)
-        self.phase_decoder = _decoder(config.widths, config.convs_per_stage)
+        self.shape_decoder = _decoder(config.widths, config.convs_per_stage, r * r)
+        self.phase_decoder = _decoder(config.widths, config.convs_per_stage, r * r)
+        if r > 1:
+            self.shape_decoder.append(nn.PixelShuffle(r))
+            self.phase_decoder.append(nn.PixelShuffle(r))
 
     def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-sigmoid outputs ``(B, N, N)`` for shape and phase (used by the training loss)."""

@@ -10,7 +10,8 @@ The object is rolled so that its centre of mass sits at ``N // 2``: ``|F|`` cann
 translation, so a centred object is the one answer a network can learn. See
 :mod:`cdinn_stream.physics` for the conventions (centring, amplitude vs intensity, orientation).
 
-Generation is vectorised in chunks of :data:`CHUNK` samples, each with its own child seed of
+Generation is vectorised in chunks of :data:`CHUNK` samples (at 32x32; ``CHUNK * (32/N)**2``
+at ``N x N``), each with its own child seed of
 ``numpy.random.SeedSequence(seed)``, so a given seed gives the same samples on any machine and a
 larger set starts with the samples of a smaller one.
 """
@@ -30,7 +31,7 @@ __all__ = ["SimulatedSet", "simulate", "simulate_objects", "diffraction_intensit
 
 #: Frame sizes the recipe is tuned for.
 SIZES = (32, 64, 128)
-#: Samples generated per seeded chunk.
+#: Samples generated per seeded chunk at 32x32 (fewer at larger sizes: same pixels per chunk).
 CHUNK = 2048
 _MAX_POINTS = 16
 _MAX_TERMS = 3
@@ -211,7 +212,8 @@ def simulate(
         raise ValueError(f"size must be one of {SIZES}, got {size}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    chunks = -(-n // CHUNK)
+    chunk = CHUNK * 32 * 32 // (size * size)
+    chunks = -(-n // chunk)
     seeds = np.random.SeedSequence(seed).spawn(max(chunks, 1))
     m = size * pad
     intensity = np.empty((n, m, m), np.float32)
@@ -219,8 +221,8 @@ def simulate(
     phase = np.empty((n, size, size), np.float32)
     for c in range(chunks):
         rng = np.random.default_rng(seeds[c])
-        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
-        a, p = simulate_objects(rng, CHUNK, size)
+        lo, hi = c * chunk, min(n, (c + 1) * chunk)
+        a, p = simulate_objects(rng, chunk, size)
         a, p = a[: hi - lo], p[: hi - lo]
         amplitude[lo:hi], phase[lo:hi] = a, p
         clean = diffraction_intensity(a, p, pad=pad)

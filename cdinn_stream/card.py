@@ -1,0 +1,77 @@
+"""Model cards: the JSON beside each shipped weights file in ``models/``.
+
+A card records how the weights were made and how good they are: the training recipe, the data
+size, the epochs run, the validation curve, the evaluation metrics (NN vs ER/HIO), the machine,
+and the code commit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from .model import count_flops
+from .weights import read_weights, save_weights
+
+__all__ = ["code_commit", "publish"]
+
+
+def code_commit(repo: str | Path | None = None) -> str:
+    """The git commit of the code (with ``-dirty`` when there are uncommitted changes)."""
+    repo = Path(repo) if repo else Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cdinn_stream"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_dir: str | Path = "models") -> Path:
+    """Copy a training run's best weights to ``models/<name>.pt`` and write ``models/<name>.json``.
+
+    ``run_dir`` holds ``best.pt`` and ``history.json`` (from ``cdinn-stream train``);
+    ``evaluation_dir`` holds ``report.json`` (from ``cdinn-stream evaluate`` on those weights).
+    """
+    run_dir, evaluation_dir, models_dir = Path(run_dir), Path(evaluation_dir), Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    network = read_weights(run_dir / "best.pt")
+    hist = json.loads((run_dir / "history.json").read_text())
+    report = json.loads((evaluation_dir / "report.json").read_text())
+    best = min(hist["history"], key=lambda h: h["val_loss"])
+    weights = models_dir / f"{name}.pt"
+    save_weights(network, weights, meta={"name": name, "epoch": best["epoch"]})
+    for fig in ("examples.png", "best.png", "worst.png"):
+        if (evaluation_dir / fig).is_file():
+            shutil.copy(evaluation_dir / fig, models_dir / f"{name}.{fig}")
+    if (run_dir / "training_curve.png").is_file():
+        shutil.copy(run_dir / "training_curve.png", models_dir / f"{name}.training_curve.png")
+    card = {
+        "name": name,
+        "format": "cdinn-stream/1",
+        "architecture": network.config.to_dict(),
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "flops_per_frame": count_flops(network),
+        "recipe": hist["recipe"],
+        "data": {"simulator": "cdinn_stream.simulate (paper recipe)", "train_samples": hist["recipe"]["n_train"],
+                 "validation_samples": hist["recipe"]["n_val"], "seed": hist["recipe"]["seed"],
+                 "photons": hist["recipe"]["photons"]},
+        "epochs_run": len(hist["history"]),
+        "best_epoch": best["epoch"],
+        "validation_curve": [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "lr")} for h in hist["history"]],
+        "training_seconds": hist["history"][-1]["seconds"],
+        "evaluation": {k: report[k] for k in ("n", "seed", "size", "photons", "machine", "methods",
+                                               "speedup_nn_vs_erhio") if k in report},
+        "code_commit": code_commit(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "weights_file": weights.name,
+        "weights_bytes": weights.stat().st_size,
+    }
+    card_path = models_dir / f"{name}.json"
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
+    return card_path

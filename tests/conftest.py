@@ -1,0 +1,26 @@
+"""Shared fixtures: small simulated sets and a tiny random model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cdinn_stream.model import CDINN, ModelConfig
+from cdinn_stream.reconstruct import CDIModel
+from cdinn_stream.simulate import simulate
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def small_set():
+    return simulate(64, 32, seed=3)
+
+
+@pytest.fixture
+def tiny_model() -> CDIModel:
+    torch.manual_seed(0)
+    return CDIModel(CDINN(ModelConfig(32, (4, 8, 16), 1)), name="tiny", device="cpu")

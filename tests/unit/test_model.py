@@ -1,0 +1,121 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cdinn_stream.losses import sample_losses, twin_aware_loss
+from cdinn_stream.model import CDINN, ModelConfig, count_flops
+from cdinn_stream.physics import normalized_amplitude, twin_phase_torch, twin_torch
+from cdinn_stream.simulate import simulate
+from cdinn_stream.weights import WeightsError, read_weights, save_weights
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [ModelConfig(32, (8, 16, 32), 2), ModelConfig(64, (4, 8, 16), 1), ModelConfig(32, (8, 16, 32), 1, 4),
+     ModelConfig(128, (4, 8), 1, 2)],
+)
+def test_output_shapes_and_ranges(cfg):
+    torch.manual_seed(0)
+    m = CDINN(cfg).eval()
+    x = torch.rand(3, 1, cfg.size, cfg.size)
+    amp, phase = m(x)
+    assert amp.shape == phase.shape == (3, cfg.size, cfg.size)
+    assert amp.min() >= 0 and amp.max() <= 1
+    assert phase.min() >= -math.pi and phase.max() <= math.pi
+    assert count_flops(m) > 0
+
+
+def test_paper_architecture_layers():
+    m = CDINN(ModelConfig(32, (32, 64, 128), 2))
+    convs = [l for l in m.encoder if isinstance(l, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert sum(isinstance(l, torch.nn.MaxPool2d) for l in m.encoder) == 3
+    assert sum(isinstance(l, torch.nn.Upsample) for l in m.shape_decoder) == 3
+
+
+def test_size_must_fit_the_pooling():
+    with pytest.raises(ValueError, match="multiple"):
+        CDINN(ModelConfig(36, (8, 16, 32)))
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(1)
+    m = CDINN(ModelConfig(32, (4, 8, 16), 1, 2)).eval()
+    save_weights(m, tmp_path / "w.pt", meta={"note": "x"})
+    back = read_weights(tmp_path / "w.pt")
+    assert back.config == m.config
+    x = torch.rand(2, 1, 32, 32)
+    for a, b in zip(m(x), back(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_weight_files_give_clear_errors(tmp_path):
+    m = CDINN(ModelConfig(32, (4, 8, 16), 1))
+    good = tmp_path / "good.pt"
+    save_weights(m, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a model" * 100)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"format": "cdinn-stream/999", "config": {}, "state_dict": {}}, wrong)
+    code = tmp_path / "code.pt"
+    torch.save({"format": "cdinn-stream/1", "payload": np.dtype}, code)  # needs unpickling a class
+    for path, match in [(truncated, "cannot read"), (garbage, "cannot read"), (wrong, "not a cdinn-stream/1"),
+                        (code, "cannot read"), (tmp_path / "missing.pt", "no weights file")]:
+        with pytest.raises(WeightsError, match=match):
+            read_weights(path)
+
+
+def test_twin_aware_loss_forgives_the_twin_only():
+    s = simulate(8, 32, seed=5)
+    a, p = torch.from_numpy(s.amplitude), torch.from_numpy(s.phase)
+    # logits that reproduce the twin exactly (up to the clamp of the logit)
+    ta, tp = twin_torch(a), twin_phase_torch(p)
+    shape_logits = torch.logit(ta.clamp(1e-4, 1 - 1e-4))
+    phase_logits = torch.logit((tp / (2 * math.pi) + 0.5).clamp(1e-6, 1 - 1e-6))
+    direct = sample_losses(shape_logits, phase_logits, a, p)
+    best = twin_aware_loss(shape_logits, phase_logits, a, p)
+    floor = sample_losses(shape_logits, phase_logits, ta, tp).mean()
+    assert float(best) == pytest.approx(float(floor), rel=1e-5)
+    assert float(direct.mean()) > float(best) + 0.05
+
+
+def test_tiny_model_loss_falls():
+    torch.manual_seed(0)
+    s = simulate(256, 32, seed=6)
+    x = normalized_amplitude(s.intensity)[:, None]
+    a, p = torch.from_numpy(s.amplitude), torch.from_numpy(s.phase)
+    m = CDINN(ModelConfig(32, (8, 16, 32), 1, 2))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        sl, pl = m.forward_logits(x)
+        loss = twin_aware_loss(sl, pl, a, p)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_offset_invariant_phase_loss_ignores_a_global_offset_only():
+    s = simulate(8, 32, seed=5)
+    a, p = torch.from_numpy(s.amplitude), torch.from_numpy(s.phase)
+    shape_logits = torch.logit(a.clamp(1e-4, 1 - 1e-4))
+
+    def logits(phase):
+        return torch.logit((phase / (2 * math.pi) + 0.5).clamp(1e-6, 1 - 1e-6))
+
+    exact = sample_losses(shape_logits, logits(p * (a > 0.1)), a, p, offset_invariant=True)
+    shifted = sample_losses(shape_logits, logits((p + 0.4) * (a > 0.1)), a, p, offset_invariant=True)
+    absolute = sample_losses(shape_logits, logits((p + 0.4) * (a > 0.1)), a, p, offset_invariant=False)
+    # an offset costs only the small anchor term, not the full squared error
+    torch.testing.assert_close(shifted - exact, torch.full_like(exact, 0.1 * 0.4**2), atol=2e-3, rtol=0)
+    assert torch.all(absolute - exact > 0.15)
+    yy = torch.arange(32.0)[:, None].expand(32, 32) / 32
+    tilted = sample_losses(shape_logits, logits((p + yy) * (a > 0.1)), a, p, offset_invariant=True)
+    assert torch.all(tilted - exact > 0.01)  # a phase ramp is a real error

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+
+from cdinn_stream import load_model
+from cdinn_stream.reconstruct import DEFAULT_MODEL, model_path
+
+
+def test_predict_shapes_types_and_support(tiny_model, small_set):
+    rec = tiny_model.predict(small_set.intensity)
+    assert rec.amplitude.shape == rec.phase.shape == (64, 32, 32)
+    assert rec.amplitude.dtype == rec.phase.dtype == np.float32
+    assert rec.amplitude.min() >= 0 and rec.amplitude.max() <= 1
+    assert np.all(rec.phase[~rec.support] == 0)
+    one = tiny_model.predict(small_set.intensity[0])
+    assert one.amplitude.shape == (1, 32, 32)
+    np.testing.assert_allclose(one.amplitude[0], rec.amplitude[0], atol=1e-5)
+    # torch input, integer counts, any overall scale
+    t = tiny_model.predict(torch.from_numpy(small_set.intensity[:4]) * 1000)
+    np.testing.assert_allclose(t.amplitude, rec.amplitude[:4], atol=1e-5)
+    counts = np.round(small_set.intensity[:4] * 1e6).astype(np.uint32)
+    assert tiny_model.predict(counts).amplitude.shape == (4, 32, 32)
+    # batching does not change the answer
+    np.testing.assert_allclose(tiny_model.predict(small_set.intensity, batch_size=7).phase, rec.phase, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "frames, match",
+    [
+        (np.ones((2, 64, 64)), r"\(64, 64\) but this model takes \(32, 32\)"),
+        (np.ones((2, 2, 32, 32)), "expected"),
+        (np.ones(32), "expected"),
+        (np.zeros((0, 32, 32)), "no frames"),
+        (np.ones((32, 32), complex), "real numbers"),
+        (np.array([["a"] * 32] * 32), "real numbers"),
+    ],
+)
+def test_bad_shapes_and_types(tiny_model, frames, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model.predict(frames)
+
+
+@pytest.mark.parametrize("value, match", [(np.nan, "NaN or inf in frame"), (np.inf, "NaN or inf"),
+                                          (-1.0, "negative"), (None, "all-zero")])
+def test_bad_values_name_the_frame(tiny_model, small_set, value, match):
+    frames = small_set.intensity[:5].copy()
+    if value is None:
+        frames[3] = 0
+    else:
+        frames[3, 4, 5] = value
+    with pytest.raises(ValueError, match=match) as err:
+        tiny_model.predict(frames)
+    assert "[3]" in str(err.value)
+
+
+def test_shipped_default_model_loads_and_predicts(small_set):
+    assert model_path(DEFAULT_MODEL).stat().st_size < 20_000_000
+    model = load_model(device="cpu")
+    assert model.size == 32 and model.card.get("name") == DEFAULT_MODEL
+    rec = model.predict(small_set.intensity[:8])
+    assert rec.amplitude.shape == (8, 32, 32)
+    with pytest.raises(ValueError, match="no shipped model named"):
+        load_model("cdinn-nope")

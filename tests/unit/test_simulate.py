@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+
+from cdinn_stream.physics import SUPPORT_THRESHOLD, far_field, twin
+from cdinn_stream.simulate import CHUNK, add_noise, diffraction_intensity, simulate
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_shapes_ranges_and_conventions(size):
+    s = simulate(40, size, seed=1)
+    assert s.intensity.shape == s.amplitude.shape == s.phase.shape == (40, size, size)
+    assert s.intensity.dtype == np.float32
+    assert s.amplitude.min() >= 0 and s.amplitude.max() <= 1 + 1e-6
+    support = s.amplitude > SUPPORT_THRESHOLD
+    assert np.all(s.phase[~support] == 0), "phase must be 0 outside the object"
+    for ph, sup in zip(s.phase, support):
+        inside = ph[sup]
+        assert inside.max() - inside.min() <= 2 * np.pi + 1e-5  # no phase wraps
+        assert abs(inside.max() + inside.min()) < 1e-4  # mid-range centred
+    # centre of mass at N // 2 (within half a pixel, after rounding)
+    idx = np.arange(size)
+    cy = (s.amplitude.sum(2) * idx).sum(1) / s.amplitude.sum((1, 2))
+    cx = (s.amplitude.sum(1) * idx).sum(1) / s.amplitude.sum((1, 2))
+    assert np.all(np.abs(cy - size // 2) <= 0.5 + 1e-6) and np.all(np.abs(cx - size // 2) <= 0.5 + 1e-6)
+    # the edge is blurred: values strictly between 0 and 1 exist in every object
+    assert np.all(((s.amplitude > 0.05) & (s.amplitude < 0.95)).sum((1, 2)) > 0)
+
+
+def test_statistics_vary():
+    s = simulate(500, 32, seed=2)
+    area = (s.amplitude > 0.5).sum((1, 2))
+    ptp = np.array([np.ptp(p[a > SUPPORT_THRESHOLD]) for p, a in zip(s.phase, s.amplitude)])
+    assert area.min() >= 20 and area.max() <= 32 * 32
+    assert area.std() > 30, "object sizes should vary"
+    assert 0 < ptp.min() < 1.0 and ptp.max() > 5.0, "phase strength from weak to nearly 2 pi"
+    assert np.median(ptp) == pytest.approx(np.pi, abs=0.6)
+
+
+def test_intensity_is_centred_fourier_modulus():
+    s = simulate(8, 32, seed=4)
+    obj = s.amplitude * np.exp(1j * s.phase)
+    np.testing.assert_allclose(s.intensity, np.abs(far_field(obj)) ** 2, rtol=1e-4, atol=1e-5)
+    # Parseval with the orthonormal transform
+    np.testing.assert_allclose(s.intensity.sum((1, 2)), (s.amplitude**2).sum((1, 2)), rtol=1e-4)
+    # zero frequency at N // 2: a positive object has its brightest pixel there
+    flat = diffraction_intensity(s.amplitude, np.zeros_like(s.phase))
+    peak = np.array([np.unravel_index(f.argmax(), f.shape) for f in flat])
+    assert np.all(peak == 16)
+
+
+def test_far_field_of_centred_delta_is_flat_and_real():
+    d = np.zeros((32, 32), complex)
+    d[16, 16] = 1
+    f = far_field(d)
+    np.testing.assert_allclose(f, np.full((32, 32), 1 / 32), atol=1e-12)
+
+
+def test_twin_has_same_modulus():
+    s = simulate(4, 32, seed=5)
+    obj = s.amplitude * np.exp(1j * s.phase)
+    np.testing.assert_allclose(np.abs(far_field(np.conj(twin(obj)))), np.abs(far_field(obj)), atol=1e-5)
+
+
+def test_seeded_and_reproducible():
+    a = simulate(CHUNK + 10, 32, seed=7)
+    b = simulate(CHUNK + 10, 32, seed=7)
+    np.testing.assert_array_equal(a.intensity, b.intensity)
+    small = simulate(100, 32, seed=7)
+    np.testing.assert_array_equal(small.amplitude, a.amplitude[:100])  # a bigger set starts the same
+    other = simulate(100, 32, seed=8)
+    assert not np.array_equal(other.amplitude, small.amplitude)
+
+
+def test_oversampled_patterns_have_the_same_objects():
+    a = simulate(10, 32, seed=9)
+    b = simulate(10, 32, seed=9, pad=2)
+    assert b.intensity.shape == (10, 64, 64)
+    np.testing.assert_array_equal(a.amplitude, b.amplitude)
+    # the 2x pattern sampled at even offsets from the centre is the 1x pattern
+    np.testing.assert_allclose(b.intensity[:, ::2, ::2] * 4, a.intensity, rtol=1e-3, atol=1e-6)
+
+
+def test_poisson_noise_and_background():
+    rng = np.random.default_rng(0)
+    s = simulate(20, 32, seed=3)
+    counts = add_noise(rng, s.intensity, photons=1e5, background=2.0)
+    assert np.allclose(counts, np.round(counts))
+    total = counts.sum((1, 2))
+    expected = 1e5 + 2.0 * 32 * 32
+    assert np.all(np.abs(total - expected) < 6 * np.sqrt(expected))
+    noisy = simulate(5, 32, seed=3, photons=1e4)
+    assert noisy.intensity.sum((1, 2)) == pytest.approx(1e4, rel=0.05)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="size"):
+        simulate(3, 48)
+    with pytest.raises(ValueError):
+        simulate(-1, 32)

@@ -1,0 +1,82 @@
+"""The command line, run as a user would (in-process through ``main``)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cdinn_stream.cli import build_parser, main
+from cdinn_stream.model import CDINN, ModelConfig
+from cdinn_stream.weights import save_weights
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    path = tmp_path / "tiny.pt"
+    save_weights(CDINN(ModelConfig(32, (4, 8, 16), 1, 2)), path)
+    return path
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("simulate", "train", "evaluate", "publish", "bench"):
+        assert cmd in out
+    for cmd in ("simulate", "train", "evaluate", "publish", "bench"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([cmd, "--help"])
+        assert "usage: cdinn-stream " + cmd in capsys.readouterr().out
+
+
+def test_simulate_writes_npz(tmp_path):
+    out = tmp_path / "d.npz"
+    assert main(["simulate", str(out), "-n", "10", "--size", "64", "--photons", "1e5"]) == 0
+    data = np.load(out)
+    assert data["intensity"].shape == (10, 64, 64) and data["phase"].shape == (10, 64, 64)
+
+
+def test_evaluate_then_publish(tmp_path, tiny_weights, capsys):
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(tiny_weights), "--out", str(ev), "-n", "12", "--iterations", "30",
+                 "--refine-iterations", "5", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| nn |" in out and "| erhio |" in out and "| nn+refine |" in out
+    report = json.loads((ev / "report.json").read_text())
+    assert report["n"] == 12 and set(report["methods"]) == {"nn", "erhio", "nn+refine"}
+    for m in report["methods"].values():
+        assert {"median", "p90"} <= set(m["metrics"]["chi2"])
+        assert m["ms_per_pattern_batched"] > 0
+    for fig in ("examples.png", "best.png", "worst.png"):
+        assert (ev / fig).stat().st_size > 1000
+    # a training run folder, as `train` leaves it
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(tiny_weights.read_bytes())
+    (run / "history.json").write_text(json.dumps({
+        "recipe": {"n_train": 10, "n_val": 2, "seed": 0, "photons": None},
+        "history": [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "lr": 1e-3, "seconds": 1.0}]}))
+    models = tmp_path / "models"
+    assert main(["publish", str(run), str(ev), "--name", "tiny-32", "--models", str(models)]) == 0
+    card = json.loads((models / "tiny-32.json").read_text())
+    assert card["name"] == "tiny-32" and card["epochs_run"] == 1
+    assert card["evaluation"]["methods"]["nn"]["metrics"]["support_iou"]["median"] >= 0
+    assert len(card["code_commit"]) >= 7
+    from cdinn_stream import load_model
+
+    assert load_model(models / "tiny-32.pt", device="cpu").card["name"] == "tiny-32"
+
+
+def test_errors_are_reported_not_raised(capsys):
+    assert main(["evaluate", "--model", "no-such-model", "-n", "2"]) == 2
+    assert "no shipped model named" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_quick(tmp_path, tiny_weights):
+    assert main(["bench", "--quick", "--model", str(tiny_weights), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["batch"] for r in result["throughput"]] == [1, 8, 64, 256, 1024]
+    assert result["speedup"]["best_vs_best"] > 1
+    assert "ER/HIO" in (tmp_path / "bench.md").read_text()

@@ -49,6 +49,8 @@ class TrainConfig:
         lr: Adam learning rate (halved when the validation loss stalls for one epoch).
         phase_weight: weight of the phase MSE against the shape cross-entropy.
         offset_invariant: score the phase up to a global offset (which ``|F|`` cannot see).
+        support_weight: weight of the support cross-entropy (predicted vs true support at 0.1).
+        support_pos_weight: extra weight of missed support pixels (their phase reads 0).
         init_weights: start from these weights (fine-tuning) instead of random ones.
         seed: seed of the data, the initial weights and the shuffling.
         max_minutes: stop after the epoch that passes this wall-clock budget (``None``: no limit).
@@ -69,6 +71,8 @@ class TrainConfig:
     lr: float = 1e-3
     phase_weight: float = 1.0
     offset_invariant: bool = True
+    support_weight: float = 1.0
+    support_pos_weight: float = 3.0
     init_weights: str | None = None
     seed: int = 0
     max_minutes: float | None = None
@@ -100,7 +104,9 @@ def _validate(model: CDINN, x, a, p, cfg: TrainConfig) -> float:
         s, ph = model.forward_logits(x[i : i + 1024])
         total += float(twin_aware_loss(s, ph, a[i : i + 1024], p[i : i + 1024],
                                        phase_weight=cfg.phase_weight,
-                                       offset_invariant=cfg.offset_invariant)) * len(s)
+                                       offset_invariant=cfg.offset_invariant,
+                                       support_weight=cfg.support_weight,
+                                       support_pos_weight=cfg.support_pos_weight)) * len(s)
     return total / len(x)
 
 
@@ -144,7 +150,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             idx = order[i : i + cfg.batch_size]
             s, ph = model.forward_logits(xt[idx])
             loss = twin_aware_loss(s, ph, at[idx], pt[idx], phase_weight=cfg.phase_weight,
-                                   offset_invariant=cfg.offset_invariant)
+                                   offset_invariant=cfg.offset_invariant, support_weight=cfg.support_weight,
+                                   support_pos_weight=cfg.support_pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

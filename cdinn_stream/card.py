@@ -32,11 +32,23 @@ def code_commit(repo: str | Path | None = None) -> str:
         return "unknown"
 
 
-def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_dir: str | Path = "models") -> Path:
+def _stage(run_dir: Path) -> dict:
+    hist = json.loads((run_dir / "history.json").read_text())
+    best = min(hist["history"], key=lambda h: h["val_loss"])
+    return {"recipe": hist["recipe"], "epochs_run": len(hist["history"]), "best_epoch": best["epoch"],
+            "best_val_loss": best["val_loss"], "training_seconds": hist["history"][-1]["seconds"],
+            "validation_curve": [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "lr")}
+                                 for h in hist["history"]]}
+
+
+def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_dir: str | Path = "models",
+            *, lineage: list[str | Path] = ()) -> Path:
     """Copy a training run's best weights to ``models/<name>.pt`` and write ``models/<name>.json``.
 
     ``run_dir`` holds ``best.pt`` and ``history.json`` (from ``cdinn-stream train``);
     ``evaluation_dir`` holds ``report.json`` (from ``cdinn-stream evaluate`` on those weights).
+    ``lineage`` lists the training folders the run was fine-tuned from (``init_weights``), oldest
+    first; each one's recipe and validation curve goes into the card.
     """
     run_dir, evaluation_dir, models_dir = Path(run_dir), Path(evaluation_dir), Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +77,10 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
         "best_epoch": best["epoch"],
         "validation_curve": [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "lr")} for h in hist["history"]],
         "training_seconds": hist["history"][-1]["seconds"],
+        "lineage": [_stage(Path(d)) for d in lineage],
+        "total_epochs": sum(_stage(Path(d))["epochs_run"] for d in lineage) + len(hist["history"]),
+        "total_training_seconds": sum(_stage(Path(d))["training_seconds"] for d in lineage)
+        + hist["history"][-1]["seconds"],
         "evaluation": {k: report[k] for k in ("n", "seed", "size", "photons", "machine", "methods",
                                                "speedup_nn_vs_erhio") if k in report},
         "code_commit": code_commit(),

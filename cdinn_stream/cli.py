@@ -35,7 +35,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(out_dir=Path(args.out), size=args.size, widths=args.widths,
                       convs_per_stage=args.convs_per_stage, space_to_depth=args.space_to_depth, n_train=args.n_train, n_val=args.n_val,
                       batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, lr=args.lr,
-                      seed=args.seed, max_minutes=args.max_minutes, photons=args.photons, threads=args.threads)
+                      seed=args.seed, max_minutes=args.max_minutes, photons=args.photons, threads=args.threads,
+                      init_weights=args.init_weights, phase_weight=args.phase_weight,
+                      offset_invariant=not args.absolute_phase, support_weight=args.support_weight,
+                      support_pos_weight=args.support_pos_weight)
     result = train(cfg, resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
     print(f"training curve: {Path(args.out) / 'training_curve.png'}")
@@ -57,7 +60,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from .card import publish
 
-    card = publish(args.run, args.evaluation, args.name, args.models)
+    card = publish(args.run, args.evaluation, args.name, args.models, lineage=args.lineage)
     print(f"wrote {card} and its weights beside it")
     return 0
 
@@ -114,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--photons", type=float, default=None, help="train on Poisson-noisy patterns")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch past this budget")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--init-weights", default=None, help="start from these weights (fine-tuning)")
+    t.add_argument("--phase-weight", type=float, default=1.0, help="weight of the phase loss (default 1)")
+    t.add_argument("--absolute-phase", action="store_true",
+                   help="score the absolute phase (default: up to a global offset, which |F| cannot see)")
+    t.add_argument("--support-weight", type=float, default=1.0,
+                   help="weight of the support-edge cross-entropy at the 0.1 threshold (default 1)")
+    t.add_argument("--support-pos-weight", type=float, default=8.0,
+                   help="extra cost of a missed support pixel (default 8)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.set_defaults(func=_cmd_train)
 
@@ -140,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("evaluation", help="evaluation folder of those weights (holds report.json)")
     pb.add_argument("--name", required=True, help="model name, e.g. cdinn-32")
     pb.add_argument("--models", default="models", help="models folder (default ./models)")
+    pb.add_argument("--lineage", nargs="*", default=[],
+                    help="earlier training folders this run was fine-tuned from, oldest first")
     pb.set_defaults(func=_cmd_publish)
 
     b = sub.add_parser("bench", help="speed benchmarks; writes JSON + a markdown table",

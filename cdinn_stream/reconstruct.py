@@ -104,7 +104,8 @@ class CDIModel:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.network = network.to(self.device).eval()
+        # channels-last: the convolutions run about 1.5-2x faster on CPU (and suit GPU tensor cores)
+        self.network = network.to(self.device, memory_format=torch.channels_last).eval()
         self.name = name
         self.card = card or {}
 
@@ -120,7 +121,7 @@ class CDIModel:
     def predict_tensor(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw network call on normalised amplitudes ``(B, N, N)`` already on :attr:`device`;
         returns amplitude and phase (0 outside the support) on the device."""
-        amp, phase = self.network(amplitude[:, None])
+        amp, phase = self.network(amplitude[:, None].contiguous(memory_format=torch.channels_last))
         return amp, torch.where(amp > SUPPORT_THRESHOLD, phase, torch.zeros_like(phase))
 
     def predict(self, intensity: np.ndarray | torch.Tensor, *, batch_size: int = 1024) -> Reconstruction:

@@ -72,7 +72,7 @@ class TrainConfig:
     phase_weight: float = 1.0
     offset_invariant: bool = True
     support_weight: float = 1.0
-    support_pos_weight: float = 3.0
+    support_pos_weight: float = 8.0
     init_weights: str | None = None
     seed: int = 0
     max_minutes: float | None = None

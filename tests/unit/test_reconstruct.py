@@ -61,3 +61,16 @@ def test_shipped_default_model_loads_and_predicts(small_set):
     assert rec.amplitude.shape == (8, 32, 32)
     with pytest.raises(ValueError, match="no shipped model named"):
         load_model("cdinn-nope")
+
+
+def test_shipped_default_model_is_accurate():
+    """Regression guard on the shipped weights: 300 fresh samples (the card reports 1,000)."""
+    from cdinn_stream import simulate
+    from cdinn_stream.metrics import score
+
+    data = simulate(300, 32, seed=424242)
+    rec = load_model(device="cpu").predict(data.intensity)
+    m = score(rec.amplitude, rec.phase, data.amplitude, data.phase, data.intensity)
+    assert np.median(m["support_iou"]) >= 0.78
+    assert np.median(m["chi2"]) <= 0.08
+    assert np.median(m["phase_rmse"]) <= 0.25

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from cdinn_stream.crop import clean_frames, crop_around_peaks, find_peaks
+from cdinn_stream.simulate import diffraction_intensity, simulate
+
+
+def _detector_frame(intensity, peak, shape=(256, 256), background=0.0):
+    """Place a centred 32x32 pattern so that its zero frequency sits at ``peak`` of a frame."""
+    frame = np.full(shape, background, np.float32)
+    r0, c0 = peak[0] - 16, peak[1] - 16
+    rows = slice(max(r0, 0), min(r0 + 32, shape[0]))
+    cols = slice(max(c0, 0), min(c0 + 32, shape[1]))
+    frame[rows, cols] += intensity[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0]
+    return frame
+
+
+@pytest.fixture(scope="module")
+def patterns():
+    """Patterns of unstrained crystals: their brightest pixel is the zero frequency, at (16, 16)."""
+    s = simulate(8, 32, seed=31)
+    return diffraction_intensity(s.amplitude, np.zeros_like(s.phase)) * 1e4
+
+
+def test_crop_recovers_the_pattern_exactly(patterns):
+    peaks = [(100, 140), (50, 60), (200, 30), (128, 128)]
+    frames = np.stack([_detector_frame(p, pk) for p, pk in zip(patterns, peaks)])
+    crops = crop_around_peaks(frames, 32)
+    np.testing.assert_array_equal(crops.peaks, peaks)
+    np.testing.assert_allclose(crops.frames, patterns[:4])
+    np.testing.assert_array_equal(crops.origins, np.array(peaks) - 16)
+
+
+def test_hot_pixels_background_and_dead_pixels(patterns):
+    frame = _detector_frame(patterns[0], (90, 170), background=5.0)
+    frame[10, 10] = 1e9  # a hot pixel far brighter than the peak
+    frame[200, 40] = np.nan  # dead pixel
+    frame[:, 128:131] = -1  # a detector gap read out as negative
+    crops = crop_around_peaks(frame, 32)
+    assert tuple(crops.peaks[0]) == (90, 170)
+    assert np.isfinite(crops.frames).all() and crops.frames.min() >= 0
+
+
+def test_mask_removes_pixels(patterns):
+    frame = _detector_frame(patterns[1], (128, 128))
+    mask = np.ones(frame.shape, bool)
+    mask[120:125, :] = False
+    clean = clean_frames(frame, mask)
+    assert np.all(clean[0, 120:125] == 0)
+    assert tuple(find_peaks(clean)[0]) == (128, 128)
+
+
+@pytest.mark.parametrize("peak", [(2, 2), (253, 128), (128, 255), (0, 0)])
+def test_peak_near_the_edge_is_padded_not_shifted(patterns, peak):
+    frame = _detector_frame(patterns[2], peak)
+    crops = crop_around_peaks(frame, 32)
+    assert crops.frames.shape == (1, 32, 32)
+    assert tuple(np.unravel_index(crops.frames[0].argmax(), (32, 32))) == (16, 16)
+    np.testing.assert_array_equal(crops.peaks[0], peak)
+
+
+def test_binning_a_larger_window(patterns):
+    frame = _detector_frame(patterns[3], (128, 100))
+    crops = crop_around_peaks(frame, 16, bin=2)
+    assert crops.frames.shape == (1, 16, 16)
+    assert crops.frames.sum() == pytest.approx(frame[112:144, 84:116].sum(), rel=1e-5)
+    assert tuple(np.unravel_index(crops.frames[0].argmax(), (16, 16))) == (8, 8)
+
+
+def test_too_small_frames():
+    with pytest.raises(ValueError, match="too small"):
+        crop_around_peaks(np.ones((2, 2)), 32)

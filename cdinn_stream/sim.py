@@ -1,0 +1,128 @@
+"""A simulated Bragg CDI area detector for ``ophyd.sim`` (demos, tests, end-to-end accuracy).
+
+:class:`OperandoCrystal` is the sample: one paper-recipe crystal whose strain phase evolves
+from one smooth field to another as ``strain`` goes from 0 to 1 (an operando experiment).
+:class:`BCDIFrameSource` makes detector frames: the crystal's diffraction intensity ``|F|**2``
+placed with its Bragg peak at a position set by a motor, scaled to ``photons``, plus a constant
+``background``, with Poisson noise. It records the ground truth of every frame it makes
+(:attr:`BCDIFrameSource.truth`), so accuracy can be measured end to end.
+
+:func:`make_detector` wraps a source as ``ophyd.sim.DirectImage`` (frames inline in events) or
+``ophyd.sim.SynSignalWithRegistry`` (frames in ``.npy`` files, resource/datum documents).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from .simulate import add_noise, diffraction_intensity, simulate_objects
+
+__all__ = ["OperandoCrystal", "BCDIFrameSource", "FrameTruth", "make_detector", "make_motors"]
+
+
+class OperandoCrystal:
+    """A crystal (``size x size`` object) whose phase blends from field 0 to field 1 with strain."""
+
+    def __init__(self, size: int = 32, *, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        amp, phases = simulate_objects(rng, 2, size)
+        self.size = size
+        self.amplitude = amp[0]
+        support = amp[0] > 0.1
+        other = np.where(support, phases[1], 0)  # second field on the first crystal's support
+        self._phases = (phases[0], other - (other[support].max() + other[support].min()) / 2 * support)
+
+    def state(self, strain: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(amplitude, phase)`` at ``strain`` in [0, 1] (clipped)."""
+        s = float(np.clip(strain, 0.0, 1.0))
+        phase = (1 - s) * self._phases[0] + s * self._phases[1]
+        support = self.amplitude > 0.1
+        phase = np.where(support, phase - (phase[support].max() + phase[support].min()) / 2, 0)
+        return self.amplitude, phase.astype(np.float32)
+
+
+@dataclass
+class FrameTruth:
+    """What the simulator used for one frame."""
+
+    amplitude: np.ndarray
+    phase: np.ndarray
+    intensity: np.ndarray  # noise-free, centred, size x size
+    peak: tuple[int, int]
+    strain: float
+
+
+class BCDIFrameSource:
+    """Callable that returns a detector frame (see the module docstring).
+
+    Args:
+        crystal: the sample.
+        frame_shape: detector shape (rows, columns).
+        photons: total photons in a frame's Bragg peak (``None``: noise-free).
+        background: mean background counts per pixel.
+        peak_motor: motor whose position is the peak's column (an ``ophyd.sim.SynAxis``), or None.
+        strain_motor: motor whose position (0..1) is the crystal's strain state, or None.
+        peak_row: the peak's row.
+        seed: seed of the Poisson noise.
+    """
+
+    def __init__(self, crystal: OperandoCrystal, *, frame_shape: tuple[int, int] = (256, 256),
+                 photons: float | None = 1e6, background: float = 0.5, peak_motor=None, strain_motor=None,
+                 peak_row: int | None = None, seed: int = 0):
+        self.crystal = crystal
+        self.frame_shape = frame_shape
+        self.photons = photons
+        self.background = background
+        self.peak_motor = peak_motor
+        self.strain_motor = strain_motor
+        self.peak_row = frame_shape[0] // 2 if peak_row is None else peak_row
+        self.rng = np.random.default_rng(seed)
+        self.truth: list[FrameTruth] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _position(motor, default: float) -> float:
+        if motor is None:
+            return default
+        return float(motor.readback.get()) if hasattr(motor, "readback") else float(motor.position)
+
+    def __call__(self) -> np.ndarray:
+        strain = self._position(self.strain_motor, 0.0)
+        col = int(round(self._position(self.peak_motor, self.frame_shape[1] / 2)))
+        amp, phase = self.crystal.state(strain)
+        clean = diffraction_intensity(amp[None], phase[None])[0]
+        n = self.crystal.size
+        frame = np.zeros(self.frame_shape, np.float64)
+        r0, c0 = self.peak_row - n // 2, col - n // 2
+        rows = slice(max(r0, 0), min(r0 + n, self.frame_shape[0]))
+        cols = slice(max(c0, 0), min(c0 + n, self.frame_shape[1]))
+        scale = 1.0 if self.photons is None else self.photons / clean.sum()
+        frame[rows, cols] = clean[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0] * scale
+        frame = add_noise(self.rng, frame[None], photons=None, background=self.background)[0]
+        if self.photons is not None:
+            frame = self.rng.poisson(frame).astype(np.float32)
+        with self._lock:
+            self.truth.append(FrameTruth(amp, phase, clean, (self.peak_row, col), strain))
+        return frame.astype(np.float32)
+
+
+def make_motors():
+    """``(peak, strain)`` simulated motors (``ophyd.sim.SynAxis``)."""
+    from ophyd.sim import SynAxis
+
+    return SynAxis(name="peak_x", value=128.0), SynAxis(name="strain", value=0.0)
+
+
+def make_detector(source: BCDIFrameSource, *, name: str = "bcdi", external: bool = False,
+                  save_path: str | None = None):
+    """The source as an ophyd.sim detector: ``DirectImage`` (inline frames; data key
+    ``f"{name}_img"``) or, with ``external=True``, ``SynSignalWithRegistry`` (``.npy`` files
+    under ``save_path``; data key ``name``)."""
+    from ophyd.sim import DirectImage, SynSignalWithRegistry
+
+    if external:
+        return SynSignalWithRegistry(source, name=name, save_path=save_path)
+    return DirectImage(name=name, func=source)

@@ -1,0 +1,97 @@
+"""ZeroMQ PUB sink and its wire format.
+
+Every message is multipart::
+
+    [topic, header, amplitude, phase]          topic b"cdinn.result"
+    [topic, header]                            topic b"cdinn.start" / b"cdinn.stop"
+
+``header`` is UTF-8 JSON. For results: ``version`` (1), ``run_uid``, ``stream``, ``seq_num``
+(list, one per frame), ``time`` (event times), ``shape`` ``[n, h, w]``, ``dtype`` (``"float32"``),
+``crop_origin`` and ``peak`` (``[[row, col], ...]`` in detector pixels), ``latency_s`` (pipeline
+entry to model output, per frame) and ``published`` (send time). ``amplitude`` and ``phase``
+are the raw C-ordered buffers of ``n`` frames. For start/stop: ``run_uid`` and the document.
+
+The socket binds ``tcp://127.0.0.1:5578`` by default. A PUB socket never blocks: past the
+high-water mark (``hwm`` messages per subscriber) ZeroMQ drops messages for that subscriber.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import zmq
+
+from ..engine import ResultBlock
+
+__all__ = ["ZmqPublisherSink", "decode_message", "DEFAULT_ADDRESS", "TOPIC_RESULT"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5578"
+TOPIC_RESULT = b"cdinn.result"
+TOPIC_START = b"cdinn.start"
+TOPIC_STOP = b"cdinn.stop"
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)).encode()
+
+
+class ZmqPublisherSink:
+    """Publishes results on a ZeroMQ PUB socket (see the module docstring for the format).
+
+    Args:
+        address: bind address; ``tcp://127.0.0.1:0`` picks a free port (see :attr:`address`).
+        hwm: send high-water mark, in messages.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, hwm: int = 10_000, context: zmq.Context | None = None):
+        self._ctx = context or zmq.Context.instance()
+        self._socket = self._ctx.socket(zmq.PUB)
+        self._socket.setsockopt(zmq.SNDHWM, hwm)
+        self._socket.setsockopt(zmq.LINGER, 1000)
+        if address.endswith(":0"):
+            port = self._socket.bind_to_random_port(address.rsplit(":", 1)[0])
+            address = f"{address.rsplit(':', 1)[0]}:{port}"
+        else:
+            self._socket.bind(address)
+        self.address = address
+        self.messages_sent = 0
+        self.frames_sent = 0
+
+    def open_run(self, run_uid: str, start: dict) -> None:
+        self._socket.send_multipart([TOPIC_START, _json({"version": 1, "run_uid": run_uid, "start": start})])
+
+    def write(self, result: ResultBlock) -> None:
+        f = result.frames
+        amp = np.ascontiguousarray(result.amplitude, np.float32)
+        header = {"version": 1, "run_uid": f.run_uid, "stream": f.stream, "seq_num": f.seq_nums,
+                  "time": f.times, "shape": list(amp.shape), "dtype": "float32", "crop_origin": f.origins,
+                  "peak": f.peaks, "latency_s": result.latency, "published": time.time()}
+        self._socket.send_multipart([TOPIC_RESULT, _json(header), amp,
+                                     np.ascontiguousarray(result.phase, np.float32)], copy=False)
+        self.messages_sent += 1
+        self.frames_sent += len(amp)
+
+    def close_run(self, run_uid: str, summary: dict) -> None:
+        self._socket.send_multipart([TOPIC_STOP, _json({"version": 1, "run_uid": run_uid, **summary})])
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def decode_message(parts: list[bytes]) -> tuple[str, dict, np.ndarray | None, np.ndarray | None]:
+    """``(topic, header, amplitude, phase)`` of a received multipart message (arrays for results)."""
+    topic = bytes(parts[0]).decode()
+    header = json.loads(bytes(parts[1]))
+    if topic != TOPIC_RESULT.decode():
+        return topic, header, None, None
+    if len(parts) != 4:
+        raise ValueError(f"a result message has 4 parts, got {len(parts)}")
+    shape = tuple(header["shape"])
+    amp = np.frombuffer(parts[2], dtype=header["dtype"]).reshape(shape)
+    phase = np.frombuffer(parts[3], dtype=header["dtype"]).reshape(shape)
+    return topic, header, amp, phase

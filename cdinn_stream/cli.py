@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,98 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     run_benchmarks(args.out, model=args.model, n=args.n, quick=args.quick)
     return 0
+
+
+def _cmd_ioc(args: argparse.Namespace) -> int:
+    from .ioc import run_ioc
+
+    print(f"serving {args.prefix}AMPLITUDE, {args.prefix}PHASE, ... on {args.interfaces} (Ctrl-C to stop)")
+    run_ioc(args.prefix, interfaces=tuple(args.interfaces), max_size=args.max_size)
+    return 0
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from .listen import listen
+
+    stats = listen(args.address, count=args.count, timeout=args.timeout, plot=args.plot)
+    print(json.dumps(stats))
+    return 0
+
+
+def _sinks(args: argparse.Namespace, model, parent: str) -> list:
+    from .sinks import EpicsSink, TiledSink, ZmqPublisherSink
+
+    sinks: list = []
+    if args.zmq_out:
+        sinks.append(ZmqPublisherSink(args.zmq_out))
+    if args.tiled_out or getattr(args, "tiled", None):
+        from tiled.client import from_uri
+
+        sinks.append(TiledSink(from_uri(args.tiled_out or args.tiled, api_key=args.api_key), parent=parent,
+                               model_card=model.card))
+    if args.epics_prefix:
+        sinks.append(EpicsSink(args.epics_prefix))
+    return sinks
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from tiled.client import from_uri
+
+    from .callback import ReconstructionCallback
+    from .reconstruct import load_model
+    from .replay import replay_documents, run_documents
+
+    model = load_model(args.model, device=args.device)
+    cb = ReconstructionCallback(model=model, sinks=_sinks(args, model, args.parent), batch_size=args.batch_size)
+    client = from_uri(args.tiled, api_key=args.api_key)
+    n = replay_documents(run_documents(client, args.uid), cb, pace=args.pace)
+    cb.flush(timeout=None)
+    cb.close()
+    print(json.dumps({"documents": n, **cb.stats()}))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bluesky.callbacks.zmq import RemoteDispatcher
+
+    from .callback import ReconstructionCallback
+    from .reconstruct import load_model
+
+    model = load_model(args.model, device=args.device)
+    cb = ReconstructionCallback(model=model, sinks=_sinks(args, model, "cdinn"), batch_size=args.batch_size)
+    dispatcher = RemoteDispatcher(args.zmq)
+    dispatcher.subscribe(cb)
+    print(f"reconstructing documents from {args.zmq} (Ctrl-C to stop)", flush=True)
+    try:
+        dispatcher.start()
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    finally:
+        cb.close()
+        print(json.dumps(cb.stats()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo, summary_table
+
+    summary = run_demo(DemoConfig(frames=args.frames, model=args.model, out_dir=args.out, photons=args.photons),
+                       progress=not args.json)
+    print(json.dumps(summary, indent=1, default=str) if args.json else summary_table(summary))
+    return 0
+
+
+def _add_sink_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--zmq-out", default=None, help="publish results on this ZeroMQ address (e.g. tcp://127.0.0.1:5578)")
+    p.add_argument("--tiled-out", default=None, help="write results to this Tiled server")
+    p.add_argument("--api-key", default=os.environ.get("TILED_API_KEY"),
+                   help="Tiled API key (default: $TILED_API_KEY; keep keys out of profiles and shell history)")
+    p.add_argument("--epics-prefix", default=None, help="write the IOC's PVs with this prefix (e.g. CDINN:)")
+    p.add_argument("--model", default="cdinn-32", help="shipped model name or .pt path (default cdinn-32)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=256)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +247,49 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--lineage", nargs="*", default=[],
                     help="earlier training folders this run was fine-tuned from, oldest first")
     pb.set_defaults(func=_cmd_publish)
+
+    d = sub.add_parser("demo", help="the whole live pipeline on this machine: Tiled, IOC, ZeroMQ, scan, replay",
+                       description="Start an embedded Tiled server, the EPICS IOC and a ZeroMQ listener (127.0.0.1 "
+                                   "only), run a simulated operando scan with live reconstruction, replay it from "
+                                   "Tiled, and print a summary; writes OUT/summary.json and OUT/montage.png.")
+    d.add_argument("--frames", type=int, default=300, help="frames in the scan (default 300)")
+    d.add_argument("--model", default="cdinn-32")
+    d.add_argument("--photons", type=float, default=1e6, help="photons per frame (default 1e6)")
+    d.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.set_defaults(func=_cmd_demo)
+
+    i = sub.add_parser("ioc", help="serve the EPICS PVs (caproto) that the pipeline writes",
+                       description="Serve P:AMPLITUDE, P:PHASE, P:SHAPE, P:SUPPORT_SIZE, P:PHASE_RMS, P:FRAME_RATE, "
+                                   "P:FRAMES, P:SEQ_NUM, P:RUN_UID, P:STATUS with caproto.")
+    i.add_argument("--prefix", default="CDINN:", help="PV prefix (default CDINN:)")
+    i.add_argument("--interfaces", nargs="+", default=["127.0.0.1"], help="addresses to bind (default 127.0.0.1)")
+    i.add_argument("--max-size", type=int, default=128, help="largest frame side the waveforms hold")
+    i.set_defaults(func=_cmd_ioc)
+
+    lsn = sub.add_parser("listen", help="subscribe to the ZeroMQ results and print (or plot) them",
+                         description="Print one line per result message; --plot saves the latest frame as a PNG.")
+    lsn.add_argument("address", help="publisher address, e.g. tcp://127.0.0.1:5578")
+    lsn.add_argument("--count", type=int, default=None, help="stop after this many frames")
+    lsn.add_argument("--timeout", type=float, default=None, help="stop after this many seconds of silence")
+    lsn.add_argument("--plot", default=None, help="save the latest amplitude/phase to this PNG at each run end")
+    lsn.set_defaults(func=_cmd_listen)
+
+    r = sub.add_parser("replay", help="reconstruct a stored run from Tiled (databroker 2)",
+                       description="Read the run's documents from Tiled and feed them to the live callback; "
+                                   "results go to the sinks given (Tiled: container cdinn-replay/UID).")
+    r.add_argument("uid", help="uid of the raw run")
+    r.add_argument("--tiled", required=True, help="Tiled server URL holding the raw run")
+    r.add_argument("--pace", choices=("fast", "recorded"), default="fast", help="as fast as possible or as recorded")
+    r.add_argument("--parent", default="cdinn-replay", help="Tiled container for the results")
+    _add_sink_options(r)
+    r.set_defaults(func=_cmd_replay)
+
+    sv = sub.add_parser("serve", help="reconstruct documents from a bluesky-0MQ-proxy (out of process)",
+                        description="Subscribe a RemoteDispatcher to the proxy's output and run the callback.")
+    sv.add_argument("--zmq", required=True, help="the proxy's output address, e.g. tcp://127.0.0.1:5578")
+    _add_sink_options(sv)
+    sv.set_defaults(func=_cmd_serve)
 
     b = sub.add_parser("bench", help="speed benchmarks; writes JSON + a markdown table",
                        description="Time the network (per batch size) and 620-iteration ER/HIO on the same "

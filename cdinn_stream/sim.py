@@ -100,6 +100,8 @@ class BCDIFrameSource:
         rows = slice(max(r0, 0), min(r0 + n, self.frame_shape[0]))
         cols = slice(max(c0, 0), min(c0 + n, self.frame_shape[1]))
         scale = 1.0 if self.photons is None else self.photons / clean.sum()
+        if rows.stop <= rows.start or cols.stop <= cols.start:  # the peak is off the detector
+            rows = cols = slice(0, 0)
         frame[rows, cols] = clean[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0] * scale
         frame = add_noise(self.rng, frame[None], photons=None, background=self.background)[0]
         if self.photons is not None:
@@ -109,11 +111,11 @@ class BCDIFrameSource:
         return frame.astype(np.float32)
 
 
-def make_motors():
-    """``(peak, strain)`` simulated motors (``ophyd.sim.SynAxis``)."""
+def make_motors(peak_start: float = 128.0):
+    """``(peak, strain)`` simulated motors (``ophyd.sim.SynAxis``): the peak's column, the strain."""
     from ophyd.sim import SynAxis
 
-    return SynAxis(name="peak_x", value=128.0), SynAxis(name="strain", value=0.0)
+    return SynAxis(name="peak_x", value=peak_start), SynAxis(name="strain", value=0.0)
 
 
 def make_detector(source: BCDIFrameSource, *, name: str = "bcdi", external: bool = False,

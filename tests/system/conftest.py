@@ -1,0 +1,108 @@
+"""Real components on 127.0.0.1: a Tiled server, a caproto IOC, ZeroMQ sockets, a RunEngine."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+
+import pytest
+import torch
+import zmq
+
+from cdinn_stream.demo import loopback_epics_env
+
+loopback_epics_env()  # before pyepics is first used in this process
+
+
+@pytest.fixture(scope="session")
+def tiled_server(tmp_path_factory):
+    from tiled.server import SimpleTiledServer
+
+    from cdinn_stream.replay import register_exporter
+
+    register_exporter()
+    key = secrets.token_hex(8)
+    server = SimpleTiledServer(directory=tmp_path_factory.mktemp("tiled"), api_key=key,
+                               readable_storage=[str(tmp_path_factory.getbasetemp())])
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def tiled_client(tiled_server):
+    from tiled.client import from_uri
+
+    return from_uri(f"http://127.0.0.1:{tiled_server.port}", api_key=tiled_server.api_key)
+
+
+@pytest.fixture(scope="session")
+def ioc():
+    from cdinn_stream.ioc import IOCThread
+
+    prefix = f"T{uuid.uuid4().hex[:6]}:"
+    thread = IOCThread(prefix).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def model():
+    from cdinn_stream.model import CDINN, ModelConfig
+    from cdinn_stream.reconstruct import CDIModel
+
+    torch.manual_seed(0)
+    return CDIModel(CDINN(ModelConfig(32, (8, 16, 32), 1, 4)), name="tiny", device="cpu")
+
+
+@pytest.fixture
+def RE():
+    from bluesky import RunEngine
+
+    return RunEngine({})
+
+
+class ZmqCollector:
+    """A SUB socket on the sink's address, collecting decoded messages."""
+
+    def __init__(self, address: str):
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"cdinn.")
+        self.sock.connect(address)
+        self.messages: list = []
+
+    def drain(self, until_stops: int = 1, timeout: float = 20.0) -> list:
+        from cdinn_stream.sinks import decode_message
+
+        end = time.monotonic() + timeout
+        while sum(m[0] == "cdinn.stop" for m in self.messages) < until_stops and time.monotonic() < end:
+            if self.sock.poll(100):
+                self.messages.append(decode_message(self.sock.recv_multipart()))
+        return self.messages
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def zmq_pair():
+    from cdinn_stream.sinks import ZmqPublisherSink
+
+    sink = ZmqPublisherSink("tcp://127.0.0.1:0")
+    collector = ZmqCollector(sink.address)
+    # slow joiner: wait until the subscription reaches the publisher
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        sink._socket.send_multipart([b"cdinn.ping", b"{}"])
+        if collector.sock.poll(50):
+            collector.sock.recv_multipart()
+            break
+    yield sink, collector
+    collector.close()
+    sink.close()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_caproto():
+    logging.getLogger("caproto").setLevel(logging.ERROR)

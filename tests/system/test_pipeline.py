@@ -1,0 +1,112 @@
+"""Every frame's reconstruction arrives once over ZeroMQ and in Tiled, in order, for each of the
+three ways frames travel in bluesky documents."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from bluesky.plans import count, scan
+
+from cdinn_stream.callback import ReconstructionCallback
+from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.sinks import TiledSink
+
+
+def _source(**kw):
+    peak, strain = make_motors(48.0)
+    return BCDIFrameSource(OperandoCrystal(32, seed=2), frame_shape=(96, 96), peak_motor=peak,
+                           strain_motor=strain, **kw), peak, strain
+
+
+def _check(uid, n, collector, client):
+    msgs = collector.drain()
+    results = [m for m in msgs if m[0] == "cdinn.result"]
+    seq = [s for m in results for s in m[1]["seq_num"]]
+    assert seq == list(range(1, n + 1)), "every frame once, in order, over ZeroMQ"
+    assert all(m[1]["run_uid"] == uid for m in results)
+    assert sum(len(m[2]) for m in results) == n
+    assert [m[0] for m in msgs][0] == "cdinn.start" and msgs[-1][0] == "cdinn.stop"
+    rec = client["cdinn"][uid]
+    assert rec["amplitude"].read().shape == (n, 32, 32) and rec["phase"].read().shape == (n, 32, 32)
+    np.testing.assert_array_equal(rec["seq_num"].read(), np.arange(1, n + 1))
+    assert rec.metadata["complete"] and rec.metadata["frames"] == n
+    amp = np.concatenate([m[2] for m in results])
+    np.testing.assert_allclose(rec["amplitude"].read(), amp)
+
+
+def test_inline_frames(RE, model, tiled_client, zmq_pair):
+    sink, collector = zmq_pair
+    cb = ReconstructionCallback(model=model, sinks=[sink, TiledSink(tiled_client)], max_latency=0.01)
+    RE.subscribe(cb)
+    source, peak, strain = _source()
+    (uid,) = RE(scan([make_detector(source)], strain, 0, 1, peak, 30, 70, 15))
+    assert cb.flush(30)
+    _check(uid, 15, collector, tiled_client)
+    assert cb.stats()["frames_out"] == 15 and not cb.stats()["rejected"]
+    cb.close()
+
+
+def test_external_files(RE, model, tiled_client, zmq_pair, tmp_path):
+    sink, collector = zmq_pair
+    cb = ReconstructionCallback(model=model, sinks=[sink, TiledSink(tiled_client)])
+    RE.subscribe(cb)
+    source, _, _ = _source()
+    det = make_detector(source, external=True, save_path=str(tmp_path))
+    (uid,) = RE(count([det], num=7))
+    assert cb.flush(30)
+    assert len(list(tmp_path.glob("*.npy"))) == 7
+    _check(uid, 7, collector, tiled_client)
+    cb.close()
+
+
+def test_stream_resource_hdf5(RE, model, tiled_client, zmq_pair, tmp_path):
+    from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
+    from ophyd_async.sim import SimBlobDetector
+
+    sink, collector = zmq_pair
+    with init_devices():
+        blob = SimBlobDetector(StaticPathProvider(UUIDFilenameProvider(), tmp_path))
+    cb = ReconstructionCallback(model=model, sinks=[sink, TiledSink(tiled_client)])
+    RE.subscribe(cb)
+    (uid,) = RE(count([blob], num=5))
+    assert cb.flush(30)
+    _check(uid, 5, collector, tiled_client)
+    cb.close()
+
+
+def test_bad_documents_and_frames_never_stop_the_scan(RE, model, caplog):
+    from event_model import compose_run
+
+    received = []
+
+    class ListSink:
+        def open_run(self, uid, start):
+            pass
+
+        def write(self, result):
+            received.extend(result.frames.seq_nums.tolist())
+
+        def close_run(self, uid, summary):
+            pass
+
+    cb = ReconstructionCallback(model=model, sinks=[ListSink()])
+    run = compose_run()
+    cb("start", run.start_doc)
+    desc = run.compose_descriptor(name="primary", data_keys={"img": {"dtype": "array", "shape": [64, 64],
+                                                                      "source": "sim"}})
+    good = np.zeros((64, 64))
+    good[30:34, 30:34] = 100
+    cb("event", {"descriptor": "no-such-descriptor", "uid": "x", "time": 0, "seq_num": 1, "data": {},
+                 "timestamps": {}})  # event before / without its descriptor
+    cb("descriptor", desc.descriptor_doc)
+    frames = [good, np.full((64, 64), np.nan), np.zeros((64, 64)), np.ones((3, 3, 3)), good]
+    for i, f in enumerate(frames, start=1):
+        cb("event", desc.compose_event(data={"img": f}, timestamps={"img": 0}, seq_num=i))
+    cb("stop", run.compose_stop())
+    cb("stop", {"nonsense": True})  # a stop without a start
+    cb("event", {"garbage": 1})
+    assert cb.flush(10)
+    assert received == [1, 5]
+    assert sum(cb.rejected.values()) >= 4
+    assert "seq_num" in caplog.text
+    cb.close()

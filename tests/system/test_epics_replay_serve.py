@@ -1,0 +1,144 @@
+"""The IOC's PVs update; a missing IOC costs one warning; replay from Tiled reproduces the live
+results; documents from a bluesky-0MQ-proxy are reconstructed out of process."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from bluesky.plans import scan
+
+from cdinn_stream.callback import ReconstructionCallback
+from cdinn_stream.replay import replay_documents, run_documents
+from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.sinks import EpicsSink, TiledSink
+
+
+def _detector(width=96):
+    peak, strain = make_motors(width / 2)
+    source = BCDIFrameSource(OperandoCrystal(32, seed=4), frame_shape=(96, width), peak_motor=peak,
+                             strain_motor=strain)
+    return make_detector(source), peak, strain
+
+
+def test_ioc_pvs_update(RE, model, ioc):
+    import epics
+
+    sink = EpicsSink(ioc.prefix)
+    results = []
+
+    class Keep:
+        def open_run(self, uid, start): pass
+        def write(self, r): results.append(r)
+        def close_run(self, uid, s): pass
+
+    cb = ReconstructionCallback(model=model, sinks=[Keep(), sink])
+    RE.subscribe(cb)
+    det, peak, strain = _detector()
+    (uid,) = RE(scan([det], strain, 0, 1, peak, 40, 56, 9))
+    assert cb.flush(30)
+    cb.close()
+    p = ioc.prefix
+    assert epics.caget(p + "FRAMES", timeout=5) == 9
+    assert epics.caget(p + "SEQ_NUM", timeout=5) == 9
+    assert epics.caget(p + "RUN_UID", timeout=5) == uid
+    assert epics.caget(p + "STATUS", timeout=5) == "done success"
+    h, w = epics.caget(p + "SHAPE", timeout=5)
+    amp = epics.caget(p + "AMPLITUDE", timeout=5)[: h * w].reshape(h, w)
+    np.testing.assert_allclose(amp, results[-1].amplitude[-1], atol=1e-6)
+    assert epics.caget(p + "SUPPORT_SIZE", timeout=5) == int((results[-1].amplitude[-1] > 0.1).sum())
+    assert epics.caget(p + "FRAME_RATE", timeout=5) > 0
+
+
+def test_missing_ioc_warns_once_and_goes_on(RE, model, caplog):
+    kept = []
+
+    class Keep:
+        def open_run(self, uid, start): pass
+        def write(self, r): kept.extend(r.frames.seq_nums.tolist())
+        def close_run(self, uid, s): pass
+
+    cb = ReconstructionCallback(model=model, sinks=[EpicsSink("NOBODY:", timeout=0.2), Keep()])
+    RE.subscribe(cb)
+    det, peak, strain = _detector()
+    with caplog.at_level(logging.WARNING):
+        RE(scan([det], strain, 0, 1, peak, 40, 56, 6))
+        assert cb.flush(30)
+    cb.close()
+    assert kept == [1, 2, 3, 4, 5, 6]
+    assert caplog.text.count("no EPICS IOC answers") == 1
+
+
+def test_replay_reproduces_live(RE, model, tiled_client):
+    from bluesky_tiled_plugins import TiledWriter
+
+    cb = ReconstructionCallback(model=model, sinks=[TiledSink(tiled_client)])
+    RE.subscribe(TiledWriter(tiled_client))
+    RE.subscribe(cb)
+    det, peak, strain = _detector()
+    (uid,) = RE(scan([det], strain, 0, 1, peak, 40, 56, 12))
+    assert cb.flush(30)
+    cb.close()
+    replay = ReconstructionCallback(model=model, sinks=[TiledSink(tiled_client, parent="cdinn-replay")])
+    n = replay_documents(run_documents(tiled_client, uid), replay)
+    assert replay.flush(30)
+    replay.close()
+    assert n >= 14
+    live, again = tiled_client["cdinn"][uid], tiled_client["cdinn-replay"][uid]
+    for key in ("amplitude", "phase", "seq_num", "peak", "crop_origin"):
+        np.testing.assert_array_equal(again[key].read(), live[key].read(), err_msg=key)
+    assert again.metadata["complete"]
+
+
+def test_serve_from_a_0mq_proxy(RE, model):
+    import asyncio
+
+    from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
+
+    from cdinn_stream.demo import _free_port
+
+    pin, pout = _free_port(), _free_port()
+    proxy = subprocess.Popen([sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--in-address",
+                              f"tcp://127.0.0.1:{pin}", "--out-address", f"tcp://127.0.0.1:{pout}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        kept = []
+
+        class Keep:
+            def open_run(self, uid, start): pass
+            def write(self, r): kept.extend(r.frames.seq_nums.tolist())
+            def close_run(self, uid, s): kept.append("stop")
+
+        cb = ReconstructionCallback(model=model, sinks=[Keep()])
+        dispatcher = RemoteDispatcher(f"tcp://127.0.0.1:{pout}")
+        dispatcher.subscribe(cb)
+
+        def run():
+            try:
+                dispatcher.start()
+            except asyncio.CancelledError:
+                pass
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        time.sleep(1.0)  # proxy start-up and the subscriber's connection (slow joiner)
+        publisher = Publisher(f"tcp://127.0.0.1:{pin}")
+        time.sleep(0.3)
+        RE.subscribe(publisher)
+        det, peak, strain = _detector()
+        RE(scan([det], strain, 0, 1, peak, 40, 56, 8))
+        end = time.monotonic() + 20
+        while "stop" not in kept and time.monotonic() < end:
+            time.sleep(0.05)
+        dispatcher.loop.call_soon_threadsafe(dispatcher._task.cancel)
+        thread.join(5)
+        publisher.close()
+        cb.close()
+        assert kept == [1, 2, 3, 4, 5, 6, 7, 8, "stop"]
+    finally:
+        proxy.terminate()
+        proxy.wait(5)

@@ -73,7 +73,8 @@ def loopback_epics_env(port: int | None = None) -> int:
 
 def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     """Run the demo; returns the summary (also written to ``out_dir/summary.json``)."""
-    loopback_epics_env()
+    if os.environ.get("EPICS_CA_ADDR_LIST") != "127.0.0.1" or "EPICS_CAS_SERVER_PORT" not in os.environ:
+        loopback_epics_env()  # keep the demo's Channel Access on this machine
     from bluesky import RunEngine
     from bluesky.plans import scan
     from bluesky_tiled_plugins import TiledWriter

@@ -1,0 +1,38 @@
+"""`cdinn-stream demo` end to end, and the simulation profile's startup file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cdinn_stream.demo import DemoConfig, run_demo, summary_table
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    s = run_demo(DemoConfig(frames=40, out_dir=str(tmp_path)), progress=False)
+    f = s["frames"]
+    assert f["events"] == f["in"] == f["out"] == f["in_tiled"] == f["over_zeromq"] == f["epics_frames_pv"] == 40
+    assert f["dropped"] == 0 and f["rejected"] == 0
+    assert s["replay"]["frames"] == 40
+    assert s["replay"]["max_abs_diff_amplitude"] == 0 and s["replay"]["max_abs_diff_phase"] == 0
+    assert 0 <= s["accuracy"]["support_iou"]["median"] <= 1
+    assert (tmp_path / "montage.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "summary.json").read_text())["run_uid"] == s["run_uid"]
+    assert "latency p50 / p99" in summary_table(s)
+
+
+def test_profile_startup_only_calls_the_package(monkeypatch):
+    startup = Path(__file__).parents[2] / "profiles" / "cdinn_sim" / "startup" / "00-cdinn.py"
+    for var in ("TILED_URL", "CDINN_ZMQ_OUT", "CDINN_EPICS_PREFIX"):
+        monkeypatch.delenv(var, raising=False)
+    namespace: dict = {}
+    exec(compile(startup.read_text(), str(startup), "exec"), namespace)
+    from bluesky.plans import count
+
+    RE, cdinn = namespace["RE"], namespace["cdinn"]
+    (uid,) = RE(count([namespace["bcdi"]], num=3))
+    assert cdinn.flush(30)
+    assert cdinn.stats()["frames_out"] == 3
+    cdinn.close()
+    code = [line for line in startup.read_text().splitlines() if line and not line.startswith("#")]
+    assert all(line.startswith(("from cdinn_stream", "beamline =", "RE,")) for line in code)

@@ -4,6 +4,7 @@ A neural network (CDI NN, Cherukara et al.) turns each measured diffraction patt
 sample's shape and phase in milliseconds. See the README for the conventions and the pipeline.
 """
 
+from .callback import ReconstructionCallback
 from .metrics import chi2, score
 from .model import CDINN, ModelConfig
 from .phase_retrieval import er_hio
@@ -14,6 +15,7 @@ __all__ = [
     "CDINN",
     "CDIModel",
     "ModelConfig",
+    "ReconstructionCallback",
     "Reconstruction",
     "SimulatedSet",
     "chi2",

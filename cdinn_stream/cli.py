@@ -58,6 +58,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deepen(args: argparse.Namespace) -> int:
+    from .model import deepen
+    from .weights import read_weights, save_weights
+
+    deeper = deepen(read_weights(args.weights))
+    save_weights(deeper, args.out, meta={"deepened_from": str(args.weights)})
+    print(f"wrote {args.out}: {deeper.config}")
+    return 0
+
+
 def _cmd_publish(args: argparse.Namespace) -> int:
     from .card import publish
 
@@ -228,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="cdinn-32", help="shipped model name or path to a .pt (default cdinn-32)")
     e.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
     e.add_argument("-n", type=int, default=1000, help="number of fresh samples (default 1000)")
-    e.add_argument("--seed", type=int, default=20_251_125)
+    e.add_argument("--seed", type=int, default=31_415_926, help="seed of the fresh samples (default: the reported evaluation set)")
     e.add_argument("--photons", type=float, default=None, help="evaluate on Poisson-noisy patterns")
     e.add_argument("--iterations", type=int, default=620, help="ER/HIO iterations (default 620)")
     e.add_argument("--refine-iterations", type=int, default=100,
@@ -236,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-erhio", action="store_true", help="skip the ER/HIO baseline")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     e.set_defaults(func=_cmd_evaluate)
+
+    dp = sub.add_parser("deepen", help="double the convolutions per stage, keeping the function (net2net)",
+                        description="Write weights of a network with twice the convolutions per stage whose new "
+                                    "layers start as identities; fine-tune them with train --init-weights.")
+    dp.add_argument("weights", help="input weights (.pt)")
+    dp.add_argument("out", help="output weights (.pt)")
+    dp.set_defaults(func=_cmd_deepen)
 
     pb = sub.add_parser("publish", help="ship a trained model: weights + model card JSON into models/",
                         description="Copy RUN/best.pt to MODELS/NAME.pt and write the model card MODELS/NAME.json "

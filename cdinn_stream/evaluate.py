@@ -27,8 +27,8 @@ from .simulate import simulate
 
 __all__ = ["evaluate", "summarize", "machine_info", "EVAL_SEED"]
 
-#: Seed of the evaluation set (training uses seeds < 1000).
-EVAL_SEED = 20_251_125
+#: Seed of the evaluation set: never used in training (seed 0) or in choosing models (20251125, 777, 4242).
+EVAL_SEED = 31_415_926
 
 
 def machine_info() -> dict:

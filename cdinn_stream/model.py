@@ -120,3 +120,33 @@ def count_flops(model: CDINN) -> int:
     for h in hooks:
         h.remove()
     return flops
+
+
+def deepen(model: CDINN) -> CDINN:
+    """The same function with twice the convolutions per stage (net2net).
+
+    Each stage's convolution is followed by a new 3x3 convolution initialised to the identity
+    (centre tap 1 on the diagonal); after a ReLU its input is non-negative, so the deeper
+    network starts out computing exactly what ``model`` computes, and fine-tuning can use the
+    extra capacity. Used to grow the shipped 32x32 model (see its model card's lineage).
+    """
+    cfg = model.config
+    new = CDINN(ModelConfig(cfg.size, cfg.widths, 2 * cfg.convs_per_stage, cfg.space_to_depth))
+
+    def convs(seq: nn.Module) -> list[nn.Conv2d]:
+        return [m for m in seq if isinstance(m, nn.Conv2d)]
+
+    with torch.no_grad():
+        for part in ("encoder", "shape_decoder", "phase_decoder"):
+            old_convs, new_convs = convs(getattr(model, part)), convs(getattr(new, part))
+            if part != "encoder":  # the decoders' last convolution maps onto the output as before
+                new_convs[-1].load_state_dict(old_convs[-1].state_dict())
+                old_convs, new_convs = old_convs[:-1], new_convs[:-1]
+            for i, conv in enumerate(old_convs):
+                first, second = new_convs[2 * i], new_convs[2 * i + 1]
+                first.load_state_dict(conv.state_dict())
+                second.weight.zero_()
+                second.bias.zero_()
+                c = second.out_channels
+                second.weight[torch.arange(c), torch.arange(c), 1, 1] = 1.0
+    return new

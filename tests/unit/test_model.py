@@ -119,3 +119,21 @@ def test_offset_invariant_phase_loss_ignores_a_global_offset_only():
     yy = torch.arange(32.0)[:, None].expand(32, 32) / 32
     tilted = sample_losses(shape_logits, logits((p + yy) * (a > 0.1)), a, p, offset_invariant=True)
     assert torch.all(tilted - exact > 0.01)  # a phase ramp is a real error
+
+
+def test_deepen_keeps_the_function_and_doubles_the_convolutions():
+    from cdinn_stream.model import deepen
+
+    torch.manual_seed(3)
+    m = CDINN(ModelConfig(32, (8, 16, 32), 1, 4)).eval()
+    with torch.no_grad():  # non-trivial biases, as after training
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d = deepen(m).eval()
+    assert d.config.convs_per_stage == 2
+    assert sum(isinstance(x, torch.nn.Conv2d) for x in d.modules()) == 2 * sum(
+        isinstance(x, torch.nn.Conv2d) for x in m.modules()) - 2  # the decoders' last convs stay single
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(m(x), d(x)):
+            torch.testing.assert_close(a, b)

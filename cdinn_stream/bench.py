@@ -44,7 +44,7 @@ def time_call(fn, *, repeat: int = 5, min_seconds: float = 0.2) -> float:
     return float(np.median(times))
 
 
-def run_benchmarks(out_dir: str | Path, *, model: str = "cdinn-32", n: int = 256, quick: bool = False) -> dict:
+def run_benchmarks(out_dir: str | Path, *, model: str = "cdinn-32", n: int = 1024, quick: bool = False) -> dict:
     """Run the benchmarks, write ``bench.json`` and ``bench.md`` to ``out_dir``; return the results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

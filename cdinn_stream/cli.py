@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "patterns in one run, and the simulator; results go to OUT.")
     b.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     b.add_argument("--model", default="cdinn-32")
-    b.add_argument("-n", type=int, default=256, help="patterns for the ER/HIO timing (default 256)")
+    b.add_argument("-n", type=int, default=1024, help="patterns in the batched ER/HIO timing (default 1024)")
     b.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     b.set_defaults(func=_cmd_bench)
     return p

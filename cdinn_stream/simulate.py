@@ -86,19 +86,19 @@ def _convex_masks(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
         v = p[hull.vertices]
         verts[i, : len(v)] = v
         verts[i, len(v) :] = v[0]
-    a = verts
-    b = np.roll(verts, -1, axis=1)
-    b[:, -1] = verts[:, 0]
-    # Fix the wrap edge for each sample: the last real vertex connects to the first one.
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    pix = np.stack([yy.ravel(), xx.ravel()], axis=-1)  # (P, 2) as (y, x)
-    ey = (b[..., 0] - a[..., 0])[:, :, None]
-    ex = (b[..., 1] - a[..., 1])[:, :, None]
-    py = pix[None, None, :, 0] - a[..., 0][:, :, None]
-    px = pix[None, None, :, 1] - a[..., 1][:, :, None]
-    cross = ex * py - ey * px
-    inside = (cross >= -1e-9).all(axis=1) | (cross <= 1e-9).all(axis=1)
-    return inside.reshape(n, size, size).astype(np.float32)
+    a = verts.astype(np.float32)
+    b = np.roll(a, -1, axis=1)
+    b[:, -1] = a[:, 0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    py_, px_ = yy.ravel(), xx.ravel()
+    ey, ex = b[..., 0] - a[..., 0], b[..., 1] - a[..., 1]
+    out = np.empty((n, size * size), bool)
+    step = max(1, 65_536 // (size * size))  # sub-batches keep the temporaries small (no page-fault storms)
+    for i in range(0, n, step):
+        sl = slice(i, i + step)
+        cross = (ex[sl, :, None] * (py_ - a[sl, :, 0, None]) - ey[sl, :, None] * (px_ - a[sl, :, 1, None]))
+        out[sl] = (cross >= -1e-6).all(axis=1) | (cross <= 1e-6).all(axis=1)
+    return out.reshape(n, size, size).astype(np.float32)
 
 
 def _phase_fields(rng: np.random.Generator, n: int, size: int) -> np.ndarray:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-from cdinn_stream.demo import DemoConfig, run_demo, summary_table
+from cdinn_stream.demo import summary_table
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path):
-    s = run_demo(DemoConfig(frames=40, out_dir=str(tmp_path)), progress=False)
+    """`cdinn-stream demo --json` as a user runs it: its own process, its own IOC and Tiled server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
+    proc = subprocess.run([sys.executable, "-m", "cdinn_stream", "demo", "--frames", "40", "--json", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(proc.stdout[proc.stdout.index("{"):])
     f = s["frames"]
     assert f["events"] == f["in"] == f["out"] == f["in_tiled"] == f["over_zeromq"] == f["epics_frames_pv"] == 40
     assert f["dropped"] == 0 and f["rejected"] == 0

@@ -55,10 +55,10 @@ def summarize(metrics: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 
 def _time_nn(model: CDIModel, intensity: np.ndarray) -> tuple[object, float, float]:
-    model.predict(intensity[:64])  # warm-up
-    t = time.perf_counter()
+    from .bench import time_call
+
     rec = model.predict(intensity)
-    batched = (time.perf_counter() - t) / len(intensity)
+    batched = time_call(lambda: model.predict(intensity), repeat=5, min_seconds=0.2) / len(intensity)
     singles = []
     for i in range(min(100, len(intensity))):
         t = time.perf_counter()

@@ -74,9 +74,9 @@ class TiledSink:
 
     def open_run(self, run_uid: str, start: dict) -> None:
         parent = self._parent_container()
-        if run_uid in parent:
+        if run_uid in parent:  # e.g. a second replay of the same run
             logger.warning("Tiled already holds %s/%s: replacing it", self.parent_name, run_uid)
-            parent.delete(run_uid) if hasattr(parent, "delete") else None
+            parent.delete_contents(run_uid, recursive=True, external_only=False)
         container = parent.create_container(run_uid, metadata={
             "raw_run_uid": run_uid, "start": start, "model_card": self.model_card, "complete": False})
         self._runs[run_uid] = {"container": container, "arrays": {}, "n": 0}

@@ -92,6 +92,13 @@ def test_replay_reproduces_live(RE, model, tiled_client):
     for key in ("amplitude", "phase", "seq_num", "peak", "crop_origin"):
         np.testing.assert_array_equal(again[key].read(), live[key].read(), err_msg=key)
     assert again.metadata["complete"]
+    # a second replay replaces the first one's results
+    replay = ReconstructionCallback(model=model, sinks=[TiledSink(tiled_client, parent="cdinn-replay")])
+    replay_documents(run_documents(tiled_client, uid), replay)
+    assert replay.flush(30)
+    replay.close()
+    again = tiled_client["cdinn-replay"][uid]
+    np.testing.assert_array_equal(again["seq_num"].read(), live["seq_num"].read())
 
 
 def test_serve_from_a_0mq_proxy(RE, model):

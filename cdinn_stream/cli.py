@@ -24,7 +24,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     with tqdm(total=args.n, desc="simulating", unit="sample") as bar:
         data = simulate(args.n, args.size, seed=args.seed, photons=args.photons, background=args.background,
-                        pad=args.pad, progress=bar.update)
+                        pad=args.pad, remove_ramp=args.remove_ramp, progress=bar.update)
     np.savez_compressed(args.out, intensity=data.intensity, amplitude=data.amplitude, phase=data.phase)
     print(f"wrote {len(data)} samples to {args.out} (intensity {data.intensity.shape}, amplitude, phase)")
     return 0
@@ -37,6 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       convs_per_stage=args.convs_per_stage, space_to_depth=args.space_to_depth, n_train=args.n_train, n_val=args.n_val,
                       batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, lr=args.lr,
                       seed=args.seed, max_minutes=args.max_minutes, photons=args.photons, threads=args.threads,
+                      remove_ramp=args.remove_ramp,
                       init_weights=args.init_weights, phase_weight=args.phase_weight,
                       offset_invariant=not args.absolute_phase, support_weight=args.support_weight,
                       support_pos_weight=args.support_pos_weight)
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--photons", type=float, default=None, help="Poisson noise: total photons per frame")
     s.add_argument("--background", type=float, default=0.0, help="constant background per pixel")
     s.add_argument("--pad", type=int, default=1, help="zero-padding factor of the object (2: oversampled)")
+    s.add_argument("--remove-ramp", action="store_true",
+                   help="remove each phase's linear ramp (strain relative to the mean lattice)")
     s.set_defaults(func=_cmd_simulate)
 
     t = sub.add_parser("train", help="train a CDI NN on simulated data (checkpoints, resume, curve PNG)",
@@ -218,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--photons", type=float, default=None, help="train on Poisson-noisy patterns")
+    t.add_argument("--remove-ramp", action="store_true",
+                   help="simulate strain relative to the mean lattice (linear phase ramp removed)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch past this budget")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--init-weights", default=None, help="start from these weights (fine-tuning)")

@@ -144,13 +144,33 @@ def _centre(amplitude: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def simulate_objects(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random centred objects: ``(amplitude, phase)``, each ``(n, size, size)`` float32."""
+def _remove_ramp(field: np.ndarray, amplitude: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """Subtract each field's amplitude-weighted least-squares plane over its support."""
+    n, size, _ = field.shape
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    basis = np.stack([yy, xx, np.ones_like(yy)]).reshape(3, -1)  # (3, P)
+    w = (amplitude * support).reshape(n, -1).astype(np.float64)  # (n, P)
+    gram = np.einsum("kp,np,lp->nkl", basis, w, basis)
+    rhs = np.einsum("kp,np->nk", basis, w * field.reshape(n, -1))
+    coef = np.linalg.solve(gram + 1e-9 * np.eye(3), rhs[..., None])[..., 0]
+    return (field - np.einsum("nk,kp->np", coef, basis).reshape(n, size, size)).astype(np.float32)
+
+
+def simulate_objects(rng: np.random.Generator, n: int, size: int, *, remove_ramp: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Random centred objects: ``(amplitude, phase)``, each ``(n, size, size)`` float32.
+
+    ``remove_ramp`` subtracts the linear part of each phase field (strain relative to the mean
+    lattice, as BCDI reconstructions report it) before the field is scaled to its peak-to-peak:
+    the pattern's brightest pixel is then the zero frequency for ~97% of samples (38% without).
+    """
     mask = _convex_masks(rng, n, size)
     amplitude = gaussian_filter(mask, sigma=(0, 1.0, 1.0), mode="constant").astype(np.float32)
     amplitude /= amplitude.max(axis=(1, 2), keepdims=True).clip(1e-6)
     support = amplitude > SUPPORT_THRESHOLD
     field = _phase_fields(rng, n, size)
+    if remove_ramp:
+        field = _remove_ramp(field, amplitude, support)
     big = np.float32(np.inf)
     lo = np.where(support, field, big).min(axis=(1, 2), keepdims=True)
     hi = np.where(support, field, -big).max(axis=(1, 2), keepdims=True)
@@ -194,6 +214,7 @@ def simulate(
     photons: float | None = None,
     background: float = 0.0,
     pad: int = 1,
+    remove_ramp: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> SimulatedSet:
     """Generate ``n`` samples of ``size x size`` (32, 64 or 128) after the paper's recipe.
@@ -206,6 +227,8 @@ def simulate(
         background: constant background added per pixel (counts when ``photons`` is set).
         pad: zero-padding of the object before the transform (``2`` for oversampled patterns,
             as the paper's ER/HIO baseline uses; the pattern is then ``pad*N`` wide).
+        remove_ramp: remove the linear phase ramp (see :func:`simulate_objects`); off by default,
+            as in the recipe the shipped models were trained on.
         progress: called with the number of samples finished after each chunk.
     """
     if size not in SIZES:
@@ -222,7 +245,7 @@ def simulate(
     for c in range(chunks):
         rng = np.random.default_rng(seeds[c])
         lo, hi = c * chunk, min(n, (c + 1) * chunk)
-        a, p = simulate_objects(rng, chunk, size)
+        a, p = simulate_objects(rng, chunk, size, remove_ramp=remove_ramp)
         a, p = a[: hi - lo], p[: hi - lo]
         amplitude[lo:hi], phase[lo:hi] = a, p
         clean = diffraction_intensity(a, p, pad=pad)

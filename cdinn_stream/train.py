@@ -55,6 +55,7 @@ class TrainConfig:
         seed: seed of the data, the initial weights and the shuffling.
         max_minutes: stop after the epoch that passes this wall-clock budget (``None``: no limit).
         photons: Poisson noise (total photons per frame) in the training data; ``None``: clean.
+        remove_ramp: simulate strain relative to the mean lattice (linear phase ramp removed).
         threads: torch CPU threads (``None``: torch's default).
     """
 
@@ -77,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None
     photons: float | None = None
+    remove_ramp: bool = False
     threads: int | None = None
     history: list[dict] = field(default_factory=list, repr=False)
 
@@ -91,7 +93,8 @@ class TrainConfig:
 def _tensors(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
     n = cfg.n_train + cfg.n_val
     with tqdm(total=n, desc="simulating", unit="sample", leave=False) as bar:
-        data = simulate(n, cfg.size, seed=cfg.seed, photons=cfg.photons, progress=bar.update)
+        data = simulate(n, cfg.size, seed=cfg.seed, photons=cfg.photons, remove_ramp=cfg.remove_ramp,
+                        progress=bar.update)
     x = normalized_amplitude(data.intensity).unsqueeze(1)
     return x, torch.from_numpy(data.amplitude), torch.from_numpy(data.phase)
 

@@ -97,3 +97,16 @@ def test_bad_arguments():
         simulate(3, 48)
     with pytest.raises(ValueError):
         simulate(-1, 32)
+
+
+def test_removing_the_phase_ramp_centres_the_brightest_pixel():
+    plain = simulate(400, 32, seed=12)
+    flat = simulate(400, 32, seed=12, remove_ramp=True)
+    np.testing.assert_array_equal(plain.amplitude, flat.amplitude)  # same crystals
+    for ph, a in zip(flat.phase, flat.amplitude):
+        inside = ph[a > SUPPORT_THRESHOLD]
+        assert np.ptp(inside) <= 2 * np.pi + 1e-5  # still no wraps
+    def centred(s):
+        peak = s.intensity.reshape(len(s), -1).argmax(axis=1)
+        return np.mean(peak == 16 * 32 + 16)
+    assert centred(flat) > 0.9 > 0.6 > centred(plain)

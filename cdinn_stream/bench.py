@@ -15,33 +15,15 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from .evaluate import machine_info
 from .phase_retrieval import ITERATIONS, er_hio
 from .physics import normalized_amplitude
 from .reconstruct import load_model
 from .simulate import simulate
+from .timing import machine_info, time_call
 
-__all__ = ["run_benchmarks", "time_call"]
-
-
-def time_call(fn, *, repeat: int = 5, min_seconds: float = 0.2) -> float:
-    """Median seconds of ``fn()`` over ``repeat`` rounds (each round loops to ``min_seconds``)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            dt = time.perf_counter() - t0
-            if dt >= min_seconds:
-                break
-        times.append(dt / n)
-    return float(np.median(times))
+__all__ = ["run_benchmarks"]
 
 
 def run_benchmarks(out_dir: str | Path, *, model: str = "cdinn-32", n: int = 1024, quick: bool = False) -> dict:

@@ -89,7 +89,7 @@ class ReconstructionCallback:
             self._router(name, doc)
         except Exception as err:  # never into the RunEngine
             self.rejected["document"] += 1
-            uid = doc.get("run_start") or doc.get("uid") if isinstance(doc, dict) else None
+            uid = (doc.get("run_start") or doc.get("uid")) if isinstance(doc, dict) else None
             logger.warning("cannot handle %s document (run %s): %s", name, uid, err)
 
     def stats(self) -> dict:

@@ -63,6 +63,7 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
             shutil.copy(evaluation_dir / fig, models_dir / f"{name}.{fig}")
     if (run_dir / "training_curve.png").is_file():
         shutil.copy(run_dir / "training_curve.png", models_dir / f"{name}.training_curve.png")
+    stages = [_stage(Path(d)) for d in lineage]
     card = {
         "name": name,
         "format": "cdinn-stream/1",
@@ -77,9 +78,9 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
         "best_epoch": best["epoch"],
         "validation_curve": [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "lr")} for h in hist["history"]],
         "training_seconds": hist["history"][-1]["seconds"],
-        "lineage": [_stage(Path(d)) for d in lineage],
-        "total_epochs": sum(_stage(Path(d))["epochs_run"] for d in lineage) + len(hist["history"]),
-        "total_training_seconds": sum(_stage(Path(d))["training_seconds"] for d in lineage)
+        "lineage": stages,
+        "total_epochs": sum(s["epochs_run"] for s in stages) + len(hist["history"]),
+        "total_training_seconds": sum(s["training_seconds"] for s in stages)
         + hist["history"][-1]["seconds"],
         "evaluation": {k: report[k] for k in ("n", "seed", "size", "photons", "machine", "methods",
                                                "speedup_nn_vs_erhio") if k in report},

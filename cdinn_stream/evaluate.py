@@ -10,7 +10,6 @@ Timings of both methods are measured in the same run on the same machine.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -18,34 +17,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import chi2, score
+from .metrics import score
 from .phase_retrieval import ITERATIONS, er_hio
 from .physics import far_field
 from .plots import plot_chi2_extremes, plot_examples
 from .reconstruct import CDIModel
 from .simulate import simulate
+from .timing import machine_info, time_call
 
-__all__ = ["evaluate", "summarize", "machine_info", "EVAL_SEED"]
+__all__ = ["evaluate", "summarize", "report_table", "EVAL_SEED"]
 
 #: Seed of the evaluation set: never used in training (seed 0) or in choosing models (20251125, 777, 4242).
 EVAL_SEED = 31_415_926
-
-
-def machine_info() -> dict:
-    """Where a measurement ran: CPU, cores, torch threads, versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def summarize(metrics: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -55,8 +38,6 @@ def summarize(metrics: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 
 def _time_nn(model: CDIModel, intensity: np.ndarray) -> tuple[object, float, float]:
-    from .bench import time_call
-
     rec = model.predict(intensity)
     batched = time_call(lambda: model.predict(intensity), repeat=5, min_seconds=0.2) / len(intensity)
     singles = []

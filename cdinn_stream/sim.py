@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .simulate import add_noise, diffraction_intensity, simulate_objects
+from .simulate import diffraction_intensity, simulate_objects
 
 __all__ = ["OperandoCrystal", "BCDIFrameSource", "FrameTruth", "make_detector", "make_motors"]
 
@@ -103,7 +103,7 @@ class BCDIFrameSource:
         if rows.stop <= rows.start or cols.stop <= cols.start:  # the peak is off the detector
             rows = cols = slice(0, 0)
         frame[rows, cols] = clean[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0] * scale
-        frame = add_noise(self.rng, frame[None], photons=None, background=self.background)[0]
+        frame += self.background
         if self.photons is not None:
             frame = self.rng.poisson(frame).astype(np.float32)
         with self._lock:

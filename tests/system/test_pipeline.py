@@ -4,7 +4,6 @@ three ways frames travel in bluesky documents."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from bluesky.plans import count, scan
 
 from cdinn_stream.callback import ReconstructionCallback

@@ -1,0 +1,44 @@
+"""Timing helpers shared by ``evaluate`` and ``bench``: where a measurement ran, and a median timer."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["machine_info", "time_call"]
+
+
+def machine_info() -> dict:
+    """Where a measurement ran: CPU, cores, torch threads, versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def time_call(fn, *, repeat: int = 5, min_seconds: float = 0.2) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` rounds (each round loops to ``min_seconds``)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_seconds:
+                break
+        times.append(dt / n)
+    return float(np.median(times))

@@ -18,22 +18,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .simulate import diffraction_intensity, simulate_objects
+from .simulate import diffraction_intensity, simulate_objects, strain_phase
 
 __all__ = ["OperandoCrystal", "BCDIFrameSource", "FrameTruth", "make_detector", "make_motors"]
 
 
 class OperandoCrystal:
-    """A crystal (``size x size`` object) whose phase blends from field 0 to field 1 with strain."""
+    """A crystal (``size x size`` object) whose phase blends from field 0 to field 1 with strain.
+
+    Both fields are strain relative to the crystal's mean lattice (their linear phase ramp over
+    the crystal is removed, as BCDI reconstructions report strain): a ramp is indistinguishable
+    from a shift of the Bragg peak on the detector, so the peak (the brightest pixel, for ~95% of
+    crystals) is the reciprocal-lattice point of reference, as the crop assumes. Every state's
+    phase stays within 2*pi peak to peak (a blend of two such ramp-free fields is ramp-free).
+    """
 
     def __init__(self, size: int = 32, *, seed: int = 0):
         rng = np.random.default_rng(seed)
-        amp, phases = simulate_objects(rng, 2, size)
+        amp, phase = simulate_objects(rng, 1, size, remove_ramp=True)
         self.size = size
         self.amplitude = amp[0]
-        support = amp[0] > 0.1
-        other = np.where(support, phases[1], 0)  # second field on the first crystal's support
-        self._phases = (phases[0], other - (other[support].max() + other[support].min()) / 2 * support)
+        self._phases = (phase[0], strain_phase(rng, amp, remove_ramp=True)[0])
 
     def state(self, strain: float) -> tuple[np.ndarray, np.ndarray]:
         """``(amplitude, phase)`` at ``strain`` in [0, 1] (clipped)."""

@@ -27,7 +27,7 @@ from scipy.spatial import ConvexHull
 
 from .physics import SUPPORT_THRESHOLD, far_field
 
-__all__ = ["SimulatedSet", "simulate", "simulate_objects", "diffraction_intensity", "add_noise", "SIZES", "CHUNK"]
+__all__ = ["SimulatedSet", "simulate", "simulate_objects", "diffraction_intensity", "add_noise", "remove_phase_ramp", "strain_phase", "SIZES", "CHUNK"]
 
 #: Frame sizes the recipe is tuned for.
 SIZES = (32, 64, 128)
@@ -144,8 +144,9 @@ def _centre(amplitude: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _remove_ramp(field: np.ndarray, amplitude: np.ndarray, support: np.ndarray) -> np.ndarray:
-    """Subtract each field's amplitude-weighted least-squares plane over its support."""
+def remove_phase_ramp(field: np.ndarray, amplitude: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """Subtract from each ``(n, N, N)`` field its amplitude-weighted least-squares plane over
+    ``support``: the strain relative to the mean lattice, whose Bragg peak is the zero frequency."""
     n, size, _ = field.shape
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     basis = np.stack([yy, xx, np.ones_like(yy)]).reshape(3, -1)  # (3, P)
@@ -154,6 +155,25 @@ def _remove_ramp(field: np.ndarray, amplitude: np.ndarray, support: np.ndarray) 
     rhs = np.einsum("kp,np->nk", basis, w * field.reshape(n, -1))
     coef = np.linalg.solve(gram + 1e-9 * np.eye(3), rhs[..., None])[..., 0]
     return (field - np.einsum("nk,kp->np", coef, basis).reshape(n, size, size)).astype(np.float32)
+
+
+def strain_phase(rng: np.random.Generator, amplitude: np.ndarray, *, remove_ramp: bool = False) -> np.ndarray:
+    """A random smooth phase ``(n, N, N)`` on each object of ``amplitude`` (zero outside its
+    support), scaled to a peak-to-peak drawn uniformly in [0, 2*pi] and centred on 0.
+
+    ``remove_ramp`` subtracts the field's linear part first (strain relative to the mean lattice).
+    """
+    n, size, _ = amplitude.shape
+    support = amplitude > SUPPORT_THRESHOLD
+    field = _phase_fields(rng, n, size)
+    if remove_ramp:
+        field = remove_phase_ramp(field, amplitude, support)
+    big = np.float32(np.inf)
+    lo = np.where(support, field, big).min(axis=(1, 2), keepdims=True)
+    hi = np.where(support, field, -big).max(axis=(1, 2), keepdims=True)
+    ptp = rng.uniform(0.0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
+    phase = (field - (lo + hi) / 2) / np.maximum(hi - lo, 1e-6) * ptp
+    return np.where(support, phase, 0).astype(np.float32)
 
 
 def simulate_objects(rng: np.random.Generator, n: int, size: int, *, remove_ramp: bool = False
@@ -167,16 +187,7 @@ def simulate_objects(rng: np.random.Generator, n: int, size: int, *, remove_ramp
     mask = _convex_masks(rng, n, size)
     amplitude = gaussian_filter(mask, sigma=(0, 1.0, 1.0), mode="constant").astype(np.float32)
     amplitude /= amplitude.max(axis=(1, 2), keepdims=True).clip(1e-6)
-    support = amplitude > SUPPORT_THRESHOLD
-    field = _phase_fields(rng, n, size)
-    if remove_ramp:
-        field = _remove_ramp(field, amplitude, support)
-    big = np.float32(np.inf)
-    lo = np.where(support, field, big).min(axis=(1, 2), keepdims=True)
-    hi = np.where(support, field, -big).max(axis=(1, 2), keepdims=True)
-    ptp = rng.uniform(0.0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
-    phase = (field - (lo + hi) / 2) / np.maximum(hi - lo, 1e-6) * ptp
-    phase = np.where(support, phase, 0).astype(np.float32)
+    phase = strain_phase(rng, amplitude, remove_ramp=remove_ramp)
     amplitude, phase = _centre(amplitude, phase)
     return np.ascontiguousarray(amplitude), np.ascontiguousarray(phase)
 

@@ -109,3 +109,38 @@ def test_bad_documents_and_frames_never_stop_the_scan(RE, model, caplog):
     assert sum(cb.rejected.values()) >= 4
     assert "seq_num" in caplog.text
     cb.close()
+
+
+def test_end_to_end_accuracy_is_within_1_5x_of_clean(RE, zmq_pair):
+    """Noisy frames (1e6 photons, background) with the Bragg peak moving across the detector, through
+    the RunEngine, crop, engine and ZeroMQ, score within 1.5x of the shipped model's clean-data chi^2:
+    both its evaluation-set median and its median on the same crystal states, noise-free and centred."""
+    from cdinn_stream.demo import clean_chi2_median
+    from cdinn_stream.metrics import chi2
+    from cdinn_stream.reconstruct import load_model
+
+    shipped = load_model("cdinn-32", device="cpu")
+    sink, collector = zmq_pair
+    cb = ReconstructionCallback(model=shipped, sinks=[sink], max_latency=0.01)
+    RE.subscribe(cb)
+    live, clean_ref, n_runs, n = [], [], 5, 20
+    for seed in range(n_runs):
+        peak, strain = make_motors(48.0)
+        source = BCDIFrameSource(OperandoCrystal(32, seed=seed), frame_shape=(96, 128), photons=1e6,
+                                 background=0.5, peak_motor=peak, strain_motor=strain, seed=seed)
+        (uid,) = RE(scan([make_detector(source)], strain, 0, 1, peak, 20, 108, n))
+        assert cb.flush(30)
+        truth = np.stack([t.intensity for t in source.truth])
+        results = [m for m in collector.drain(until_stops=seed + 1)
+                   if m[0] == "cdinn.result" and m[1]["run_uid"] == uid]
+        amp, phase = np.concatenate([m[2] for m in results]), np.concatenate([m[3] for m in results])
+        assert len(amp) == n
+        live.append(chi2(amp, phase, truth).numpy())
+        ref = shipped.predict(truth)
+        clean_ref.append(chi2(ref.amplitude, ref.phase, truth).numpy())
+    cb.close()
+    live_median, same_median = np.median(np.concatenate(live)), np.median(np.concatenate(clean_ref))
+    print(f"end-to-end chi2 {live_median:.4f}; same states clean {same_median:.4f}; "
+          f"evaluation set {clean_chi2_median(shipped):.4f}")
+    assert live_median <= 1.5 * same_median, (live_median, same_median)
+    assert live_median <= 1.5 * clean_chi2_median(shipped), (live_median, clean_chi2_median(shipped))

@@ -94,7 +94,7 @@ class ReconstructionCallback:
 
     def stats(self) -> dict:
         """Counters of the engine plus the rejected frames and documents."""
-        return {**self.engine.stats.summary(), "rejected": dict(self.rejected)}
+        return {**self.engine.stats.summary(), "sinks": self.engine.sink_summary(), "rejected": dict(self.rejected)}
 
     def flush(self, timeout: float | None = 60.0) -> bool:
         """Wait until every queued frame and run end is published."""

@@ -5,17 +5,19 @@ Producers (the callback, in the RunEngine's thread) call :meth:`InferenceEngine.
 once. A single worker thread gathers blocks until it has ``batch_size`` frames or the oldest
 frame has waited ``max_latency`` seconds, runs the model once on the batch (pinned host memory
 and a non-blocking copy when the model is on a GPU, ``torch.inference_mode``), and hands each
-run's results, in frame order, to every sink.
+run's results, in frame order, to every sink's thread (:mod:`cdinn_stream.publish`): a slow sink
+holds up neither the model nor the other sinks.
 
 Back-pressure: the queue holds at most ``max_queued_frames`` frames. When it is full,
 ``submit`` waits up to ``block_timeout`` seconds for room (the RunEngine slows down a little
 rather than data being lost); if there is still no room the block is dropped, counted in
 ``frames_dropped`` and logged as a warning with the run uid and seq_nums. Nothing is dropped
-silently. Counters: ``frames_in``, ``frames_out``, ``frames_dropped``, ``sink_errors``.
+silently. Counters: ``frames_in``, ``frames_out``, ``frames_dropped``, ``frames_failed``; each sink
+has its own (:meth:`InferenceEngine.sink_summary`).
 
 Run boundaries travel through the same queue (:meth:`InferenceEngine.open_run`,
 :meth:`InferenceEngine.close_run`), so a sink sees ``open_run``, then the run's results in order,
-then ``close_run`` -- all from the worker thread, and without the producer waiting for the model.
+then ``close_run`` -- each from its own sink thread, and without the producer waiting for the model.
 
 An exception in the model or a sink is logged with its run uid and seq_nums and counted; the
 worker goes on. A failing batch on a GPU is retried in halves, then on the CPU (frames are not
@@ -29,105 +31,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
 
+from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
 from .physics import normalized_amplitude
+from .publish import SinkThread
 from .reconstruct import CDIModel
 
 __all__ = ["FrameBlock", "ResultBlock", "Sink", "InferenceEngine", "EngineStats"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class FrameBlock:
-    """Cropped frames of one run and stream, ready for the model.
-
-    Attributes:
-        run_uid: uid of the run's start document.
-        stream: stream name (e.g. ``"primary"``).
-        seq_nums: ``(n,)`` event sequence numbers.
-        times: ``(n,)`` event timestamps (s since the epoch).
-        frames: ``(n, size, size)`` float32 intensities, peak at ``size // 2``.
-        origins: ``(n, 2)`` crop origin (row, column) in the detector frame.
-        peaks: ``(n, 2)`` Bragg peak (row, column) in the detector frame.
-        received: ``(n,)`` ``time.monotonic()`` when the frames entered the pipeline.
-    """
-
-    run_uid: str
-    stream: str
-    seq_nums: np.ndarray
-    times: np.ndarray
-    frames: np.ndarray
-    origins: np.ndarray
-    peaks: np.ndarray
-    received: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.seq_nums)
-
-    def split(self, n: int) -> tuple[FrameBlock, FrameBlock]:
-        """The first ``n`` frames and the rest."""
-        head = FrameBlock(self.run_uid, self.stream, *(a[:n] for a in self._arrays()))
-        tail = FrameBlock(self.run_uid, self.stream, *(a[n:] for a in self._arrays()))
-        return head, tail
-
-    @staticmethod
-    def concat(blocks: list[FrameBlock]) -> FrameBlock:
-        """One block from consecutive blocks of the same run and stream."""
-        if len(blocks) == 1:
-            return blocks[0]
-        arrays = zip(*(b._arrays() for b in blocks))
-        return FrameBlock(blocks[0].run_uid, blocks[0].stream, *(np.concatenate(a) for a in arrays))
-
-    def _arrays(self):
-        return self.seq_nums, self.times, self.frames, self.origins, self.peaks, self.received
-
-
-@dataclass
-class RunMarker:
-    """Start or end of a run in the queue; sinks get ``open_run`` / ``close_run`` in order."""
-
-    kind: str  # "open" or "close"
-    run_uid: str
-    document: dict
-
-
-@dataclass
-class ResultBlock:
-    """Reconstructions of a :class:`FrameBlock`, in the same order.
-
-    Attributes:
-        frames: the input block (identity, crop origins, peaks).
-        amplitude: ``(n, size, size)`` float32 in [0, 1].
-        phase: ``(n, size, size)`` float32 radians, 0 outside the support.
-        latency: ``(n,)`` seconds from entering the pipeline to the model's output.
-    """
-
-    frames: FrameBlock
-    amplitude: np.ndarray
-    phase: np.ndarray
-    latency: np.ndarray
-
-    @property
-    def run_uid(self) -> str:
-        return self.frames.run_uid
-
-
-class Sink(Protocol):
-    """Where results go (ZeroMQ, Tiled, EPICS, a list in a test). Called from the worker thread."""
-
-    def open_run(self, run_uid: str, start: dict) -> None:
-        """A run begins; ``start`` is its start document."""
-
-    def write(self, result: ResultBlock) -> None:
-        """Results of some frames of a run, in frame order."""
-
-    def close_run(self, run_uid: str, summary: dict) -> None:
-        """Every frame of the run has been written; ``summary`` holds the stop document and counts."""
 
 
 @dataclass
@@ -138,14 +53,14 @@ class EngineStats:
     frames_out: int = 0
     frames_dropped: int = 0
     frames_failed: int = 0
-    sink_errors: int = 0
     batches: int = 0
     latencies: deque = field(default_factory=lambda: deque(maxlen=100_000), repr=False)
 
     def summary(self) -> dict:
+        """Counters and latency percentiles (milliseconds, frame in to model output)."""
         lat = np.asarray(self.latencies, float)
         return {"frames_in": self.frames_in, "frames_out": self.frames_out, "frames_dropped": self.frames_dropped,
-                "frames_failed": self.frames_failed, "sink_errors": self.sink_errors, "batches": self.batches,
+                "frames_failed": self.frames_failed, "batches": self.batches,
                 "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else None,
                 "latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else None}
 
@@ -157,6 +72,7 @@ class InferenceEngine:
                  max_latency: float = 0.01, max_queued_frames: int = 100_000, block_timeout: float = 1.0):
         self.model = model
         self.sinks: list[Sink] = list(sinks or [])
+        self.sink_threads = [SinkThread(s) for s in self.sinks]
         self.batch_size = batch_size
         self.max_latency = max_latency
         self.max_queued_frames = max_queued_frames
@@ -213,7 +129,8 @@ class InferenceEngine:
             self._cond.notify_all()
 
     def flush(self, run_uid: str | None = None, timeout: float | None = None) -> bool:
-        """Wait until every frame submitted so far (of ``run_uid``, or of all runs) is published."""
+        """Wait until every frame submitted so far (of ``run_uid``, or of all runs) is inferred and
+        handed to every sink."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while (self._pending.get(run_uid, 0) if run_uid else sum(self._pending.values())) > 0:
@@ -223,7 +140,11 @@ class InferenceEngine:
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(0.05 if left is None else min(left, 0.05))
-        return True
+        return all(t.drain(None if end is None else max(end - time.monotonic(), 0)) for t in self.sink_threads)
+
+    def sink_summary(self) -> dict:
+        """Per-sink counters and latency (frame in to the end of the sink's write), by sink class."""
+        return {t.name: t.stats.summary() for t in self.sink_threads}
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Publish what is queued, then stop the worker."""
@@ -232,6 +153,8 @@ class InferenceEngine:
             self._closed = True
             self._cond.notify_all()
         self._worker.join(timeout)
+        for t in self.sink_threads:
+            t.close(timeout)
 
     # -- worker side ---------------------------------------------------------------------
     def _take_batch(self) -> list[FrameBlock] | RunMarker | None:
@@ -308,13 +231,8 @@ class InferenceEngine:
                 result = ResultBlock(b, amp[i : i + n], phase[i : i + n], done - b.received)
                 i += n
                 self.stats.latencies.extend(result.latency.tolist())
-                for sink in self.sinks:
-                    try:
-                        sink.write(result)
-                    except Exception:
-                        self.stats.sink_errors += 1
-                        logger.exception("sink %s failed on run %s seq_nums %s..%s", type(sink).__name__,
-                                         b.run_uid, b.seq_nums[0], b.seq_nums[-1])
+                for t in self.sink_threads:
+                    t.put(result)
             self._finish(blocks)
 
     @staticmethod
@@ -329,15 +247,8 @@ class InferenceEngine:
         return [FrameBlock.concat(g) for g in groups]
 
     def _marker(self, marker: RunMarker) -> None:
-        for sink in self.sinks:
-            try:
-                if marker.kind == "open":
-                    sink.open_run(marker.run_uid, marker.document)
-                else:
-                    sink.close_run(marker.run_uid, marker.document)
-            except Exception:
-                self.stats.sink_errors += 1
-                logger.exception("sink %s failed to %s run %s", type(sink).__name__, marker.kind, marker.run_uid)
+        for t in self.sink_threads:
+            t.put(marker)
         with self._cond:
             self._pending[marker.run_uid] -= 1
             if self._pending[marker.run_uid] == 0:

@@ -89,8 +89,10 @@ def test_replay_reproduces_live(RE, model, tiled_client):
     replay.close()
     assert n >= 14
     live, again = tiled_client["cdinn"][uid], tiled_client["cdinn-replay"][uid]
-    for key in ("amplitude", "phase", "seq_num", "peak", "crop_origin"):
+    for key in ("seq_num", "peak", "crop_origin"):
         np.testing.assert_array_equal(again[key].read(), live[key].read(), err_msg=key)
+    for key in ("amplitude", "phase"):  # the frames may be batched differently: float32 rounding
+        np.testing.assert_allclose(again[key].read(), live[key].read(), rtol=0, atol=1e-5, err_msg=key)
     assert again.metadata["complete"]
     # a second replay replaces the first one's results
     replay = ReconstructionCallback(model=model, sinks=[TiledSink(tiled_client, parent="cdinn-replay")])

@@ -1,0 +1,173 @@
+"""Publishing stage: each sink runs in its own thread behind its own bounded queue.
+
+The inference worker hands every :class:`~cdinn_stream.engine.ResultBlock` and run marker to
+each :class:`SinkThread` and goes straight back to the model, so a slow sink (Tiled over HTTP)
+holds up neither the model nor a fast sink (ZeroMQ). A sink thread takes everything waiting in
+its queue at once and merges consecutive results of the same run and stream into one write:
+the slower a sink is, the larger its writes and the fewer of them (one Tiled request per array
+per write, however many frames it holds).
+
+Back-pressure: a sink's queue holds at most ``max_queued_frames`` frames. Past that, results for
+that sink are dropped, counted in its ``frames_dropped`` and logged as a warning with the run uid
+and seq_nums -- the other sinks still get them. Run markers are never dropped, so a sink always
+sees ``open_run`` ... ``close_run`` in order. A sink's exception is logged with context and
+counted in ``errors``; its thread goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
+
+__all__ = ["SinkThread", "SinkStats"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SinkStats:
+    """Counters of one sink (frames unless said); ``latencies``: seconds from a frame entering
+    the pipeline to the end of the sink's write that held it."""
+
+    frames_written: int = 0
+    frames_dropped: int = 0
+    writes: int = 0
+    errors: int = 0
+    latencies: deque = field(default_factory=lambda: deque(maxlen=100_000), repr=False)
+
+    def summary(self) -> dict:
+        lat = np.asarray(self.latencies, float)
+        return {"frames_written": self.frames_written, "frames_dropped": self.frames_dropped,
+                "writes": self.writes, "errors": self.errors,
+                "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else None,
+                "latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else None}
+
+
+def merge_results(results: list[ResultBlock]) -> ResultBlock:
+    """One result from consecutive results of the same run and stream."""
+    if len(results) == 1:
+        return results[0]
+    return ResultBlock(FrameBlock.concat([r.frames for r in results]),
+                       np.concatenate([r.amplitude for r in results]),
+                       np.concatenate([r.phase for r in results]),
+                       np.concatenate([r.latency for r in results]))
+
+
+class SinkThread:
+    """One sink, its queue and its thread (see the module docstring)."""
+
+    def __init__(self, sink: Sink, *, max_queued_frames: int = 200_000):
+        self.sink = sink
+        self.name = type(sink).__name__
+        self.max_queued_frames = max_queued_frames
+        self.stats = SinkStats()
+        self._queue: deque[ResultBlock | RunMarker] = deque()
+        self._queued = 0
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"cdinn-sink-{self.name}", daemon=True)
+        self._thread.start()
+
+    def put(self, item: ResultBlock | RunMarker) -> None:
+        """Queue a result or a run marker; never blocks."""
+        with self._cond:
+            if isinstance(item, ResultBlock):
+                n = len(item.frames)
+                if self._queued + n > self.max_queued_frames:
+                    self.stats.frames_dropped += n
+                    f = item.frames
+                    logger.warning("%s is %d frames behind: dropped %d results of run %s, seq_nums %s..%s",
+                                   self.name, self._queued, n, f.run_uid, f.seq_nums[0], f.seq_nums[-1])
+                    return
+                self._queued += n
+            self._queue.append(item)
+            self._cond.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far has been handed to the sink."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = None if end is None else end - time.monotonic()
+                if (left is not None and left <= 0) or not self._thread.is_alive():
+                    return False
+                self._cond.wait(0.05 if left is None else min(left, 0.05))
+        return True
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Hand over what is queued, then stop the thread."""
+        self.drain(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _take(self) -> list[ResultBlock | RunMarker] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait(0.1)
+            items = list(self._queue)
+            self._queue.clear()
+            self._queued = 0
+            self._busy = True
+            return items
+
+    def _run(self) -> None:
+        while (items := self._take()) is not None:
+            try:
+                for group in _groups(items):
+                    if isinstance(group, RunMarker):
+                        self._marker(group)
+                    else:
+                        self._write(merge_results(group))
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _write(self, result: ResultBlock) -> None:
+        f = result.frames
+        try:
+            self.sink.write(result)
+        except Exception:
+            self.stats.errors += 1
+            logger.exception("sink %s failed on run %s seq_nums %s..%s", self.name, f.run_uid,
+                             f.seq_nums[0], f.seq_nums[-1])
+            return
+        self.stats.writes += 1
+        self.stats.frames_written += len(f)
+        self.stats.latencies.extend((time.monotonic() - f.received).tolist())
+
+    def _marker(self, marker: RunMarker) -> None:
+        try:
+            if marker.kind == "open":
+                self.sink.open_run(marker.run_uid, marker.document)
+            else:
+                self.sink.close_run(marker.run_uid, marker.document)
+        except Exception:
+            self.stats.errors += 1
+            logger.exception("sink %s failed to %s run %s", self.name, marker.kind, marker.run_uid)
+
+
+def _groups(items: list[ResultBlock | RunMarker]) -> list[RunMarker | list[ResultBlock]]:
+    """Markers alone; runs of consecutive results of the same run and stream together."""
+    out: list = []
+    for item in items:
+        if isinstance(item, RunMarker):
+            out.append(item)
+        elif (out and isinstance(out[-1], list)
+              and (out[-1][0].frames.run_uid, out[-1][0].frames.stream) == (item.frames.run_uid, item.frames.stream)):
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out

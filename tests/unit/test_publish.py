@@ -1,0 +1,87 @@
+"""Sink threads: a slow sink holds nobody up, results are merged into fewer writes, nothing is
+lost silently."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from cdinn_stream.blocks import FrameBlock, ResultBlock, RunMarker
+from cdinn_stream.publish import SinkThread
+
+
+def _result(run: str, start: int, n: int) -> ResultBlock:
+    seq = np.arange(start, start + n)
+    frames = FrameBlock(run, "primary", seq, seq * 1.0, np.zeros((n, 4, 4), np.float32), np.zeros((n, 2), int),
+                        np.zeros((n, 2), int), np.full(n, time.monotonic()))
+    return ResultBlock(frames, np.ones((n, 4, 4), np.float32), np.zeros((n, 4, 4), np.float32), np.zeros(n))
+
+
+class ListSink:
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False):
+        self.events: list = []
+        self.gate, self.fail = gate, fail
+
+    def open_run(self, run_uid, start):
+        self.events.append(("open", run_uid))
+
+    def write(self, result):
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.fail:
+            raise OSError("server went away")
+        self.events.append(("write", list(result.frames.seq_nums)))
+
+    def close_run(self, run_uid, summary):
+        self.events.append(("close", run_uid))
+
+
+def test_slow_sink_does_not_hold_up_a_fast_one_and_its_writes_are_merged():
+    gate = threading.Event()
+    slow, fast = SinkThread(ListSink(gate)), SinkThread(ListSink())
+    for t in (slow, fast):
+        t.put(RunMarker("open", "r", {}))
+    for i in range(5):
+        for t in (slow, fast):
+            t.put(_result("r", 1 + 3 * i, 3))
+    for t in (slow, fast):
+        t.put(RunMarker("close", "r", {}))
+    assert fast.drain(5)
+    assert fast.sink.events[-1] == ("close", "r") and not slow.drain(0.2)
+    gate.set()
+    assert slow.drain(5)
+    writes = [e[1] for e in slow.sink.events if e[0] == "write"]
+    assert sum(writes, []) == list(range(1, 16)), "every frame once, in order"
+    assert len(writes) < 5, "queued results are merged into fewer writes"
+    assert slow.sink.events[0] == ("open", "r") and slow.sink.events[-1] == ("close", "r")
+    assert slow.stats.frames_written == 15 and slow.stats.summary()["latency_p50_ms"] is not None
+    slow.close()
+    fast.close()
+
+
+def test_a_sink_that_falls_behind_drops_counts_and_warns(caplog):
+    gate = threading.Event()
+    t = SinkThread(ListSink(gate), max_queued_frames=6)
+    t.put(_result("r", 1, 3))  # taken by the thread, blocked in write
+    time.sleep(0.2)
+    for i in range(4):
+        t.put(_result("r", 4 + 3 * i, 3))
+    t.put(RunMarker("close", "r", {}))  # markers are never dropped
+    gate.set()
+    assert t.drain(5)
+    assert t.stats.frames_dropped == 6 and t.stats.frames_written == 3 + 6
+    assert "dropped 3 results of run r" in caplog.text
+    assert t.sink.events[-1] == ("close", "r")
+    t.close()
+
+
+def test_a_failing_sink_is_logged_and_counted_and_goes_on(caplog):
+    t = SinkThread(ListSink(fail=True))
+    t.put(_result("r", 1, 2))
+    t.put(RunMarker("close", "r", {}))
+    assert t.drain(5)
+    assert t.stats.errors == 1 and t.sink.events == [("close", "r")]
+    assert "failed on run r seq_nums 1..2" in caplog.text
+    t.close()

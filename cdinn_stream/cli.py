@@ -51,7 +51,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, report_table
     from .reconstruct import load_model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, precision=args.precision)
     report = evaluate(model, args.out, n=args.n, seed=args.seed, photons=args.photons, erhio=not args.no_erhio,
                       erhio_iterations=args.iterations, refine_iterations=args.refine_iterations)
     print(report_table(report))
@@ -123,7 +123,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from .reconstruct import load_model
     from .replay import replay_documents, run_documents
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, precision=args.precision)
     cb = ReconstructionCallback(model=model, sinks=_sinks(args, model, args.parent), batch_size=args.batch_size)
     client = from_uri(args.tiled, api_key=args.api_key)
     n = replay_documents(run_documents(client, args.uid), cb, pace=args.pace)
@@ -141,7 +141,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .callback import ReconstructionCallback
     from .reconstruct import load_model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, precision=args.precision)
     cb = ReconstructionCallback(model=model, sinks=_sinks(args, model, "cdinn"), batch_size=args.batch_size)
     dispatcher = RemoteDispatcher(args.zmq)
     dispatcher.subscribe(cb)
@@ -173,6 +173,8 @@ def _add_sink_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epics-prefix", default=None, help="write the IOC's PVs with this prefix (e.g. CDINN:)")
     p.add_argument("--model", default="cdinn-32", help="shipped model name or .pt path (default cdinn-32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="inference precision (default auto: bf16 where the hardware has it natively, else fp32)")
     p.add_argument("--batch-size", type=int, default=256)
 
 
@@ -250,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterations of NN-seeded ER/HIO refinement (0: skip)")
     e.add_argument("--no-erhio", action="store_true", help="skip the ER/HIO baseline")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="inference precision (default auto: bf16 where the hardware has it natively, else fp32)")
     e.set_defaults(func=_cmd_evaluate)
 
     dp = sub.add_parser("deepen", help="double the convolutions per stage, keeping the function (net2net)",

@@ -96,7 +96,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     register_exporter()
     tmp = Path(tempfile.mkdtemp(prefix="cdinn-demo-"))
     model = load_model(cfg.model)
-    summary: dict = {"config": asdict(cfg), "model": model.name, "device": str(model.device)}
+    summary: dict = {"config": asdict(cfg), "model": model.name, "device": str(model.device),
+                     "precision": model.precision}
     with SimpleTiledServer(directory=tmp / "tiled", api_key=secrets.token_hex(16)) as server:
         client = from_uri(server.uri)
         ioc = IOCThread(cfg.prefix).start()
@@ -191,7 +192,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
 def summary_table(s: dict) -> str:
     """The demo summary as a text table."""
     f, a = s["frames"], s["accuracy"]
-    rows = [("run uid", s["run_uid"]), ("model / device", f"{s['model']} / {s['device']}"),
+    rows = [("run uid", s["run_uid"]), ("model / device / precision", f"{s['model']} / {s['device']} / {s['precision']}"),
             ("frames: events / in / out", f"{f['events']} / {f['in']} / {f['out']}"),
             ("frames: dropped / rejected", f"{f['dropped']} / {f['rejected']}"),
             ("frames: in Tiled / over ZeroMQ / EPICS PV", f"{f['in_tiled']} / {f['over_zeromq']} / {f['epics_frames_pv']}"),

@@ -97,7 +97,12 @@ class CDINN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Amplitude in [0, 1] and phase in [-pi, pi], each ``(B, N, N)``."""
-        s, p = self.forward_logits(x)
+        return self.outputs(*self.forward_logits(x))
+
+    @staticmethod
+    def outputs(shape_logits: torch.Tensor, phase_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Amplitude and phase from the logits (in float32 when the network ran in lower precision)."""
+        s, p = shape_logits.float(), phase_logits.float()
         return torch.sigmoid(s), (torch.sigmoid(p) - 0.5) * (2 * math.pi)
 
 

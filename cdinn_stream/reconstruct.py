@@ -96,14 +96,43 @@ def validate_frames(intensity: np.ndarray | torch.Tensor, size: int) -> torch.Te
     return x
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (CUDA with bf16, or a CPU with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for ``precision`` on ``device``; ``"auto"`` is bf16
+    where the hardware has it natively (the shipped models lose no accuracy in bf16, see
+    ``benchmarks/results``), else fp32. Raises ``ValueError`` on an unknown name or fp16 on a CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 inference needs a GPU; use bf16 or fp32 on the CPU")
+    return precision
+
+
 class CDIModel:
     """A trained network on a device, with its model card; call :meth:`predict`."""
 
     def __init__(self, network: CDINN, *, name: str = "custom", card: dict | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, precision: str = "auto"):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self._autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         # channels-last: the convolutions run about 1.5-2x faster on CPU (and suit GPU tensor cores)
         self.network = network.to(self.device, memory_format=torch.channels_last).eval()
         self.name = name
@@ -115,13 +144,17 @@ class CDIModel:
         return self.network.config.size
 
     def __repr__(self) -> str:
-        return f"CDIModel(name={self.name!r}, size={self.size}, device={str(self.device)!r})"
+        return f"CDIModel(name={self.name!r}, size={self.size}, device={str(self.device)!r}, precision={self.precision!r})"
 
     @torch.inference_mode()
     def predict_tensor(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw network call on normalised amplitudes ``(B, N, N)`` already on :attr:`device`;
         returns amplitude and phase (0 outside the support) on the device."""
-        amp, phase = self.network(amplitude[:, None].contiguous(memory_format=torch.channels_last))
+        x = amplitude[:, None].contiguous(memory_format=torch.channels_last)
+        dtype = self._autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = self.network.forward_logits(x)
+        amp, phase = self.network.outputs(*logits)
         return amp, torch.where(amp > SUPPORT_THRESHOLD, phase, torch.zeros_like(phase))
 
     def predict(self, intensity: np.ndarray | torch.Tensor, *, batch_size: int = 1024) -> Reconstruction:
@@ -157,10 +190,12 @@ def model_path(name: str) -> Path:
     raise ValueError(f"no shipped model named {name!r}; known: {known} (or give a path to a .pt file)")
 
 
-def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device | None = None) -> CDIModel:
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device | None = None,
+               precision: str = "auto") -> CDIModel:
     """Load a shipped model by name (``"cdinn-32"``, ``"cdinn-64"``) or a weights file by path.
 
-    The model goes to ``device`` (default: CUDA when available, else CPU). Weights are read
+    The model goes to ``device`` (default: CUDA when available, else CPU) and computes in
+    ``precision`` (see :func:`resolve_precision`). Weights are read
     with ``weights_only=True``; the model card (``<name>.json`` beside the weights) is attached.
     """
     p = Path(name_or_path)
@@ -169,4 +204,4 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.
     network = read_weights(p)
     card_path = p.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    return CDIModel(network, name=p.stem, card=card, device=device)
+    return CDIModel(network, name=p.stem, card=card, device=device, precision=precision)

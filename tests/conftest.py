@@ -23,4 +23,4 @@ def small_set():
 @pytest.fixture
 def tiny_model() -> CDIModel:
     torch.manual_seed(0)
-    return CDIModel(CDINN(ModelConfig(32, (4, 8, 16), 1)), name="tiny", device="cpu")
+    return CDIModel(CDINN(ModelConfig(32, (4, 8, 16), 1)), name="tiny", device="cpu", precision="fp32")

@@ -53,7 +53,7 @@ def model():
     from cdinn_stream.reconstruct import CDIModel
 
     torch.manual_seed(0)
-    return CDIModel(CDINN(ModelConfig(32, (8, 16, 32), 1, 4)), name="tiny", device="cpu")
+    return CDIModel(CDINN(ModelConfig(32, (8, 16, 32), 1, 4)), name="tiny", device="cpu", precision="fp32")
 
 
 @pytest.fixture

@@ -22,8 +22,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert f["events"] == f["in"] == f["out"] == f["in_tiled"] == f["over_zeromq"] == f["epics_frames_pv"] == 40
     assert f["dropped"] == 0 and f["rejected"] == 0
     assert s["replay"]["frames"] == 40
-    # the same frames may be batched differently live and in replay: equal to float32 rounding
-    assert s["replay"]["max_abs_diff_amplitude"] < 1e-4 and s["replay"]["max_abs_diff_phase"] < 1e-4
+    # the same frames may be batched differently live and in replay: equal up to the rounding of
+    # the inference precision (bf16 keeps ~3 significant digits)
+    tol = 1e-4 if s["precision"] == "fp32" else 0.05
+    assert s["replay"]["max_abs_diff_amplitude"] < tol and s["replay"]["max_abs_diff_phase"] < tol
     assert 0 <= s["accuracy"]["support_iou"]["median"] <= 1
     assert (tmp_path / "montage.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "summary.json").read_text())["run_uid"] == s["run_uid"]

@@ -4,6 +4,7 @@ import torch
 
 from cdinn_stream import load_model
 from cdinn_stream.reconstruct import DEFAULT_MODEL, model_path
+from cdinn_stream.simulate import simulate
 
 
 def test_predict_shapes_types_and_support(tiny_model, small_set):
@@ -74,3 +75,22 @@ def test_shipped_default_model_is_accurate():
     assert np.median(m["support_iou"]) >= 0.78
     assert np.median(m["chi2"]) <= 0.08
     assert np.median(m["phase_rmse"]) <= 0.25
+
+
+def test_precision_options(tiny_model):
+    import torch
+
+    from cdinn_stream.reconstruct import CDIModel, resolve_precision
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("int4", cpu)
+    with pytest.raises(ValueError, match="fp16 inference needs a GPU"):
+        resolve_precision("fp16", cpu)
+    assert resolve_precision("auto", cpu) in ("bf16", "fp32")
+    frames = simulate(8, 32, seed=3).intensity
+    fp32 = CDIModel(tiny_model.network, precision="fp32").predict(frames)
+    bf16 = CDIModel(tiny_model.network, precision="bf16").predict(frames)
+    np.testing.assert_allclose(bf16.amplitude, fp32.amplitude, atol=0.02)  # bf16: ~3 significant digits
+    auto = CDIModel(tiny_model.network, precision="auto")
+    np.testing.assert_array_equal(auto.predict(frames).amplitude, (bf16 if auto.precision == "bf16" else fp32).amplitude)

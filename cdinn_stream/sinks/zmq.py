@@ -3,13 +3,16 @@
 Every message is multipart::
 
     [topic, header, amplitude, phase]          topic b"cdinn.result"
-    [topic, header]                            topic b"cdinn.start" / b"cdinn.stop"
+    [topic, header]                            topic b"cdinn.start" / b"cdinn.stop" / b"cdinn.heartbeat"
 
 ``header`` is UTF-8 JSON. For results: ``version`` (1), ``run_uid``, ``stream``, ``seq_num``
 (list, one per frame), ``time`` (event times), ``shape`` ``[n, h, w]``, ``dtype`` (``"float32"``),
 ``crop_origin`` and ``peak`` (``[[row, col], ...]`` in detector pixels), ``latency_s`` (pipeline
 entry to model output, per frame) and ``published`` (send time). ``amplitude`` and ``phase``
 are the raw C-ordered buffers of ``n`` frames. For start/stop: ``run_uid`` and the document.
+A heartbeat (:meth:`ZmqPublisherSink.heartbeat`) carries ``time`` and ``frames_sent``: a
+subscriber can tell a live, idle publisher from a dead one, and wait for its subscription to
+take effect before a run starts.
 
 The socket binds ``tcp://127.0.0.1:5578`` by default. A PUB socket never blocks: past the
 high-water mark (``hwm`` messages per subscriber) ZeroMQ drops messages for that subscriber.
@@ -34,6 +37,7 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5578"
 TOPIC_RESULT = b"cdinn.result"
 TOPIC_START = b"cdinn.start"
 TOPIC_STOP = b"cdinn.stop"
+TOPIC_HEARTBEAT = b"cdinn.heartbeat"
 
 
 def _json(obj) -> bytes:
@@ -78,6 +82,11 @@ class ZmqPublisherSink:
 
     def close_run(self, run_uid: str, summary: dict) -> None:
         self._socket.send_multipart([TOPIC_STOP, _json({"version": 1, "run_uid": run_uid, **summary})])
+
+    def heartbeat(self) -> None:
+        """Publish a heartbeat (see the module docstring)."""
+        self._socket.send_multipart([TOPIC_HEARTBEAT, _json({"version": 1, "time": time.time(),
+                                                              "frames_sent": self.frames_sent})])
 
     def close(self) -> None:
         self._socket.close()

@@ -70,3 +70,15 @@ def test_binning_a_larger_window(patterns):
 def test_too_small_frames():
     with pytest.raises(ValueError, match="too small"):
         crop_around_peaks(np.ones((2, 2)), 32)
+
+
+def test_despeckle_clips_isolated_hot_pixels_and_keeps_peaks(patterns):
+    from cdinn_stream.crop import despeckle
+
+    frame = _detector_frame(patterns[0], (40, 40), shape=(80, 80))
+    spiky = frame.copy()
+    spiky[5, 70] = 1e9
+    out = despeckle(spiky[None])[0]
+    assert out[5, 70] == spiky[4:7, 69:72].flatten()[[0, 1, 2, 3, 5, 6, 7, 8]].max()
+    assert out[40, 40] >= 0.5 * frame[40, 40], "a peak has bright neighbours and keeps most of its height"
+    assert np.all(out <= spiky)

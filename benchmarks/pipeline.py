@@ -1,0 +1,283 @@
+"""Pipeline suite: documents in -> reconstructions out over ZeroMQ and in Tiled.
+
+Real parts on 127.0.0.1: a Tiled server in its own process (``tiled serve catalog --temp``), a
+ZeroMQ subscriber in its own process that timestamps every frame it receives, and the
+:class:`~cdinn_stream.ReconstructionCallback` fed with event-model documents carrying simulated
+detector frames (Poisson noise, background, the Bragg peak off centre).
+
+* ``throughput``: event pages as fast as they are taken; frames/s from the first document to the
+  last result received by the subscriber and written to Tiled, against the bare model's
+  frames/s at the same batch size and precision, measured in the same run.
+* ``latency``: single events offered at a fixed rate (100 frames/s, like a detector), latency
+  from each event's timestamp to its arrival at the subscriber (and to the end of its Tiled write).
+* ``memory``: resident memory of this process sampled over a long run (100,000 frames).
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from event_model import compose_run
+from tqdm.auto import tqdm
+
+from cdinn_stream.callback import ReconstructionCallback
+from cdinn_stream.physics import normalized_amplitude
+from cdinn_stream.reconstruct import load_model
+from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal
+from cdinn_stream.sinks import TiledSink, ZmqPublisherSink
+from cdinn_stream.timing import time_call
+
+KEY = "bcdi_image"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TiledProcess:
+    """``tiled serve catalog --temp`` on 127.0.0.1 in a child process."""
+
+    def __init__(self):
+        self.port, self.api_key = _free_port(), secrets.token_hex(16)
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tiled", "serve", "catalog", "--temp", "--host",
+                                      "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def client(self, timeout: float = 60.0):
+        from tiled.client import from_uri
+
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                return from_uri(self.uri, api_key=self.api_key)
+            except Exception:
+                if time.monotonic() > end or self.proc.poll() is not None:
+                    raise RuntimeError(f"the Tiled server on {self.uri} did not start") from None
+                time.sleep(0.3)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+_RECEIVER = """
+import json, sys, time
+import numpy as np, zmq
+address, n_frames, out, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+sock = zmq.Context.instance().socket(zmq.SUB)
+sock.setsockopt(zmq.SUBSCRIBE, b"cdinn.")
+sock.setsockopt(zmq.RCVHWM, 0)
+sock.connect(address)
+event_time, arrival, got, is_ready = [], [], 0, False
+while got < n_frames and sock.poll(120_000):
+    parts = sock.recv_multipart()
+    now = time.time()
+    if parts[0] == b"cdinn.heartbeat" and not is_ready:
+        open(ready, "w").close()
+        is_ready = True
+    elif parts[0] == b"cdinn.result":
+        times = json.loads(parts[1])["time"]
+        event_time.extend(times)
+        arrival.extend([now] * len(times))
+        got += len(times)
+np.savez(out, event_time=np.asarray(event_time), arrival=np.asarray(arrival))
+"""
+
+
+class Subscriber:
+    """A ZeroMQ subscriber in a child process: stamps each frame's arrival (``time.time()``) and
+    saves the stamps once ``n_frames`` results have arrived."""
+
+    def __init__(self, sink: ZmqPublisherSink, n_frames: int, workdir: Path):
+        tag = secrets.token_hex(4)
+        self.out, ready = workdir / f"received-{tag}.npz", workdir / f"ready-{tag}"
+        self.proc = subprocess.Popen([sys.executable, "-c", _RECEIVER, sink.address, str(n_frames), str(self.out),
+                                      str(ready)])
+        end = time.monotonic() + 60
+        while not ready.exists():  # the slow joiner: publish heartbeats until one arrives
+            sink.heartbeat()
+            if time.monotonic() > end or self.proc.poll() is not None:
+                raise RuntimeError("the ZeroMQ subscriber did not connect")
+            time.sleep(0.05)
+
+    def result(self, timeout: float = 300.0) -> dict:
+        self.proc.wait(timeout)
+        d = np.load(self.out)
+        return {"event_time": d["event_time"], "arrival": d["arrival"]}
+
+
+def frame_pool(n: int = 512, frame_shape: tuple[int, int] = (64, 64), size: int = 32) -> np.ndarray:
+    """``n`` noisy detector frames of operando crystals with the Bragg peak off centre."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for k in range(8):
+        src = BCDIFrameSource(OperandoCrystal(size, seed=k), frame_shape=frame_shape, seed=k,
+                              peak_row=int(rng.integers(size // 2, frame_shape[0] - size // 2)))
+        for _ in range(n // 8):
+            frames.append(src())
+    return np.stack(frames)
+
+
+def _documents(pool: np.ndarray):
+    run = compose_run(metadata={"purpose": "cdinn-stream pipeline benchmark"})
+    desc = run.compose_descriptor(name="primary", data_keys={
+        KEY: {"source": "sim", "dtype": "array", "shape": list(pool.shape[1:])}})
+    return run, desc
+
+
+def _pipeline(model, sinks, batch_size: int, max_latency: float) -> ReconstructionCallback:
+    return ReconstructionCallback(model=model, sinks=sinks, batch_size=batch_size, max_latency=max_latency)
+
+
+def throughput(model_name: str, precision: str, n_frames: int, page: int, batch_size: int, tiled: TiledProcess,
+               workdir: Path) -> dict:
+    """Event pages as fast as the pipeline takes them; the bare model at the same batch size."""
+    model = load_model(model_name, device="cpu", precision=precision)
+    pool = frame_pool()
+    prepared = normalized_amplitude(pool[:batch_size, 16:48, 16:48])
+    raw = batch_size / time_call(lambda: model.predict_tensor(prepared), repeat=5)
+    zmq_sink = ZmqPublisherSink("tcp://127.0.0.1:0")
+    sub = Subscriber(zmq_sink, n_frames, workdir)
+    cb = _pipeline(model, [zmq_sink, TiledSink(tiled.client(), parent="bench")], batch_size, 0.01)
+    run, desc = _documents(pool)
+    t0 = time.time()
+    cb("start", run.start_doc)
+    cb("descriptor", desc.descriptor_doc)
+    for i in tqdm(range(0, n_frames, page), desc="pipeline throughput", unit="page", leave=False):
+        idx = np.arange(i, min(i + page, n_frames)) % len(pool)
+        now = time.time()
+        cb("event_page", desc.compose_event_page(data={KEY: pool[idx]}, timestamps={KEY: [now] * len(idx)},
+                                                 seq_num=list(range(i + 1, i + 1 + len(idx))),
+                                                 time=[now] * len(idx), validate=False))
+    cb("stop", run.compose_stop())
+    cb.flush(timeout=600)
+    got = sub.result()
+    t_end = max(time.time(), got["arrival"].max() if len(got["arrival"]) else 0)
+    stats = cb.stats()
+    cb.close()
+    zmq_sink.close()
+    fps = n_frames / (t_end - t0)
+    return {"frames": n_frames, "page": page, "batch_size": batch_size, "precision": model.precision,
+            "detector_frame": list(pool.shape[1:]), "frames_received_zmq": int(len(got["arrival"])),
+            "frames_in_tiled": stats["sinks"]["TiledSink"]["frames_written"], "tiled_writes":
+            stats["sinks"]["TiledSink"]["writes"], "frames_dropped": stats["frames_dropped"],
+            "seconds": t_end - t0, "frames_per_s": fps, "raw_model_frames_per_s": raw, "ratio_to_raw_model": fps / raw}
+
+
+def latency(model_name: str, precision: str, rate: float, n_frames: int, tiled: TiledProcess, workdir: Path,
+            max_latency: float = 0.005) -> dict:
+    """Single events offered at ``rate`` frames/s; per-frame latency to the subscriber and to Tiled."""
+    model = load_model(model_name, device="cpu", precision=precision)
+    pool = frame_pool()
+    zmq_sink = ZmqPublisherSink("tcp://127.0.0.1:0")
+    sub = Subscriber(zmq_sink, n_frames, workdir)
+    cb = _pipeline(model, [zmq_sink, TiledSink(tiled.client(), parent="bench")], 64, max_latency)
+    run, desc = _documents(pool)
+    cb("start", run.start_doc)
+    cb("descriptor", desc.descriptor_doc)
+    t0 = time.monotonic()
+    for i in tqdm(range(n_frames), desc=f"pipeline latency at {rate:.0f} frames/s", unit="frame", leave=False):
+        wait = t0 + i / rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        now = time.time()
+        cb("event", desc.compose_event(data={KEY: pool[i % len(pool)]}, timestamps={KEY: now}, seq_num=i + 1,
+                                       time=now, validate=False))
+    cb("stop", run.compose_stop())
+    cb.flush(timeout=120)
+    got = sub.result()
+    stats = cb.stats()
+    cb.close()
+    zmq_sink.close()
+    lat = (got["arrival"] - got["event_time"]) * 1e3
+    tiled_stats = stats["sinks"]["TiledSink"]
+    return {"rate": rate, "frames": n_frames, "max_latency_s": max_latency, "precision": model.precision,
+            "frames_received_zmq": int(len(lat)),
+            "zmq_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                       "max": float(lat.max())},
+            "tiled_ms": {"p50": tiled_stats["latency_p50_ms"], "p99": tiled_stats["latency_p99_ms"]},
+            "tiled_writes": tiled_stats["writes"]}
+
+
+def memory(model_name: str, precision: str, n_frames: int, page: int, tiled: TiledProcess, workdir: Path) -> dict:
+    """Resident memory of this process, sampled every ``page`` frames, over an ``n_frames`` run."""
+    model = load_model(model_name, device="cpu", precision=precision)
+    pool = frame_pool()
+    proc = psutil.Process()
+    zmq_sink = ZmqPublisherSink("tcp://127.0.0.1:0")
+    sub = Subscriber(zmq_sink, n_frames, workdir)
+    cb = _pipeline(model, [zmq_sink, TiledSink(tiled.client(), parent="bench")], 256, 0.01)
+    run, desc = _documents(pool)
+    cb("start", run.start_doc)
+    cb("descriptor", desc.descriptor_doc)
+    samples = []
+    for i in tqdm(range(0, n_frames, page), desc="pipeline memory", unit="page", leave=False):
+        idx = np.arange(i, min(i + page, n_frames)) % len(pool)
+        now = time.time()
+        cb("event_page", desc.compose_event_page(data={KEY: pool[idx]}, timestamps={KEY: [now] * len(idx)},
+                                                 seq_num=list(range(i + 1, i + 1 + len(idx))), time=[now] * len(idx), validate=False))
+        if (i // page) % 20 == 0:
+            samples.append((i, proc.memory_info().rss / 2**20))
+    cb("stop", run.compose_stop())
+    cb.flush(timeout=600)
+    samples.append((n_frames, proc.memory_info().rss / 2**20))
+    got = sub.result()
+    stats = cb.stats()
+    cb.close()
+    zmq_sink.close()
+    rss = np.array([m for _, m in samples])
+    tenth = max(1, len(rss) // 10)
+    return {"frames": n_frames, "precision": model.precision, "frames_received_zmq": int(len(got["arrival"])),
+            "frames_in_tiled": stats["sinks"]["TiledSink"]["frames_written"],
+            "rss_mb": {"after_first_10pct": float(rss[tenth]), "peak": float(rss.max()), "end": float(rss[-1])},
+            "growth_after_first_10pct_mb": float(rss[-1] - rss[tenth]),
+            "samples": [[int(i), round(m, 1)] for i, m in samples]}
+
+
+def run(model: str, *, quick: bool = False) -> dict:
+    """All three pipeline measurements against one Tiled server process."""
+    precision = "auto"
+    with tempfile.TemporaryDirectory(prefix="cdinn-bench-") as tmp:
+        tiled = TiledProcess()
+        try:
+            tiled.client()
+            out = {"throughput": throughput(model, precision, 4096 if quick else 50_000, 256, 1024, tiled, Path(tmp)),
+                   "latency": latency(model, precision, 100.0, 100 if quick else 2000, tiled, Path(tmp)),
+                   "memory": memory(model, precision, 5000 if quick else 100_000, 500, tiled, Path(tmp))}
+        finally:
+            tiled.close()
+    return out
+
+
+def table(r: dict) -> list[str]:
+    """Markdown lines for :func:`run` results."""
+    t, lat, mem = r["throughput"], r["latency"], r["memory"]
+    f = t["detector_frame"]
+    return ["## Pipeline end to end (CPU)", "",
+            f"Documents in (event pages of {t['page']} detector frames {f[0]}x{f[1]}, Poisson noise, peak off centre) "
+            f"-> crop -> model (batch {t['batch_size']}, {t['precision']}) -> ZeroMQ subscriber process + Tiled server "
+            "process, all on 127.0.0.1.", "",
+            "| measurement | result | target |", "|---|---|---|",
+            f"| throughput, documents in to results received and stored | {t['frames_per_s']:.0f} frames/s "
+            f"({t['frames_received_zmq']} over ZeroMQ, {t['frames_in_tiled']} in Tiled in {t['tiled_writes']} writes, "
+            f"{t['frames_dropped']} dropped) | >= 1000 frames/s |",
+            f"| bare model, same batch and precision, same run | {t['raw_model_frames_per_s']:.0f} frames/s | |",
+            f"| pipeline / bare model | {t['ratio_to_raw_model']:.2f} | >= 0.8 |",
+            f"| latency at {lat['rate']:.0f} frames/s offered, event time to ZeroMQ subscriber, p50 / p99 / max | "
+            f"{lat['zmq_ms']['p50']:.1f} / {lat['zmq_ms']['p99']:.1f} / {lat['zmq_ms']['max']:.1f} ms | p99 <= 20 ms |",
+            f"| same, frame in to end of its Tiled write, p50 / p99 | {lat['tiled_ms']['p50']:.1f} / "
+            f"{lat['tiled_ms']['p99']:.1f} ms ({lat['tiled_writes']} writes) | |",
+            f"| resident memory over {mem['frames']} frames: after 10% / peak / end | "
+            f"{mem['rss_mb']['after_first_10pct']:.0f} / {mem['rss_mb']['peak']:.0f} / {mem['rss_mb']['end']:.0f} MiB "
+            f"(growth {mem['growth_after_first_10pct_mb']:+.0f} MiB) | flat |"]

@@ -55,7 +55,9 @@ def table(r: dict) -> list[str]:
     p = r["matmul_peak_gflop_per_s"]
     lines = ["## Model throughput (CPU)", "",
              "Matmul peak measured in the same run: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items()) + ".",
-             "`predict` includes the input checks and scaling; the network columns time the bare call.", "",
+             "`predict` includes the input checks and scaling; the network columns time the bare call. "
+             "GFLOP/s count a direct convolution's operations: above 100% of the matmul peak means the library "
+             "computes with fewer (e.g. Winograd 3x3 convolutions).", "",
              "| model | precision | batch | ms / batch | frames/s | us / frame | network us / frame | "
              "network GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {x['model']} ({x['size']}x{x['size']}, {x['mflop_per_frame']:.1f} MFLOP) | {x['precision']} | "

@@ -145,7 +145,8 @@ def throughput(model_name: str, precision: str, n_frames: int, page: int, batch_
     """Event pages as fast as the pipeline takes them; the bare model at the same batch size."""
     model = load_model(model_name, device="cpu", precision=precision)
     pool = frame_pool()
-    prepared = normalized_amplitude(pool[:batch_size, 16:48, 16:48])
+    crops = np.resize(pool[:, 16:48, 16:48], (batch_size, 32, 32))  # the pool repeated to a full batch
+    prepared = normalized_amplitude(crops)
     raw = batch_size / time_call(lambda: model.predict_tensor(prepared), repeat=5)
     zmq_sink = ZmqPublisherSink("tcp://127.0.0.1:0")
     sub = Subscriber(zmq_sink, n_frames, workdir)
@@ -210,8 +211,10 @@ def latency(model_name: str, precision: str, rate: float, n_frames: int, tiled: 
             "tiled_writes": tiled_stats["writes"]}
 
 
-def memory(model_name: str, precision: str, n_frames: int, page: int, tiled: TiledProcess, workdir: Path) -> dict:
-    """Resident memory of this process, sampled every ``page`` frames, over an ``n_frames`` run."""
+def memory(model_name: str, precision: str, n_frames: int, page: int, rate: float, tiled: TiledProcess,
+           workdir: Path) -> dict:
+    """Resident memory of this process and queue depths, sampled over an ``n_frames`` run offered
+    at ``rate`` frames/s in pages of ``page`` (a detector's pace, not a flood)."""
     model = load_model(model_name, device="cpu", precision=precision)
     pool = frame_pool()
     proc = psutil.Process()
@@ -222,27 +225,38 @@ def memory(model_name: str, precision: str, n_frames: int, page: int, tiled: Til
     cb("start", run.start_doc)
     cb("descriptor", desc.descriptor_doc)
     samples = []
+    t0 = time.monotonic()
     for i in tqdm(range(0, n_frames, page), desc="pipeline memory", unit="page", leave=False):
+        wait = t0 + i / rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         idx = np.arange(i, min(i + page, n_frames)) % len(pool)
         now = time.time()
         cb("event_page", desc.compose_event_page(data={KEY: pool[idx]}, timestamps={KEY: [now] * len(idx)},
-                                                 seq_num=list(range(i + 1, i + 1 + len(idx))), time=[now] * len(idx), validate=False))
-        if (i // page) % 20 == 0:
-            samples.append((i, proc.memory_info().rss / 2**20))
+                                                 seq_num=list(range(i + 1, i + 1 + len(idx))),
+                                                 time=[now] * len(idx), validate=False))
+        if i % (n_frames // 50) < page:
+            sinks = cb.engine.sink_summary()
+            samples.append((i, proc.memory_info().rss / 2**20, cb.engine.queued_frames,
+                            max(v["queued_frames"] for v in sinks.values())))
     cb("stop", run.compose_stop())
     cb.flush(timeout=600)
-    samples.append((n_frames, proc.memory_info().rss / 2**20))
+    samples.append((n_frames, proc.memory_info().rss / 2**20, cb.engine.queued_frames, 0))
     got = sub.result()
     stats = cb.stats()
     cb.close()
     zmq_sink.close()
-    rss = np.array([m for _, m in samples])
+    rss = np.array([s[1] for s in samples])
     tenth = max(1, len(rss) // 10)
-    return {"frames": n_frames, "precision": model.precision, "frames_received_zmq": int(len(got["arrival"])),
+    return {"frames": n_frames, "rate": rate, "precision": model.precision,
+            "frames_in": stats["frames_in"], "frames_out": stats["frames_out"],
+            "frames_rejected": sum(stats["rejected"].values()), "frames_dropped": stats["frames_dropped"],
+            "frames_received_zmq": int(len(got["arrival"])),
             "frames_in_tiled": stats["sinks"]["TiledSink"]["frames_written"],
             "rss_mb": {"after_first_10pct": float(rss[tenth]), "peak": float(rss.max()), "end": float(rss[-1])},
             "growth_after_first_10pct_mb": float(rss[-1] - rss[tenth]),
-            "samples": [[int(i), round(m, 1)] for i, m in samples]}
+            "max_queued_frames": {"engine": int(max(s[2] for s in samples)), "sinks": int(max(s[3] for s in samples))},
+            "samples": [[int(i), round(m, 1), int(q), int(sq)] for i, m, q, sq in samples]}
 
 
 def run(model: str, *, quick: bool = False) -> dict:
@@ -254,7 +268,7 @@ def run(model: str, *, quick: bool = False) -> dict:
             tiled.client()
             out = {"throughput": throughput(model, precision, 4096 if quick else 50_000, 256, 1024, tiled, Path(tmp)),
                    "latency": latency(model, precision, 100.0, 100 if quick else 2000, tiled, Path(tmp)),
-                   "memory": memory(model, precision, 5000 if quick else 100_000, 500, tiled, Path(tmp))}
+                   "memory": memory(model, precision, 5000 if quick else 100_000, 100, 2000.0, tiled, Path(tmp))}
         finally:
             tiled.close()
     return out
@@ -278,6 +292,9 @@ def table(r: dict) -> list[str]:
             f"{lat['zmq_ms']['p50']:.1f} / {lat['zmq_ms']['p99']:.1f} / {lat['zmq_ms']['max']:.1f} ms | p99 <= 20 ms |",
             f"| same, frame in to end of its Tiled write, p50 / p99 | {lat['tiled_ms']['p50']:.1f} / "
             f"{lat['tiled_ms']['p99']:.1f} ms ({lat['tiled_writes']} writes) | |",
-            f"| resident memory over {mem['frames']} frames: after 10% / peak / end | "
-            f"{mem['rss_mb']['after_first_10pct']:.0f} / {mem['rss_mb']['peak']:.0f} / {mem['rss_mb']['end']:.0f} MiB "
-            f"(growth {mem['growth_after_first_10pct_mb']:+.0f} MiB) | flat |"]
+            f"| resident memory over {mem['frames']} frames offered at {mem['rate']:.0f} frames/s: after 10% / peak / "
+            f"end | {mem['rss_mb']['after_first_10pct']:.0f} / {mem['rss_mb']['peak']:.0f} / "
+            f"{mem['rss_mb']['end']:.0f} MiB (growth {mem['growth_after_first_10pct_mb']:+.0f} MiB) | flat |",
+            f"| same run: largest queue, model / sinks; frames in = out + rejected + dropped | "
+            f"{mem['max_queued_frames']['engine']} / {mem['max_queued_frames']['sinks']} frames; {mem['frames_in']} = "
+            f"{mem['frames_out']} + {mem['frames_rejected']} + {mem['frames_dropped']} | no growth |"]

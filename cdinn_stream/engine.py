@@ -69,7 +69,7 @@ class InferenceEngine:
     """Bounded queue + one worker thread: batch, infer, publish (see the module docstring)."""
 
     def __init__(self, model: CDIModel, sinks: list[Sink] | None = None, *, batch_size: int = 256,
-                 max_latency: float = 0.01, max_queued_frames: int = 100_000, block_timeout: float = 1.0):
+                 max_latency: float = 0.01, max_queued_frames: int = 20_000, block_timeout: float = 1.0):
         self.model = model
         self.sinks: list[Sink] = list(sinks or [])
         self.sink_threads = [SinkThread(s) for s in self.sinks]
@@ -142,9 +142,14 @@ class InferenceEngine:
                 self._cond.wait(0.05 if left is None else min(left, 0.05))
         return all(t.drain(None if end is None else max(end - time.monotonic(), 0)) for t in self.sink_threads)
 
+    @property
+    def queued_frames(self) -> int:
+        """Frames waiting for the model."""
+        return self._queued
+
     def sink_summary(self) -> dict:
         """Per-sink counters and latency (frame in to the end of the sink's write), by sink class."""
-        return {t.name: t.stats.summary() for t in self.sink_threads}
+        return {t.name: {**t.stats.summary(), "queued_frames": t.queued_frames} for t in self.sink_threads}
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Publish what is queued, then stop the worker."""

@@ -3,9 +3,10 @@
 The inference worker hands every :class:`~cdinn_stream.engine.ResultBlock` and run marker to
 each :class:`SinkThread` and goes straight back to the model, so a slow sink (Tiled over HTTP)
 holds up neither the model nor a fast sink (ZeroMQ). A sink thread takes everything waiting in
-its queue at once and merges consecutive results of the same run and stream into one write:
-the slower a sink is, the larger its writes and the fewer of them (one Tiled request per array
-per write, however many frames it holds).
+its queue at once and merges consecutive results of the same run and stream into writes of up
+to ``max_write_frames`` frames: the slower a sink is, the larger its writes and the fewer of them
+(one Tiled request per array per write, however many frames it holds), while no write holds
+more than a bounded amount of memory.
 
 Back-pressure: a sink's queue holds at most ``max_queued_frames`` frames. Past that, results for
 that sink are dropped, counted in its ``frames_dropped`` and logged as a warning with the run uid
@@ -63,10 +64,11 @@ def merge_results(results: list[ResultBlock]) -> ResultBlock:
 class SinkThread:
     """One sink, its queue and its thread (see the module docstring)."""
 
-    def __init__(self, sink: Sink, *, max_queued_frames: int = 200_000):
+    def __init__(self, sink: Sink, *, max_queued_frames: int = 50_000, max_write_frames: int = 4096):
         self.sink = sink
         self.name = type(sink).__name__
         self.max_queued_frames = max_queued_frames
+        self.max_write_frames = max_write_frames
         self.stats = SinkStats()
         self._queue: deque[ResultBlock | RunMarker] = deque()
         self._queued = 0
@@ -90,6 +92,11 @@ class SinkThread:
                 self._queued += n
             self._queue.append(item)
             self._cond.notify_all()
+
+    @property
+    def queued_frames(self) -> int:
+        """Frames waiting for this sink."""
+        return self._queued
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far has been handed to the sink."""
@@ -125,7 +132,7 @@ class SinkThread:
     def _run(self) -> None:
         while (items := self._take()) is not None:
             try:
-                for group in _groups(items):
+                for group in _groups(items, self.max_write_frames):
                     if isinstance(group, RunMarker):
                         self._marker(group)
                     else:
@@ -159,15 +166,21 @@ class SinkThread:
             logger.exception("sink %s failed to %s run %s", self.name, marker.kind, marker.run_uid)
 
 
-def _groups(items: list[ResultBlock | RunMarker]) -> list[RunMarker | list[ResultBlock]]:
-    """Markers alone; runs of consecutive results of the same run and stream together."""
+def _groups(items: list[ResultBlock | RunMarker], max_frames: int) -> list[RunMarker | list[ResultBlock]]:
+    """Markers alone; consecutive results of the same run and stream together, up to
+    ``max_frames`` frames a group (a single larger result stays whole)."""
     out: list = []
+    count = 0
     for item in items:
         if isinstance(item, RunMarker):
             out.append(item)
-        elif (out and isinstance(out[-1], list)
-              and (out[-1][0].frames.run_uid, out[-1][0].frames.stream) == (item.frames.run_uid, item.frames.stream)):
+            continue
+        n = len(item.frames)
+        if (out and isinstance(out[-1], list) and count + n <= max_frames
+                and (out[-1][0].frames.run_uid, out[-1][0].frames.stream) == (item.frames.run_uid, item.frames.stream)):
             out[-1].append(item)
+            count += n
         else:
             out.append([item])
+            count = n
     return out

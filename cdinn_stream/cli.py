@@ -110,6 +110,26 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from tiled.client import from_uri
+
+    from .sinks import TiledSink
+    from .sinks.spool import Spool
+
+    spool = Spool(args.spool)
+    runs = spool.runs()
+    if not runs:
+        print(f"nothing to backfill in {spool.root}")
+        return 0
+    frames = sum(spool.frames(uid) for uid in runs)
+    print(f"{len(runs)} runs, {frames} frames waiting in {spool.root}")
+    sink = TiledSink(from_uri(args.tiled, api_key=args.api_key), spool_dir=spool.root)
+    written = sink.backfill()
+    left = spool.runs()
+    print(json.dumps({"frames_written": written, "runs_left": left}))
+    return 0 if not left else 1
+
+
 def _cmd_listen(args: argparse.Namespace) -> int:
     from .listen import listen
 
@@ -310,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--interfaces", nargs="+", default=["127.0.0.1"], help="addresses to bind (default 127.0.0.1)")
     i.add_argument("--max-size", type=int, default=128, help="largest frame side the waveforms hold")
     i.set_defaults(func=_cmd_ioc)
+
+    bf = sub.add_parser("backfill", help="write results spooled while Tiled was unreachable",
+                        description="When the Tiled server was away at the end of a run, its results stay in the "
+                                    "spool (default $CDINN_SPOOL or ~/.cache/cdinn-stream/spool). This writes "
+                                    "them to the server, in order, and marks their runs complete.")
+    bf.add_argument("--tiled", required=True, help="Tiled server URL")
+    bf.add_argument("--api-key", default=os.environ.get("TILED_API_KEY"),
+                    help="Tiled API key (default: $TILED_API_KEY)")
+    bf.add_argument("--spool", default=None, help="spool folder (default $CDINN_SPOOL or ~/.cache/cdinn-stream/spool)")
+    bf.set_defaults(func=_cmd_backfill)
 
     lsn = sub.add_parser("listen", help="subscribe to the ZeroMQ results and print (or plot) them",
                          description="Print one line per result message; --plot saves the latest frame as a PNG.")

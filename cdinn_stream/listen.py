@@ -9,7 +9,49 @@ import zmq
 
 from .sinks.zmq import decode_message
 
-__all__ = ["listen"]
+__all__ = ["listen", "Tally"]
+
+
+class Tally:
+    """Frames received per run, and frames missed: a run's stop message says how many frames the
+    pipeline published, so a subscriber that fell behind (past the publisher's high-water mark,
+    where ZeroMQ drops messages for that subscriber) knows what it lost."""
+
+    def __init__(self):
+        self.received: dict[str, int] = {}
+        self.missed: dict[str, int] = {}
+        self.messages = 0
+
+    @property
+    def frames(self) -> int:
+        return sum(self.received.values())
+
+    def add(self, topic: str, header: dict, amplitude: np.ndarray | None) -> int | None:
+        """Count one decoded message; at a run's stop, returns the frames this subscriber missed."""
+        self.messages += 1
+        uid = header.get("run_uid")
+        if topic == "cdinn.result" and amplitude is not None:
+            self.received[uid] = self.received.get(uid, 0) + len(amplitude)
+            self._published(uid, header.get("run_frames"))
+        elif topic == "cdinn.start":
+            self.received.setdefault(uid, 0)
+        elif topic == "cdinn.stop" and header.get("frames") is not None:
+            self._published(uid, header["frames"])
+            return self.missed.get(uid, 0)
+        elif topic == "cdinn.heartbeat":
+            for run, frames in (header.get("runs") or {}).items():
+                if run in self.received:  # runs this subscriber saw
+                    self._published(run, frames)
+        return None
+
+    def _published(self, uid: str, frames: int | None) -> None:
+        """The publisher had sent ``frames`` frames of run ``uid``: what we lack is missed."""
+        if frames is not None:
+            self.missed[uid] = max(int(frames) - self.received.get(uid, 0), self.missed.get(uid, 0), 0)
+
+    def summary(self) -> dict:
+        return {"messages": self.messages, "frames": self.frames, "runs": len(self.received),
+                "missed": sum(self.missed.values())}
 
 
 def listen(address: str, *, count: int | None = None, timeout: float | None = None, plot: str | None = None,
@@ -17,22 +59,21 @@ def listen(address: str, *, count: int | None = None, timeout: float | None = No
     """Print one line per message from ``address``; stop after ``count`` frames or ``timeout`` s of silence.
 
     With ``plot=PATH``, the latest amplitude and phase are saved as a PNG at every stop message.
-    Returns counts: messages, frames, runs.
+    Returns counts: messages, frames, runs, and frames missed (see :class:`Tally`).
     """
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.SUBSCRIBE, b"cdinn.")
     sock.connect(address)
-    stats = {"messages": 0, "frames": 0, "runs": 0}
+    tally = Tally()
     latest = None
     try:
-        while count is None or stats["frames"] < count:
+        while count is None or tally.frames < count:
             if not sock.poll(int(timeout * 1000) if timeout else None):
                 break
             topic, header, amp, phase = decode_message(sock.recv_multipart())
-            stats["messages"] += 1
+            missed = tally.add(topic, header, amp)
             if amp is not None:
-                stats["frames"] += len(amp)
                 latest = (header, amp[-1], phase[-1])
                 if not quiet:
                     seq = header["seq_num"]
@@ -41,17 +82,18 @@ def listen(address: str, *, count: int | None = None, timeout: float | None = No
                           f"peak {header['peak'][-1]} support {(amp[-1] > 0.1).sum()} px "
                           f"latency {lat:.1f} ms", flush=True)
             elif topic == "cdinn.start":
-                stats["runs"] += 1
                 if not quiet:
                     print(f"run {header['run_uid']} started", flush=True)
             elif topic == "cdinn.stop":
                 if not quiet:
-                    print(f"run {header['run_uid']} done: {header.get('frames')} frames", flush=True)
+                    print(f"run {header['run_uid']} done: {header.get('frames')} frames"
+                          + (f"; MISSED {missed} (this subscriber fell behind the publisher)" if missed else ""),
+                          flush=True)
                 if plot and latest is not None:
                     _plot(plot, *latest)
     finally:
         sock.close()
-    return stats
+    return tally.summary()
 
 
 def _plot(path: str, header: dict, amplitude: np.ndarray, phase: np.ndarray) -> None:

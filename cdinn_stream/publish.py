@@ -12,7 +12,8 @@ Back-pressure: a sink's queue holds at most ``max_queued_frames`` frames. Past t
 that sink are dropped, counted in its ``frames_dropped`` and logged as a warning with the run uid
 and seq_nums -- the other sinks still get them. Run markers are never dropped, so a sink always
 sees ``open_run`` ... ``close_run`` in order. A sink's exception is logged with context and
-counted in ``errors``; its thread goes on.
+counted in ``errors``; its thread goes on. A sink with an ``idle()`` method has it called about
+once a second while nothing comes (the ZeroMQ sink sends a heartbeat).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
 __all__ = ["SinkThread", "SinkStats"]
 
 logger = logging.getLogger(__name__)
+
+IDLE_INTERVAL = 1.0  # seconds without results before a sink's idle() is called
 
 
 @dataclass
@@ -119,10 +122,14 @@ class SinkThread:
 
     def _take(self) -> list[ResultBlock | RunMarker] | None:
         with self._cond:
+            quiet_since = time.monotonic()
             while not self._queue:
                 if self._closed:
                     return None
                 self._cond.wait(0.1)
+                if time.monotonic() - quiet_since >= IDLE_INTERVAL and not self._queue:
+                    self._idle()
+                    quiet_since = time.monotonic()
             items = list(self._queue)
             self._queue.clear()
             self._queued = 0
@@ -141,6 +148,15 @@ class SinkThread:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _idle(self) -> None:
+        idle = getattr(self.sink, "idle", None)
+        if idle is None:
+            return
+        try:
+            idle()
+        except Exception:
+            logger.exception("sink %s failed while idle", self.name)
 
     def _write(self, result: ResultBlock) -> None:
         f = result.frames

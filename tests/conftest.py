@@ -24,3 +24,9 @@ def small_set():
 def tiny_model() -> CDIModel:
     torch.manual_seed(0)
     return CDIModel(CDINN(ModelConfig(32, (4, 8, 16), 1)), name="tiny", device="cpu", precision="fp32")
+
+
+@pytest.fixture(autouse=True)
+def _spool_in_tmp(tmp_path, monkeypatch):
+    """Results spooled for an unreachable Tiled server go to the test's folder, not ~/.cache."""
+    monkeypatch.setenv("CDINN_SPOOL", str(tmp_path / "spool"))

@@ -101,18 +101,21 @@ class EpicsSink:
             self._put("FRAMES", self._frames)
             self._put("SEQ_NUM", int(result.frames.seq_nums[-1]))
 
-        self._safe(put_all)
-        self.writes += 1
+        if self._safe(put_all):
+            self.writes += 1
 
     def close_run(self, run_uid: str, summary: dict) -> None:
         if self._connect():
             self._safe(lambda: self._put("STATUS", f"done {summary.get('stop', {}).get('exit_status', '')}".strip()))
 
-    def _safe(self, fn) -> None:
+    def _safe(self, fn) -> bool:
         try:
             fn()
+            return True
         except Exception as err:
             self._pvs = None
             if not self._warned:
                 logger.warning("EPICS IOC %s went away (%s): going on without EPICS feedback", self.prefix, err)
                 self._warned = True
+            self._next_try = time.monotonic() + self.retry
+            return False

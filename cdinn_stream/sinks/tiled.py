@@ -14,15 +14,27 @@ Arrays: ``amplitude``, ``phase`` ``(N, h, w)`` float32; ``seq_num`` ``(N,)`` int
 ``(N,)`` float64; ``crop_origin`` and ``peak`` ``(N, 2)`` int64; ``latency_s`` ``(N,)`` float64.
 Each batch extends them with ``ArrayClient.patch(..., extend=True)``. The container's metadata
 holds the model card, the raw run's start document, and at the end ``complete`` and counts.
+
+When the server cannot be reached (stopped, restarting, network down) nothing is lost: results
+go to an on-disk spool (:mod:`cdinn_stream.sinks.spool`; ``spool_dir``, default
+``$CDINN_SPOOL`` or ``~/.cache/cdinn-stream/spool``) and are written back, in order, as soon as
+the server answers again (probed every ``retry_interval`` seconds while results keep coming, and
+for ``close_timeout`` seconds at the end of a run); the run's container then ends ``complete``.
+If the server is still away when the run ends, the spool stays on disk and
+``cdinn-stream backfill --tiled URL`` writes it later. The first failing request takes the
+Tiled client's own retries (``TILED_RETRY_TIMEOUT``, 45 s by default) before spooling starts.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 import numpy as np
 
-from ..engine import ResultBlock
+from ..blocks import ResultBlock
+from .spool import Spool
 
 __all__ = ["TiledSink"]
 
@@ -40,6 +52,13 @@ def _columns(result: ResultBlock) -> dict[str, np.ndarray]:
             "latency_s": np.asarray(result.latency, np.float64)}
 
 
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` means the server could not be reached (as opposed to a bad request)."""
+    import httpx
+
+    return isinstance(err, (httpx.TransportError, ConnectionError, TimeoutError))
+
+
 class TiledSink:
     """Writes each run's reconstructions to Tiled (see the module docstring for the layout).
 
@@ -47,12 +66,23 @@ class TiledSink:
         client: a tiled client container (``tiled.client.from_uri(url, api_key=...)``).
         parent: name of the container that holds one container per run.
         model_card: stored in every run's metadata.
+        spool_dir: where results wait while the server is unreachable.
+        retry_interval: seconds between probes of an unreachable server.
+        close_timeout: seconds a run's end waits for an unreachable server before leaving its
+            results in the spool.
     """
 
-    def __init__(self, client, *, parent: str = "cdinn", model_card: dict | None = None):
+    def __init__(self, client, *, parent: str = "cdinn", model_card: dict | None = None,
+                 spool_dir: str | Path | None = None, retry_interval: float = 2.0, close_timeout: float = 30.0):
         self.client = client
         self.parent_name = parent
         self.model_card = model_card or {}
+        self.spool = Spool(spool_dir)
+        self.retry_interval = retry_interval
+        self.close_timeout = close_timeout
+        self.online = True
+        self.frames_spooled = 0
+        self._next_probe = 0.0
         self._runs: dict[str, dict] = {}
         self._parent = None
 
@@ -63,6 +93,7 @@ class TiledSink:
 
         return cls(from_uri(uri, api_key=api_key), **kwargs)
 
+    # -- the server ----------------------------------------------------------------------
     def _parent_container(self):
         if self._parent is None:
             if self.parent_name in self.client:
@@ -72,20 +103,102 @@ class TiledSink:
                                                             metadata={"description": "cdinn-stream reconstructions"})
         return self._parent
 
+    def _went_away(self, err: BaseException, what: str) -> None:
+        if self.online:
+            logger.warning("Tiled server unreachable (%s: %s); spooling results to %s", what, err, self.spool.root)
+        self.online = False
+        self._next_probe = time.monotonic() + self.retry_interval
+
+    def _probe(self) -> bool:
+        """While offline: whether the server answers again (at most every ``retry_interval`` s)."""
+        if self.online:
+            return True
+        if time.monotonic() < self._next_probe:
+            return False
+        import httpx
+
+        try:
+            httpx.get(str(self.client.context.api_uri), timeout=2.0).raise_for_status()
+        except Exception:
+            self._next_probe = time.monotonic() + self.retry_interval
+            return False
+        logger.warning("Tiled server is back; writing spooled results")
+        self.online = True
+        return True
+
+    # -- sink protocol -------------------------------------------------------------------
     def open_run(self, run_uid: str, start: dict) -> None:
-        parent = self._parent_container()
-        if run_uid in parent:  # e.g. a second replay of the same run
-            logger.warning("Tiled already holds %s/%s: replacing it", self.parent_name, run_uid)
-            parent.delete_contents(run_uid, recursive=True, external_only=False)
-        container = parent.create_container(run_uid, metadata={
-            "raw_run_uid": run_uid, "start": start, "model_card": self.model_card, "complete": False})
-        self._runs[run_uid] = {"container": container, "arrays": {}, "n": 0}
+        run = self._runs[run_uid] = {"start": start, "container": None, "arrays": {}, "n": 0}
+        if self._probe():
+            try:
+                run["container"] = self._create(run_uid, start)
+                return
+            except Exception as err:
+                if not _unreachable(err):
+                    raise
+                self._went_away(err, f"opening run {run_uid}")
+        self.spool.begin(run_uid, parent=self.parent_name, start=start, model_card=self.model_card, written=0)
 
     def write(self, result: ResultBlock) -> None:
         run = self._runs.get(result.run_uid)
         if run is None:
             raise RuntimeError(f"results for run {result.run_uid} before its start")
         cols = _columns(result)
+        if not self.spool.has(result.run_uid) and self._probe():
+            try:
+                self._extend(run, cols)
+                return
+            except Exception as err:
+                if not _unreachable(err):
+                    raise
+                self._went_away(err, f"writing run {result.run_uid}")
+        self.spool.begin(result.run_uid, parent=self.parent_name, start=run["start"], model_card=self.model_card,
+                         written=run["n"])
+        self.spool.append(result.run_uid, cols)
+        self.frames_spooled += len(cols["seq_num"])
+        if self._probe():
+            self.backfill()
+
+    def close_run(self, run_uid: str, summary: dict) -> None:
+        run = self._runs.pop(run_uid, None)
+        if run is None:
+            return
+        stop = summary.get("stop", {})
+        end = {"complete": True, "exit_status": stop.get("exit_status"), "stop": stop}
+        if not self.spool.has(run_uid):
+            try:
+                run["container"].update_metadata({**end, "frames": run["n"]})
+                return
+            except Exception as err:
+                if not _unreachable(err):
+                    raise
+                self._went_away(err, f"closing run {run_uid}")
+                self.spool.begin(run_uid, parent=self.parent_name, start=run["start"], model_card=self.model_card,
+                                 written=run["n"])
+        self.spool.update(run_uid, close=end)
+        deadline = time.monotonic() + self.close_timeout
+        while self.spool.has(run_uid):
+            if self._probe():
+                self.backfill()
+            if not self.spool.has(run_uid) or time.monotonic() > deadline:
+                break
+            time.sleep(min(self.retry_interval, 0.5))
+        if self.spool.has(run_uid):
+            logger.warning("Tiled unreachable at the end of run %s: %d frames kept in %s; write them later with "
+                           "`cdinn-stream backfill --tiled URL --spool %s`", run_uid, self.spool.frames(run_uid),
+                           self.spool.root / run_uid, self.spool.root)
+
+    # -- writing -------------------------------------------------------------------------
+    def _create(self, run_uid: str, start: dict):
+        parent = self._parent_container()
+        if run_uid in parent:  # e.g. a second replay of the same run
+            logger.warning("Tiled already holds %s/%s: replacing it", self.parent_name, run_uid)
+            parent.delete_contents(run_uid, recursive=True, external_only=False)
+        return parent.create_container(run_uid, metadata={
+            "raw_run_uid": run_uid, "start": start, "model_card": self.model_card, "complete": False})
+
+    @staticmethod
+    def _extend(run: dict, cols: dict[str, np.ndarray]) -> None:
         if not run["arrays"]:
             for key in _ARRAYS:
                 run["arrays"][key] = run["container"].write_array(cols[key], key=key)
@@ -94,10 +207,48 @@ class TiledSink:
                 run["arrays"][key].patch(cols[key], offset=(run["n"],), extend=True)
         run["n"] += len(cols["seq_num"])
 
-    def close_run(self, run_uid: str, summary: dict) -> None:
-        run = self._runs.pop(run_uid, None)
-        if run is None:
-            return
-        stop = summary.get("stop", {})
-        run["container"].update_metadata({"complete": True, "frames": run["n"],
-                                          "exit_status": stop.get("exit_status"), "stop": stop})
+    def backfill(self) -> int:
+        """Write every spooled run back to the server, in order; returns the frames written.
+        Stops (and goes offline) if the server goes away again."""
+        total = 0
+        for run_uid in self.spool.runs():
+            manifest = self.spool.manifest(run_uid)
+            live = self._runs.get(run_uid)
+            try:
+                run = self._reopen(manifest)  # fresh handles: a failed write may have left partial arrays
+                for chunk in self.spool.chunks(run_uid):
+                    cols = Spool.read(chunk)
+                    self._extend(run, cols)
+                    self.spool.update(run_uid, written=run["n"])
+                    chunk.unlink()
+                    total += len(cols["seq_num"])
+                if live is not None:
+                    live.update(container=run["container"], arrays=run["arrays"], n=run["n"])
+                if "close" in manifest or "close" in self.spool.manifest(run_uid):
+                    end = self.spool.manifest(run_uid)["close"]
+                    run["container"].update_metadata({**end, "frames": run["n"]})
+                    self.spool.remove(run_uid)
+                elif live is not None:
+                    self.spool.remove(run_uid)  # the run goes on, straight to the server again
+            except Exception as err:
+                if not _unreachable(err):
+                    raise
+                self._went_away(err, f"writing spooled run {run_uid}")
+                break
+        return total
+
+    def _reopen(self, manifest: dict) -> dict:
+        """The run's container and arrays as the spool left them (``written`` frames in Tiled)."""
+        run_uid = manifest["run_uid"]
+        parent = self._parent_container() if manifest["parent"] == self.parent_name else (
+            self.client[manifest["parent"]] if manifest["parent"] in self.client
+            else self.client.create_container(manifest["parent"]))
+        if manifest["written"] == 0 or run_uid not in parent:
+            if run_uid in parent:
+                parent.delete_contents(run_uid, recursive=True, external_only=False)
+            container = parent.create_container(run_uid, metadata={
+                "raw_run_uid": run_uid, "start": manifest["start"], "model_card": manifest["model_card"],
+                "complete": False})
+            return {"container": container, "arrays": {}, "n": 0}
+        container = parent[run_uid]
+        return {"container": container, "arrays": {k: container[k] for k in _ARRAYS}, "n": manifest["written"]}

@@ -8,14 +8,20 @@ Every message is multipart::
 ``header`` is UTF-8 JSON. For results: ``version`` (1), ``run_uid``, ``stream``, ``seq_num``
 (list, one per frame), ``time`` (event times), ``shape`` ``[n, h, w]``, ``dtype`` (``"float32"``),
 ``crop_origin`` and ``peak`` (``[[row, col], ...]`` in detector pixels), ``latency_s`` (pipeline
-entry to model output, per frame) and ``published`` (send time). ``amplitude`` and ``phase``
+entry to model output, per frame), ``published`` (send time) and ``run_frames`` (frames of the
+run published so far, this message included). ``amplitude`` and ``phase``
 are the raw C-ordered buffers of ``n`` frames. For start/stop: ``run_uid`` and the document.
-A heartbeat (:meth:`ZmqPublisherSink.heartbeat`) carries ``time`` and ``frames_sent``: a
-subscriber can tell a live, idle publisher from a dead one, and wait for its subscription to
-take effect before a run starts.
+A heartbeat (:meth:`ZmqPublisherSink.heartbeat`, sent every second while the pipeline is idle)
+carries ``time``, ``frames_sent`` and ``runs`` (frames published per recent run): a subscriber
+can tell a live, idle publisher from a dead one, wait for its subscription to take effect before
+a run starts, and count what it missed even when the stop message was among the drops.
 
-The socket binds ``tcp://127.0.0.1:5578`` by default. A PUB socket never blocks: past the
-high-water mark (``hwm`` messages per subscriber) ZeroMQ drops messages for that subscriber.
+The socket binds ``tcp://127.0.0.1:5578`` by default. Drop policy: a PUB socket never blocks the
+pipeline. Past the high-water mark (``hwm`` messages queued for one subscriber, default 10,000;
+a message holds one batch) ZeroMQ drops further messages *for that subscriber only*; the others,
+and the pipeline's pace, are unaffected. A subscriber counts what it missed from each run's stop
+message, each result's ``run_frames`` and the heartbeats (``cdinn-stream listen`` reports it; see
+:class:`cdinn_stream.listen.Tally`); the publisher counts ``messages_sent`` and ``frames_sent``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 
 import numpy as np
 import zmq
@@ -49,13 +56,18 @@ class ZmqPublisherSink:
 
     Args:
         address: bind address; ``tcp://127.0.0.1:0`` picks a free port (see :attr:`address`).
-        hwm: send high-water mark, in messages.
+        hwm: send high-water mark, in messages per subscriber.
+        sndbuf: kernel send buffer per connection, in bytes (``None``: the system's); with a small
+            one the high-water mark alone decides how far a subscriber may fall behind.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, hwm: int = 10_000, context: zmq.Context | None = None):
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, hwm: int = 10_000, sndbuf: int | None = None,
+                 context: zmq.Context | None = None):
         self._ctx = context or zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
+        if sndbuf is not None:
+            self._socket.setsockopt(zmq.SNDBUF, sndbuf)
         self._socket.setsockopt(zmq.LINGER, 1000)
         if address.endswith(":0"):
             port = self._socket.bind_to_random_port(address.rsplit(":", 1)[0])
@@ -65,6 +77,7 @@ class ZmqPublisherSink:
         self.address = address
         self.messages_sent = 0
         self.frames_sent = 0
+        self._run_frames: OrderedDict[str, int] = OrderedDict()  # recent runs only
 
     def open_run(self, run_uid: str, start: dict) -> None:
         self._socket.send_multipart([TOPIC_START, _json({"version": 1, "run_uid": run_uid, "start": start})])
@@ -74,7 +87,8 @@ class ZmqPublisherSink:
         amp = np.ascontiguousarray(result.amplitude, np.float32)
         header = {"version": 1, "run_uid": f.run_uid, "stream": f.stream, "seq_num": f.seq_nums,
                   "time": f.times, "shape": list(amp.shape), "dtype": "float32", "crop_origin": f.origins,
-                  "peak": f.peaks, "latency_s": result.latency, "published": time.time()}
+                  "peak": f.peaks, "latency_s": result.latency, "published": time.time(),
+                  "run_frames": self._count(f.run_uid, len(amp))}
         self._socket.send_multipart([TOPIC_RESULT, _json(header), amp,
                                      np.ascontiguousarray(result.phase, np.float32)], copy=False)
         self.messages_sent += 1
@@ -83,10 +97,21 @@ class ZmqPublisherSink:
     def close_run(self, run_uid: str, summary: dict) -> None:
         self._socket.send_multipart([TOPIC_STOP, _json({"version": 1, "run_uid": run_uid, **summary})])
 
+    def _count(self, run_uid: str, n: int) -> int:
+        self._run_frames[run_uid] = self._run_frames.pop(run_uid, 0) + n
+        while len(self._run_frames) > 16:
+            self._run_frames.popitem(last=False)
+        return self._run_frames[run_uid]
+
     def heartbeat(self) -> None:
         """Publish a heartbeat (see the module docstring)."""
         self._socket.send_multipart([TOPIC_HEARTBEAT, _json({"version": 1, "time": time.time(),
-                                                              "frames_sent": self.frames_sent})])
+                                                              "frames_sent": self.frames_sent,
+                                                              "runs": dict(self._run_frames)})])
+
+    def idle(self) -> None:
+        """Called by the sink's thread about once a second while no results come: a heartbeat."""
+        self.heartbeat()
 
     def close(self) -> None:
         self._socket.close()

@@ -106,3 +106,70 @@ def zmq_pair():
 @pytest.fixture(autouse=True)
 def _quiet_caproto():
     logging.getLogger("caproto").setLevel(logging.ERROR)
+
+
+class TiledServerProcess:
+    """``tiled serve catalog`` in a child process with a catalog on disk: stop and start it again
+    on the same port and the data are still there."""
+
+    def __init__(self, directory):
+        import socket
+
+        self.directory = directory
+        self.api_key = secrets.token_hex(8)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self._initialised = False
+
+    def start(self, timeout: float = 60.0) -> TiledServerProcess:
+        import subprocess
+        import sys
+
+        import httpx
+
+        (self.directory / "data").mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "tiled", "serve", "catalog", str(self.directory / "catalog.db"), "-w",
+               str(self.directory / "data"), "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key]
+        if not self._initialised:
+            cmd.append("--init")
+            self._initialised = True
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                httpx.get(f"{self.uri}/api/v1/", timeout=1).raise_for_status()
+                return self
+            except Exception:
+                if time.monotonic() > end or self.proc.poll() is not None:
+                    raise RuntimeError("tiled serve did not start") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+    def client(self):
+        from tiled.client import from_uri
+
+        return from_uri(self.uri, api_key=self.api_key)
+
+
+@pytest.fixture
+def tiled_process(tmp_path):
+    server = TiledServerProcess(tmp_path / "tiled").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def quick_tiled_retries(monkeypatch):
+    """The Tiled client retries a failed request for up to 45 s (TILED_RETRY_TIMEOUT); tests of an
+    unreachable server do not wait that long."""
+    import tiled.client.utils as tiled_utils
+
+    monkeypatch.setattr(tiled_utils, "TILED_RETRY_ATTEMPTS", 2)
+    monkeypatch.setattr(tiled_utils, "TILED_RETRY_TIMEOUT", 1.0)

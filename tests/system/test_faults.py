@@ -1,0 +1,210 @@
+"""Faults survived with nothing lost: a Tiled server that goes away mid-run (and comes back, or
+not), an IOC that goes away, a model that fails on large batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from bluesky.plans import scan
+
+from cdinn_stream.callback import ReconstructionCallback
+from cdinn_stream.cli import main
+from cdinn_stream.model import CDINN
+from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.sinks import TiledSink
+
+
+class FaultAt:
+    """A frame source that calls ``actions[k]()`` just before making frame ``k`` (1-based)."""
+
+    def __init__(self, source, actions: dict):
+        self.source, self.actions, self.count = source, actions, 0
+
+    def __call__(self):
+        self.count += 1
+        if self.count in self.actions:
+            self.actions[self.count]()
+        return self.source()
+
+
+def _scan(RE, cb, n, actions):
+    peak, strain = make_motors(48.0)
+    source = BCDIFrameSource(OperandoCrystal(32, seed=3), frame_shape=(96, 96), peak_motor=peak, strain_motor=strain)
+    RE.subscribe(cb)
+    (uid,) = RE(scan([make_detector(FaultAt(source, actions))], strain, 0, 1, peak, 40, 56, n))
+    return uid
+
+
+def _check_complete(client, uid, n):
+    rec = client["cdinn"][uid]
+    np.testing.assert_array_equal(rec["seq_num"].read(), np.arange(1, n + 1))
+    assert rec["amplitude"].read().shape == (n, 32, 32) and rec["phase"].read().shape == (n, 32, 32)
+    assert rec.metadata["complete"] and rec.metadata["frames"] == n
+
+
+def test_tiled_server_restarted_mid_run_loses_nothing(RE, model, tiled_process, quick_tiled_retries, tmp_path):
+    sink = TiledSink(tiled_process.client(), spool_dir=tmp_path / "spool", retry_interval=0.2, close_timeout=60)
+    cb = ReconstructionCallback(model=model, sinks=[sink], batch_size=4, max_latency=0.01)
+    uid = _scan(RE, cb, 30, {8: tiled_process.stop, 20: tiled_process.start})
+    assert cb.flush(120)
+    cb.close()
+    assert sink.frames_spooled > 0, "the outage should have sent results to the spool"
+    assert not sink.spool.runs(), "the spool is empty once the server is back"
+    _check_complete(tiled_process.client(), uid, 30)
+    assert cb.stats()["sinks"]["TiledSink"]["errors"] == 0
+
+
+def test_tiled_server_gone_for_good_then_backfill(RE, model, tiled_process, quick_tiled_retries, tmp_path, capsys):
+    spool = tmp_path / "spool"
+    sink = TiledSink(tiled_process.client(), spool_dir=spool, retry_interval=0.2, close_timeout=0.5)
+    cb = ReconstructionCallback(model=model, sinks=[sink], batch_size=4, max_latency=0.01)
+    uid = _scan(RE, cb, 20, {5: tiled_process.stop})
+    assert cb.flush(120)
+    cb.close()
+    assert sink.spool.runs() == [uid] and sink.spool.frames(uid) > 0
+    tiled_process.start()
+    assert main(["backfill", "--tiled", tiled_process.uri, "--api-key", tiled_process.api_key,
+                 "--spool", str(spool)]) == 0
+    assert '"runs_left": []' in capsys.readouterr().out
+    _check_complete(tiled_process.client(), uid, 20)
+    assert main(["backfill", "--tiled", tiled_process.uri, "--api-key", tiled_process.api_key,
+                 "--spool", str(spool)]) == 0  # nothing left: says so
+
+
+def test_a_stalled_zeromq_subscriber_costs_the_pipeline_nothing_and_knows_what_it_missed(RE, model):
+    import time
+
+    import zmq
+
+    from cdinn_stream.listen import Tally
+    from cdinn_stream.sinks import ZmqPublisherSink, decode_message
+
+    sink = ZmqPublisherSink("tcp://127.0.0.1:0", hwm=2, sndbuf=4096)  # small kernel buffers: the HWM decides
+    stalled = zmq.Context.instance().socket(zmq.SUB)
+    for opt, value in ((zmq.RCVHWM, 2), (zmq.RCVBUF, 4096), (zmq.SUBSCRIBE, b"cdinn.")):
+        stalled.setsockopt(opt, value)
+    stalled.connect(sink.address)
+    while not stalled.poll(50):  # the subscription is in place once a heartbeat gets through
+        sink.heartbeat()
+    stalled.recv_multipart()
+    cb = ReconstructionCallback(model=model, sinks=[sink], batch_size=1, max_latency=0.0)
+    t0 = time.monotonic()
+    _scan(RE, cb, 120, {})
+    assert cb.flush(30), "the pipeline keeps its pace while the subscriber sleeps"
+    elapsed = time.monotonic() - t0
+    time.sleep(1.5)  # idle: the sink's thread sends a heartbeat with the run's frame count
+    tally = Tally()
+    while stalled.poll(1000):
+        topic, header, amp, _ = decode_message(stalled.recv_multipart())
+        tally.add(topic, header, amp)
+    cb.close()
+    stalled.close()
+    sink.close()
+    assert sink.frames_sent == 120 and cb.stats()["frames_out"] == 120
+    assert 0 < tally.frames < 120, "ZeroMQ dropped messages for the stalled subscriber"
+    assert tally.summary()["missed"] == 120 - tally.frames, "and the subscriber counted exactly what it lost"
+    assert elapsed < 60
+
+
+_IOC_GOES_AWAY = r"""
+import json, logging, subprocess, sys
+from cdinn_stream.demo import loopback_epics_env
+loopback_epics_env()  # this process and the IOC's share a Channel Access port of their own
+from bluesky import RunEngine
+from bluesky.plans import scan
+from cdinn_stream.callback import ReconstructionCallback
+from cdinn_stream.model import CDINN, ModelConfig
+from cdinn_stream.reconstruct import CDIModel
+from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.sinks import EpicsSink
+
+class Keep:
+    seq = []
+    def open_run(self, uid, start): pass
+    def write(self, r): Keep.seq.extend(r.frames.seq_nums.tolist())
+    def close_run(self, uid, s): pass
+
+class Count(logging.Handler):
+    lines = []
+    def emit(self, record): Count.lines.append(record.getMessage())
+
+logging.getLogger("cdinn_stream").addHandler(Count(level=logging.WARNING))
+ioc = subprocess.Popen([sys.executable, "-m", "cdinn_stream", "ioc", "--prefix", "GONE:"])
+import epics
+assert epics.PV("GONE:FRAMES").wait_for_connection(timeout=60), "the IOC did not start"
+epics_sink = EpicsSink("GONE:", timeout=0.3, retry=60)
+model = CDIModel(CDINN(ModelConfig(32, (8, 16, 32), 1, 4)), device="cpu", precision="fp32")
+cb = ReconstructionCallback(model=model, sinks=[epics_sink, Keep()], batch_size=1, max_latency=0.0)
+peak, strain = make_motors(48.0)
+source = BCDIFrameSource(OperandoCrystal(32, seed=3), frame_shape=(96, 96), peak_motor=peak, strain_motor=strain)
+count = [0]
+def frame():
+    count[0] += 1
+    if count[0] == 10:
+        cb.flush(10)  # the first 9 frames reach the IOC
+        frames_pv.append(epics.caget("GONE:FRAMES", timeout=5))
+        ioc.kill()
+        ioc.wait()
+    return source()
+RE = RunEngine({})
+RE.subscribe(cb)
+frames_pv = []
+RE(scan([make_detector(frame)], strain, 0, 1, peak, 40, 56, 25))
+cb.flush(30)
+cb.close()
+print(json.dumps({"kept": Keep.seq, "epics_writes": epics_sink.writes, "frames_pv": frames_pv,
+                  "warnings": [l for l in Count.lines if "EPICS" in l]}))
+"""
+
+
+def test_ioc_going_away_mid_run_warns_once_and_the_rest_goes_on(tmp_path):
+    """In its own process: the IOC and the Channel Access client need a port of their own."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
+    proc = subprocess.run([sys.executable, "-c", _IOC_GOES_AWAY], capture_output=True, text=True, env=env,
+                          timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["kept"] == list(range(1, 26)), "the other sinks get every frame"
+    assert out["frames_pv"] == [9], "the IOC took results until it went away"
+    assert len(out["warnings"]) == 1 and "went away" in out["warnings"][0], out["warnings"]
+
+
+class FailsOnLargeBatches(torch.nn.Module):
+    """A network that runs out of memory on batches of more than 3 frames (as a GPU would)."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.config, self.calls = network, network.config, []
+
+    def forward_logits(self, x):
+        self.calls.append(len(x))
+        if len(x) > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.network.forward_logits(x)
+
+    outputs = staticmethod(CDINN.outputs)
+
+
+def test_model_failing_on_a_batch_retries_in_halves_and_loses_nothing(RE, model, caplog):
+    from cdinn_stream.reconstruct import CDIModel
+
+    flaky = FailsOnLargeBatches(model.network)
+    kept = []
+
+    class Keep:
+        def open_run(self, uid, start): pass
+        def write(self, r): kept.extend(r.frames.seq_nums.tolist())
+        def close_run(self, uid, s): pass
+
+    cb = ReconstructionCallback(model=CDIModel(flaky, device="cpu", precision="fp32"), sinks=[Keep()],
+                                batch_size=16, max_latency=0.2)
+    _scan(RE, cb, 20, {})
+    assert cb.flush(30)
+    cb.close()
+    assert kept == list(range(1, 21)) and cb.stats()["frames_failed"] == 0
+    assert max(flaky.calls) > 3 and "retrying in halves" in caplog.text

@@ -61,7 +61,7 @@ class ReconstructionCallback:
 
     def __init__(self, *, model: CDIModel | None = None, image_key: str | None = None, bin: int = 1,
                  mask: np.ndarray | None = None, sinks: list[Sink] | None = None, batch_size: int = 256,
-                 max_latency: float = 0.01, max_queued_frames: int = 100_000,
+                 max_latency: float = 0.01, max_queued_frames: int = 20_000,
                  handler_registry: dict | None = None):
         self.model = model if model is not None else load_model()
         self.image_key = image_key
@@ -106,6 +106,8 @@ class ReconstructionCallback:
 
     # -- shared by the per-run routers ----------------------------------------------------
     def reject(self, run_uid: str, seq_nums, reason: str) -> None:
+        """Count frames as rejected under the reason's category (its text before the first colon:
+        bad shape, bad dtype, empty frame, unreadable, unfilled, unknown descriptor) and log why."""
         seq = list(np.atleast_1d(seq_nums))
         self.rejected[reason.split(":")[0]] += len(seq)
         logger.warning("run %s seq_num %s: %s", run_uid, seq if len(seq) > 1 else seq[0], reason)
@@ -116,15 +118,15 @@ class ReconstructionCallback:
         received = time.monotonic()
         frames = np.asarray(frames)
         if frames.dtype.kind not in "biuf":
-            self.reject(run_uid, seq_nums, f"frame dtype {frames.dtype} is not numeric")
+            self.reject(run_uid, seq_nums, f"bad dtype: frame dtype {frames.dtype} is not numeric")
             return None
         while frames.ndim > 3 and frames.shape[1] == 1:  # (n, 1, H, W) from ophyd-async
             frames = frames[:, 0]
         if frames.ndim != 3:
-            self.reject(run_uid, seq_nums, f"frames of shape {frames.shape[1:]} are not 2-D images")
+            self.reject(run_uid, seq_nums, f"bad shape: frames of shape {frames.shape[1:]} are not 2-D images")
             return None
         if self.mask is not None and self.mask.shape != frames.shape[1:]:
-            self.reject(run_uid, seq_nums, f"frame shape {frames.shape[1:]} does not match the mask {self.mask.shape}")
+            self.reject(run_uid, seq_nums, f"bad shape: frame shape {frames.shape[1:]} does not match the mask {self.mask.shape}")
             return None
         clean = clean_frames(frames, self.mask)
         empty = clean.reshape(len(clean), -1).max(axis=1) <= 0
@@ -168,21 +170,21 @@ class RunReconstructor(DocumentRouter):
     def event_page(self, doc):
         stream, key = self.streams.get(doc["descriptor"], (None, None))
         if stream is None:
-            self.owner.reject(self.uid, doc.get("seq_num", [-1]), "event for an unknown descriptor")
+            self.owner.reject(self.uid, doc.get("seq_num", [-1]), "unknown descriptor: event for an unknown descriptor")
             return doc
         if key is None or key not in doc["data"]:
             return doc  # not our detector, or its frames come through stream_datum
         seq = np.asarray(doc["seq_num"])
         if doc.get("filled", {}).get(key) is False:
-            self.owner.reject(self.uid, seq, "frames are unfilled references (no handler for their spec)")
+            self.owner.reject(self.uid, seq, "unfilled: frames are unfilled references (no handler for their spec)")
             return doc
         try:
             frames = np.asarray(doc["data"][key])
         except Exception as err:
-            self.owner.reject(self.uid, seq, f"unreadable frames: {err}")
+            self.owner.reject(self.uid, seq, f"unreadable: frames: {err}")
             return doc
         if frames.ndim < 2 or (frames.dtype == object):
-            self.owner.reject(self.uid, seq, f"frames of shape {frames.shape} are not 2-D images")
+            self.owner.reject(self.uid, seq, f"bad shape: frames of shape {frames.shape} are not 2-D images")
             return doc
         self._submit(stream, frames, seq, np.asarray(doc["time"], float))
         return doc
@@ -205,14 +207,14 @@ class RunReconstructor(DocumentRouter):
             with h5py.File(path, "r", swmr=True) as f:
                 frames = f[resource["parameters"]["dataset"]][start:stop]
         except Exception as err:
-            self.owner.reject(self.uid, seq, f"cannot read frames from {resource.get('uri')}: {err}")
+            self.owner.reject(self.uid, seq, f"unreadable: cannot read frames from {resource.get('uri')}: {err}")
             return doc
         self._submit(stream, frames, seq, np.full(len(seq), time.time()))
         return doc
 
     def _submit(self, stream: str, frames: np.ndarray, seq: np.ndarray, times: np.ndarray) -> None:
         if len(frames) != len(seq):
-            self.owner.reject(self.uid, seq, f"{len(frames)} frames for {len(seq)} events")
+            self.owner.reject(self.uid, seq, f"bad shape: {len(frames)} frames for {len(seq)} events")
             return
         block = self.owner.crop_block(self.uid, stream, frames, seq, times)
         if block is not None:
@@ -221,4 +223,5 @@ class RunReconstructor(DocumentRouter):
 
     def stop(self, doc):
         self.owner.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen})
+        self.owner.runs.pop(self.uid, None)  # a beamline runs for days: keep nothing per finished run
         return doc

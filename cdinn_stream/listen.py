@@ -56,7 +56,8 @@ class Tally:
 
 def listen(address: str, *, count: int | None = None, timeout: float | None = None, plot: str | None = None,
            quiet: bool = False) -> dict:
-    """Print one line per message from ``address``; stop after ``count`` frames or ``timeout`` s of silence.
+    """Print one line per message from ``address``; stop after ``count`` frames or ``timeout`` s of silence
+    (heartbeats do not break a silence).
 
     With ``plot=PATH``, the latest amplitude and phase are saved as a PNG at every stop message.
     Returns counts: messages, frames, runs, and frames missed (see :class:`Tally`).
@@ -68,10 +69,16 @@ def listen(address: str, *, count: int | None = None, timeout: float | None = No
     tally = Tally()
     latest = None
     try:
+        last = time.monotonic()
         while count is None or tally.frames < count:
-            if not sock.poll(int(timeout * 1000) if timeout else None):
+            left = None if timeout is None else timeout - (time.monotonic() - last)
+            if left is not None and left <= 0:
+                break  # silence: heartbeats alone do not count as activity
+            if not sock.poll(None if left is None else int(left * 1000) + 1):
                 break
             topic, header, amp, phase = decode_message(sock.recv_multipart())
+            if topic != "cdinn.heartbeat":
+                last = time.monotonic()
             missed = tally.add(topic, header, amp)
             if amp is not None:
                 latest = (header, amp[-1], phase[-1])

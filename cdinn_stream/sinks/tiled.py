@@ -96,12 +96,20 @@ class TiledSink:
     # -- the server ----------------------------------------------------------------------
     def _parent_container(self):
         if self._parent is None:
-            if self.parent_name in self.client:
-                self._parent = self.client[self.parent_name]
-            else:
-                self._parent = self.client.create_container(self.parent_name,
-                                                            metadata={"description": "cdinn-stream reconstructions"})
+            self._parent = self._container(self.parent_name)
         return self._parent
+
+    def _container(self, name: str):
+        """The top-level container ``name``, created if missing (another writer may create it at the
+        same moment: then use theirs)."""
+        if name in self.client:
+            return self.client[name]
+        try:
+            return self.client.create_container(name, metadata={"description": "cdinn-stream reconstructions"})
+        except Exception:
+            if name in self.client:
+                return self.client[name]
+            raise
 
     def _went_away(self, err: BaseException, what: str) -> None:
         if self.online:
@@ -240,9 +248,8 @@ class TiledSink:
     def _reopen(self, manifest: dict) -> dict:
         """The run's container and arrays as the spool left them (``written`` frames in Tiled)."""
         run_uid = manifest["run_uid"]
-        parent = self._parent_container() if manifest["parent"] == self.parent_name else (
-            self.client[manifest["parent"]] if manifest["parent"] in self.client
-            else self.client.create_container(manifest["parent"]))
+        parent = self._parent_container() if manifest["parent"] == self.parent_name else self._container(
+            manifest["parent"])
         if manifest["written"] == 0 or run_uid not in parent:
             if run_uid in parent:
                 parent.delete_contents(run_uid, recursive=True, external_only=False)

@@ -208,3 +208,141 @@ def test_model_failing_on_a_batch_retries_in_halves_and_loses_nothing(RE, model,
     cb.close()
     assert kept == list(range(1, 21)) and cb.stats()["frames_failed"] == 0
     assert max(flaky.calls) > 3 and "retrying in halves" in caplog.text
+
+
+def test_killed_mid_run_then_replayed_from_tiled_gives_complete_identical_results(RE, tiled_server, tiled_client):
+    """`cdinn-stream serve` (its own process, behind a bluesky-0MQ-proxy) is killed mid-run; the raw run
+    is safe in Tiled, and `cdinn-stream replay` re-processes it: complete, and identical to an
+    uninterrupted pipeline that watched the same run."""
+    import subprocess
+    import sys
+    import time
+
+    from bluesky.callbacks.zmq import Publisher
+    from bluesky_tiled_plugins import TiledWriter
+
+    from cdinn_stream.demo import _free_port
+    from cdinn_stream.reconstruct import load_model
+
+    url, key = f"http://127.0.0.1:{tiled_server.port}", tiled_server.api_key
+    pin, pout = _free_port(), _free_port()
+    proxy = subprocess.Popen([sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--in-address",
+                              f"tcp://127.0.0.1:{pin}", "--out-address", f"tcp://127.0.0.1:{pout}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen([sys.executable, "-m", "cdinn_stream", "serve", "--zmq", f"tcp://127.0.0.1:{pout}",
+                              "--tiled-out", url, "--api-key", key, "--precision", "fp32", "--batch-size", "4"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    publisher = None
+    try:
+        assert "reconstructing documents" in serve.stdout.readline()
+        time.sleep(1.0)  # the dispatcher's subscription reaches the proxy
+        publisher = Publisher(f"tcp://127.0.0.1:{pin}")
+        time.sleep(0.3)
+        RE.subscribe(publisher)
+        RE.subscribe(TiledWriter(tiled_client))
+        reference = ReconstructionCallback(model=load_model("cdinn-32", device="cpu", precision="fp32"),
+                                           sinks=[TiledSink(tiled_client, parent="cdinn-reference")])
+        partial: list[int] = []
+
+        started = []
+        RE.subscribe(lambda name, doc: started.append(doc["uid"]) if name == "start" else None)
+
+        def kill():  # once the served pipeline has stored some frames of this run
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                run = tiled_client["cdinn"].get(started[-1]) if "cdinn" in tiled_client else None
+                if run is not None and "seq_num" in run and len(run["seq_num"].read()):
+                    break
+                time.sleep(0.1)
+            partial.append(len(run["seq_num"].read()) if run is not None and "seq_num" in run else 0)
+            serve.kill()
+            serve.wait()
+
+        uid = _scan(RE, reference, 24, {12: kill})
+        assert reference.flush(60)
+        reference.close()
+    finally:
+        if publisher is not None:
+            publisher.close()
+        serve.kill()
+        proxy.terminate()
+        proxy.wait(5)
+    assert 0 < partial[0] < 24, "the served pipeline was killed with part of the run stored"
+    assert not tiled_client["cdinn"][uid].metadata["complete"], "the killed process never finished the run"
+    assert main(["replay", uid, "--tiled", url, "--api-key", key, "--parent", "cdinn", "--precision", "fp32"]) == 0
+    _check_complete(tiled_client, uid, 24)
+    again, ref = tiled_client["cdinn"][uid], tiled_client["cdinn-reference"][uid]
+    for k in ("amplitude", "phase"):
+        np.testing.assert_allclose(again[k].read(), ref[k].read(), rtol=0, atol=1e-5, err_msg=k)
+
+
+def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client):
+    """Two RunEngines publish into one bluesky-0MQ-proxy at the same time, one of them twice in a
+    row; `cdinn-stream serve` reconstructs all three runs into their own containers, each equal
+    to a pipeline that saw only that run."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from bluesky import RunEngine
+    from bluesky.callbacks.zmq import Publisher
+
+    from cdinn_stream.demo import _free_port
+    from cdinn_stream.reconstruct import load_model
+
+    url, key = f"http://127.0.0.1:{tiled_server.port}", tiled_server.api_key
+    pin, pout = _free_port(), _free_port()
+    proxy = subprocess.Popen([sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--in-address",
+                              f"tcp://127.0.0.1:{pin}", "--out-address", f"tcp://127.0.0.1:{pout}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen([sys.executable, "-m", "cdinn_stream", "serve", "--zmq", f"tcp://127.0.0.1:{pout}",
+                              "--tiled-out", url, "--api-key", key, "--precision", "fp32", "--batch-size", "8"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    model = load_model("cdinn-32", device="cpu", precision="fp32")
+    uids: dict[str, int] = {}
+    errors: list = []
+
+    def beamline(seed: int, runs: int, n: int):
+        try:
+            RE = RunEngine({}, context_managers=[])
+            publisher = Publisher(f"tcp://127.0.0.1:{pin}")
+            time.sleep(0.3)
+            RE.subscribe(publisher)
+            ref = ReconstructionCallback(model=model, sinks=[TiledSink(tiled_client, parent="cdinn-reference")])
+            RE.subscribe(ref)
+            for _ in range(runs):
+                peak, strain = make_motors(48.0)
+                source = BCDIFrameSource(OperandoCrystal(32, seed=seed), frame_shape=(96, 96), peak_motor=peak,
+                                         strain_motor=strain, seed=seed)
+                (uid,) = RE(scan([make_detector(source)], strain, 0, 1, peak, 40, 56, n))
+                uids[uid] = n
+            ref.flush(60)
+            ref.close()
+            publisher.close()
+        except Exception as err:  # reported by the main thread
+            errors.append(err)
+
+    try:
+        assert "reconstructing documents" in serve.stdout.readline()
+        time.sleep(1.0)
+        threads = [threading.Thread(target=beamline, args=(11, 2, 15)), threading.Thread(target=beamline, args=(12, 1, 25))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not all(
+                u in tiled_client["cdinn"] and tiled_client["cdinn"][u].metadata.get("complete") for u in uids):
+            time.sleep(0.2)
+    finally:
+        serve.terminate()
+        serve.wait(10)
+        proxy.terminate()
+        proxy.wait(5)
+    assert len(uids) == 3
+    for uid, n in uids.items():
+        _check_complete(tiled_client, uid, n)
+        served, ref = tiled_client["cdinn"][uid], tiled_client["cdinn-reference"][uid]
+        np.testing.assert_allclose(served["amplitude"].read(), ref["amplitude"].read(), rtol=0, atol=1e-5)

@@ -36,7 +36,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(out_dir=Path(args.out), size=args.size, widths=args.widths,
                       convs_per_stage=args.convs_per_stage, space_to_depth=args.space_to_depth, n_train=args.n_train, n_val=args.n_val,
                       batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, lr=args.lr,
-                      seed=args.seed, max_minutes=args.max_minutes, photons=args.photons, threads=args.threads,
+                      seed=args.seed, max_minutes=args.max_minutes, threads=args.threads,
+                      photons=None if args.photons is None else (args.photons[0] if len(args.photons) == 1
+                                                                 else tuple(args.photons[:2])),
+                      background=args.background,
                       remove_ramp=args.remove_ramp,
                       init_weights=args.init_weights, phase_weight=args.phase_weight,
                       offset_invariant=not args.absolute_phase, support_weight=args.support_weight,
@@ -48,12 +51,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, report_table
+    from .evaluate import PHOTON_DECADES, evaluate, report_table
     from .reconstruct import load_model
 
     model = load_model(args.model, device=args.device, precision=args.precision)
     report = evaluate(model, args.out, n=args.n, seed=args.seed, photons=args.photons, erhio=not args.no_erhio,
-                      erhio_iterations=args.iterations, refine_iterations=args.refine_iterations)
+                      erhio_iterations=args.iterations, refine_iterations=args.refine_iterations,
+                      noise=None if args.noise is None else tuple(args.noise or PHOTON_DECADES))
     print(report_table(report))
     print(f"report and figures in {args.out}/ (report.json, report.md, examples.png, best.png, worst.png)")
     return 0
@@ -260,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=4, help="epochs without improvement before stopping")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--photons", type=float, default=None, help="train on Poisson-noisy patterns")
+    t.add_argument("--photons", type=float, nargs="+", default=None, metavar="N",
+                   help="train on Poisson-noisy patterns: photons per frame, or LOW HIGH for a log-uniform range "
+                        "(e.g. --photons 1e4 1e7)")
+    t.add_argument("--background", type=float, default=0.0, help="background counts per pixel with --photons")
     t.add_argument("--remove-ramp", action="store_true",
                    help="simulate strain relative to the mean lattice (linear phase ramp removed)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch past this budget")
@@ -289,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--refine-iterations", type=int, default=100,
                    help="iterations of NN-seeded ER/HIO refinement (0: skip)")
     e.add_argument("--no-erhio", action="store_true", help="skip the ER/HIO baseline")
+    e.add_argument("--noise", type=float, nargs="*", default=None, metavar="PHOTONS",
+                   help="also score the NN with Poisson noise at these photons per frame "
+                        "(--noise alone: 1e4 1e5 1e6 1e7)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="inference precision (default auto: bf16 where the hardware has it natively, else fp32)")

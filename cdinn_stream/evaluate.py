@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import score
+from .metrics import chi2, score
 from .phase_retrieval import ITERATIONS, er_hio
 from .physics import far_field
 from .plots import plot_chi2_extremes, plot_examples
@@ -25,7 +25,10 @@ from .reconstruct import CDIModel
 from .simulate import simulate
 from .timing import machine_info, time_call
 
-__all__ = ["evaluate", "summarize", "report_table", "EVAL_SEED"]
+__all__ = ["evaluate", "noise_sweep", "summarize", "report_table", "EVAL_SEED", "PHOTON_DECADES"]
+
+#: Photons per frame of the noise sweep (one per decade).
+PHOTON_DECADES = (1e4, 1e5, 1e6, 1e7)
 
 #: Seed of the evaluation set: never used in training (seed 0) or in choosing models (20251125, 777, 4242).
 EVAL_SEED = 31_415_926
@@ -48,10 +51,32 @@ def _time_nn(model: CDIModel, intensity: np.ndarray) -> tuple[object, float, flo
     return rec, batched, float(np.median(singles))
 
 
+def noise_sweep(model: CDIModel, photons: tuple[float, ...] = PHOTON_DECADES, *, n: int = 1000,
+                seed: int = EVAL_SEED) -> dict[str, dict]:
+    """The NN on the same ``n`` crystals, noise-free and with Poisson noise at each photon count.
+
+    Accuracy is scored against the truth: ``chi2`` against the noise-free pattern, support IoU
+    and phase RMSE against the object; ``chi2_measured`` is against the noisy pattern the network
+    saw (it includes the noise itself). Keys: ``"clean"`` and ``f"{photons:g}"``.
+    """
+    clean = simulate(n, model.size, seed=seed)
+    out: dict[str, dict] = {}
+    for level in (None, *photons):
+        noisy = clean if level is None else simulate(n, model.size, seed=seed, photons=level)
+        rec = model.predict(noisy.intensity)
+        m = score(rec.amplitude, rec.phase, clean.amplitude, clean.phase, clean.intensity)
+        m["chi2_measured"] = chi2(rec.amplitude, rec.phase, noisy.intensity).numpy()
+        out["clean" if level is None else f"{level:g}"] = summarize(m)
+    return out
+
+
 def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int = EVAL_SEED,
              photons: float | None = None, erhio: bool = True, erhio_iterations: int = ITERATIONS,
-             refine_iterations: int = 100) -> dict:
-    """Evaluate ``model`` on ``n`` fresh samples; write the report and figures to ``out_dir``."""
+             refine_iterations: int = 100, noise: tuple[float, ...] | None = None) -> dict:
+    """Evaluate ``model`` on ``n`` fresh samples; write the report and figures to ``out_dir``.
+
+    ``noise``: photon counts per frame for a :func:`noise_sweep` of the NN (in the report under
+    ``"noise"``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = model.size
@@ -95,6 +120,8 @@ def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int =
             "best_vs_best": min(pr_batched, pr_single) / min(nn_batched, nn_single),
         }
 
+    if noise:
+        report["noise"] = noise_sweep(model, tuple(noise), n=n, seed=seed)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "per_frame.json").write_text(json.dumps(per_frame))
     (out / "report.md").write_text(report_table(report))
@@ -133,4 +160,21 @@ def report_table(report: dict) -> str:
         sp = report["speedup_nn_vs_erhio"]
         lines += ["", f"NN speed-up over {report['methods']['erhio']['iterations']}-iteration ER/HIO: "
                   f"batched {sp['batched']:.0f}x, single pattern {sp['single']:.0f}x, best vs best {sp['best_vs_best']:.0f}x."]
+    if "noise" in report:
+        lines += ["", noise_table(report["noise"])]
     return "\n".join(lines) + "\n"
+
+
+def noise_table(sweep: dict[str, dict]) -> str:
+    """Markdown table of a :func:`noise_sweep`: medians and their ratio to the noise-free value."""
+    clean = sweep["clean"]
+    lines = ["NN accuracy against photons per frame (Poisson noise; medians, ratio to noise-free in brackets; chi2 "
+             "against the noise-free pattern, chi2 measured against the noisy one):", "",
+             "| photons / frame | support IoU | phase RMSE (rad) | chi2 | chi2 measured |", "|---|---|---|---|---|"]
+    for level, m in sweep.items():
+        cells = []
+        for key in ("support_iou", "phase_rmse", "chi2"):
+            v, c = m[key]["median"], clean[key]["median"]
+            cells.append(f"{v:.4f} ({v / c:.2f}x)" if level != "clean" else f"{v:.4f}")
+        lines.append(f"| {level} | {' | '.join(cells)} | {m['chi2_measured']['median']:.4f} |")
+    return "\n".join(lines)

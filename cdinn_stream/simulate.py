@@ -203,14 +203,33 @@ def diffraction_intensity(amplitude: np.ndarray, phase: np.ndarray, *, pad: int 
     return (np.abs(far_field(obj.astype(np.complex64))) ** 2).astype(np.float32)
 
 
+Photons = float | tuple[float, float] | None
+
+
+def photons_per_frame(rng: np.random.Generator, photons: Photons, n: int) -> np.ndarray | None:
+    """``(n, 1, 1)`` photon totals: ``photons`` itself, or for a ``(low, high)`` range one draw per
+    frame, log-uniform (as many frames at 1e4-1e5 as at 1e6-1e7)."""
+    if photons is None:
+        return None
+    if isinstance(photons, tuple | list):
+        lo, hi = (float(v) for v in photons)
+        if not 0 < lo <= hi:
+            raise ValueError(f"photon range must be 0 < low <= high, got {photons}")
+        return 10 ** rng.uniform(np.log10(lo), np.log10(hi), (n, 1, 1))
+    return np.full((n, 1, 1), float(photons))
+
+
 def add_noise(
-    rng: np.random.Generator, intensity: np.ndarray, *, photons: float | None, background: float = 0.0
+    rng: np.random.Generator, intensity: np.ndarray, *, photons: Photons, background: float = 0.0
 ) -> np.ndarray:
-    """Detector counts: scale each frame to ``photons`` in total, add ``background`` per pixel,
-    then draw Poisson counts. ``photons=None`` keeps the noise-free intensity (plus background)."""
+    """Detector counts: scale each frame to ``photons`` in total (a number, or a ``(low, high)``
+    range drawn log-uniformly per frame), add ``background`` per pixel, then draw Poisson counts.
+    ``photons=None`` keeps the noise-free intensity (plus background)."""
     out = intensity.astype(np.float64)
     if photons is not None:
-        out = out * (photons / out.sum(axis=(-2, -1), keepdims=True).clip(1e-30))
+        total = photons_per_frame(rng, photons, len(out) if out.ndim == 3 else 1)
+        total = total if out.ndim == 3 else total[0]
+        out = out * (total / out.sum(axis=(-2, -1), keepdims=True).clip(1e-30))
     out = out + background
     if photons is not None:
         out = rng.poisson(out)
@@ -222,7 +241,7 @@ def simulate(
     size: int = 32,
     *,
     seed: int = 0,
-    photons: float | None = None,
+    photons: Photons = None,
     background: float = 0.0,
     pad: int = 1,
     remove_ramp: bool = False,
@@ -234,7 +253,8 @@ def simulate(
         n: number of samples.
         size: frame size ``N`` of the object and (for ``pad=1``) of the diffraction pattern.
         seed: seed; the same seed always gives the same samples.
-        photons: total photons per frame for Poisson noise; ``None`` for noise-free intensity.
+        photons: total photons per frame for Poisson noise, or a ``(low, high)`` range drawn
+            log-uniformly per frame; ``None`` for noise-free intensity.
         background: constant background added per pixel (counts when ``photons`` is set).
         pad: zero-padding of the object before the transform (``2`` for oversampled patterns,
             as the paper's ER/HIO baseline uses; the pattern is then ``pad*N`` wide).

@@ -53,7 +53,9 @@ class TrainConfig:
         init_weights: start from these weights (fine-tuning) instead of random ones.
         seed: seed of the data, the initial weights and the shuffling.
         max_minutes: stop after the epoch that passes this wall-clock budget (``None``: no limit).
-        photons: Poisson noise (total photons per frame) in the training data; ``None``: clean.
+        photons: Poisson noise in the training data: total photons per frame, or a ``(low, high)``
+            range drawn log-uniformly per frame; ``None``: clean.
+        background: mean background counts per pixel added before the Poisson draw.
         remove_ramp: simulate strain relative to the mean lattice (linear phase ramp removed).
         threads: torch CPU threads (``None``: torch's default).
     """
@@ -76,7 +78,8 @@ class TrainConfig:
     init_weights: str | None = None
     seed: int = 0
     max_minutes: float | None = None
-    photons: float | None = None
+    photons: float | tuple[float, float] | None = None
+    background: float = 0.0
     remove_ramp: bool = False
     threads: int | None = None
     history: list[dict] = field(default_factory=list, repr=False)
@@ -92,7 +95,9 @@ class TrainConfig:
 def _tensors(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
     n = cfg.n_train + cfg.n_val
     with tqdm(total=n, desc="simulating", unit="sample", leave=False) as bar:
-        data = simulate(n, cfg.size, seed=cfg.seed, photons=cfg.photons, remove_ramp=cfg.remove_ramp,
+        photons = tuple(cfg.photons) if isinstance(cfg.photons, list | tuple) else cfg.photons
+        data = simulate(n, cfg.size, seed=cfg.seed, photons=photons, background=cfg.background,
+                        remove_ramp=cfg.remove_ramp,
                         progress=bar.update)
     x = normalized_amplitude(data.intensity).unsqueeze(1)
     return x, torch.from_numpy(data.amplitude), torch.from_numpy(data.phase)

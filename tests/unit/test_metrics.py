@@ -91,3 +91,15 @@ def test_iou_and_rmse_on_hand_made_cases():
     ph[0, 2:4, 2:6] = -0.3  # half the support off by -0.3, half by +0.3 -> rms 0.3 after the offset
     aligned = torch.from_numpy(t * np.exp(1j * ph))
     assert float(phase_rmse(aligned, t, np.zeros((1, 8, 8)))[0]) == pytest.approx(0.3, abs=1e-9)
+
+
+def test_noise_sweep_scores_against_the_truth(tiny_model):
+    from cdinn_stream.evaluate import noise_sweep, noise_table
+
+    sweep = noise_sweep(tiny_model, (1e3, 1e8), n=16, seed=3)
+    assert list(sweep) == ["clean", "1000", "1e+08"]
+    for m in sweep.values():
+        assert set(m) == {"chi2", "support_iou", "phase_rmse", "chi2_measured"}
+    # at 1e8 photons the network sees (almost) the clean pattern
+    assert abs(sweep["1e+08"]["chi2"]["median"] - sweep["clean"]["chi2"]["median"]) < 0.05 * sweep["clean"]["chi2"]["median"]
+    assert "| 1000 |" in noise_table(sweep)

@@ -110,3 +110,15 @@ def test_removing_the_phase_ramp_centres_the_brightest_pixel():
         peak = s.intensity.reshape(len(s), -1).argmax(axis=1)
         return np.mean(peak == 16 * 32 + 16)
     assert centred(flat) > 0.9 > 0.6 > centred(plain)
+
+
+def test_photon_range_is_log_uniform_per_frame():
+    d = simulate(3000, 32, seed=5, photons=(1e4, 1e7))
+    decades = np.log10(d.intensity.sum(axis=(1, 2)))
+    assert 3.99 < decades.min() and decades.max() < 7.01
+    counts = np.histogram(decades, bins=[4, 5, 6, 7])[0]
+    assert counts.min() > 0.8 * counts.max(), "as many frames in each decade"
+    same = simulate(3000, 32, seed=5)
+    np.testing.assert_array_equal(d.amplitude, same.amplitude)  # noise does not change the crystals
+    with pytest.raises(ValueError, match="photon range"):
+        simulate(4, 32, photons=(1e5, 1e4))

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["FrameBlock", "RunMarker", "ResultBlock", "Sink"]
+__all__ = ["FrameBlock", "RunMarker", "ResultBlock", "RefinedBlock", "Sink"]
 
 
 @dataclass
@@ -97,3 +97,28 @@ class Sink(Protocol):
 
     def close_run(self, run_uid: str, summary: dict) -> None:
         """Every frame of the run has been written; ``summary`` holds the stop document and counts."""
+
+
+@dataclass
+class RefinedBlock:
+    """NN-seeded ER/HIO refinements of some frames of one run (the pipeline's second result type).
+
+    Attributes:
+        frames: identity and measured crops of the refined frames (a subset of a run's frames).
+        amplitude: ``(n, size, size)`` float32, scaled to a maximum of 1.
+        phase: ``(n, size, size)`` float32 radians, 0 outside the support.
+        chi2_nn: ``(n,)`` chi^2 of the network's result against the measured crop.
+        chi2_refined: ``(n,)`` chi^2 of the refined result against the measured crop.
+        iterations: ER/HIO iterations run from the network's result.
+    """
+
+    frames: FrameBlock
+    amplitude: np.ndarray
+    phase: np.ndarray
+    chi2_nn: np.ndarray
+    chi2_refined: np.ndarray
+    iterations: int
+
+    @property
+    def run_uid(self) -> str:
+        return self.frames.run_uid

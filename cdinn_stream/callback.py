@@ -57,18 +57,23 @@ class ReconstructionCallback:
         max_latency: seconds a frame may wait for a batch to fill.
         max_queued_frames: bound of the queue (see :mod:`cdinn_stream.engine` for the policy).
         handler_registry: handlers to fill resource/datum frames (default: ``NPY_SEQ``).
+        refine_every: also refine every ``refine_every``-th frame (by seq_num) with NN-seeded
+            ER/HIO, published as a second result type (0: only frames asked for with
+            :meth:`refine`); see :mod:`cdinn_stream.refine`.
+        refine_iterations: ER/HIO iterations of a refinement.
     """
 
     def __init__(self, *, model: CDIModel | None = None, image_key: str | None = None, bin: int = 1,
                  mask: np.ndarray | None = None, sinks: list[Sink] | None = None, batch_size: int = 256,
                  max_latency: float = 0.01, max_queued_frames: int = 20_000,
-                 handler_registry: dict | None = None):
+                 handler_registry: dict | None = None, refine_every: int = 0, refine_iterations: int = 50):
         self.model = model if model is not None else load_model()
         self.image_key = image_key
         self.bin = bin
         self.mask = mask
         self.engine = InferenceEngine(self.model, sinks, batch_size=batch_size, max_latency=max_latency,
-                                      max_queued_frames=max_queued_frames)
+                                      max_queued_frames=max_queued_frames, refine_every=refine_every,
+                                      refine_iterations=refine_iterations)
         self.rejected: Counter[str] = Counter()
         self.runs: dict[str, RunReconstructor] = {}
         registry = default_handler_registry() if handler_registry is None else handler_registry
@@ -94,7 +99,14 @@ class ReconstructionCallback:
 
     def stats(self) -> dict:
         """Counters of the engine plus the rejected frames and documents."""
-        return {**self.engine.stats.summary(), "sinks": self.engine.sink_summary(), "rejected": dict(self.rejected)}
+        r = self.engine.refiner
+        return {**self.engine.stats.summary(), "sinks": self.engine.sink_summary(), "rejected": dict(self.rejected),
+                "refined": {"frames": r.frames_refined, "dropped": r.frames_dropped}}
+
+    def refine(self, run_uid: str, seq_nums) -> None:
+        """Ask for an NN-seeded ER/HIO refinement of these frames of ``run_uid`` (published as
+        ``cdinn.refined`` / Tiled ``refined_*``) when their network results arrive."""
+        self.engine.request_refine(run_uid, seq_nums)
 
     def flush(self, timeout: float | None = 60.0) -> bool:
         """Wait until every queued frame and run end is published."""

@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
+from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker, Sink
 from .physics import normalized_amplitude
 from .publish import SinkThread
 from .reconstruct import CDIModel
+from .refine import Refiner
 
 __all__ = ["FrameBlock", "ResultBlock", "Sink", "InferenceEngine", "EngineStats"]
 
@@ -69,10 +70,12 @@ class InferenceEngine:
     """Bounded queue + one worker thread: batch, infer, publish (see the module docstring)."""
 
     def __init__(self, model: CDIModel, sinks: list[Sink] | None = None, *, batch_size: int = 256,
-                 max_latency: float = 0.01, max_queued_frames: int = 20_000, block_timeout: float = 1.0):
+                 max_latency: float = 0.01, max_queued_frames: int = 20_000, block_timeout: float = 1.0,
+                 refine_every: int = 0, refine_iterations: int = 50):
         self.model = model
         self.sinks: list[Sink] = list(sinks or [])
         self.sink_threads = [SinkThread(s) for s in self.sinks]
+        self.refiner = Refiner(self._publish_refined, every=refine_every, iterations=refine_iterations)
         self.batch_size = batch_size
         self.max_latency = max_latency
         self.max_queued_frames = max_queued_frames
@@ -140,7 +143,17 @@ class InferenceEngine:
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(0.05 if left is None else min(left, 0.05))
+        if not self.refiner.drain(run_uid, None if end is None else max(end - time.monotonic(), 0)):
+            return False
         return all(t.drain(None if end is None else max(end - time.monotonic(), 0)) for t in self.sink_threads)
+
+    def request_refine(self, run_uid: str, seq_nums) -> None:
+        """Refine these frames (NN-seeded ER/HIO) when their network results arrive."""
+        self.refiner.request(run_uid, seq_nums)
+
+    def _publish_refined(self, block: RefinedBlock) -> None:
+        for t in self.sink_threads:
+            t.put(block)
 
     @property
     def queued_frames(self) -> int:
@@ -158,6 +171,7 @@ class InferenceEngine:
             self._closed = True
             self._cond.notify_all()
         self._worker.join(timeout)
+        self.refiner.close(timeout)
         for t in self.sink_threads:
             t.close(timeout)
 
@@ -238,6 +252,7 @@ class InferenceEngine:
                 self.stats.latencies.extend(result.latency.tolist())
                 for t in self.sink_threads:
                     t.put(result)
+                self.refiner.offer(result)
             self._finish(blocks)
 
     @staticmethod
@@ -252,6 +267,8 @@ class InferenceEngine:
         return [FrameBlock.concat(g) for g in groups]
 
     def _marker(self, marker: RunMarker) -> None:
+        if marker.kind == "close":
+            self.refiner.drain(marker.run_uid, timeout=300)  # a run's refinements come before its end
         for t in self.sink_threads:
             t.put(marker)
         with self._cond:

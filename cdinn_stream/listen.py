@@ -80,7 +80,12 @@ def listen(address: str, *, count: int | None = None, timeout: float | None = No
             if topic != "cdinn.heartbeat":
                 last = time.monotonic()
             missed = tally.add(topic, header, amp)
-            if amp is not None:
+            if topic == "cdinn.refined":
+                if not quiet:
+                    print(f"{header['run_uid'][:8]} refined seq {header['seq_num']} ({header['iterations']} ER/HIO "
+                          f"iterations): chi2 {np.median(header['chi2_nn']):.4f} -> "
+                          f"{np.median(header['chi2_refined']):.4f}", flush=True)
+            elif amp is not None:
                 latest = (header, amp[-1], phase[-1])
                 if not quiet:
                     seq = header["seq_num"]

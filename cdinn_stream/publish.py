@@ -12,7 +12,8 @@ Back-pressure: a sink's queue holds at most ``max_queued_frames`` frames. Past t
 that sink are dropped, counted in its ``frames_dropped`` and logged as a warning with the run uid
 and seq_nums -- the other sinks still get them. Run markers are never dropped, so a sink always
 sees ``open_run`` ... ``close_run`` in order. A sink's exception is logged with context and
-counted in ``errors``; its thread goes on. A sink with an ``idle()`` method has it called about
+counted in ``errors``; its thread goes on. Refined results (:mod:`cdinn_stream.refine`) go to
+sinks that have a ``write_refined`` method. A sink with an ``idle()`` method has it called about
 once a second while nothing comes (the ZeroMQ sink sends a heartbeat).
 """
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
+from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker, Sink
 
 __all__ = ["SinkThread", "SinkStats"]
 
@@ -81,8 +82,8 @@ class SinkThread:
         self._thread = threading.Thread(target=self._run, name=f"cdinn-sink-{self.name}", daemon=True)
         self._thread.start()
 
-    def put(self, item: ResultBlock | RunMarker) -> None:
-        """Queue a result or a run marker; never blocks."""
+    def put(self, item: ResultBlock | RunMarker | RefinedBlock) -> None:
+        """Queue a result, a refined result or a run marker; never blocks."""
         with self._cond:
             if isinstance(item, ResultBlock):
                 n = len(item.frames)
@@ -142,6 +143,8 @@ class SinkThread:
                 for group in _groups(items, self.max_write_frames):
                     if isinstance(group, RunMarker):
                         self._marker(group)
+                    elif isinstance(group, RefinedBlock):
+                        self._refined(group)
                     else:
                         self._write(merge_results(group))
             finally:
@@ -171,6 +174,17 @@ class SinkThread:
         self.stats.frames_written += len(f)
         self.stats.latencies.extend((time.monotonic() - f.received).tolist())
 
+    def _refined(self, block: RefinedBlock) -> None:
+        write = getattr(self.sink, "write_refined", None)
+        if write is None:
+            return
+        try:
+            write(block)
+        except Exception:
+            self.stats.errors += 1
+            logger.exception("sink %s failed on refined frames of run %s seq_nums %s", self.name, block.run_uid,
+                             block.frames.seq_nums.tolist())
+
     def _marker(self, marker: RunMarker) -> None:
         try:
             if marker.kind == "open":
@@ -182,13 +196,13 @@ class SinkThread:
             logger.exception("sink %s failed to %s run %s", self.name, marker.kind, marker.run_uid)
 
 
-def _groups(items: list[ResultBlock | RunMarker], max_frames: int) -> list[RunMarker | list[ResultBlock]]:
+def _groups(items: list, max_frames: int) -> list:
     """Markers alone; consecutive results of the same run and stream together, up to
     ``max_frames`` frames a group (a single larger result stays whole)."""
     out: list = []
     count = 0
     for item in items:
-        if isinstance(item, RunMarker):
+        if not isinstance(item, ResultBlock):  # markers and refined results stand alone
             out.append(item)
             continue
         n = len(item.frames)

@@ -12,7 +12,9 @@ user who knows the raw run finds its reconstruction next to it::
 
 Arrays: ``amplitude``, ``phase`` ``(N, h, w)`` float32; ``seq_num`` ``(N,)`` int64; ``time``
 ``(N,)`` float64; ``crop_origin`` and ``peak`` ``(N, 2)`` int64; ``latency_s`` ``(N,)`` float64.
-Each batch extends them with ``ArrayClient.patch(..., extend=True)``. The container's metadata
+Each batch extends them with ``ArrayClient.patch(..., extend=True)``. Refined frames (NN-seeded
+ER/HIO, :mod:`cdinn_stream.refine`) add ``refined_amplitude``, ``refined_phase``,
+``refined_seq_num``, ``refined_chi2_nn`` and ``refined_chi2``. The container's metadata
 holds the model card, the raw run's start document, and at the end ``complete`` and counts.
 
 When the server cannot be reached (stopped, restarting, network down) nothing is lost: results
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..blocks import ResultBlock
+from ..blocks import RefinedBlock, ResultBlock
 from .spool import Spool
 
 __all__ = ["TiledSink"]
@@ -195,6 +197,29 @@ class TiledSink:
             logger.warning("Tiled unreachable at the end of run %s: %d frames kept in %s; write them later with "
                            "`cdinn-stream backfill --tiled URL --spool %s`", run_uid, self.spool.frames(run_uid),
                            self.spool.root / run_uid, self.spool.root)
+
+    def write_refined(self, block: RefinedBlock) -> None:
+        """Refined frames into the run's container: ``refined_amplitude``, ``refined_phase``,
+        ``refined_seq_num``, ``refined_chi2_nn``, ``refined_chi2`` (grown like the others). While
+        the server is away they are not spooled: the error is logged and counted."""
+        run = self._runs.get(block.run_uid)
+        if run is None or run["container"] is None or self.spool.has(block.run_uid):
+            raise ConnectionError(f"no Tiled container for run {block.run_uid} now: refined frames "
+                                  f"{block.frames.seq_nums.tolist()} not stored")
+        cols = {"refined_amplitude": np.ascontiguousarray(block.amplitude, np.float32),
+                "refined_phase": np.ascontiguousarray(block.phase, np.float32),
+                "refined_seq_num": block.frames.seq_nums.astype(np.int64),
+                "refined_chi2_nn": np.asarray(block.chi2_nn, np.float64),
+                "refined_chi2": np.asarray(block.chi2_refined, np.float64)}
+        arrays = run.setdefault("refined", {})
+        if not arrays:
+            for key, value in cols.items():
+                arrays[key] = run["container"].write_array(value, key=key)
+            run["n_refined"] = len(block.frames)
+        else:
+            for key, value in cols.items():
+                arrays[key].patch(value, offset=(run["n_refined"],), extend=True)
+            run["n_refined"] += len(block.frames)
 
     # -- writing -------------------------------------------------------------------------
     def _create(self, run_uid: str, start: dict):

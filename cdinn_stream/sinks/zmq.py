@@ -2,14 +2,16 @@
 
 Every message is multipart::
 
-    [topic, header, amplitude, phase]          topic b"cdinn.result"
+    [topic, header, amplitude, phase]          topic b"cdinn.result" / b"cdinn.refined"
     [topic, header]                            topic b"cdinn.start" / b"cdinn.stop" / b"cdinn.heartbeat"
 
 ``header`` is UTF-8 JSON. For results: ``version`` (1), ``run_uid``, ``stream``, ``seq_num``
 (list, one per frame), ``time`` (event times), ``shape`` ``[n, h, w]``, ``dtype`` (``"float32"``),
 ``crop_origin`` and ``peak`` (``[[row, col], ...]`` in detector pixels), ``latency_s`` (pipeline
 entry to model output, per frame), ``published`` (send time) and ``run_frames`` (frames of the
-run published so far, this message included). ``amplitude`` and ``phase``
+run published so far, this message included). Refined results (NN-seeded ER/HIO of selected
+frames, :mod:`cdinn_stream.refine`) have the same layout plus ``iterations``, ``chi2_nn`` and
+``chi2_refined`` (per frame, against the measured crop). ``amplitude`` and ``phase``
 are the raw C-ordered buffers of ``n`` frames. For start/stop: ``run_uid`` and the document.
 A heartbeat (:meth:`ZmqPublisherSink.heartbeat`, sent every second while the pipeline is idle)
 carries ``time``, ``frames_sent`` and ``runs`` (frames published per recent run): a subscriber
@@ -34,9 +36,9 @@ from collections import OrderedDict
 import numpy as np
 import zmq
 
-from ..engine import ResultBlock
+from ..blocks import RefinedBlock, ResultBlock
 
-__all__ = ["ZmqPublisherSink", "decode_message", "DEFAULT_ADDRESS", "TOPIC_RESULT"]
+__all__ = ["ZmqPublisherSink", "decode_message", "DEFAULT_ADDRESS", "TOPIC_RESULT", "TOPIC_REFINED"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ TOPIC_RESULT = b"cdinn.result"
 TOPIC_START = b"cdinn.start"
 TOPIC_STOP = b"cdinn.stop"
 TOPIC_HEARTBEAT = b"cdinn.heartbeat"
+TOPIC_REFINED = b"cdinn.refined"
 
 
 def _json(obj) -> bytes:
@@ -94,6 +97,16 @@ class ZmqPublisherSink:
         self.messages_sent += 1
         self.frames_sent += len(amp)
 
+    def write_refined(self, block: RefinedBlock) -> None:
+        f = block.frames
+        amp = np.ascontiguousarray(block.amplitude, np.float32)
+        header = {"version": 1, "run_uid": f.run_uid, "stream": f.stream, "seq_num": f.seq_nums, "time": f.times,
+                  "shape": list(amp.shape), "dtype": "float32", "crop_origin": f.origins, "peak": f.peaks,
+                  "iterations": block.iterations, "chi2_nn": block.chi2_nn, "chi2_refined": block.chi2_refined,
+                  "published": time.time()}
+        self._socket.send_multipart([TOPIC_REFINED, _json(header), amp,
+                                     np.ascontiguousarray(block.phase, np.float32)], copy=False)
+
     def close_run(self, run_uid: str, summary: dict) -> None:
         self._socket.send_multipart([TOPIC_STOP, _json({"version": 1, "run_uid": run_uid, **summary})])
 
@@ -121,10 +134,10 @@ def decode_message(parts: list[bytes]) -> tuple[str, dict, np.ndarray | None, np
     """``(topic, header, amplitude, phase)`` of a received multipart message (arrays for results)."""
     topic = bytes(parts[0]).decode()
     header = json.loads(bytes(parts[1]))
-    if topic != TOPIC_RESULT.decode():
+    if topic not in (TOPIC_RESULT.decode(), TOPIC_REFINED.decode()):
         return topic, header, None, None
     if len(parts) != 4:
-        raise ValueError(f"a result message has 4 parts, got {len(parts)}")
+        raise ValueError(f"a {topic} message has 4 parts, got {len(parts)}")
     shape = tuple(header["shape"])
     amp = np.frombuffer(parts[2], dtype=header["dtype"]).reshape(shape)
     phase = np.frombuffer(parts[3], dtype=header["dtype"]).reshape(shape)

@@ -144,3 +144,41 @@ def test_end_to_end_accuracy_is_within_1_5x_of_clean(RE, zmq_pair):
           f"evaluation set {clean_chi2_median(shipped):.4f}")
     assert live_median <= 1.5 * same_median, (live_median, same_median)
     assert live_median <= 1.5 * clean_chi2_median(shipped), (live_median, clean_chi2_median(shipped))
+
+
+def test_live_nn_seeded_refinement_is_a_second_result_type(RE, tiled_client, zmq_pair):
+    """Every 5th frame, and one frame asked for during the scan, get 50 ER/HIO iterations from the
+    network's result; they arrive over ZeroMQ (cdinn.refined) and in Tiled (refined_*), before the
+    run's end, with a lower chi^2 than the network's."""
+    from cdinn_stream.reconstruct import load_model
+
+    sink, collector = zmq_pair
+    cb = ReconstructionCallback(model=load_model("cdinn-32", device="cpu"), sinks=[sink, TiledSink(tiled_client)],
+                                max_latency=0.01, refine_every=5, refine_iterations=50)
+    RE.subscribe(cb)
+    uids = []
+    RE.subscribe(lambda name, doc: uids.append(doc["uid"]) if name == "start" else None)
+    source, peak, strain = _source(photons=1e6, background=0.5)
+
+    def frames():
+        if len(source.truth) == 1:
+            cb.refine(uids[-1], [7])  # a frame asked for while the scan runs
+        return source()
+
+    (uid,) = RE(scan([make_detector(frames)], strain, 0, 1, peak, 30, 70, 20))
+    assert cb.flush(60)
+    msgs = collector.drain()
+    refined = [m for m in msgs if m[0] == "cdinn.refined"]
+    seq = sorted(s for m in refined for s in m[1]["seq_num"])
+    assert seq == [5, 7, 10, 15, 20]
+    last_refined = max(i for i, m in enumerate(msgs) if m[0] == "cdinn.refined")
+    assert msgs[-1][0] == "cdinn.stop" and last_refined < len(msgs) - 1, "refinements come before the run's end"
+    before = np.concatenate([m[1]["chi2_nn"] for m in refined])
+    after = np.concatenate([m[1]["chi2_refined"] for m in refined])
+    print(f"live refinement: chi2 median {np.median(before):.4f} -> {np.median(after):.4f}")
+    assert np.median(after) < np.median(before)
+    rec = tiled_client["cdinn"][uid]
+    np.testing.assert_array_equal(np.sort(rec["refined_seq_num"].read()), [5, 7, 10, 15, 20])
+    assert rec["refined_amplitude"].read().shape == (5, 32, 32)
+    assert cb.stats()["refined"] == {"frames": 5, "dropped": 0}
+    cb.close()

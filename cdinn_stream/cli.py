@@ -39,7 +39,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       seed=args.seed, max_minutes=args.max_minutes, threads=args.threads,
                       photons=None if args.photons is None else (args.photons[0] if len(args.photons) == 1
                                                                  else tuple(args.photons[:2])),
-                      background=args.background,
+                      background=args.background, fourier_weight=args.fourier_weight,
                       remove_ramp=args.remove_ramp,
                       init_weights=args.init_weights, phase_weight=args.phase_weight,
                       offset_invariant=not args.absolute_phase, support_weight=args.support_weight,
@@ -111,6 +111,24 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
 
     print(f"serving {args.prefix}AMPLITUDE, {args.prefix}PHASE, ... on {args.interfaces} (Ctrl-C to stop)")
     run_ioc(args.prefix, interfaces=tuple(args.interfaces), max_size=args.max_size)
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .reconstruct import model_path
+    from .train import FinetuneConfig, finetune
+
+    with np.load(args.frames) as data:
+        if "intensity" not in data.files:
+            raise ValueError(f"{args.frames} has no 'intensity' array (it has {data.files})")
+        intensity = data["intensity"]
+    weights = args.init_weights if Path(args.init_weights).suffix == ".pt" else str(model_path(args.init_weights))
+    result = finetune(FinetuneConfig(intensity=intensity, init_weights=weights, out_dir=Path(args.out),
+                                     kind=args.kind, epochs=args.epochs, patience=args.patience, lr=args.lr,
+                                     threads=args.threads))
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
     return 0
 
 
@@ -268,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on Poisson-noisy patterns: photons per frame, or LOW HIGH for a log-uniform range "
                         "(e.g. --photons 1e4 1e7)")
     t.add_argument("--background", type=float, default=0.0, help="background counts per pixel with --photons")
+    t.add_argument("--fourier-weight", type=float, default=0.0,
+                   help="add the physics-aware |FT| loss with this weight (default 0)")
     t.add_argument("--remove-ramp", action="store_true",
                    help="simulate strain relative to the mean lattice (linear phase ramp removed)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch past this budget")
@@ -340,6 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--interfaces", nargs="+", default=["127.0.0.1"], help="addresses to bind (default 127.0.0.1)")
     i.add_argument("--max-size", type=int, default=128, help="largest frame side the waveforms hold")
     i.set_defaults(func=_cmd_ioc)
+
+    ft = sub.add_parser("finetune", help="fine-tune a model on unlabelled frames with the physics-aware loss",
+                        description="Fine-tune on frames without ground truth (measured data, or `cdinn-stream "
+                                    "simulate` output): the loss compares |FT| of the prediction with the measured "
+                                    "amplitudes (normalised squared error, 1 - Pearson correlation, or Poisson "
+                                    "likelihood at low counts). Writes OUT/best.pt, history.json and a curve PNG.")
+    ft.add_argument("frames", help=".npz with an 'intensity' array (n, N, N), Bragg peak at N//2")
+    ft.add_argument("--init-weights", default="cdinn-32", help="shipped model name or .pt (default cdinn-32)")
+    ft.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
+    ft.add_argument("--kind", choices=("nse", "pearson", "poisson"), default="nse", help="the |FT| loss (default nse)")
+    ft.add_argument("--epochs", type=int, default=10)
+    ft.add_argument("--patience", type=int, default=2)
+    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ft.set_defaults(func=_cmd_finetune)
 
     bf = sub.add_parser("backfill", help="write results spooled while Tiled was unreachable",
                         description="When the Tiled server was away at the end of a run, its results stay in the "

@@ -12,9 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .physics import SUPPORT_THRESHOLD, twin_phase_torch, twin_torch
+from .physics import SUPPORT_THRESHOLD, far_field_torch, twin_phase_torch, twin_torch
 
-__all__ = ["sample_losses", "twin_aware_loss"]
+__all__ = ["sample_losses", "twin_aware_loss", "fourier_loss"]
 
 
 #: Weight of the mean phase offset in the offset-invariant phase loss: it only keeps the
@@ -73,3 +73,38 @@ def twin_aware_loss(
     direct = sample_losses(shape_logits, phase_logits, amplitude, phase, **kw)
     mirrored = sample_losses(shape_logits, phase_logits, twin_torch(amplitude), twin_phase_torch(phase), **kw)
     return torch.minimum(direct, mirrored).mean()
+
+
+def fourier_loss(shape_logits: torch.Tensor, phase_logits: torch.Tensor, measured_amplitude: torch.Tensor, *,
+                 kind: str = "nse", photons: torch.Tensor | None = None) -> torch.Tensor:
+    """Physics-aware loss: the predicted object's ``|FT(a e^{i phi})|`` against the measured amplitudes.
+
+    Needs no ground truth, so a model can be fine-tuned on unlabelled measured frames; it is
+    blind to what ``|F|`` cannot see (shift, twin, global phase). ``measured_amplitude`` is
+    ``(B, N, N)`` or ``(B, 1, N, N)`` ``sqrt(I)`` on any scale (the best overall scale is fitted
+    per frame). ``kind``:
+
+    * ``"nse"``: normalised squared error ``sum (s|F| - M)^2 / sum M^2`` (the paper's chi^2);
+    * ``"pearson"``: ``1 -`` the Pearson correlation of ``|F|`` and ``M``;
+    * ``"poisson"``: Poisson negative log-likelihood of the counts ``(M^2 * photons / sum M^2)``
+      given the predicted intensity scaled to the same total (for low counts); ``photons`` is the
+      total count per frame, ``(B,)`` (default: ``sum M^2``, i.e. ``M`` are counts already).
+    """
+    m = measured_amplitude.reshape(shape_logits.shape).float()
+    amp = torch.sigmoid(shape_logits.float())
+    ph = (torch.sigmoid(phase_logits.float()) - 0.5) * (2 * math.pi)
+    f = far_field_torch(torch.polar(amp, ph)).abs()
+    dims = (-2, -1)
+    if kind == "nse":
+        scale = (f * m).sum(dims) / (f * f).sum(dims).clamp_min(1e-12)
+        return (((scale[:, None, None] * f - m) ** 2).sum(dims) / (m * m).sum(dims).clamp_min(1e-12)).mean()
+    if kind == "pearson":
+        fc, mc = f - f.mean(dims, keepdim=True), m - m.mean(dims, keepdim=True)
+        corr = (fc * mc).sum(dims) / ((fc * fc).sum(dims) * (mc * mc).sum(dims)).sqrt().clamp_min(1e-12)
+        return (1 - corr).mean()
+    if kind == "poisson":
+        total = (m * m).sum(dims) if photons is None else photons.float()
+        counts = m * m / (m * m).sum(dims, keepdim=True).clamp_min(1e-12) * total[:, None, None]
+        rate = f * f / (f * f).sum(dims, keepdim=True).clamp_min(1e-12) * total[:, None, None] + 1e-6
+        return ((rate - counts * rate.log()).sum(dims) / total.clamp_min(1)).mean()
+    raise ValueError(f"kind must be 'nse', 'pearson' or 'poisson', not {kind!r}")

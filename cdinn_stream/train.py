@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .losses import twin_aware_loss
+from .losses import fourier_loss, twin_aware_loss
 from .model import CDINN, ModelConfig
 from .physics import normalized_amplitude
 from .simulate import simulate
 from .weights import read_weights, save_weights
 
-__all__ = ["TrainConfig", "train", "plot_training_curve"]
+__all__ = ["TrainConfig", "train", "FinetuneConfig", "finetune", "plot_training_curve"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class TrainConfig:
             range drawn log-uniformly per frame; ``None``: clean.
         background: mean background counts per pixel added before the Poisson draw.
         remove_ramp: simulate strain relative to the mean lattice (linear phase ramp removed).
+        fourier_weight: weight of the physics-aware loss (:func:`~cdinn_stream.losses.fourier_loss`,
+            ``|FT|`` of the prediction against the input amplitudes) added to the supervised loss.
         threads: torch CPU threads (``None``: torch's default).
     """
 
@@ -80,6 +82,7 @@ class TrainConfig:
     max_minutes: float | None = None
     photons: float | tuple[float, float] | None = None
     background: float = 0.0
+    fourier_weight: float = 0.0
     remove_ramp: bool = False
     threads: int | None = None
     history: list[dict] = field(default_factory=list, repr=False)
@@ -103,17 +106,22 @@ def _tensors(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
     return x, torch.from_numpy(data.amplitude), torch.from_numpy(data.phase)
 
 
+def _loss(s: torch.Tensor, ph: torch.Tensor, x: torch.Tensor, a: torch.Tensor, p: torch.Tensor,
+          cfg: TrainConfig) -> torch.Tensor:
+    loss = twin_aware_loss(s, ph, a, p, phase_weight=cfg.phase_weight, offset_invariant=cfg.offset_invariant,
+                           support_weight=cfg.support_weight, support_pos_weight=cfg.support_pos_weight)
+    if cfg.fourier_weight:
+        loss = loss + cfg.fourier_weight * fourier_loss(s, ph, x)
+    return loss
+
+
 @torch.no_grad()
 def _validate(model: CDINN, x, a, p, cfg: TrainConfig) -> float:
     model.eval()
     total = 0.0
     for i in range(0, len(x), 1024):
         s, ph = model.forward_logits(x[i : i + 1024])
-        total += float(twin_aware_loss(s, ph, a[i : i + 1024], p[i : i + 1024],
-                                       phase_weight=cfg.phase_weight,
-                                       offset_invariant=cfg.offset_invariant,
-                                       support_weight=cfg.support_weight,
-                                       support_pos_weight=cfg.support_pos_weight)) * len(s)
+        total += float(_loss(s, ph, x[i : i + 1024], a[i : i + 1024], p[i : i + 1024], cfg)) * len(s)
     return total / len(x)
 
 
@@ -156,9 +164,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         for i in bar:
             idx = order[i : i + cfg.batch_size]
             s, ph = model.forward_logits(xt[idx])
-            loss = twin_aware_loss(s, ph, at[idx], pt[idx], phase_weight=cfg.phase_weight,
-                                   offset_invariant=cfg.offset_invariant, support_weight=cfg.support_weight,
-                                   support_pos_weight=cfg.support_pos_weight)
+            loss = _loss(s, ph, xt[idx], at[idx], pt[idx], cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -184,6 +190,84 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             break
     return {"history": history, "best_epoch": best_epoch + 1, "best_val_loss": best,
             "weights": str(out / "best.pt")}
+
+
+@dataclass
+class FinetuneConfig:
+    """Options of :func:`finetune`: fine-tuning on unlabelled frames with the physics-aware loss.
+
+    Attributes:
+        intensity: ``(n, N, N)`` measured (or simulated) intensities, Bragg peak at ``N // 2``.
+        init_weights: the weights to start from.
+        out_dir: where ``best.pt``, ``history.json`` and the curve PNG go.
+        kind: the :func:`~cdinn_stream.losses.fourier_loss` (``"nse"``, ``"pearson"``, ``"poisson"``).
+        val_fraction: frames held out to pick the best epoch and stop early.
+    """
+
+    intensity: object
+    init_weights: str
+    out_dir: Path = Path("runs/finetune")
+    kind: str = "nse"
+    epochs: int = 10
+    patience: int = 2
+    lr: float = 1e-4
+    batch_size: int = 256
+    val_fraction: float = 0.1
+    seed: int = 0
+    threads: int | None = None
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune on frames without ground truth: only ``|FT|`` of the prediction against the
+    measured amplitudes is scored. Returns the history and the best weights' path."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = read_weights(cfg.init_weights)
+    x = normalized_amplitude(torch.as_tensor(cfg.intensity, dtype=torch.float32)).unsqueeze(1)
+    if x.shape[-1] != model.config.size:
+        raise ValueError(f"frames are {tuple(x.shape[-2:])} but the model takes {model.config.size}x{model.config.size}")
+    n_val = max(1, int(len(x) * cfg.val_fraction))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+    xv, xt = x[order[:n_val]], x[order[n_val:]]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    @torch.no_grad()
+    def validate() -> float:
+        model.eval()
+        return sum(float(fourier_loss(*model.forward_logits(xv[i : i + 1024]), xv[i : i + 1024], kind=cfg.kind))
+                   * len(xv[i : i + 1024]) for i in range(0, len(xv), 1024)) / len(xv)
+
+    history = [{"epoch": 0, "train_loss": None, "val_loss": validate(), "seconds": 0.0}]
+    best, best_epoch, t0 = history[0]["val_loss"], 0, time.monotonic()
+    save_weights(model, out / "best.pt", meta={"epoch": 0, "val_loss": best, "finetune": cfg.kind})
+    for epoch in range(1, cfg.epochs + 1):
+        if epoch - best_epoch > cfg.patience:
+            break
+        model.train()
+        perm = torch.randperm(len(xt), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        running = 0.0
+        for i in tqdm(range(0, len(xt), cfg.batch_size), desc=f"finetune {epoch}/{cfg.epochs}", unit="batch"):
+            batch = xt[perm[i : i + cfg.batch_size]]
+            loss = fourier_loss(*model.forward_logits(batch), batch, kind=cfg.kind)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item() * len(batch)
+        val = validate()
+        history.append({"epoch": epoch, "train_loss": running / len(xt), "val_loss": val,
+                        "seconds": time.monotonic() - t0})
+        tqdm.write(f"epoch {epoch}: train {running / len(xt):.5f}, held-out {val:.5f} ({cfg.kind} |FT| loss)")
+        if val < best:
+            best, best_epoch = val, epoch
+            save_weights(model, out / "best.pt", meta={"epoch": epoch, "val_loss": val, "finetune": cfg.kind})
+    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "intensity"}
+    (out / "history.json").write_text(json.dumps({"recipe": {**recipe, "frames": len(x)}, "history": history},
+                                                 indent=1))
+    plot_training_curve([h for h in history if h["train_loss"] is not None], out / "training_curve.png")
+    return {"history": history, "best_epoch": best_epoch, "best_val_loss": best, "weights": str(out / "best.pt")}
 
 
 def plot_training_curve(history: list[dict], path: Path) -> None:

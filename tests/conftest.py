@@ -30,3 +30,13 @@ def tiny_model() -> CDIModel:
 def _spool_in_tmp(tmp_path, monkeypatch):
     """Results spooled for an unreachable Tiled server go to the test's folder, not ~/.cache."""
     monkeypatch.setenv("CDINN_SPOOL", str(tmp_path / "spool"))
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    """A small untrained model's weights file."""
+    from cdinn_stream.weights import save_weights
+
+    path = tmp_path / "tiny.pt"
+    save_weights(CDINN(ModelConfig(32, (4, 8, 16), 1, 2)), path)
+    return path

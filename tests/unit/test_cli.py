@@ -6,15 +6,6 @@ import numpy as np
 import pytest
 
 from cdinn_stream.cli import build_parser, main
-from cdinn_stream.model import CDINN, ModelConfig
-from cdinn_stream.weights import save_weights
-
-
-@pytest.fixture
-def tiny_weights(tmp_path):
-    path = tmp_path / "tiny.pt"
-    save_weights(CDINN(ModelConfig(32, (4, 8, 16), 1, 2)), path)
-    return path
 
 
 def test_help_lists_every_command(capsys):
@@ -22,9 +13,9 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("simulate", "train", "evaluate", "publish", "bench"):
+    for cmd in ("simulate", "train", "evaluate", "publish", "bench", "finetune", "backfill"):
         assert cmd in out
-    for cmd in ("simulate", "train", "evaluate", "publish", "bench"):
+    for cmd in ("simulate", "train", "evaluate", "publish", "bench", "finetune", "backfill"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([cmd, "--help"])
         assert "usage: cdinn-stream " + cmd in capsys.readouterr().out

@@ -1,8 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 
 from cdinn_stream.reconstruct import load_model
+from cdinn_stream.simulate import simulate
 from cdinn_stream.train import TrainConfig, train
 
 
@@ -28,3 +30,38 @@ def test_training_is_deterministic(tmp_path):
     a = train(TrainConfig(out_dir=tmp_path / "a", **kw))
     b = train(TrainConfig(out_dir=tmp_path / "b", **kw))
     assert a["history"][0]["val_loss"] == pytest.approx(b["history"][0]["val_loss"], rel=1e-6)
+
+
+def test_fourier_loss_is_zero_for_the_truth_and_blind_to_twin_and_shift():
+    import math
+
+    import torch
+
+    from cdinn_stream.losses import SUPPORT_LOGIT, fourier_loss  # noqa: F401
+    from cdinn_stream.physics import twin_torch
+
+    d = simulate(8, 32, seed=4)
+    m = torch.sqrt(torch.as_tensor(d.intensity))
+    a = torch.as_tensor(d.amplitude).clamp(1e-4, 1 - 1e-4)
+    p = torch.as_tensor(d.phase)
+    logits = (torch.log(a / (1 - a)), torch.logit((p / (2 * math.pi) + 0.5).clamp(1e-6, 1 - 1e-6)))
+    for kind in ("nse", "pearson", "poisson"):
+        assert float(fourier_loss(*logits, m, kind=kind)) < (1e-4 if kind != "poisson" else 10)
+    twin = twin_torch(torch.polar(a, p).conj())
+    ta, tp = twin.abs().clamp(1e-4, 1 - 1e-4), twin.angle()
+    shifted = (torch.roll(torch.log(ta / (1 - ta)), 3, -1), torch.roll(torch.logit((tp / (2 * math.pi) + 0.5).clamp(1e-6, 1 - 1e-6)), 3, -1))
+    assert float(fourier_loss(*shifted, m)) < 1e-3
+    wrong = (logits[0], torch.zeros_like(logits[1]) + 3.0 * torch.randn_like(logits[1]))
+    assert float(fourier_loss(*wrong, m)) > 0.05
+
+
+def test_finetune_on_unlabelled_frames_lowers_the_fourier_loss(tmp_path, tiny_weights):
+    from cdinn_stream.cli import main
+
+    d = simulate(600, 32, seed=8, photons=1e6)
+    np.savez(tmp_path / "frames.npz", intensity=d.intensity)
+    assert main(["finetune", str(tmp_path / "frames.npz"), "--init-weights", str(tiny_weights), "--out",
+                 str(tmp_path / "ft"), "--epochs", "3", "--lr", "3e-3"]) == 0
+    h = json.loads((tmp_path / "ft" / "history.json").read_text())["history"]
+    assert min(e["val_loss"] for e in h[1:]) < h[0]["val_loss"]
+    assert (tmp_path / "ft" / "best.pt").is_file()

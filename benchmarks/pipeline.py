@@ -267,6 +267,7 @@ def memory(model_name: str, precision: str, n_frames: int, page: int, rate: floa
     return {"frames": n_frames, "rate": rate, "precision": model.precision,
             "frames_in": stats["frames_in"], "frames_out": stats["frames_out"],
             "frames_rejected": sum(stats["rejected"].values()), "frames_dropped": stats["frames_dropped"],
+            "frames_failed": stats["frames_failed"],
             "frames_received_zmq": int(len(got["arrival"])),
             "frames_in_tiled": stats["sinks"]["TiledSink"]["frames_written"],
             "rss_mb": {"after_first_10pct": float(rss[tenth]), "peak": float(rss.max()), "end": float(rss[-1])},
@@ -312,6 +313,7 @@ def table(r: dict) -> list[str]:
             f"| resident memory over {mem['frames']} frames offered at {mem['rate']:.0f} frames/s: after 10% / peak / "
             f"end | {mem['rss_mb']['after_first_10pct']:.0f} / {mem['rss_mb']['peak']:.0f} / "
             f"{mem['rss_mb']['end']:.0f} MiB (growth {mem['growth_after_first_10pct_mb']:+.0f} MiB) | flat |",
-            f"| same run: largest queue, model / sinks; frames in = out + rejected + dropped | "
+            f"| same run: largest queue, model / sinks; frames into the model = out + dropped + failed; rejected | "
             f"{mem['max_queued_frames']['engine']} / {mem['max_queued_frames']['sinks']} frames; {mem['frames_in']} = "
-            f"{mem['frames_out']} + {mem['frames_rejected']} + {mem['frames_dropped']} | no growth |"]
+            f"{mem['frames_out']} + {mem['frames_dropped']} + {mem.get('frames_failed', 0)}; "
+            f"{mem['frames_rejected']} | no growth |"]

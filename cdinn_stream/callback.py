@@ -75,7 +75,6 @@ class ReconstructionCallback:
                                       max_queued_frames=max_queued_frames, refine_every=refine_every,
                                       refine_iterations=refine_iterations)
         self.rejected: Counter[str] = Counter()
-        self.runs: dict[str, RunReconstructor] = {}
         registry = default_handler_registry() if handler_registry is None else handler_registry
         self._router = RunRouter([self._factory], handler_registry=registry)
 
@@ -85,9 +84,7 @@ class ReconstructionCallback:
         return self.model.size
 
     def _factory(self, name: str, start: dict):
-        run = RunReconstructor(self, start)
-        self.runs[start["uid"]] = run
-        return [run], []
+        return [RunReconstructor(self, start)], []
 
     def __call__(self, name: str, doc: dict) -> None:
         try:
@@ -235,5 +232,4 @@ class RunReconstructor(DocumentRouter):
 
     def stop(self, doc):
         self.owner.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen})
-        self.owner.runs.pop(self.uid, None)  # a beamline runs for days: keep nothing per finished run
         return doc

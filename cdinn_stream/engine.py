@@ -40,6 +40,7 @@ from .physics import normalized_amplitude
 from .publish import SinkThread
 from .reconstruct import CDIModel
 from .refine import Refiner
+from .timing import latency_ms
 
 __all__ = ["FrameBlock", "ResultBlock", "Sink", "InferenceEngine", "EngineStats"]
 
@@ -59,11 +60,8 @@ class EngineStats:
 
     def summary(self) -> dict:
         """Counters and latency percentiles (milliseconds, frame in to model output)."""
-        lat = np.asarray(self.latencies, float)
         return {"frames_in": self.frames_in, "frames_out": self.frames_out, "frames_dropped": self.frames_dropped,
-                "frames_failed": self.frames_failed, "batches": self.batches,
-                "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else None,
-                "latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else None}
+                "frames_failed": self.frames_failed, "batches": self.batches, **latency_ms(self.latencies)}
 
 
 class InferenceEngine:
@@ -75,7 +73,8 @@ class InferenceEngine:
         self.model = model
         self.sinks: list[Sink] = list(sinks or [])
         self.sink_threads = [SinkThread(s) for s in self.sinks]
-        self.refiner = Refiner(self._publish_refined, every=refine_every, iterations=refine_iterations)
+        self.refiner = Refiner(self._publish_refined, self._publish_marker, every=refine_every,
+                               iterations=refine_iterations)
         self.batch_size = batch_size
         self.max_latency = max_latency
         self.max_queued_frames = max_queued_frames
@@ -155,6 +154,10 @@ class InferenceEngine:
         for t in self.sink_threads:
             t.put(block)
 
+    def _publish_marker(self, marker: RunMarker) -> None:
+        for t in self.sink_threads:
+            t.put(marker)
+
     @property
     def queued_frames(self) -> int:
         """Frames waiting for the model."""
@@ -165,8 +168,10 @@ class InferenceEngine:
         return {t.name: {**t.stats.summary(), "queued_frames": t.queued_frames} for t in self.sink_threads}
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Publish what is queued, then stop the worker."""
-        self.flush(timeout=timeout)
+        """Publish what is queued, then stop the worker (a warning says what was left)."""
+        if not self.flush(timeout=timeout):
+            logger.warning("closing with work left after %s s: %d frames queued for the model, %s for the sinks",
+                           timeout, self._queued, {t.name: t.queued_frames for t in self.sink_threads})
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -221,7 +226,8 @@ class InferenceEngine:
             if self.model.device.type != "cpu":
                 logger.warning("model failed on %s (%s); falling back to the CPU", self.model.device, err)
                 self.model = CDIModel(self.model.network.cpu(), name=self.model.name, card=self.model.card,
-                                      device="cpu", precision="auto")
+                                      device="cpu",
+                                      precision="auto" if self.model.precision == "fp16" else self.model.precision)
                 self._pin = False
                 return self._infer(frames)
             raise
@@ -268,9 +274,9 @@ class InferenceEngine:
 
     def _marker(self, marker: RunMarker) -> None:
         if marker.kind == "close":
-            self.refiner.drain(marker.run_uid, timeout=300)  # a run's refinements come before its end
-        for t in self.sink_threads:
-            t.put(marker)
+            self.refiner.forward(marker)  # after the run's refinements; the model does not wait
+        else:
+            self._publish_marker(marker)
         with self._cond:
             self._pending[marker.run_uid] -= 1
             if self._pending[marker.run_uid] == 0:

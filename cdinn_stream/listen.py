@@ -13,8 +13,8 @@ __all__ = ["listen", "Tally"]
 
 
 class Tally:
-    """Frames received per run, and frames missed: a run's stop message says how many frames the
-    pipeline published, so a subscriber that fell behind (past the publisher's high-water mark,
+    """Frames received per run, and frames missed: results, stop messages and heartbeats say how
+    many frames of a run the publisher sent (``run_frames``), so a subscriber that fell behind (past the publisher's high-water mark,
     where ZeroMQ drops messages for that subscriber) knows what it lost."""
 
     def __init__(self):
@@ -35,8 +35,8 @@ class Tally:
             self._published(uid, header.get("run_frames"))
         elif topic == "cdinn.start":
             self.received.setdefault(uid, 0)
-        elif topic == "cdinn.stop" and header.get("frames") is not None:
-            self._published(uid, header["frames"])
+        elif topic == "cdinn.stop":
+            self._published(uid, header.get("run_frames"))  # what the publisher sent, not what came in
             return self.missed.get(uid, 0)
         elif topic == "cdinn.heartbeat":
             for run, frames in (header.get("runs") or {}).items():
@@ -98,7 +98,7 @@ def listen(address: str, *, count: int | None = None, timeout: float | None = No
                     print(f"run {header['run_uid']} started", flush=True)
             elif topic == "cdinn.stop":
                 if not quiet:
-                    print(f"run {header['run_uid']} done: {header.get('frames')} frames"
+                    print(f"run {header['run_uid']} done: {header.get('run_frames')} frames published"
                           + (f"; MISSED {missed} (this subscriber fell behind the publisher)" if missed else ""),
                           flush=True)
                 if plot and latest is not None:

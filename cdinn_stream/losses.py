@@ -86,14 +86,15 @@ def fourier_loss(shape_logits: torch.Tensor, phase_logits: torch.Tensor, measure
 
     * ``"nse"``: normalised squared error ``sum (s|F| - M)^2 / sum M^2`` (the paper's chi^2);
     * ``"pearson"``: ``1 -`` the Pearson correlation of ``|F|`` and ``M``;
-    * ``"poisson"``: Poisson negative log-likelihood of the counts ``(M^2 * photons / sum M^2)``
-      given the predicted intensity scaled to the same total (for low counts); ``photons`` is the
-      total count per frame, ``(B,)`` (default: ``sum M^2``, i.e. ``M`` are counts already).
+    * ``"poisson"``: Poisson deviance (the negative log-likelihood up to a constant; 0 for a
+      perfect prediction) of the counts ``M^2 * photons / sum M^2`` given the predicted intensity
+      scaled to the same total (for low counts); ``photons`` is the total count per frame,
+      ``(B,)`` (default: ``sum M^2``, i.e. ``M`` are counts already).
     """
+    from .model import CDINN
+
     m = measured_amplitude.reshape(shape_logits.shape).float()
-    amp = torch.sigmoid(shape_logits.float())
-    ph = (torch.sigmoid(phase_logits.float()) - 0.5) * (2 * math.pi)
-    f = far_field_torch(torch.polar(amp, ph)).abs()
+    f = far_field_torch(torch.polar(*CDINN.outputs(shape_logits, phase_logits))).abs()
     dims = (-2, -1)
     if kind == "nse":
         scale = (f * m).sum(dims) / (f * f).sum(dims).clamp_min(1e-12)
@@ -106,5 +107,6 @@ def fourier_loss(shape_logits: torch.Tensor, phase_logits: torch.Tensor, measure
         total = (m * m).sum(dims) if photons is None else photons.float()
         counts = m * m / (m * m).sum(dims, keepdim=True).clamp_min(1e-12) * total[:, None, None]
         rate = f * f / (f * f).sum(dims, keepdim=True).clamp_min(1e-12) * total[:, None, None] + 1e-6
-        return ((rate - counts * rate.log()).sum(dims) / total.clamp_min(1)).mean()
+        deviance = rate - counts + counts * torch.log((counts + 1e-6) / rate)  # 0 where rate == counts
+        return (deviance.sum(dims) / total.clamp_min(1)).mean()
     raise ValueError(f"kind must be 'nse', 'pearson' or 'poisson', not {kind!r}")

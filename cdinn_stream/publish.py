@@ -2,8 +2,8 @@
 
 The inference worker hands every :class:`~cdinn_stream.engine.ResultBlock` and run marker to
 each :class:`SinkThread` and goes straight back to the model, so a slow sink (Tiled over HTTP)
-holds up neither the model nor a fast sink (ZeroMQ). A sink thread takes everything waiting in
-its queue at once and merges consecutive results of the same run and stream into writes of up
+holds up neither the model nor a fast sink (ZeroMQ). A sink thread takes what is waiting in
+its queue (up to a write's worth) and merges consecutive results of the same run and stream into writes of up
 to ``max_write_frames`` frames: the slower a sink is, the larger its writes and the fewer of them
 (one Tiled request per array per write, however many frames it holds), while no write holds
 more than a bounded amount of memory.
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker, Sink
+from .timing import latency_ms
 
 __all__ = ["SinkThread", "SinkStats"]
 
@@ -48,11 +49,8 @@ class SinkStats:
     latencies: deque = field(default_factory=lambda: deque(maxlen=100_000), repr=False)
 
     def summary(self) -> dict:
-        lat = np.asarray(self.latencies, float)
         return {"frames_written": self.frames_written, "frames_dropped": self.frames_dropped,
-                "writes": self.writes, "errors": self.errors,
-                "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else None,
-                "latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else None}
+                "writes": self.writes, "errors": self.errors, **latency_ms(self.latencies)}
 
 
 def merge_results(results: list[ResultBlock]) -> ResultBlock:
@@ -114,8 +112,10 @@ class SinkThread:
         return True
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Hand over what is queued, then stop the thread."""
-        self.drain(timeout)
+        """Hand over what is queued, then stop the thread (a warning says what was left)."""
+        if not self.drain(timeout):
+            logger.warning("%s did not take everything within %s s: %d frames left unwritten", self.name, timeout,
+                           self._queued)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -131,9 +131,13 @@ class SinkThread:
                 if time.monotonic() - quiet_since >= IDLE_INTERVAL and not self._queue:
                     self._idle()
                     quiet_since = time.monotonic()
-            items = list(self._queue)
-            self._queue.clear()
-            self._queued = 0
+            items, frames = [], 0  # at most about one write's worth: the queue count stays honest
+            while self._queue and frames < self.max_write_frames:
+                item = self._queue.popleft()
+                items.append(item)
+                if isinstance(item, ResultBlock):
+                    frames += len(item.frames)
+            self._queued -= frames
             self._busy = True
             return items
 

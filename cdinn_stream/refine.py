@@ -7,8 +7,9 @@ object and support (:func:`cdinn_stream.phase_retrieval.er_hio` with ``init``), 
 results with the reciprocal-space chi^2 against the measured crop, and hands a
 :class:`~cdinn_stream.blocks.RefinedBlock` to the sinks (ZeroMQ topic ``cdinn.refined``, Tiled
 arrays ``refined_*``). The fast path never waits for it; a run's end does (so a run's refined
-results come before its ``close_run``). The queue is bounded: past ``max_queued_frames`` frames
-selected frames are dropped, counted and logged.
+results come before its ``close_run``: the run's end passes through the refiner's queue). The
+queue is bounded: past ``max_queued_frames`` frames selected frames are dropped, counted and
+logged. Requests for frames that never came are reported at the run's end and forgotten.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .blocks import FrameBlock, RefinedBlock, ResultBlock
+from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker
 from .metrics import chi2
 from .phase_retrieval import er_hio
 from .physics import SUPPORT_THRESHOLD
@@ -49,16 +50,17 @@ def refine(intensity: np.ndarray, amplitude: np.ndarray, phase: np.ndarray, *, i
 class Refiner:
     """Selected frames -> batched NN-seeded ER/HIO in a thread -> ``publish(RefinedBlock)``."""
 
-    def __init__(self, publish: Callable[[RefinedBlock], None], *, every: int = 0, iterations: int = 50,
-                 max_queued_frames: int = 1024):
+    def __init__(self, publish: Callable[[RefinedBlock], None], forward_marker: Callable[[RunMarker], None], *,
+                 every: int = 0, iterations: int = 50, max_queued_frames: int = 1024):
         self.publish = publish
+        self.forward_marker = forward_marker
         self.every = every
         self.iterations = iterations
         self.max_queued_frames = max_queued_frames
         self.frames_refined = 0
         self.frames_dropped = 0
-        self._requested: set[tuple[str, int]] = set()
-        self._queue: deque[ResultBlock] = deque()
+        self._requested: dict[str, set[int]] = {}  # run uid -> seq_nums asked for
+        self._queue: deque[ResultBlock | RunMarker] = deque()
         self._queued = 0
         self._busy: set[str] = set()
         self._closed = False
@@ -69,17 +71,24 @@ class Refiner:
     def request(self, run_uid: str, seq_nums) -> None:
         """Refine these frames of ``run_uid`` when their network results arrive."""
         with self._cond:
-            self._requested.update((run_uid, int(s)) for s in np.atleast_1d(seq_nums))
+            self._requested.setdefault(run_uid, set()).update(int(s) for s in np.atleast_1d(seq_nums))
+
+    def forward(self, marker: RunMarker) -> None:
+        """Pass a run marker on to the sinks after the frames queued before it."""
+        with self._cond:
+            self._queue.append(marker)
+            self._cond.notify_all()
 
     def offer(self, result: ResultBlock) -> None:
         """Queue the frames of ``result`` that are selected (never blocks)."""
         seq = result.frames.seq_nums
         keep = (seq % self.every == 0) if self.every else np.zeros(len(seq), bool)
         with self._cond:
-            if self._requested:
-                asked = np.array([(result.run_uid, int(s)) in self._requested for s in seq])
-                self._requested.difference_update((result.run_uid, int(s)) for s in seq[asked])
-                keep |= asked
+            asked = self._requested.get(result.run_uid)
+            if asked:
+                hit = np.isin(seq, np.fromiter(asked, np.int64, len(asked)))
+                asked.difference_update(seq[hit].tolist())
+                keep |= hit
             if not keep.any():
                 return
             n = int(keep.sum())
@@ -121,18 +130,39 @@ class Refiner:
                     if self._closed:
                         return
                     self._cond.wait(0.1)
-                batch = list(self._queue)
+                items = list(self._queue)
                 self._queue.clear()
                 self._queued = 0
-                self._busy = {r.run_uid for r in batch}
+                self._busy = {r.run_uid for r in items}
             try:
-                self._refine(batch)
-            except Exception:
-                logger.exception("refinement failed for runs %s", sorted({r.run_uid for r in batch}))
+                batch: list[ResultBlock] = []
+                for item in items + [None]:
+                    if isinstance(item, ResultBlock):
+                        batch.append(item)
+                        continue
+                    if batch:  # everything before a marker (or the end) at once
+                        self._refine_safely(batch)
+                        batch = []
+                    if isinstance(item, RunMarker):
+                        self._end_of_run(item)
             finally:
                 with self._cond:
                     self._busy = set()
                     self._cond.notify_all()
+
+    def _end_of_run(self, marker: RunMarker) -> None:
+        with self._cond:
+            missing = self._requested.pop(marker.run_uid, set())
+        if missing:
+            logger.warning("run %s ended before frames %s asked for refinement arrived (not refined)",
+                           marker.run_uid, sorted(missing))
+        self.forward_marker(marker)
+
+    def _refine_safely(self, batch: list[ResultBlock]) -> None:
+        try:
+            self._refine(batch)
+        except Exception:
+            logger.exception("refinement failed for runs %s", sorted({r.run_uid for r in batch}))
 
     def _refine(self, batch: list[ResultBlock]) -> None:
         intensity = np.concatenate([r.frames.frames for r in batch])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["machine_info", "time_call"]
+__all__ = ["machine_info", "time_call", "latency_ms"]
 
 
 def machine_info() -> dict:
@@ -42,3 +42,9 @@ def time_call(fn, *, repeat: int = 5, min_seconds: float = 0.2) -> float:
                 break
         times.append(dt / n)
     return float(np.median(times))
+
+
+def latency_ms(seconds) -> dict[str, float | None]:
+    """``latency_p50_ms`` and ``latency_p99_ms`` of latencies in seconds (``None`` when empty)."""
+    lat = np.asarray(seconds, float)
+    return {f"latency_p{q}_ms": float(np.percentile(lat, q) * 1e3) if lat.size else None for q in (50, 99)}

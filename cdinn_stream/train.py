@@ -226,19 +226,23 @@ def finetune(cfg: FinetuneConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = read_weights(cfg.init_weights)
-    x = normalized_amplitude(torch.as_tensor(cfg.intensity, dtype=torch.float32)).unsqueeze(1)
+    raw = torch.as_tensor(cfg.intensity, dtype=torch.float32)
+    x = normalized_amplitude(raw).unsqueeze(1)
+    photons = raw.clamp_min(0).sum(dim=(-2, -1))  # the frames' counts, for the Poisson loss
     if x.shape[-1] != model.config.size:
         raise ValueError(f"frames are {tuple(x.shape[-2:])} but the model takes {model.config.size}x{model.config.size}")
     n_val = max(1, int(len(x) * cfg.val_fraction))
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
     xv, xt = x[order[:n_val]], x[order[n_val:]]
+    pv, pt = photons[order[:n_val]], photons[order[n_val:]]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     @torch.no_grad()
     def validate() -> float:
         model.eval()
-        return sum(float(fourier_loss(*model.forward_logits(xv[i : i + 1024]), xv[i : i + 1024], kind=cfg.kind))
-                   * len(xv[i : i + 1024]) for i in range(0, len(xv), 1024)) / len(xv)
+        return sum(float(fourier_loss(*model.forward_logits(xv[i : i + 1024]), xv[i : i + 1024], kind=cfg.kind,
+                                      photons=pv[i : i + 1024])) * len(xv[i : i + 1024])
+                   for i in range(0, len(xv), 1024)) / len(xv)
 
     history = [{"epoch": 0, "train_loss": None, "val_loss": validate(), "seconds": 0.0}]
     best, best_epoch, t0 = history[0]["val_loss"], 0, time.monotonic()
@@ -250,8 +254,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         perm = torch.randperm(len(xt), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         running = 0.0
         for i in tqdm(range(0, len(xt), cfg.batch_size), desc=f"finetune {epoch}/{cfg.epochs}", unit="batch"):
-            batch = xt[perm[i : i + cfg.batch_size]]
-            loss = fourier_loss(*model.forward_logits(batch), batch, kind=cfg.kind)
+            idx = perm[i : i + cfg.batch_size]
+            batch = xt[idx]
+            loss = fourier_loss(*model.forward_logits(batch), batch, kind=cfg.kind, photons=pt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

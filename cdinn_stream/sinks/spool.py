@@ -34,6 +34,7 @@ class Spool:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_spool_dir()
+        self._next: dict[str, int] = {}  # next chunk number per run (no directory listing per write)
 
     def _dir(self, run_uid: str) -> Path:
         if not run_uid or "/" in run_uid or run_uid.startswith("."):
@@ -74,8 +75,11 @@ class Spool:
 
     def append(self, run_uid: str, columns: dict[str, np.ndarray]) -> Path:
         """Add one write's columns after the run's last chunk."""
-        chunks = self.chunks(run_uid)
-        k = int(chunks[-1].stem.split("-")[1]) + 1 if chunks else 1
+        k = self._next.get(run_uid)
+        if k is None:
+            chunks = self.chunks(run_uid)
+            k = int(chunks[-1].stem.split("-")[1]) + 1 if chunks else 1
+        self._next[run_uid] = k + 1
         path = self._dir(run_uid) / f"chunk-{k:06d}.npz"
         tmp = path.with_name(path.stem + ".partial.npz")
         np.savez(tmp, **columns)
@@ -100,4 +104,5 @@ class Spool:
         return total
 
     def remove(self, run_uid: str) -> None:
+        self._next.pop(run_uid, None)
         shutil.rmtree(self._dir(run_uid), ignore_errors=True)

@@ -20,10 +20,10 @@ holds the model card, the raw run's start document, and at the end ``complete`` 
 When the server cannot be reached (stopped, restarting, network down) nothing is lost: results
 go to an on-disk spool (:mod:`cdinn_stream.sinks.spool`; ``spool_dir``, default
 ``$CDINN_SPOOL`` or ``~/.cache/cdinn-stream/spool``) and are written back, in order, as soon as
-the server answers again (probed every ``retry_interval`` seconds while results keep coming, and
-for ``close_timeout`` seconds at the end of a run); the run's container then ends ``complete``.
-If the server is still away when the run ends, the spool stays on disk and
-``cdinn-stream backfill --tiled URL`` writes it later. The first failing request takes the
+the server answers again (probed at most every ``retry_interval`` seconds, with each write and
+every second while idle); the run's container then ends ``complete``. If the process ends
+before the server is back, the spool stays on disk and ``cdinn-stream backfill --tiled URL``
+writes it later. The first failing request takes the
 Tiled client's own retries (``TILED_RETRY_TIMEOUT``, 45 s by default) before spooling starts.
 """
 
@@ -58,6 +58,8 @@ def _unreachable(err: BaseException) -> bool:
     """Whether ``err`` means the server could not be reached (as opposed to a bad request)."""
     import httpx
 
+    if isinstance(err, httpx.HTTPStatusError):  # a proxy's 502/503 while Tiled restarts, or too busy
+        return err.response.status_code >= 500 or err.response.status_code == 429
     return isinstance(err, (httpx.TransportError, ConnectionError, TimeoutError))
 
 
@@ -70,18 +72,15 @@ class TiledSink:
         model_card: stored in every run's metadata.
         spool_dir: where results wait while the server is unreachable.
         retry_interval: seconds between probes of an unreachable server.
-        close_timeout: seconds a run's end waits for an unreachable server before leaving its
-            results in the spool.
     """
 
     def __init__(self, client, *, parent: str = "cdinn", model_card: dict | None = None,
-                 spool_dir: str | Path | None = None, retry_interval: float = 2.0, close_timeout: float = 30.0):
+                 spool_dir: str | Path | None = None, retry_interval: float = 2.0):
         self.client = client
         self.parent_name = parent
         self.model_card = model_card or {}
         self.spool = Spool(spool_dir)
         self.retry_interval = retry_interval
-        self.close_timeout = close_timeout
         self.online = True
         self.frames_spooled = 0
         self._next_probe = 0.0
@@ -186,17 +185,18 @@ class TiledSink:
                 self.spool.begin(run_uid, parent=self.parent_name, start=run["start"], model_card=self.model_card,
                                  written=run["n"])
         self.spool.update(run_uid, close=end)
-        deadline = time.monotonic() + self.close_timeout
-        while self.spool.has(run_uid):
-            if self._probe():
-                self.backfill()
-            if not self.spool.has(run_uid) or time.monotonic() > deadline:
-                break
-            time.sleep(min(self.retry_interval, 0.5))
+        if self._probe():
+            self.backfill()
         if self.spool.has(run_uid):
-            logger.warning("Tiled unreachable at the end of run %s: %d frames kept in %s; write them later with "
-                           "`cdinn-stream backfill --tiled URL --spool %s`", run_uid, self.spool.frames(run_uid),
-                           self.spool.root / run_uid, self.spool.root)
+            logger.warning("run %s ended while Tiled is unreachable: %d frames wait in %s and are written when it "
+                           "answers again (or with `cdinn-stream backfill --tiled URL --spool %s`)", run_uid,
+                           self.spool.frames(run_uid), self.spool.root / run_uid, self.spool.root)
+
+    def idle(self) -> None:
+        """Called about once a second while no results come: write spooled results back if the
+        server answers again."""
+        if self.spool.runs() and self._probe():
+            self.backfill()
 
     def write_refined(self, block: RefinedBlock) -> None:
         """Refined frames into the run's container: ``refined_amplitude``, ``refined_phase``,

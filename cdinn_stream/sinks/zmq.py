@@ -9,7 +9,7 @@ Every message is multipart::
 (list, one per frame), ``time`` (event times), ``shape`` ``[n, h, w]``, ``dtype`` (``"float32"``),
 ``crop_origin`` and ``peak`` (``[[row, col], ...]`` in detector pixels), ``latency_s`` (pipeline
 entry to model output, per frame), ``published`` (send time) and ``run_frames`` (frames of the
-run published so far, this message included). Refined results (NN-seeded ER/HIO of selected
+run published so far, this message included; the stop message carries the run's total). Refined results (NN-seeded ER/HIO of selected
 frames, :mod:`cdinn_stream.refine`) have the same layout plus ``iterations``, ``chi2_nn`` and
 ``chi2_refined`` (per frame, against the measured crop). ``amplitude`` and ``phase``
 are the raw C-ordered buffers of ``n`` frames. For start/stop: ``run_uid`` and the document.
@@ -108,7 +108,8 @@ class ZmqPublisherSink:
                                      np.ascontiguousarray(block.phase, np.float32)], copy=False)
 
     def close_run(self, run_uid: str, summary: dict) -> None:
-        self._socket.send_multipart([TOPIC_STOP, _json({"version": 1, "run_uid": run_uid, **summary})])
+        self._socket.send_multipart([TOPIC_STOP, _json({"version": 1, "run_uid": run_uid, **summary,
+                                                         "run_frames": self._run_frames.get(run_uid, 0)})])
 
     def _count(self, run_uid: str, n: int) -> int:
         self._run_frames[run_uid] = self._run_frames.pop(run_uid, 0) + n

@@ -65,7 +65,9 @@ def test_a_sink_that_falls_behind_drops_counts_and_warns(caplog):
     gate = threading.Event()
     t = SinkThread(ListSink(gate), max_queued_frames=6)
     t.put(_result("r", 1, 3))  # taken by the thread, blocked in write
-    time.sleep(0.2)
+    end = time.monotonic() + 10
+    while not (t._busy and t.queued_frames == 0) and time.monotonic() < end:
+        time.sleep(0.01)
     for i in range(4):
         t.put(_result("r", 4 + 3 * i, 3))
     t.put(RunMarker("close", "r", {}))  # markers are never dropped

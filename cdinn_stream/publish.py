@@ -30,11 +30,23 @@ import numpy as np
 from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker, Sink
 from .timing import latency_ms
 
-__all__ = ["SinkThread", "SinkStats"]
+__all__ = ["SinkThread", "SinkStats", "wait_while"]
 
 logger = logging.getLogger(__name__)
 
 IDLE_INTERVAL = 1.0  # seconds without results before a sink's idle() is called
+
+
+def wait_while(cond: threading.Condition, busy, worker: threading.Thread, timeout: float | None) -> bool:
+    """Wait on ``cond`` while ``busy()``; False if ``timeout`` s pass or ``worker`` died first."""
+    end = None if timeout is None else time.monotonic() + timeout
+    with cond:
+        while busy():
+            left = None if end is None else end - time.monotonic()
+            if (left is not None and left <= 0) or not worker.is_alive():
+                return False
+            cond.wait(0.05 if left is None else min(left, 0.05))
+    return True
 
 
 @dataclass
@@ -102,14 +114,7 @@ class SinkThread:
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far has been handed to the sink."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._busy:
-                left = None if end is None else end - time.monotonic()
-                if (left is not None and left <= 0) or not self._thread.is_alive():
-                    return False
-                self._cond.wait(0.05 if left is None else min(left, 0.05))
-        return True
+        return wait_while(self._cond, lambda: bool(self._queue or self._busy), self._thread, timeout)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Hand over what is queued, then stop the thread (a warning says what was left)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker
 from .metrics import chi2
 from .phase_retrieval import er_hio
 from .physics import SUPPORT_THRESHOLD
+from .publish import wait_while
 
 __all__ = ["Refiner", "refine"]
 
@@ -106,15 +106,11 @@ class Refiner:
 
     def drain(self, run_uid: str | None = None, timeout: float | None = None) -> bool:
         """Wait until the queued frames (of ``run_uid``, or all) are refined and published."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while any(run_uid in (None, r.run_uid) for r in self._queue) or (
-                    self._busy if run_uid is None else run_uid in self._busy):
-                left = None if end is None else end - time.monotonic()
-                if (left is not None and left <= 0) or not self._thread.is_alive():
-                    return False
-                self._cond.wait(0.05 if left is None else min(left, 0.05))
-        return True
+        def busy() -> bool:
+            return any(run_uid in (None, r.run_uid) for r in self._queue) or bool(
+                self._busy if run_uid is None else run_uid in self._busy)
+
+        return wait_while(self._cond, busy, self._thread, timeout)
 
     def close(self, timeout: float | None = 30.0) -> None:
         self.drain(timeout=timeout)

@@ -37,6 +37,24 @@ def _scan(RE, cb, n, actions):
     return uid
 
 
+def _proxy_and_serve(url: str, key: str, *, batch_size: int):
+    """A bluesky-0MQ-proxy and `cdinn-stream serve` behind it (writing to Tiled at ``url``), each in
+    its own process; returns the proxy's input port and both processes."""
+    import subprocess
+    import sys
+
+    from cdinn_stream.demo import _free_port
+
+    pin, pout = _free_port(), _free_port()
+    proxy = subprocess.Popen([sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--in-address",
+                              f"tcp://127.0.0.1:{pin}", "--out-address", f"tcp://127.0.0.1:{pout}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen([sys.executable, "-m", "cdinn_stream", "serve", "--zmq", f"tcp://127.0.0.1:{pout}",
+                              "--tiled-out", url, "--api-key", key, "--precision", "fp32", "--batch-size",
+                              str(batch_size)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return pin, proxy, serve
+
+
 def _check_complete(client, uid, n):
     rec = client["cdinn"][uid]
     np.testing.assert_array_equal(rec["seq_num"].read(), np.arange(1, n + 1))
@@ -219,24 +237,15 @@ def test_killed_mid_run_then_replayed_from_tiled_gives_complete_identical_result
     """`cdinn-stream serve` (its own process, behind a bluesky-0MQ-proxy) is killed mid-run; the raw run
     is safe in Tiled, and `cdinn-stream replay` re-processes it: complete, and identical to an
     uninterrupted pipeline that watched the same run."""
-    import subprocess
-    import sys
     import time
 
     from bluesky.callbacks.zmq import Publisher
     from bluesky_tiled_plugins import TiledWriter
 
-    from cdinn_stream.demo import _free_port
     from cdinn_stream.reconstruct import load_model
 
     url, key = f"http://127.0.0.1:{tiled_server.port}", tiled_server.api_key
-    pin, pout = _free_port(), _free_port()
-    proxy = subprocess.Popen([sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--in-address",
-                              f"tcp://127.0.0.1:{pin}", "--out-address", f"tcp://127.0.0.1:{pout}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    serve = subprocess.Popen([sys.executable, "-m", "cdinn_stream", "serve", "--zmq", f"tcp://127.0.0.1:{pout}",
-                              "--tiled-out", url, "--api-key", key, "--precision", "fp32", "--batch-size", "4"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pin, proxy, serve = _proxy_and_serve(url, key, batch_size=4)
     publisher = None
     try:
         assert "reconstructing documents" in serve.stdout.readline()
@@ -285,25 +294,16 @@ def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client)
     """Two RunEngines publish into one bluesky-0MQ-proxy at the same time, one of them twice in a
     row; `cdinn-stream serve` reconstructs all three runs into their own containers, each equal
     to a pipeline that saw only that run."""
-    import subprocess
-    import sys
     import threading
     import time
 
     from bluesky import RunEngine
     from bluesky.callbacks.zmq import Publisher
 
-    from cdinn_stream.demo import _free_port
     from cdinn_stream.reconstruct import load_model
 
     url, key = f"http://127.0.0.1:{tiled_server.port}", tiled_server.api_key
-    pin, pout = _free_port(), _free_port()
-    proxy = subprocess.Popen([sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--in-address",
-                              f"tcp://127.0.0.1:{pin}", "--out-address", f"tcp://127.0.0.1:{pout}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    serve = subprocess.Popen([sys.executable, "-m", "cdinn_stream", "serve", "--zmq", f"tcp://127.0.0.1:{pout}",
-                              "--tiled-out", url, "--api-key", key, "--precision", "fp32", "--batch-size", "8"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pin, proxy, serve = _proxy_and_serve(url, key, batch_size=8)
     model = load_model("cdinn-32", device="cpu", precision="fp32")
     uids: dict[str, int] = {}
     errors: list = []

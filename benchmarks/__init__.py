@@ -31,14 +31,16 @@ __all__ = ["SUITES", "run_benchmarks", "bench_table"]
 
 
 def run_benchmarks(out_dir: str | Path, *, model_name: str = "cdinn-32", models: tuple[str, ...] = ("cdinn-32", "cdinn-64"),
-                   suites: tuple[str, ...] = SUITES, n: int = 1024, quick: bool = False) -> dict:
-    """Run ``suites``; write ``bench.json`` and ``bench.md`` to ``out_dir``; return the results."""
+                   suites: tuple[str, ...] = SUITES, n: int = 1024, quick: bool = False, device: str = "cpu") -> dict:
+    """Run ``suites``; write ``bench.json`` and ``bench.md`` to ``out_dir``; return the results.
+
+    ``device="cuda"`` runs the model suite (with CUDA graphs too) and the pipeline suite on the GPU."""
     unknown = set(suites) - set(SUITES)
     if unknown:
         raise ValueError(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": machine_info(), "default_model": model_name, "quick": quick,
+    results: dict = {"machine": machine_info(), "default_model": model_name, "quick": quick, "device": device,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if "simulate" in suites:
         n_sim = 4096 if quick else 200_000
@@ -47,11 +49,11 @@ def run_benchmarks(out_dir: str | Path, *, model_name: str = "cdinn-32", models:
             simulate(n_sim, 32, seed=1, progress=bar.update)
         results["simulate"] = {"samples": n_sim, "size": 32, "seconds": time.perf_counter() - t}
     if "model" in suites:
-        results["model"] = model.run(list(models), quick=quick)
+        results["model"] = model.run(list(models), quick=quick, device=device, cuda_graphs=device != "cpu")
     if "erhio" in suites:
         results["erhio"] = erhio.run(model_name, n=n, quick=quick)
     if "pipeline" in suites:
-        results["pipeline"] = pipeline.run(model_name, quick=quick)
+        results["pipeline"] = pipeline.run(model_name, quick=quick, device=device)
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     (out / "bench.md").write_text(bench_table(results))
     return results

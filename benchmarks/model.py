@@ -1,5 +1,5 @@
 """Model suite: frames/s and latency per batch size, size and precision; achieved FLOP/s
-against a matmul peak measured on the same machine."""
+against a matmul peak measured on the same machine (CPU, or a CUDA GPU with ``device="cuda"``)."""
 
 from __future__ import annotations
 
@@ -12,56 +12,83 @@ from cdinn_stream.simulate import simulate
 from cdinn_stream.timing import time_call
 
 BATCHES = (1, 4, 16, 64, 256, 1024)
+GPU_BATCHES = (1, 64, 1024, 4096, 16384)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
-    """GFLOP/s of an ``n x n`` matmul in ``dtype`` on the CPU (the practical peak of this machine)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    sec = time_call(lambda: a @ b, repeat=5)
+def _synced(fn, device: torch.device):
+    """``fn`` followed by a wait for the device (CUDA kernels run asynchronously)."""
+    if device.type != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize(device))
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, device: str | torch.device = "cpu") -> float:
+    """GFLOP/s of an ``n x n`` matmul in ``dtype`` on ``device`` (the practical peak of this machine)."""
+    dev = torch.device(device)
+    a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
+    sec = time_call(_synced(lambda: a @ b, dev), repeat=5)
     return 2 * n**3 / sec / 1e9
 
 
-def precisions() -> list[str]:
-    """fp32, and bf16 where this CPU has it natively."""
-    return ["fp32", "bf16"] if native_bf16(torch.device("cpu")) else ["fp32"]
+def precisions(device: torch.device = torch.device("cpu")) -> list[str]:
+    """fp32, and bf16 where the device has it natively (and fp16 on a GPU)."""
+    if device.type == "cuda":
+        return ["fp32", "bf16", "fp16"]
+    return ["fp32", "bf16"] if native_bf16(device) else ["fp32"]
 
 
-def run(models: list[str], *, quick: bool = False) -> dict:
-    """Throughput rows for each model and precision, and the matmul peaks."""
-    peaks = {"fp32": matmul_peak(torch.float32, 1024 if quick else 2048)}
-    if "bf16" in precisions():
-        peaks["bf16"] = matmul_peak(torch.bfloat16, 1024 if quick else 2048)
+def run(models: list[str], *, quick: bool = False, device: str = "cpu", cuda_graphs: bool = False) -> dict:
+    """Throughput rows for each model and precision, and the matmul peaks.
+
+    On a GPU the batches go up to 16,384 and, with ``cuda_graphs``, each row is measured a second
+    time with the network replayed as a captured CUDA graph."""
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    n_peak = 8192 if gpu else (1024 if quick else 2048)
+    peaks = {p: matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p], n_peak, dev)
+             for p in precisions(dev)}
+    batches = GPU_BATCHES if gpu else (BATCHES[:4] if quick else BATCHES)
     rows = []
     for name in models:
-        for precision in precisions():
-            cdi = load_model(name, device="cpu", precision=precision)
-            flops = count_flops(cdi.network)
-            frames = simulate(max(BATCHES), cdi.size, seed=7).intensity
-            prepared = normalized_amplitude(frames)
-            for bs in BATCHES[:4] if quick else BATCHES:
-                x, xt = frames[:bs], prepared[:bs]
-                api = time_call(lambda x=x: cdi.predict(x), repeat=3 if quick else 5)
-                net = time_call(lambda xt=xt: cdi.predict_tensor(xt), repeat=3 if quick else 5)
-                rows.append({"model": cdi.name, "size": cdi.size, "precision": precision, "batch": bs,
-                             "ms_per_batch": api * 1e3, "frames_per_s": bs / api, "us_per_frame": api / bs * 1e6,
-                             "network_us_per_frame": net / bs * 1e6, "mflop_per_frame": flops / 1e6,
-                             "network_gflop_per_s": flops * bs / net / 1e9,
-                             "fraction_of_matmul_peak": flops * bs / net / 1e9 / peaks[precision]})
-    return {"matmul_peak_gflop_per_s": peaks, "rows": rows}
+        for precision in precisions(dev):
+            for graphs in ((False, True) if gpu and cuda_graphs else (False,)):
+                cdi = load_model(name, device=dev, precision=precision, cuda_graphs=graphs)
+                flops = count_flops(cdi.network.cpu())
+                cdi.network.to(dev)
+                frames = simulate(max(batches), cdi.size, seed=7).intensity
+                prepared = normalized_amplitude(frames).to(dev)
+                timing = {"repeat": 3, "min_seconds": 0.1} if gpu or quick else {"repeat": 5}
+                for bs in batches:
+                    x, xt = frames[:bs], prepared[:bs]
+                    api = time_call(lambda x=x: cdi.predict(x, batch_size=max(bs, 1024)), **timing)
+                    net = time_call(_synced(lambda xt=xt: cdi.predict_tensor(xt), dev), **timing)
+                    rows.append({"model": cdi.name, "size": cdi.size, "precision": precision, "batch": bs,
+                                 "device": dev.type, "cuda_graphs": graphs,
+                                 "ms_per_batch": api * 1e3, "frames_per_s": bs / api, "us_per_frame": api / bs * 1e6,
+                                 "network_us_per_frame": net / bs * 1e6, "network_frames_per_s": bs / net,
+                                 "mflop_per_frame": flops / 1e6, "network_gflop_per_s": flops * bs / net / 1e9,
+                                 "fraction_of_matmul_peak": flops * bs / net / 1e9 / peaks[precision]})
+                del cdi
+    return {"device": torch.cuda.get_device_name(dev) if gpu else "cpu", "matmul_peak_gflop_per_s": peaks,
+            "matmul_n": n_peak, "rows": rows}
 
 
 def table(r: dict) -> list[str]:
     """Markdown lines for :func:`run` results."""
     p = r["matmul_peak_gflop_per_s"]
-    lines = ["## Model throughput (CPU)", "",
-             "Matmul peak measured in the same run: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items()) + ".",
-             "`predict` includes the input checks and scaling; the network columns time the bare call. "
-             "GFLOP/s count a direct convolution's operations: above 100% of the matmul peak means the library "
-             "computes with fewer (e.g. Winograd 3x3 convolutions).", "",
+    gpu = r.get("device", "cpu") != "cpu"
+    lines = [f"## Model throughput ({r['device'] if gpu else 'CPU'})", "",
+             f"Matmul peak measured in the same run ({r.get('matmul_n', 2048)}^3): "
+             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items()) + ".",
+             "`predict` includes the input checks, scaling and host<->device copies; the network columns time the "
+             "bare call on data already on the device. GFLOP/s count a direct convolution's operations: above 100% "
+             "of the matmul peak means the library computes with fewer (e.g. Winograd 3x3 convolutions).", "",
              "| model | precision | batch | ms / batch | frames/s | us / frame | network us / frame | "
-             "network GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {x['model']} ({x['size']}x{x['size']}, {x['mflop_per_frame']:.1f} MFLOP) | {x['precision']} | "
-              f"{x['batch']} | {x['ms_per_batch']:.3f} | {x['frames_per_s']:.0f} | {x['us_per_frame']:.1f} | "
-              f"{x['network_us_per_frame']:.1f} | {x['network_gflop_per_s']:.0f} | {x['fraction_of_matmul_peak']:.0%} |"
+             "network frames/s | network GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {x['model']} ({x['size']}x{x['size']}, {x['mflop_per_frame']:.1f} MFLOP) | {x['precision']}"
+              f"{' + CUDA graph' if x.get('cuda_graphs') else ''} | "
+              f"{x['batch']} | {x['ms_per_batch']:.3f} | {x['frames_per_s']:.0f} | {x['us_per_frame']:.2f} | "
+              f"{x['network_us_per_frame']:.2f} | {x.get('network_frames_per_s', 1e6 / x['network_us_per_frame']):.0f} | "
+              f"{x['network_gflop_per_s']:.0f} | {x['fraction_of_matmul_peak']:.1%} |"
               for x in r["rows"]]
     return lines

@@ -4,7 +4,6 @@ A neural network (CDI NN, Cherukara et al.) turns each measured diffraction patt
 sample's shape and phase in milliseconds. See the README for the conventions and the pipeline.
 """
 
-from .callback import ReconstructionCallback
 from .metrics import chi2, score
 from .model import CDINN, ModelConfig
 from .phase_retrieval import er_hio
@@ -26,3 +25,13 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The callback (event-model, the sinks) loads on first use: training, evaluation and the
+    # model need only numpy, scipy and torch.
+    if name == "ReconstructionCallback":
+        from .callback import ReconstructionCallback
+
+        return ReconstructionCallback
+    raise AttributeError(f"module 'cdinn_stream' has no attribute {name!r}")

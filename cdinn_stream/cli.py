@@ -24,8 +24,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     with tqdm(total=args.n, desc="simulating", unit="sample") as bar:
         data = simulate(args.n, args.size, seed=args.seed, photons=args.photons, background=args.background,
-                        pad=args.pad, remove_ramp=args.remove_ramp, progress=bar.update)
-    np.savez_compressed(args.out, intensity=data.intensity, amplitude=data.amplitude, phase=data.phase)
+                        pad=args.pad, remove_ramp=args.remove_ramp, progress=bar.update, workers=args.workers)
+    if args.out.endswith(".npz"):
+        np.savez_compressed(args.out, intensity=data.intensity, amplitude=data.amplitude, phase=data.phase)
+    else:  # a folder of .npy files: fast to write and memory-mapped by train --data
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        for key in ("intensity", "amplitude", "phase"):
+            np.save(Path(args.out) / f"{key}.npy", getattr(data, key))
     print(f"wrote {len(data)} samples to {args.out} (intensity {data.intensity.shape}, amplitude, phase)")
     return 0
 
@@ -43,7 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       remove_ramp=args.remove_ramp,
                       init_weights=args.init_weights, phase_weight=args.phase_weight,
                       offset_invariant=not args.absolute_phase, support_weight=args.support_weight,
-                      support_pos_weight=args.support_pos_weight)
+                      support_pos_weight=args.support_pos_weight, device=args.device, amp=not args.no_amp,
+                      fresh_noise=args.fresh_noise, data=args.data, workers=args.workers, schedule=args.schedule)
     result = train(cfg, resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
     print(f"training curve: {Path(args.out) / 'training_curve.png'}")
@@ -100,7 +106,7 @@ def _load_benchmarks():
 def _cmd_bench(args: argparse.Namespace) -> int:
     bench = _load_benchmarks()
     results = bench.run_benchmarks(args.out, model_name=args.model, models=tuple(args.models),
-                                   suites=tuple(args.suite), n=args.n, quick=args.quick)
+                                   suites=tuple(args.suite), n=args.n, quick=args.quick, device=args.device)
     print(bench.bench_table(results))
     print(f"results in {args.out}/bench.json and {args.out}/bench.md")
     return 0
@@ -251,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="write simulated samples (paper recipe) to an .npz file",
                        description="Simulate random convex crystals with smooth strain phase and their "
                                    "diffraction intensities, and save them as intensity/amplitude/phase arrays.")
-    s.add_argument("out", help="output .npz path")
+    s.add_argument("out", help="output .npz file, or a folder for intensity/amplitude/phase .npy files")
+    s.add_argument("--workers", type=int, default=1, help="processes (same samples for any number)")
     s.add_argument("-n", type=int, default=1000, help="number of samples (default 1000)")
     s.add_argument("--size", type=int, default=32, choices=(32, 64, 128), help="frame size N (default 32)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -301,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--support-pos-weight", type=float, default=8.0,
                    help="extra cost of a missed support pixel (default 8)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--device", default="cpu",
+                   help="cpu, cuda, or auto (CUDA when available); the data set is moved there (default cpu)")
+    t.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA (default: bf16 autocast)")
+    t.add_argument("--fresh-noise", action="store_true",
+                   help="draw new Poisson noise (--photons, --background) for every batch, on the device")
+    t.add_argument("--data", default=None,
+                   help="train on this folder of intensity/amplitude/phase .npy (or .npz) instead of simulating")
+    t.add_argument("--workers", type=int, default=1, help="processes simulating the data (same samples for any number)")
+    t.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
+                   help="plateau: halve the rate when validation stalls, with early stopping; cosine: decay to "
+                        "lr/100 over --max-minutes (or --epochs)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="score a model on fresh samples against ER/HIO; JSON + figures",
@@ -425,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["simulate", "model", "erhio", "pipeline"], help="suites to run (default all)")
     b.add_argument("-n", type=int, default=1024, help="patterns in the batched ER/HIO timing (default 1024)")
     b.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    b.add_argument("--device", default="cpu",
+                   help="cpu or cuda: cuda runs the model suite (also with CUDA graphs) and the pipeline on the GPU "
+                        "(default cpu)")
     b.set_defaults(func=_cmd_bench)
     return p
 

@@ -21,13 +21,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
+import torch
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import ConvexHull
 
 from .physics import SUPPORT_THRESHOLD, far_field
 
-__all__ = ["SimulatedSet", "simulate", "simulate_objects", "diffraction_intensity", "add_noise", "remove_phase_ramp", "strain_phase", "SIZES", "CHUNK"]
+__all__ = ["SimulatedSet", "simulate", "simulate_objects", "diffraction_intensity", "add_noise", "add_noise_torch", "remove_phase_ramp", "strain_phase", "SIZES", "CHUNK"]
 
 #: Frame sizes the recipe is tuned for.
 SIZES = (32, 64, 128)
@@ -236,6 +239,37 @@ def add_noise(
     return out.astype(np.float32)
 
 
+def add_noise_torch(intensity: torch.Tensor, *, photons: Photons, background: float = 0.0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Torch version of :func:`add_noise` on ``(n, N, N)`` intensities, on their device: fresh
+    Poisson counts for each call (training draws new noise for every batch)."""
+    out = intensity.float()
+    if photons is not None:
+        n = len(out)
+        if isinstance(photons, tuple | list):
+            lo, hi = (math.log10(float(v)) for v in photons)
+            u = torch.rand((n, 1, 1), generator=generator, device=out.device)
+            total = 10 ** (lo + (hi - lo) * u)
+        else:
+            total = torch.full((n, 1, 1), float(photons), device=out.device)
+        out = out * (total / out.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+    out = out + background
+    if photons is not None:
+        out = torch.poisson(out, generator=generator)
+    return out
+
+
+def _simulate_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One seeded chunk of :func:`simulate`: ``(intensity, amplitude, phase)`` of its first ``keep`` samples."""
+    seed, chunk, keep, size, pad, photons, background, remove_ramp = job
+    rng = np.random.default_rng(seed)
+    a, p = simulate_objects(rng, chunk, size, remove_ramp=remove_ramp)
+    a, p = a[:keep], p[:keep]
+    clean = diffraction_intensity(a, p, pad=pad)
+    noise_rng = np.random.default_rng(seed.spawn(1)[0])
+    return add_noise(noise_rng, clean, photons=photons, background=background), a, p
+
+
 def simulate(
     n: int,
     size: int = 32,
@@ -246,6 +280,7 @@ def simulate(
     pad: int = 1,
     remove_ramp: bool = False,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> SimulatedSet:
     """Generate ``n`` samples of ``size x size`` (32, 64 or 128) after the paper's recipe.
 
@@ -261,6 +296,8 @@ def simulate(
         remove_ramp: remove the linear phase ramp (see :func:`simulate_objects`); off by default,
             as in the recipe the shipped models were trained on.
         progress: called with the number of samples finished after each chunk.
+        workers: processes that simulate chunks in parallel; the samples are the same for any
+            number of workers (each chunk has its own seed).
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size}")
@@ -273,15 +310,25 @@ def simulate(
     intensity = np.empty((n, m, m), np.float32)
     amplitude = np.empty((n, size, size), np.float32)
     phase = np.empty((n, size, size), np.float32)
-    for c in range(chunks):
-        rng = np.random.default_rng(seeds[c])
-        lo, hi = c * chunk, min(n, (c + 1) * chunk)
-        a, p = simulate_objects(rng, chunk, size, remove_ramp=remove_ramp)
-        a, p = a[: hi - lo], p[: hi - lo]
-        amplitude[lo:hi], phase[lo:hi] = a, p
-        clean = diffraction_intensity(a, p, pad=pad)
-        noise_rng = np.random.default_rng(seeds[c].spawn(1)[0])
-        intensity[lo:hi] = add_noise(noise_rng, clean, photons=photons, background=background)
-        if progress is not None:
-            progress(hi - lo)
+    jobs = [(seeds[c], chunk, min(chunk, n - c * chunk), size, pad, photons, background, remove_ramp)
+            for c in range(chunks)]
+    if workers > 1 and chunks > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the workers run numpy and scipy only (and spawn would re-run a caller's __main__)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(min(workers, chunks), mp_context=multiprocessing.get_context(method))
+        results = pool.map(_simulate_chunk, jobs)
+    else:
+        pool, results = None, map(_simulate_chunk, jobs)
+    try:
+        for c, (i, a, p) in enumerate(results):
+            lo, hi = c * chunk, c * chunk + len(a)
+            intensity[lo:hi], amplitude[lo:hi], phase[lo:hi] = i, a, p
+            if progress is not None:
+                progress(hi - lo)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return SimulatedSet(intensity, amplitude, phase)

@@ -15,13 +15,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .losses import fourier_loss, twin_aware_loss
 from .model import CDINN, ModelConfig
 from .physics import normalized_amplitude
-from .simulate import simulate
+from .simulate import add_noise_torch, simulate
 from .weights import read_weights, save_weights
 
 __all__ = ["TrainConfig", "train", "FinetuneConfig", "finetune", "plot_training_curve"]
@@ -60,6 +61,19 @@ class TrainConfig:
         fourier_weight: weight of the physics-aware loss (:func:`~cdinn_stream.losses.fourier_loss`,
             ``|FT|`` of the prediction against the input amplitudes) added to the supervised loss.
         threads: torch CPU threads (``None``: torch's default).
+        device: where to train (``"cpu"``, ``"cuda"``, or ``"auto"``: CUDA when available). The
+            whole data set is moved there; on CUDA the network runs in bf16 autocast (``amp``).
+        amp: bf16 autocast on CUDA (the loss is computed in fp32).
+        fresh_noise: draw new Poisson noise (``photons``, ``background``) for every batch from
+            clean intensities, on the device, instead of noise fixed once in the data; the
+            validation set keeps one fixed draw.
+        data: a folder of ``intensity.npy``, ``amplitude.npy``, ``phase.npy`` (or an ``.npz``) to
+            train on instead of simulating; its first ``n_train`` samples train, the next ``n_val``
+            validate. With ``fresh_noise`` its intensities must be noise-free.
+        workers: processes simulating the data (same samples for any number).
+        schedule: ``"plateau"`` (halve the learning rate when the validation loss stalls) or
+            ``"cosine"`` (cosine decay to ``lr / 100`` over ``max_minutes`` when given, else
+            over ``epochs``; no early stopping).
     """
 
     out_dir: Path = Path("runs/cdinn-32")
@@ -85,6 +99,12 @@ class TrainConfig:
     fourier_weight: float = 0.0
     remove_ramp: bool = False
     threads: int | None = None
+    device: str = "cpu"
+    amp: bool = True
+    fresh_noise: bool = False
+    data: str | None = None
+    workers: int = 1
+    schedule: str = "plateau"
     history: list[dict] = field(default_factory=list, repr=False)
 
     def recipe(self) -> dict:
@@ -95,15 +115,43 @@ class TrainConfig:
         return d
 
 
-def _tensors(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
+def _photons(cfg: TrainConfig) -> float | tuple[float, float] | None:
+    return tuple(cfg.photons) if isinstance(cfg.photons, list | tuple) else cfg.photons
+
+
+def _data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
+    """``(intensity, amplitude, phase)`` of ``n_train + n_val`` samples, from ``cfg.data`` or
+    simulated (noise-free when ``cfg.fresh_noise``: the noise is drawn per batch)."""
     n = cfg.n_train + cfg.n_val
+    if cfg.data:
+        path = Path(cfg.data)
+        if path.is_dir():
+            arrays = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in ("intensity", "amplitude", "phase")}
+        else:
+            arrays = dict(np.load(path))
+        if len(arrays["intensity"]) < n or arrays["intensity"].shape[-1] != cfg.size:
+            raise ValueError(f"{path} holds {len(arrays['intensity'])} samples of {arrays['intensity'].shape[1:]}; "
+                             f"training needs {n} of {cfg.size}x{cfg.size}")
+        return tuple(torch.from_numpy(np.ascontiguousarray(arrays[k][:n]))
+                     for k in ("intensity", "amplitude", "phase"))
     with tqdm(total=n, desc="simulating", unit="sample", leave=False) as bar:
-        photons = tuple(cfg.photons) if isinstance(cfg.photons, list | tuple) else cfg.photons
-        data = simulate(n, cfg.size, seed=cfg.seed, photons=photons, background=cfg.background,
-                        remove_ramp=cfg.remove_ramp,
-                        progress=bar.update)
-    x = normalized_amplitude(data.intensity).unsqueeze(1)
-    return x, torch.from_numpy(data.amplitude), torch.from_numpy(data.phase)
+        data = simulate(n, cfg.size, seed=cfg.seed, photons=None if cfg.fresh_noise else _photons(cfg),
+                        background=0.0 if cfg.fresh_noise else cfg.background, remove_ramp=cfg.remove_ramp,
+                        progress=bar.update, workers=cfg.workers)
+    return torch.from_numpy(data.intensity), torch.from_numpy(data.amplitude), torch.from_numpy(data.phase)
+
+
+def _inputs(intensity: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Network input ``(B, 1, N, N)`` from intensities, with fresh noise when ``cfg.fresh_noise``."""
+    if cfg.fresh_noise:
+        intensity = add_noise_torch(intensity, photons=_photons(cfg), background=cfg.background, generator=generator)
+    return normalized_amplitude(intensity).unsqueeze(1)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _loss(s: torch.Tensor, ph: torch.Tensor, x: torch.Tensor, a: torch.Tensor, p: torch.Tensor,
@@ -120,63 +168,104 @@ def _validate(model: CDINN, x, a, p, cfg: TrainConfig) -> float:
     model.eval()
     total = 0.0
     for i in range(0, len(x), 1024):
-        s, ph = model.forward_logits(x[i : i + 1024])
-        total += float(_loss(s, ph, x[i : i + 1024], a[i : i + 1024], p[i : i + 1024], cfg)) * len(s)
+        with _autocast(x.device, cfg):
+            s, ph = model.forward_logits(x[i : i + 1024])
+        total += float(_loss(s.float(), ph.float(), x[i : i + 1024], a[i : i + 1024], p[i : i + 1024], cfg)) * len(s)
     return total / len(x)
+
+
+def _autocast(device: torch.device, cfg: TrainConfig):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+
+
+def _cosine_lr(cfg: TrainConfig, progress: float) -> float:
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Train, checkpointing every epoch; returns the history (list of per-epoch dicts) and paths."""
+    if cfg.schedule not in ("plateau", "cosine"):
+        raise ValueError(f"schedule must be 'plateau' or 'cosine', not {cfg.schedule!r}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = CDINN(ModelConfig(cfg.size, tuple(cfg.widths), cfg.convs_per_stage, cfg.space_to_depth))
     if cfg.init_weights:
         model.load_state_dict(read_weights(cfg.init_weights).state_dict())
+    model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
     history: list[dict] = []
     best, best_epoch, start = math.inf, -1, 0
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=True)
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         history = json.loads(ckpt["history"])
         best, best_epoch, start = ckpt["best"], ckpt["best_epoch"], ckpt["epoch"] + 1
         logger.info("resuming from epoch %d (best val %.5f at epoch %d)", start, best, best_epoch)
-    x, a, p = _tensors(cfg)
-    xt, at, pt = x[: cfg.n_train], a[: cfg.n_train], p[: cfg.n_train]
-    xv, av, pv = x[cfg.n_train :], a[cfg.n_train :], p[cfg.n_train :]
+    intensity, a, p = (t.to(device) for t in _data(cfg))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    it, at, pt = intensity[: cfg.n_train], a[: cfg.n_train], p[: cfg.n_train]
+    xv = _inputs(intensity[cfg.n_train :], cfg, torch.Generator(device=device).manual_seed(cfg.seed + 2))
+    av, pv = a[cfg.n_train :], p[cfg.n_train :]
+    if not cfg.fresh_noise:
+        it = normalized_amplitude(it).unsqueeze(1)  # fixed inputs: scale once
+    del intensity
+    steps_per_epoch = -(-cfg.n_train // cfg.batch_size)
     t0 = time.monotonic() - (history[-1]["seconds"] if history else 0.0)
+
+    def progress(epoch: int, step: int) -> float:
+        if cfg.max_minutes:
+            return (time.monotonic() - t0) / (60 * cfg.max_minutes)
+        return (epoch + step / steps_per_epoch) / cfg.epochs
+
     for epoch in range(start, cfg.epochs):
-        if epoch - best_epoch > cfg.patience and best_epoch >= 0:
+        if cfg.schedule == "plateau" and epoch - best_epoch > cfg.patience and best_epoch >= 0:
             logger.info("early stop: no better validation loss for %d epochs", cfg.patience)
             break
         model.train()
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = torch.randperm(cfg.n_train, generator=g)
-        running, seen = 0.0, 0
+        order = torch.randperm(cfg.n_train, generator=g).to(device)
+        running, seen = torch.zeros((), device=device), 0
         bar = tqdm(range(0, cfg.n_train, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
-        for i in bar:
+        done = False
+        for step, i in enumerate(bar):
+            if cfg.schedule == "cosine":
+                frac = progress(epoch, step)
+                if cfg.max_minutes and frac >= 1:
+                    done = True
+                    break
+                for group in opt.param_groups:
+                    group["lr"] = _cosine_lr(cfg, frac)
             idx = order[i : i + cfg.batch_size]
-            s, ph = model.forward_logits(xt[idx])
-            loss = _loss(s, ph, xt[idx], at[idx], pt[idx], cfg)
+            xb = _inputs(it[idx], cfg, gen) if cfg.fresh_noise else it[idx]
+            with _autocast(device, cfg):
+                s, ph = model.forward_logits(xb.contiguous(memory_format=torch.channels_last))
+            loss = _loss(s.float(), ph.float(), xb, at[idx], pt[idx], cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += loss.item() * len(idx)
+            running += loss.detach() * len(idx)
             seen += len(idx)
-            bar.set_postfix(loss=f"{running / seen:.4f}")
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{float(running) / seen:.4f}")
+        bar.close()
+        if seen == 0:
+            break
+        train_loss = float(running) / seen
         val = _validate(model, xv, av, pv, cfg)
-        sched.step(val)
-        history.append({"epoch": epoch + 1, "train_loss": running / seen, "val_loss": val,
-                        "lr": opt.param_groups[0]["lr"], "seconds": time.monotonic() - t0})
-        logger.info("epoch %d: train %.5f val %.5f", epoch + 1, running / seen, val)
-        tqdm.write(f"epoch {epoch + 1}: train loss {running / seen:.5f}, validation loss {val:.5f}")
+        if cfg.schedule == "plateau":
+            sched.step(val)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
+                        "lr": opt.param_groups[0]["lr"], "seconds": time.monotonic() - t0, "samples": seen})
+        logger.info("epoch %d: train %.5f val %.5f", epoch + 1, train_loss, val)
+        tqdm.write(f"epoch {epoch + 1}: train loss {train_loss:.5f}, validation loss {val:.5f}")
         if val < best:
             best, best_epoch = val, epoch
             save_weights(model, out / "best.pt", meta={"epoch": epoch + 1, "val_loss": val})
@@ -185,7 +274,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                    ckpt_path)
         (out / "history.json").write_text(json.dumps({"recipe": cfg.recipe(), "history": history}, indent=1))
         plot_training_curve(history, out / "training_curve.png")
-        if cfg.max_minutes is not None and (time.monotonic() - t0) / 60 > cfg.max_minutes:
+        if done or (cfg.max_minutes is not None and (time.monotonic() - t0) / 60 > cfg.max_minutes):
             logger.info("stopping: wall-clock budget of %.1f min used", cfg.max_minutes)
             break
     return {"history": history, "best_epoch": best_epoch + 1, "best_val_loss": best,

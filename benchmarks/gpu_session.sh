@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One GPU session in a fixed time budget: the GPU tests, the GPU benchmarks (model + pipeline)
+# and several training runs side by side on one GPU, then everything packed into $OUT.
+#
+#   OUT=/tmp/gpu-out TRAIN_MINUTES=5.2 bash benchmarks/gpu_session.sh
+#
+# Runs from a source checkout with no install (PYTHONPATH=.); Python wheels for packages the
+# machine lacks (tiled, event-model, pyzmq, ...) may sit in .whl/ and go to /tmp/site.
+# Every step has its own time limit, so that the packing at the end always happens.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+TRAIN_MINUTES=${TRAIN_MINUTES:-5.2}
+N32=${N32:-800000}
+N64=${N64:-200000}
+DEVICE=${DEVICE:-cuda}  # cpu: a dry run of this script on a machine without a GPU
+WORK=/tmp/gpu-work
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH=$PWD
+log() { echo "[$(date +%H:%M:%S) +$SECONDS s] $*"; }
+py=python3
+
+log "machine"; nvidia-smi -L; nproc; free -g | head -2
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || log "wheel install failed"
+fi
+$py -c "import torch, sys; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'python', sys.version.split()[0])"
+
+log "data: ${N32} samples at 32x32 and ${N64} at 64x64 (seed 7, noise-free; noise is drawn per batch)"
+( $py -m cdinn_stream simulate $WORK/d32 -n $((N32 + 20000)) --size 32 --seed 7 --workers 11 > $WORK/sim32.log 2>&1;
+  echo "d32 done at +$SECONDS s" >> $WORK/sim32.log ) &
+SIM32=$!
+( $py -m cdinn_stream simulate $WORK/d64 -n $((N64 + 10000)) --size 64 --seed 7 --workers 3 > $WORK/sim64.log 2>&1;
+  echo "d64 done at +$SECONDS s" >> $WORK/sim64.log ) &
+SIM64=$!
+
+log "GPU tests"
+timeout 120 $py -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee $WORK/pytest-gpu.txt
+
+log "model benchmark (GPU; the data simulation shares the CPU cores)"
+timeout 150 $py -m cdinn_stream bench --device $DEVICE --suite model --out $WORK/bench-model 2>&1 | tail -3
+
+wait $SIM32 $SIM64
+cat $WORK/sim32.log $WORK/sim64.log | tail -4
+log "pipeline benchmark (GPU, the machine otherwise idle)"
+timeout 150 $py -m cdinn_stream bench --device $DEVICE --suite pipeline --out $WORK/bench-pipeline 2>&1 | tail -3
+
+log "training, ${TRAIN_MINUTES} min each, side by side"
+common="--device $DEVICE --schedule cosine --max-minutes $TRAIN_MINUTES --epochs 1000 --batch-size 512 --fresh-noise
+        --photons 1e4 1e7 --background 0.2 --support-pos-weight 8 --seed 7"
+limit=$(python3 -c "print(int(float('$TRAIN_MINUTES') * 60 + 75))")
+train() {  # name, then train options
+  local name=$1; shift
+  timeout -s INT $limit $py -m cdinn_stream train --out $WORK/runs/$name $common "$@" > $WORK/train-$name.log 2>&1 &
+}
+$py -m cdinn_stream deepen models/cdinn-64.pt $WORK/cdinn-64-deep.pt > /dev/null
+train p32 --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 1 --convs-per-stage 2 --lr 1e-3
+train s2d2-32 --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 2 --convs-per-stage 2 --lr 1e-3
+train ship32 --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 4 --convs-per-stage 2 --lr 3e-4 \
+      --init-weights models/cdinn-32.pt
+train lean32 --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 4 --convs-per-stage 2 \
+      --widths 16,32,64 --lr 1e-3
+train s2d2-64 --data $WORK/d64 --n-train $N64 --n-val 10000 --size 64 --space-to-depth 2 --convs-per-stage 2 --lr 1e-3
+train ship64 --data $WORK/d64 --n-train $N64 --n-val 10000 --size 64 --space-to-depth 4 --convs-per-stage 2 --lr 3e-4 \
+      --init-weights $WORK/cdinn-64-deep.pt
+sleep 60; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; log "training"
+wait
+for f in $WORK/train-*.log; do echo "== $f"; grep -E "^epoch|Error|error" "$f" | tail -4; done
+
+log "packing"
+for d in $WORK/runs/*; do
+  tar -czf "$OUT/run-$(basename $d).tgz" -C $WORK/runs --exclude checkpoint.pt "$(basename $d)"
+done
+tar -czf $OUT/bench.tgz -C $WORK bench-model bench-pipeline pytest-gpu.txt sim32.log sim64.log $(cd $WORK && ls train-*.log) 2>/dev/null
+ls -la $OUT
+log "done"

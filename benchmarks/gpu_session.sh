@@ -2,14 +2,16 @@
 # One GPU session in a fixed time budget: the GPU tests, the GPU benchmarks (model + pipeline)
 # and several training runs side by side on one GPU, then everything packed into $OUT.
 #
-#   OUT=/tmp/gpu-out TRAIN_MINUTES=5.2 bash benchmarks/gpu_session.sh
+#   OUT=/tmp/gpu-out DEADLINE=545 bash benchmarks/gpu_session.sh
 #
+# DEADLINE: seconds after the start by which everything is packed; the training runs get what
+# the tests and benchmarks leave of it.
 # Runs from a source checkout with no install (PYTHONPATH=.); Python wheels for packages the
 # machine lacks (tiled, event-model, pyzmq, ...) may sit in .whl/ and go to /tmp/site.
 # Every step has its own time limit, so that the packing at the end always happens.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
-TRAIN_MINUTES=${TRAIN_MINUTES:-5.2}
+DEADLINE=${DEADLINE:-545}
 N32=${N32:-800000}
 N64=${N64:-200000}
 DEVICE=${DEVICE:-cuda}  # cpu: a dry run of this script on a machine without a GPU
@@ -38,17 +40,18 @@ log "GPU tests"
 timeout 120 $py -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee $WORK/pytest-gpu.txt
 
 log "model benchmark (GPU; the data simulation shares the CPU cores)"
-timeout 150 $py -m cdinn_stream bench --device $DEVICE --suite model --out $WORK/bench-model 2>&1 | tail -3
+timeout 130 $py -m cdinn_stream bench --device $DEVICE --suite model --out $WORK/bench-model 2>&1 | tail -3
 
 wait $SIM32 $SIM64
 cat $WORK/sim32.log $WORK/sim64.log | tail -4
 log "pipeline benchmark (GPU, the machine otherwise idle)"
-timeout 150 $py -m cdinn_stream bench --device $DEVICE --suite pipeline --out $WORK/bench-pipeline 2>&1 | tail -3
+timeout 130 $py -m cdinn_stream bench --device $DEVICE --suite pipeline --out $WORK/bench-pipeline 2>&1 | tail -3
 
+TRAIN_MINUTES=$(python3 -c "print(round(max(1.0, ($DEADLINE - $SECONDS - 75) / 60), 2))")
 log "training, ${TRAIN_MINUTES} min each, side by side"
 common="--device $DEVICE --schedule cosine --max-minutes $TRAIN_MINUTES --epochs 1000 --batch-size 512 --fresh-noise
         --photons 1e4 1e7 --background 0.2 --support-pos-weight 8 --seed 7"
-limit=$(python3 -c "print(int(float('$TRAIN_MINUTES') * 60 + 75))")
+limit=$(python3 -c "print(int(float('$TRAIN_MINUTES') * 60 + 60))")
 train() {  # name, then train options
   local name=$1; shift
   timeout -s INT $limit $py -m cdinn_stream train --out $WORK/runs/$name $common "$@" > $WORK/train-$name.log 2>&1 &

@@ -37,7 +37,7 @@ SIM32=$!
 SIM64=$!
 
 log "GPU tests"
-timeout 120 $py -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee $WORK/pytest-gpu.txt
+timeout 120 $py -m pytest -q -p no:cacheprovider -p no:warnings tests/gpu 2>&1 | tail -15 | tee $WORK/pytest-gpu.txt
 
 log "model benchmark (GPU; the data simulation shares the CPU cores)"
 timeout 130 $py -m cdinn_stream bench --device $DEVICE --suite model --out $WORK/bench-model 2>&1 | tail -3

@@ -12,6 +12,7 @@
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 DEADLINE=${DEADLINE:-545}
+TRAIN=${TRAIN:-1}  # 0: tests and benchmarks only
 N32=${N32:-800000}
 N64=${N64:-200000}
 DEVICE=${DEVICE:-cuda}  # cpu: a dry run of this script on a machine without a GPU
@@ -28,6 +29,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 $py -c "import torch, sys; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'python', sys.version.split()[0])"
 
+if [ "$TRAIN" = 1 ]; then
 log "data: ${N32} samples at 32x32 and ${N64} at 64x64 (seed 7, noise-free; noise is drawn per batch)"
 ( $py -m cdinn_stream simulate $WORK/d32 -n $((N32 + 20000)) --size 32 --seed 7 --workers 11 > $WORK/sim32.log 2>&1;
   echo "d32 done at +$SECONDS s" >> $WORK/sim32.log ) &
@@ -35,18 +37,20 @@ SIM32=$!
 ( $py -m cdinn_stream simulate $WORK/d64 -n $((N64 + 10000)) --size 64 --seed 7 --workers 3 > $WORK/sim64.log 2>&1;
   echo "d64 done at +$SECONDS s" >> $WORK/sim64.log ) &
 SIM64=$!
+fi
 
 log "GPU tests"
 timeout 120 $py -m pytest -q -p no:cacheprovider -p no:warnings tests/gpu 2>&1 | tail -15 | tee $WORK/pytest-gpu.txt
 
 log "model benchmark (GPU; the data simulation shares the CPU cores)"
-timeout 130 $py -m cdinn_stream bench --device $DEVICE --suite model --out $WORK/bench-model 2>&1 | tail -3
+timeout 130 $py -m cdinn_stream bench --device $DEVICE --suite model --out $WORK/bench-model 2>&1 | tail -25
 
-wait $SIM32 $SIM64
-cat $WORK/sim32.log $WORK/sim64.log | tail -4
+wait
+cat $WORK/sim*.log 2>/dev/null | tail -4
 log "pipeline benchmark (GPU, the machine otherwise idle)"
-timeout 130 $py -m cdinn_stream bench --device $DEVICE --suite pipeline --out $WORK/bench-pipeline 2>&1 | tail -3
+timeout 130 $py -m cdinn_stream bench --device $DEVICE --suite pipeline --out $WORK/bench-pipeline 2>&1 | tail -25
 
+if [ "$TRAIN" = 1 ]; then
 TRAIN_MINUTES=$(python3 -c "print(round(max(1.0, ($DEADLINE - $SECONDS - 75) / 60), 2))")
 log "training, ${TRAIN_MINUTES} min each, side by side"
 common="--device $DEVICE --schedule cosine --max-minutes $TRAIN_MINUTES --epochs 1000 --batch-size 512 --fresh-noise
@@ -70,8 +74,9 @@ sleep 60; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; log "
 wait
 for f in $WORK/train-*.log; do echo "== $f"; grep -E "^epoch|Error|error" "$f" | tail -4; done
 
+fi
 log "packing"
-for d in $WORK/runs/*; do
+for d in $(ls -d $WORK/runs/* 2>/dev/null); do
   tar -czf "$OUT/run-$(basename $d).tgz" -C $WORK/runs --exclude checkpoint.pt "$(basename $d)"
 done
 tar -czf $OUT/bench.tgz -C $WORK bench-model bench-pipeline pytest-gpu.txt sim32.log sim64.log $(cd $WORK && ls train-*.log) 2>/dev/null

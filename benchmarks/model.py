@@ -50,12 +50,14 @@ def run(models: list[str], *, quick: bool = False, device: str = "cpu", cuda_gra
     batches = GPU_BATCHES if gpu else (BATCHES[:4] if quick else BATCHES)
     rows = []
     for name in models:
+        frames = None
         for precision in precisions(dev):
             for graphs in ((False, True) if gpu and cuda_graphs else (False,)):
                 cdi = load_model(name, device=dev, precision=precision, cuda_graphs=graphs)
                 flops = count_flops(cdi.network.cpu())
                 cdi.network.to(dev)
-                frames = simulate(max(batches), cdi.size, seed=7).intensity
+                if frames is None:
+                    frames = simulate(max(batches), cdi.size, seed=7).intensity
                 prepared = normalized_amplitude(frames).to(dev)
                 timing = {"repeat": 3, "min_seconds": 0.1} if gpu or quick else {"repeat": 5}
                 for bs in batches:

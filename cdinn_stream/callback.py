@@ -38,9 +38,13 @@ logger = logging.getLogger(__name__)
 
 
 def default_handler_registry() -> dict:
-    """Handlers for external (resource/datum) frames: ``NPY_SEQ`` of ``ophyd.sim``."""
-    from ophyd.sim import NumpySeqHandler
-
+    """Handlers for external (resource/datum) frames: ``NPY_SEQ`` of ``ophyd.sim`` (none
+    without ophyd: frames written to files are then rejected as unreadable, with a warning)."""
+    try:
+        from ophyd.sim import NumpySeqHandler
+    except ImportError:
+        logger.warning("ophyd is not installed: frames in external files (NPY_SEQ) cannot be read")
+        return {}
     return {"NPY_SEQ": NumpySeqHandler}
 
 

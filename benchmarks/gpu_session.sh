@@ -7,7 +7,15 @@
 # DEADLINE: seconds after the start by which everything is packed; the training runs get what
 # the tests and benchmarks leave of it.
 # Runs from a source checkout with no install (PYTHONPATH=.); Python wheels for packages the
-# machine lacks (tiled, event-model, pyzmq, ...) may sit in .whl/ and go to /tmp/site.
+# machine lacks (tiled, event-model, pyzmq, ...) may sit in .whl/ and go to /tmp/site. Fetch them
+# (CPython 3.12, x86-64) where pip can reach PyPI:
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl -r benchmarks/gpu_wheels.txt
+#
+# (openpyxl is in the list because tiled 0.2.20's server fails to import where xarray is installed
+# and openpyxl is not: "cannot import name 'serialize_excel'".)
 # Every step has its own time limit, so that the packing at the end always happens.
 set -u
 OUT=${OUT:-/tmp/gpu-out}

@@ -35,7 +35,8 @@ def code_commit(repo: str | Path | None = None) -> str:
 def _stage(run_dir: Path) -> dict:
     hist = json.loads((run_dir / "history.json").read_text())
     best = min(hist["history"], key=lambda h: h["val_loss"])
-    return {"recipe": hist["recipe"], "epochs_run": len(hist["history"]), "best_epoch": best["epoch"],
+    return {"recipe": hist["recipe"], "machine": hist.get("machine"), "epochs_run": len(hist["history"]),
+            "best_epoch": best["epoch"],
             "best_val_loss": best["val_loss"], "training_seconds": hist["history"][-1]["seconds"],
             "validation_curve": [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "lr")}
                                  for h in hist["history"]]}
@@ -71,6 +72,7 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
         "parameters": sum(p.numel() for p in network.parameters()),
         "flops_per_frame": count_flops(network),
         "recipe": hist["recipe"],
+        "training_machine": hist.get("machine"),
         "data": {"simulator": "cdinn_stream.simulate (paper recipe)", "train_samples": hist["recipe"]["n_train"],
                  "validation_samples": hist["recipe"]["n_val"], "seed": hist["recipe"]["seed"],
                  "photons": hist["recipe"]["photons"], "background": hist["recipe"].get("background", 0.0)},

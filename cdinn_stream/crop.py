@@ -57,27 +57,40 @@ def despeckle(frames: np.ndarray) -> np.ndarray:
     """Each pixel of ``(N, H, W)`` frames clipped to the largest of its 8 neighbours: an isolated
     hot pixel drops to its surroundings, a Bragg peak (bright neighbours) is untouched. About 20x
     cheaper than a 3x3 median filter, which matters at thousands of frames per second."""
-    h, w = frames.shape[-2:]
-    padded = np.pad(frames, ((0, 0), (1, 1), (1, 1)))
-    around = np.full_like(frames, -np.inf)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            if dy != 1 or dx != 1:
-                np.maximum(around, padded[:, dy : dy + h, dx : dx + w], out=around)
-    return np.minimum(frames, around)
+    n, h, w = frames.shape
+    padded = np.zeros((n, h + 2, w + 2), frames.dtype)
+    padded[:, 1:-1, 1:-1] = frames
+    row3 = np.maximum(padded[:, :, :-2], padded[:, :, 1:-1])  # max of 3 along each padded row
+    np.maximum(row3, padded[:, :, 2:], out=row3)
+    around = np.maximum(row3[:, :-2], row3[:, 2:])  # the rows above and below
+    np.maximum(around, padded[:, 1:-1, :-2], out=around)  # left and right
+    np.maximum(around, padded[:, 1:-1, 2:], out=around)
+    return np.minimum(frames, around, out=around)
+
+
+#: Frames at least this many times ``box`` on each side are searched 2x2-binned (4x fewer pixels).
+BIN_SEARCH_FACTOR = 8
 
 
 def find_peaks(frames: np.ndarray, *, box: int = 5) -> np.ndarray:
     """Bragg peak (row, column) of each of ``(N, H, W)`` clean frames.
 
     First the brightest blob: the maximum of the despeckled frame (:func:`despeckle`) summed
-    over ``box x box`` (a hot pixel or noise does not win); then the brightest pixel of the
-    frame within ``box // 2`` of it.
+    over ``box x box`` (a hot pixel or noise does not win), searched on 2x2-binned frames (with a
+    ``box // 2 + 1`` box) when they are large (at least ``8 * box`` on each side; 4x fewer
+    pixels); then the brightest pixel
+    of the frame within ``box // 2`` (one more when binned) of it.
     """
     n, h, w = frames.shape
-    x = uniform_filter(despeckle(frames), size=(1, box, box), mode="constant")
-    coarse = np.stack(np.unravel_index(x.reshape(n, -1).argmax(axis=1), (h, w)), axis=1)
-    half = box // 2
+    f = 2 if min(h, w) >= BIN_SEARCH_FACTOR * box else 1
+    search = frames
+    if f == 2:  # 2x2 binning by strided adds (much faster than a reshape-and-sum)
+        rows = frames[:, 0 : h - 1 : 2] + frames[:, 1:h:2]
+        search = rows[:, :, 0 : w - 1 : 2] + rows[:, :, 1:w:2]
+    b = box if f == 1 else box // 2 + 1  # about the same blob size in binned pixels
+    x = uniform_filter(despeckle(search), size=(1, b, b), mode="constant")
+    coarse = np.stack(np.unravel_index(x.reshape(n, -1).argmax(axis=1), x.shape[1:]), axis=1) * f + f // 2
+    half = box // 2 + (f - 1)
     offsets = np.arange(-half, half + 1)
     rows = (coarse[:, 0, None] + offsets).clip(0, h - 1)
     cols = (coarse[:, 1, None] + offsets).clip(0, w - 1)

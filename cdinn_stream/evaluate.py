@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import chi2, score
+from .phase_retrieval import CHUNK as ERHIO_CHUNK
 from .phase_retrieval import ITERATIONS, er_hio
 from .physics import far_field
 from .plots import plot_chi2_extremes, plot_examples
@@ -93,7 +94,8 @@ def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int =
     pr = None
     if erhio:
         padded = simulate(n, size, seed=seed, photons=photons, pad=2).intensity
-        with tqdm(total=erhio_iterations, desc=f"ER/HIO x{n}", unit="it", leave=False) as bar:
+        chunks = -(-n // ERHIO_CHUNK)  # er_hio reports each chunk's iterations
+        with tqdm(total=erhio_iterations * chunks, desc=f"ER/HIO x{n}", unit="it", leave=False) as bar:
             t = time.perf_counter()
             pr = er_hio(padded, iterations=erhio_iterations, progress=bar.update)
             pr_batched = (time.perf_counter() - t) / n

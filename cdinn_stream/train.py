@@ -23,6 +23,7 @@ from .losses import fourier_loss, twin_aware_loss
 from .model import CDINN, ModelConfig
 from .physics import normalized_amplitude
 from .simulate import add_noise_torch, simulate
+from .timing import machine_info
 from .weights import read_weights, save_weights
 
 __all__ = ["TrainConfig", "train", "FinetuneConfig", "finetune", "plot_training_curve"]
@@ -132,7 +133,7 @@ def _data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
         if len(arrays["intensity"]) < n or arrays["intensity"].shape[-1] != cfg.size:
             raise ValueError(f"{path} holds {len(arrays['intensity'])} samples of {arrays['intensity'].shape[1:]}; "
                              f"training needs {n} of {cfg.size}x{cfg.size}")
-        return tuple(torch.from_numpy(np.ascontiguousarray(arrays[k][:n]))
+        return tuple(torch.from_numpy(np.array(arrays[k][:n], dtype=np.float32))  # a writable copy
                      for k in ("intensity", "amplitude", "phase"))
     with tqdm(total=n, desc="simulating", unit="sample", leave=False) as bar:
         data = simulate(n, cfg.size, seed=cfg.seed, photons=None if cfg.fresh_noise else _photons(cfg),
@@ -272,7 +273,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "history": json.dumps(history), "best": best, "best_epoch": best_epoch, "epoch": epoch},
                    ckpt_path)
-        (out / "history.json").write_text(json.dumps({"recipe": cfg.recipe(), "history": history}, indent=1))
+        (out / "history.json").write_text(json.dumps({"recipe": cfg.recipe(), "machine": machine_info(),
+                                                      "history": history}, indent=1))
         plot_training_curve(history, out / "training_curve.png")
         if done or (cfg.max_minutes is not None and (time.monotonic() - t0) / 60 > cfg.max_minutes):
             logger.info("stopping: wall-clock budget of %.1f min used", cfg.max_minutes)

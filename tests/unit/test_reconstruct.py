@@ -94,3 +94,11 @@ def test_precision_options(tiny_model):
     np.testing.assert_allclose(bf16.amplitude, fp32.amplitude, atol=0.02)  # bf16: ~3 significant digits
     auto = CDIModel(tiny_model.network, precision="auto")
     np.testing.assert_array_equal(auto.predict(frames).amplitude, (bf16 if auto.precision == "bf16" else fp32).amplitude)
+
+
+def test_cuda_graphs_only_on_a_gpu(tiny_model):
+    from cdinn_stream.reconstruct import CDIModel
+
+    assert CDIModel(tiny_model.network, device="cpu").cuda_graphs is False
+    with pytest.raises(ValueError, match="CUDA"):
+        CDIModel(tiny_model.network, device="cpu", cuda_graphs=True)

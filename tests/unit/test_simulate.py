@@ -122,3 +122,27 @@ def test_photon_range_is_log_uniform_per_frame():
     np.testing.assert_array_equal(d.amplitude, same.amplitude)  # noise does not change the crystals
     with pytest.raises(ValueError, match="photon range"):
         simulate(4, 32, photons=(1e5, 1e4))
+
+
+def test_workers_give_the_same_samples():
+    kw = {"photons": (1e4, 1e7), "background": 0.2}
+    one = simulate(2500, 32, seed=11, **kw)
+    two = simulate(2500, 32, seed=11, workers=2, **kw)
+    for key in ("intensity", "amplitude", "phase"):
+        assert np.array_equal(getattr(one, key), getattr(two, key))
+
+
+def test_torch_noise_scales_to_the_photons_and_is_fresh_each_call():
+    import torch
+
+    from cdinn_stream.simulate import add_noise_torch
+
+    clean = torch.from_numpy(simulate(200, 32, seed=12).intensity)
+    g = torch.Generator().manual_seed(0)
+    a = add_noise_torch(clean, photons=1e5, background=0.0, generator=g)
+    b = add_noise_torch(clean, photons=1e5, background=0.0, generator=g)
+    assert torch.equal(a, a.round()) and not torch.equal(a, b)
+    totals = a.sum(dim=(-2, -1))
+    assert abs(float(totals.mean()) / 1e5 - 1) < 0.01
+    ranged = add_noise_torch(clean, photons=(1e4, 1e7), background=0.5, generator=g).sum(dim=(-2, -1))
+    assert float(ranged.min()) > 0.5e4 and float(ranged.max()) < 2e7 and float(ranged.max() / ranged.min()) > 30

@@ -66,3 +66,17 @@ def test_finetune_on_unlabelled_frames_lowers_the_fourier_loss(tmp_path, tiny_we
     h = json.loads((tmp_path / "ft" / "history.json").read_text())["history"]
     assert min(e["val_loss"] for e in h[1:]) < h[0]["val_loss"]
     assert (tmp_path / "ft" / "best.pt").is_file()
+
+
+def test_fresh_noise_cosine_schedule_and_data_folder(tmp_path):
+    from cdinn_stream.cli import main
+
+    assert main(["simulate", str(tmp_path / "data"), "-n", "700", "--workers", "2"]) == 0
+    assert main(["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--n-train", "600",
+                 "--n-val", "100", "--epochs", "2", "--widths", "4,8,16", "--photons", "1e4", "1e7",
+                 "--background", "0.2", "--fresh-noise", "--schedule", "cosine", "--device", "auto"]) == 0
+    h = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(h["history"]) == 2 and h["recipe"]["fresh_noise"] and h["machine"]["cores"] >= 1
+    assert h["history"][1]["lr"] < h["history"][0]["lr"] < 1e-3  # cosine decay within the run
+    with pytest.raises(ValueError, match="holds 700 samples"):
+        train(TrainConfig(out_dir=tmp_path / "x", data=str(tmp_path / "data"), n_train=700, n_val=100))

@@ -30,8 +30,10 @@ SUITES = ("simulate", "model", "erhio", "pipeline")
 __all__ = ["SUITES", "run_benchmarks", "bench_table"]
 
 
-def run_benchmarks(out_dir: str | Path, *, model_name: str = "cdinn-32", models: tuple[str, ...] = ("cdinn-32", "cdinn-64"),
-                   suites: tuple[str, ...] = SUITES, n: int = 1024, quick: bool = False, device: str = "cpu") -> dict:
+def run_benchmarks(out_dir: str | Path, *, model_name: str = "cdinn-32",
+                   models: tuple[str, ...] = ("cdinn-32", "cdinn-64"),
+                   suites: tuple[str, ...] = SUITES, n: int = 1024, quick: bool = False,
+                   device: str = "cpu") -> dict:
     """Run ``suites``; write ``bench.json`` and ``bench.md`` to ``out_dir``; return the results.
 
     ``device="cuda"`` runs the model suite (with CUDA graphs too) and the pipeline suite on the GPU."""

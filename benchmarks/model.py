@@ -30,8 +30,9 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, device: str | torch.device = 
     return 2 * n**3 / sec / 1e9
 
 
-def precisions(device: torch.device = torch.device("cpu")) -> list[str]:
-    """fp32, and bf16 where the device has it natively (and fp16 on a GPU)."""
+def precisions(device: torch.device | None = None) -> list[str]:
+    """fp32, and bf16 where the device has it natively (and fp16 on a GPU); default: the CPU."""
+    device = device or torch.device("cpu")
     if device.type == "cuda":
         return ["fp32", "bf16", "fp16"]
     return ["fp32", "bf16"] if native_bf16(device) else ["fp32"]
@@ -62,15 +63,14 @@ def run(models: list[str], *, quick: bool = False, device: str = "cpu", cuda_gra
                 timing = {"repeat": 3, "min_seconds": 0.1} if gpu or quick else {"repeat": 5}
                 for bs in batches:
                     x, xt = frames[:bs], prepared[:bs]
-                    api = time_call(lambda x=x: cdi.predict(x, batch_size=max(bs, 1024)), **timing)
-                    net = time_call(_synced(lambda xt=xt: cdi.predict_tensor(xt), dev), **timing)
+                    api = time_call(lambda x=x, cdi=cdi, bs=bs: cdi.predict(x, batch_size=max(bs, 1024)), **timing)
+                    net = time_call(_synced(lambda xt=xt, cdi=cdi: cdi.predict_tensor(xt), dev), **timing)
                     rows.append({"model": cdi.name, "size": cdi.size, "precision": precision, "batch": bs,
                                  "device": dev.type, "cuda_graphs": graphs,
                                  "ms_per_batch": api * 1e3, "frames_per_s": bs / api, "us_per_frame": api / bs * 1e6,
                                  "network_us_per_frame": net / bs * 1e6, "network_frames_per_s": bs / net,
                                  "mflop_per_frame": flops / 1e6, "network_gflop_per_s": flops * bs / net / 1e9,
                                  "fraction_of_matmul_peak": flops * bs / net / 1e9 / peaks[precision]})
-                del cdi
     return {"device": torch.cuda.get_device_name(dev) if gpu else "cpu", "matmul_peak_gflop_per_s": peaks,
             "matmul_n": n_peak, "rows": rows}
 
@@ -90,7 +90,8 @@ def table(r: dict) -> list[str]:
     lines += [f"| {x['model']} ({x['size']}x{x['size']}, {x['mflop_per_frame']:.1f} MFLOP) | {x['precision']}"
               f"{' + CUDA graph' if x.get('cuda_graphs') else ''} | "
               f"{x['batch']} | {x['ms_per_batch']:.3f} | {x['frames_per_s']:.0f} | {x['us_per_frame']:.2f} | "
-              f"{x['network_us_per_frame']:.2f} | {x.get('network_frames_per_s', 1e6 / x['network_us_per_frame']):.0f} | "
+              f"{x['network_us_per_frame']:.2f} | "
+              f"{x.get('network_frames_per_s', 1e6 / x['network_us_per_frame']):.0f} | "
               f"{x['network_gflop_per_s']:.0f} | {x['fraction_of_matmul_peak']:.1%} |"
               for x in r["rows"]]
     return lines

@@ -151,17 +151,11 @@ def _tiled_stats(stats: dict) -> dict:
                                             "latency_p99_ms": None})
 
 
-def throughput(model_name: str, precision: str, n_frames: int, page: int, batch_size: int, tiled: TiledProcess | None,
-               workdir: Path, device: str = "cpu") -> dict:
-    """Event pages as fast as the pipeline takes them; the bare model at the same batch size."""
-    import torch
-
-    model = load_model(model_name, device=device, precision=precision)
+def _flood(model, tiled: TiledProcess | None, n_frames: int, page: int, batch_size: int, workdir: Path,
+           label: str) -> tuple[float, dict, dict, np.ndarray]:
+    """Event pages as fast as the pipeline takes them: seconds from the first document to the last
+    frame received (and stored), the subscriber's stamps, the callback's stats, the frame pool."""
     pool = frame_pool()
-    crops = np.resize(pool[:, 16:48, 16:48], (batch_size, 32, 32))  # the pool repeated to a full batch
-    prepared = normalized_amplitude(crops).to(model.device)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    raw = batch_size / time_call(lambda: (model.predict_tensor(prepared), sync()), repeat=5)
     zmq_sink = ZmqPublisherSink("tcp://127.0.0.1:0")
     sub = Subscriber(zmq_sink, n_frames, workdir)
     cb = _pipeline(model, zmq_sink, tiled, batch_size, 0.01)
@@ -169,7 +163,7 @@ def throughput(model_name: str, precision: str, n_frames: int, page: int, batch_
     t0 = time.time()
     cb("start", run.start_doc)
     cb("descriptor", desc.descriptor_doc)
-    for i in tqdm(range(0, n_frames, page), desc="pipeline throughput", unit="page", leave=False):
+    for i in tqdm(range(0, n_frames, page), desc=label, unit="page", leave=False):
         idx = np.arange(i, min(i + page, n_frames)) % len(pool)
         now = time.time()
         cb("event_page", desc.compose_event_page(data={KEY: pool[idx]}, timestamps={KEY: [now] * len(idx)},
@@ -182,13 +176,27 @@ def throughput(model_name: str, precision: str, n_frames: int, page: int, batch_
     stats = cb.stats()
     cb.close()
     zmq_sink.close()
-    fps = n_frames / (t_end - t0)
+    return t_end - t0, got, stats, pool
+
+
+def throughput(model_name: str, precision: str, n_frames: int, page: int, batch_size: int, tiled: TiledProcess | None,
+               workdir: Path, device: str = "cpu") -> dict:
+    """Event pages as fast as the pipeline takes them; the bare model at the same batch size."""
+    import torch
+
+    model = load_model(model_name, device=device, precision=precision)
+    crops = np.resize(frame_pool()[:, 16:48, 16:48], (batch_size, 32, 32))  # the pool repeated to a full batch
+    prepared = normalized_amplitude(crops).to(model.device)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    raw = batch_size / time_call(lambda: (model.predict_tensor(prepared), sync()), repeat=5)
+    seconds, got, stats, pool = _flood(model, tiled, n_frames, page, batch_size, workdir, "pipeline throughput")
+    fps = n_frames / seconds
     return {"frames": n_frames, "page": page, "batch_size": batch_size, "precision": model.precision,
             "device": str(model.device),
             "detector_frame": list(pool.shape[1:]), "frames_received_zmq": int(len(got["arrival"])),
             "frames_in_tiled": _tiled_stats(stats)["frames_written"], "tiled_writes":
             _tiled_stats(stats)["writes"], "frames_dropped": stats["frames_dropped"],
-            "seconds": t_end - t0, "frames_per_s": fps, "raw_model_frames_per_s": raw, "ratio_to_raw_model": fps / raw}
+            "seconds": seconds, "frames_per_s": fps, "raw_model_frames_per_s": raw, "ratio_to_raw_model": fps / raw}
 
 
 class _NullModel:
@@ -204,30 +212,11 @@ class _NullModel:
 
 
 def ceiling(model_name: str, n_frames: int, page: int, batch_size: int, workdir: Path) -> dict:
-    """Documents in to ZeroMQ subscriber with the network replaced by :class:`_NullModel`."""
+    """Documents in to ZeroMQ subscriber with the network replaced by :class:`_NullModel` (no Tiled)."""
     model = _NullModel(load_model(model_name, device="cpu", precision="fp32"))
-    pool = frame_pool()
-    zmq_sink = ZmqPublisherSink("tcp://127.0.0.1:0")
-    sub = Subscriber(zmq_sink, n_frames, workdir)
-    cb = ReconstructionCallback(model=model, sinks=[zmq_sink], batch_size=batch_size, max_latency=0.01)
-    run, desc = _documents(pool)
-    t0 = time.time()
-    cb("start", run.start_doc)
-    cb("descriptor", desc.descriptor_doc)
-    for i in range(0, n_frames, page):
-        idx = np.arange(i, min(i + page, n_frames)) % len(pool)
-        now = time.time()
-        cb("event_page", desc.compose_event_page(data={KEY: pool[idx]}, timestamps={KEY: [now] * len(idx)},
-                                                 seq_num=list(range(i + 1, i + 1 + len(idx))),
-                                                 time=[now] * len(idx), validate=False))
-    cb("stop", run.compose_stop())
-    cb.flush(timeout=600)
-    got = sub.result()
-    t_end = max(time.time(), got["arrival"].max() if len(got["arrival"]) else 0)
-    cb.close()
-    zmq_sink.close()
+    seconds, got, _, _ = _flood(model, None, n_frames, page, batch_size, workdir, "pipeline ceiling")
     return {"frames": n_frames, "page": page, "frames_received_zmq": int(len(got["arrival"])),
-            "frames_per_s": n_frames / (t_end - t0)}
+            "frames_per_s": n_frames / seconds}
 
 
 def latency(model_name: str, precision: str, rate: float, n_frames: int, tiled: TiledProcess | None, workdir: Path,
@@ -394,8 +383,8 @@ def table(r: dict) -> list[str]:
     if "ceiling" in r:
         c = r["ceiling"]
         lines.append(f"| same pipeline with the network replaced by a no-op (its ceiling: documents, peak search and "
-                     f"crop, batching, ZeroMQ; no Tiled) | {c['frames_per_s']:.0f} frames/s ({c['frames_received_zmq']} "
-                     "received) | |")
+                     f"crop, batching, ZeroMQ; no Tiled) | {c['frames_per_s']:.0f} frames/s "
+                     f"({c['frames_received_zmq']} received) | |")
     lines += [
               f"| latency at {lat['rate']:.0f} frames/s offered ({lat.get('torch_threads', 2)} torch thread, batching "
               f"wait {lat['max_latency_s'] * 1e3:.0f} ms), event time to ZeroMQ subscriber, p50 / p99 / max | "

@@ -153,7 +153,8 @@ class CDIModel:
         return self.network.config.size
 
     def __repr__(self) -> str:
-        return f"CDIModel(name={self.name!r}, size={self.size}, device={str(self.device)!r}, precision={self.precision!r})"
+        return (f"CDIModel(name={self.name!r}, size={self.size}, device={str(self.device)!r}, "
+                f"precision={self.precision!r})")
 
     @torch.inference_mode()
     def predict_tensor(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,10 +18,9 @@ larger set starts with the samples of a smaller one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import math
 
 import numpy as np
 import torch
@@ -30,7 +29,8 @@ from scipy.spatial import ConvexHull
 
 from .physics import SUPPORT_THRESHOLD, far_field
 
-__all__ = ["SimulatedSet", "simulate", "simulate_objects", "diffraction_intensity", "add_noise", "add_noise_torch", "remove_phase_ramp", "strain_phase", "SIZES", "CHUNK"]
+__all__ = ["SimulatedSet", "simulate", "simulate_objects", "diffraction_intensity", "add_noise", "add_noise_torch",
+           "remove_phase_ramp", "strain_phase", "SIZES", "CHUNK"]
 
 #: Frame sizes the recipe is tuned for.
 SIZES = (32, 64, 128)

@@ -78,5 +78,6 @@ def test_bench_quick(tmp_path, tiny_weights):
     assert p["throughput"]["frames_received_zmq"] == p["throughput"]["frames_in_tiled"] == p["throughput"]["frames"]
     assert p["latency"]["frames_received_zmq"] == p["latency"]["frames"]
     assert p["memory"]["frames_in_tiled"] == p["memory"]["frames"]
+    assert p["ceiling"]["frames_received_zmq"] == p["ceiling"]["frames"] and p["ceiling"]["frames_per_s"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "ER/HIO" in md and "Pipeline end to end" in md

@@ -48,7 +48,7 @@ class FrameBlock:
         """One block from consecutive blocks of the same run and stream."""
         if len(blocks) == 1:
             return blocks[0]
-        arrays = zip(*(b._arrays() for b in blocks))
+        arrays = zip(*(b._arrays() for b in blocks), strict=True)
         return FrameBlock(blocks[0].run_uid, blocks[0].stream, *(np.concatenate(a) for a in arrays))
 
     def _arrays(self):

@@ -139,7 +139,8 @@ class ReconstructionCallback:
             self.reject(run_uid, seq_nums, f"bad shape: frames of shape {frames.shape[1:]} are not 2-D images")
             return None
         if self.mask is not None and self.mask.shape != frames.shape[1:]:
-            self.reject(run_uid, seq_nums, f"bad shape: frame shape {frames.shape[1:]} does not match the mask {self.mask.shape}")
+            self.reject(run_uid, seq_nums,
+                        f"bad shape: frame shape {frames.shape[1:]} does not match the mask {self.mask.shape}")
             return None
         clean = clean_frames(frames, self.mask)
         empty = clean.reshape(len(clean), -1).max(axis=1) <= 0

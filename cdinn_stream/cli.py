@@ -39,7 +39,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     cfg = TrainConfig(out_dir=Path(args.out), size=args.size, widths=args.widths,
-                      convs_per_stage=args.convs_per_stage, space_to_depth=args.space_to_depth, n_train=args.n_train, n_val=args.n_val,
+                      convs_per_stage=args.convs_per_stage, space_to_depth=args.space_to_depth, n_train=args.n_train,
+                      n_val=args.n_val,
                       batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, lr=args.lr,
                       seed=args.seed, max_minutes=args.max_minutes, threads=args.threads,
                       photons=None if args.photons is None else (args.photons[0] if len(args.photons) == 1
@@ -104,6 +105,8 @@ def _load_benchmarks():
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.out is None:
+        args.out = "benchmarks/results" if args.device == "cpu" else "benchmarks/results/gpu"
     bench = _load_benchmarks()
     results = bench.run_benchmarks(args.out, model_name=args.model, models=tuple(args.models),
                                    suites=tuple(args.suite), n=args.n, quick=args.quick, device=args.device)
@@ -328,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="cdinn-32", help="shipped model name or path to a .pt (default cdinn-32)")
     e.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
     e.add_argument("-n", type=int, default=1000, help="number of fresh samples (default 1000)")
-    e.add_argument("--seed", type=int, default=31_415_926, help="seed of the fresh samples (default: the reported evaluation set)")
+    e.add_argument("--seed", type=int, default=31_415_926,
+                   help="seed of the fresh samples (default: the reported evaluation set)")
     e.add_argument("--photons", type=float, default=None, help="evaluate on Poisson-noisy patterns")
     e.add_argument("--iterations", type=int, default=620, help="ER/HIO iterations (default 620)")
     e.add_argument("--refine-iterations", type=int, default=100,
@@ -435,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "latency at 100 frames/s, memory over 100,000 frames). Results go to OUT. "
                                    "Needs a source checkout (benchmarks/); the full run takes about 10 minutes "
                                    "on 2 cores.")
-    b.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    b.add_argument("--out", default=None,
+                   help="output folder (default benchmarks/results, or benchmarks/results/gpu with --device cuda)")
     b.add_argument("--model", default="cdinn-32", help="model of the ER/HIO and pipeline suites (default cdinn-32)")
     b.add_argument("--models", nargs="+", default=["cdinn-32", "cdinn-64"],
                    help="models of the model suite (default cdinn-32 cdinn-64)")

@@ -180,7 +180,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
                        "vs_same_states_clean": e2e_chi2 / same_chi2},
         "replay": {"seconds": replay_s, "frames": int(len(r_amp)),
                    "max_abs_diff_amplitude": float(np.abs(r_amp - amp).max()) if r_amp.shape == amp.shape else None,
-                   "max_abs_diff_phase": float(np.abs(r_phase - phase).max()) if r_phase.shape == phase.shape else None},
+                   "max_abs_diff_phase": float(np.abs(r_phase - phase).max())
+                                         if r_phase.shape == phase.shape else None},
         "tiled": {"raw": f"<server>/{uid}", "live": f"<server>/cdinn/{uid}", "replay": f"<server>/cdinn-replay/{uid}"},
     })
     _montage(out / "montage.png", true_amp, true_phase, amp, phase, seq, [t.strain for t in truth])
@@ -192,10 +193,12 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
 def summary_table(s: dict) -> str:
     """The demo summary as a text table."""
     f, a = s["frames"], s["accuracy"]
-    rows = [("run uid", s["run_uid"]), ("model / device / precision", f"{s['model']} / {s['device']} / {s['precision']}"),
+    rows = [("run uid", s["run_uid"]),
+            ("model / device / precision", f"{s['model']} / {s['device']} / {s['precision']}"),
             ("frames: events / in / out", f"{f['events']} / {f['in']} / {f['out']}"),
             ("frames: dropped / rejected", f"{f['dropped']} / {f['rejected']}"),
-            ("frames: in Tiled / over ZeroMQ / EPICS PV", f"{f['in_tiled']} / {f['over_zeromq']} / {f['epics_frames_pv']}"),
+            ("frames: in Tiled / over ZeroMQ / EPICS PV",
+             f"{f['in_tiled']} / {f['over_zeromq']} / {f['epics_frames_pv']}"),
             ("throughput (frames/s, scan included)", f"{s['frames_per_s']:.1f}"),
             *((f"latency p50 / p99 (ms), frame in to {k}", f"{v['p50']:.1f} / {v['p99']:.1f}")
               for k, v in s["latency_ms"].items() if v["p50"] is not None),
@@ -207,7 +210,8 @@ def summary_table(s: dict) -> str:
             ("  model on these states, clean + centred", _ratio(s["same_states_clean_chi2_median"],
                                                                  s["chi2_ratio"]["vs_same_states_clean"])),
             ("replay: frames / max |diff|", f"{s['replay']['frames']} / amplitude "
-                                            f"{s['replay']['max_abs_diff_amplitude']}, phase {s['replay']['max_abs_diff_phase']}"),
+                                            f"{s['replay']['max_abs_diff_amplitude']}, phase "
+                                            f"{s['replay']['max_abs_diff_phase']}"),
             ("montage", s["montage"])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

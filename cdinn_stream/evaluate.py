@@ -82,8 +82,8 @@ def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int =
     out.mkdir(parents=True, exist_ok=True)
     size = model.size
     data = simulate(n, size, seed=seed, photons=photons)
-    report: dict = {"model": model.name, "precision": model.precision, "n": n, "seed": seed, "size": size, "photons": photons,
-                    "machine": machine_info(), "methods": {}}
+    report: dict = {"model": model.name, "precision": model.precision, "n": n, "seed": seed, "size": size,
+                    "photons": photons, "machine": machine_info(), "methods": {}}
 
     rec, nn_batched, nn_single = _time_nn(model, data.intensity)
     nn = score(rec.amplitude, rec.phase, data.amplitude, data.phase, data.intensity)
@@ -134,7 +134,8 @@ def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int =
     if pr is not None:
         b = (pr.shape[-1] - size) // 2
         crop = pr[:, b : b + size, b : b + size]
-        pr_amp, pr_phase = crop.abs().numpy(), crop.angle().numpy() * (crop.abs().numpy() > 0.1 * crop.abs().amax(dim=(1, 2), keepdim=True).numpy())
+        pr_amp, pr_phase = crop.abs().numpy(), crop.angle().numpy() * (
+            crop.abs().numpy() > 0.1 * crop.abs().amax(dim=(1, 2), keepdim=True).numpy())
     plot_examples(out / "examples.png", data.intensity, data.amplitude, data.phase, rec.amplitude, rec.phase,
                   pr_amp, pr_phase)
     for worst, name in ((False, "best.png"), (True, "worst.png")):
@@ -146,9 +147,11 @@ def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int =
 def report_table(report: dict) -> str:
     """The NN vs ER/HIO table of a report, as markdown."""
     lines = [f"Model `{report['model']}` on {report['n']} fresh {report['size']}x{report['size']} samples "
-             f"(seed {report['seed']}, photons {report['photons']}, precision {report.get('precision', 'fp32')}); machine: {report['machine']['cpu']}, "
+             f"(seed {report['seed']}, photons {report['photons']}, precision {report.get('precision', 'fp32')}); "
+             f"machine: {report['machine']['cpu']}, "
              f"{report['machine']['torch_threads']} torch threads.", "",
-             "| method | IoU median | IoU p90 | chi2 median | chi2 p90 | phase RMSE median (rad) | phase RMSE p90 | ms/pattern (batched) | ms/pattern (single) |",
+             "| method | IoU median | IoU p90 | chi2 median | chi2 p90 | phase RMSE median (rad) | phase RMSE p90 "
+             "| ms/pattern (batched) | ms/pattern (single) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["methods"].items():
         s = m["metrics"]
@@ -161,7 +164,8 @@ def report_table(report: dict) -> str:
     if "speedup_nn_vs_erhio" in report:
         sp = report["speedup_nn_vs_erhio"]
         lines += ["", f"NN speed-up over {report['methods']['erhio']['iterations']}-iteration ER/HIO: "
-                  f"batched {sp['batched']:.0f}x, single pattern {sp['single']:.0f}x, best vs best {sp['best_vs_best']:.0f}x."]
+                  f"batched {sp['batched']:.0f}x, single pattern {sp['single']:.0f}x, "
+                  f"best vs best {sp['best_vs_best']:.0f}x."]
     if "noise" in report:
         lines += ["", noise_table(report["noise"])]
     return "\n".join(lines) + "\n"

@@ -14,8 +14,8 @@ __all__ = ["listen", "Tally"]
 
 class Tally:
     """Frames received per run, and frames missed: results, stop messages and heartbeats say how
-    many frames of a run the publisher sent (``run_frames``), so a subscriber that fell behind (past the publisher's high-water mark,
-    where ZeroMQ drops messages for that subscriber) knows what it lost."""
+    many frames of a run the publisher sent (``run_frames``), so a subscriber that fell behind (past the
+    publisher's high-water mark, where ZeroMQ drops messages for that subscriber) knows what it lost."""
 
     def __init__(self):
         self.received: dict[str, int] = {}

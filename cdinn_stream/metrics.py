@@ -61,7 +61,8 @@ def align(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         val = flat.gather(1, idx[:, None])[:, 0]
         n = pred.shape[-1]
         sy, sx = idx // n, idx % n
-        shifted = torch.stack([torch.roll(c, (int(a), int(b)), dims=(-2, -1)) for c, a, b in zip(cand, sy, sx)])
+        shifted = torch.stack([torch.roll(c, (int(a), int(b)), dims=(-2, -1))
+                               for c, a, b in zip(cand, sy, sx, strict=True)])
         shifted = shifted * torch.exp(1j * torch.angle(val))[:, None, None]
         if best_val is None:
             out, best_val = shifted, val.abs()

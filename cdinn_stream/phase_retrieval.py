@@ -117,12 +117,15 @@ def er_hio(
     modulus = torch.fft.ifftshift(torch.sqrt(measured), dim=dims)  # unshifted, zero frequency at 0
     g = torch.Generator(device="cpu").manual_seed(seed)
     if init is not None:
-        start = pad_object(torch.as_tensor(init, device=measured.device).to(torch.complex64).reshape(b, *init.shape[-2:]), m)
+        start = pad_object(
+            torch.as_tensor(init, device=measured.device).to(torch.complex64).reshape(b, *init.shape[-2:]), m)
         x = torch.fft.ifftshift(start, dim=dims)
         if support is None:
             s = _shrinkwrap(x, 1.0, threshold)
         else:
-            s = torch.fft.ifftshift(pad_object(torch.as_tensor(support, device=measured.device).reshape(b, *support.shape[-2:]).float(), m), dim=dims) > 0.5
+            s = torch.fft.ifftshift(pad_object(
+                torch.as_tensor(support, device=measured.device).reshape(b, *support.shape[-2:]).float(), m),
+                dim=dims) > 0.5
     else:
         phases = torch.rand(measured.shape, generator=g).to(measured.device) * (2 * np.pi)
         x = torch.fft.ifft2(torch.polar(modulus, phases), norm="ortho")
@@ -130,7 +133,9 @@ def er_hio(
             autocorr = torch.fft.ifft2(modulus**2, norm="ortho").abs()
             s = autocorr > 0.1 * autocorr.flatten(1).amax(dim=1)[:, None, None]
         else:
-            s = torch.fft.ifftshift(pad_object(torch.as_tensor(support, device=measured.device).reshape(b, *support.shape[-2:]).float(), m), dim=dims) > 0.5
+            s = torch.fft.ifftshift(pad_object(
+                torch.as_tensor(support, device=measured.device).reshape(b, *support.shape[-2:]).float(), m),
+                dim=dims) > 0.5
     steps = schedule(iterations, average=average)
     n_sw = max(iterations // max(shrinkwrap_every, 1), 1)
     total = torch.zeros_like(x)

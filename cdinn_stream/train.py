@@ -321,7 +321,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     x = normalized_amplitude(raw).unsqueeze(1)
     photons = raw.clamp_min(0).sum(dim=(-2, -1))  # the frames' counts, for the Poisson loss
     if x.shape[-1] != model.config.size:
-        raise ValueError(f"frames are {tuple(x.shape[-2:])} but the model takes {model.config.size}x{model.config.size}")
+        raise ValueError(f"frames are {tuple(x.shape[-2:])} but the model takes "
+                         f"{model.config.size}x{model.config.size}")
     n_val = max(1, int(len(x) * cfg.val_fraction))
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
     xv, xt = x[order[:n_val]], x[order[n_val:]]

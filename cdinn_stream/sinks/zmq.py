@@ -9,8 +9,9 @@ Every message is multipart::
 (list, one per frame), ``time`` (event times), ``shape`` ``[n, h, w]``, ``dtype`` (``"float32"``),
 ``crop_origin`` and ``peak`` (``[[row, col], ...]`` in detector pixels), ``latency_s`` (pipeline
 entry to model output, per frame), ``published`` (send time) and ``run_frames`` (frames of the
-run published so far, this message included; the stop message carries the run's total). Refined results (NN-seeded ER/HIO of selected
-frames, :mod:`cdinn_stream.refine`) have the same layout plus ``iterations``, ``chi2_nn`` and
+run published so far, this message included; the stop message carries the run's total). Refined results
+(NN-seeded ER/HIO of selected frames, :mod:`cdinn_stream.refine`) have the same layout plus ``iterations``,
+``chi2_nn`` and
 ``chi2_refined`` (per frame, against the measured crop). ``amplitude`` and ``phase``
 are the raw C-ordered buffers of ``n`` frames. For start/stop: ``run_uid`` and the document.
 A heartbeat (:meth:`ZmqPublisherSink.heartbeat`, sent every second while the pipeline is idle)

@@ -331,7 +331,8 @@ def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client)
     try:
         assert "reconstructing documents" in serve.stdout.readline()
         time.sleep(1.0)
-        threads = [threading.Thread(target=beamline, args=(11, 2, 15)), threading.Thread(target=beamline, args=(12, 1, 25))]
+        threads = [threading.Thread(target=beamline, args=(11, 2, 15)),
+                   threading.Thread(target=beamline, args=(12, 1, 25))]
         for t in threads:
             t.start()
         for t in threads:

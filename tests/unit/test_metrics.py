@@ -101,5 +101,6 @@ def test_noise_sweep_scores_against_the_truth(tiny_model):
     for m in sweep.values():
         assert set(m) == {"chi2", "support_iou", "phase_rmse", "chi2_measured"}
     # at 1e8 photons the network sees (almost) the clean pattern
-    assert abs(sweep["1e+08"]["chi2"]["median"] - sweep["clean"]["chi2"]["median"]) < 0.05 * sweep["clean"]["chi2"]["median"]
+    assert (abs(sweep["1e+08"]["chi2"]["median"] - sweep["clean"]["chi2"]["median"])
+            < 0.05 * sweep["clean"]["chi2"]["median"])
     assert "| 1000 |" in noise_table(sweep)

@@ -29,10 +29,10 @@ def test_output_shapes_and_ranges(cfg):
 
 def test_paper_architecture_layers():
     m = CDINN(ModelConfig(32, (32, 64, 128), 2))
-    convs = [l for l in m.encoder if isinstance(l, torch.nn.Conv2d)]
+    convs = [layer for layer in m.encoder if isinstance(layer, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
-    assert sum(isinstance(l, torch.nn.MaxPool2d) for l in m.encoder) == 3
-    assert sum(isinstance(l, torch.nn.Upsample) for l in m.shape_decoder) == 3
+    assert sum(isinstance(layer, torch.nn.MaxPool2d) for layer in m.encoder) == 3
+    assert sum(isinstance(layer, torch.nn.Upsample) for layer in m.shape_decoder) == 3
 
 
 def test_size_must_fit_the_pooling():
@@ -47,7 +47,7 @@ def test_save_load_round_trip(tmp_path):
     back = read_weights(tmp_path / "w.pt")
     assert back.config == m.config
     x = torch.rand(2, 1, 32, 32)
-    for a, b in zip(m(x), back(x)):
+    for a, b in zip(m(x), back(x), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -135,5 +135,5 @@ def test_deepen_keeps_the_function_and_doubles_the_convolutions():
         isinstance(x, torch.nn.Conv2d) for x in m.modules()) - 2  # the decoders' last convs stay single
     x = torch.rand(4, 1, 32, 32)
     with torch.no_grad():
-        for a, b in zip(m(x), d(x)):
+        for a, b in zip(m(x), d(x), strict=True):
             torch.testing.assert_close(a, b)

@@ -93,7 +93,8 @@ def test_precision_options(tiny_model):
     bf16 = CDIModel(tiny_model.network, precision="bf16").predict(frames)
     np.testing.assert_allclose(bf16.amplitude, fp32.amplitude, atol=0.02)  # bf16: ~3 significant digits
     auto = CDIModel(tiny_model.network, precision="auto")
-    np.testing.assert_array_equal(auto.predict(frames).amplitude, (bf16 if auto.precision == "bf16" else fp32).amplitude)
+    np.testing.assert_array_equal(auto.predict(frames).amplitude,
+                                  (bf16 if auto.precision == "bf16" else fp32).amplitude)
 
 
 def test_cuda_graphs_only_on_a_gpu(tiny_model):

@@ -13,7 +13,7 @@ def test_shapes_ranges_and_conventions(size):
     assert s.amplitude.min() >= 0 and s.amplitude.max() <= 1 + 1e-6
     support = s.amplitude > SUPPORT_THRESHOLD
     assert np.all(s.phase[~support] == 0), "phase must be 0 outside the object"
-    for ph, sup in zip(s.phase, support):
+    for ph, sup in zip(s.phase, support, strict=True):
         inside = ph[sup]
         assert inside.max() - inside.min() <= 2 * np.pi + 1e-5  # no phase wraps
         assert abs(inside.max() + inside.min()) < 1e-4  # mid-range centred
@@ -29,7 +29,7 @@ def test_shapes_ranges_and_conventions(size):
 def test_statistics_vary():
     s = simulate(500, 32, seed=2)
     area = (s.amplitude > 0.5).sum((1, 2))
-    ptp = np.array([np.ptp(p[a > SUPPORT_THRESHOLD]) for p, a in zip(s.phase, s.amplitude)])
+    ptp = np.array([np.ptp(p[a > SUPPORT_THRESHOLD]) for p, a in zip(s.phase, s.amplitude, strict=True)])
     assert area.min() >= 20 and area.max() <= 32 * 32
     assert area.std() > 30, "object sizes should vary"
     assert 0 < ptp.min() < 1.0 and ptp.max() > 5.0, "phase strength from weak to nearly 2 pi"
@@ -103,7 +103,7 @@ def test_removing_the_phase_ramp_centres_the_brightest_pixel():
     plain = simulate(400, 32, seed=12)
     flat = simulate(400, 32, seed=12, remove_ramp=True)
     np.testing.assert_array_equal(plain.amplitude, flat.amplitude)  # same crystals
-    for ph, a in zip(flat.phase, flat.amplitude):
+    for ph, a in zip(flat.phase, flat.amplitude, strict=True):
         inside = ph[a > SUPPORT_THRESHOLD]
         assert np.ptp(inside) <= 2 * np.pi + 1e-5  # still no wraps
     def centred(s):

@@ -52,7 +52,8 @@ def test_fourier_loss_is_zero_for_the_truth_and_blind_to_twin_and_shift():
         assert truth < 1e-3 and float(fourier_loss(*wrong, m, kind=kind, photons=photons)) > 100 * max(truth, 1e-5)
     twin = twin_torch(torch.polar(a, p).conj())
     ta, tp = twin.abs().clamp(1e-4, 1 - 1e-4), twin.angle()
-    shifted = (torch.roll(torch.log(ta / (1 - ta)), 3, -1), torch.roll(torch.logit((tp / (2 * math.pi) + 0.5).clamp(1e-6, 1 - 1e-6)), 3, -1))
+    shifted = (torch.roll(torch.log(ta / (1 - ta)), 3, -1),
+               torch.roll(torch.logit((tp / (2 * math.pi) + 0.5).clamp(1e-6, 1 - 1e-6)), 3, -1))
     assert float(fourier_loss(*shifted, m)) < 1e-3
 
 

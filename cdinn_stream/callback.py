@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 def default_handler_registry() -> dict:
     """Handlers for external (resource/datum) frames: ``NPY_SEQ`` of ``ophyd.sim`` (none
-    without ophyd: frames written to files are then rejected as unreadable, with a warning)."""
+    without ophyd: frames written to such files are then rejected as unfilled, with a warning)."""
     try:
         from ophyd.sim import NumpySeqHandler
     except ImportError:

@@ -78,8 +78,8 @@ def find_peaks(frames: np.ndarray, *, box: int = 5) -> np.ndarray:
     First the brightest blob: the maximum of the despeckled frame (:func:`despeckle`) summed
     over ``box x box`` (a hot pixel or noise does not win), searched on 2x2-binned frames (with a
     ``box // 2 + 1`` box) when they are large (at least ``8 * box`` on each side; 4x fewer
-    pixels); then the brightest pixel
-    of the frame within ``box // 2`` (one more when binned) of it.
+    pixels); then the brightest pixel of the frame within ``box // 2`` (one more when binned)
+    of it.
     """
     n, h, w = frames.shape
     f = 2 if min(h, w) >= BIN_SEARCH_FACTOR * box else 1

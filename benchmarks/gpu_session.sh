@@ -21,6 +21,7 @@ set -u
 OUT=${OUT:-/tmp/gpu-out}
 DEADLINE=${DEADLINE:-545}
 TRAIN=${TRAIN:-1}  # 0: tests and benchmarks only
+BENCH_MODEL=${BENCH_MODEL:-1}  # 0: skip the model benchmark (pipeline benchmark only)
 N32=${N32:-800000}
 N64=${N64:-200000}
 DEVICE=${DEVICE:-cuda}  # cpu: a dry run of this script on a machine without a GPU
@@ -50,13 +51,16 @@ fi
 log "GPU tests"
 timeout 120 $py -m pytest -q -p no:cacheprovider -p no:warnings tests/gpu 2>&1 | tail -15 | tee $WORK/pytest-gpu.txt
 
+if [ "$BENCH_MODEL" = 1 ]; then
 log "model benchmark (GPU; the data simulation shares the CPU cores)"
 timeout 130 $py -m cdinn_stream bench --device $DEVICE --suite model --out $WORK/bench-model 2>&1 | tail -25
+fi
 
-wait
+[ "$TRAIN" = 1 ] && wait $SIM32
 cat $WORK/sim*.log 2>/dev/null | tail -4
-log "pipeline benchmark (GPU, the machine otherwise idle)"
-timeout 130 $py -m cdinn_stream bench --device $DEVICE --suite pipeline --out $WORK/bench-pipeline 2>&1 | tail -25
+log "pipeline benchmark (GPU; the 64x64 data simulation may still run on 3 of the cores)"
+timeout 150 $py -m cdinn_stream bench --device $DEVICE --suite pipeline --out $WORK/bench-pipeline 2>&1 | tail -25
+[ "$TRAIN" = 1 ] && wait $SIM64
 
 if [ "$TRAIN" = 1 ]; then
 TRAIN_MINUTES=$(python3 -c "print(round(max(1.0, ($DEADLINE - $SECONDS - 75) / 60), 2))")
@@ -68,16 +72,21 @@ train() {  # name, then train options
   local name=$1; shift
   timeout -s INT $limit $py -m cdinn_stream train --out $WORK/runs/$name $common "$@" > $WORK/train-$name.log 2>&1 &
 }
-$py -m cdinn_stream deepen models/cdinn-64.pt $WORK/cdinn-64-deep.pt > /dev/null
-train p32 --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 1 --convs-per-stage 2 --lr 1e-3
-train s2d2-32 --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 2 --convs-per-stage 2 --lr 1e-3
-train ship32 --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 4 --convs-per-stage 2 --lr 3e-4 \
-      --init-weights models/cdinn-32.pt
-train lean32 --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 4 --convs-per-stage 2 \
-      --widths 16,32,64 --lr 1e-3
-train s2d2-64 --data $WORK/d64 --n-train $N64 --n-val 10000 --size 64 --space-to-depth 2 --convs-per-stage 2 --lr 1e-3
-train ship64 --data $WORK/d64 --n-train $N64 --n-val 10000 --size 64 --space-to-depth 4 --convs-per-stage 2 --lr 3e-4 \
-      --init-weights $WORK/cdinn-64-deep.pt
+# This session's runs (2026-11-26, third): the autocorrelation (Patterson) input channels, from
+# the shipped weights (zero weights on the new channels) and from scratch. Earlier sessions' runs
+# are in git history and in the model cards' recipes.
+train p32pat-init --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 1 --convs-per-stage 2 \
+      --patterson --lr 3e-4 --init-weights models/cdinn-32-paper.pt
+train p32pat --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 1 --convs-per-stage 2 \
+      --patterson --lr 1e-3
+train ship32pat-init --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 4 --convs-per-stage 2 \
+      --patterson --lr 3e-4 --init-weights models/cdinn-32.pt
+train s2d4-32pat --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 4 --convs-per-stage 2 \
+      --patterson --lr 1e-3
+train lean32pat --data $WORK/d32 --n-train $N32 --n-val 20000 --size 32 --space-to-depth 4 --convs-per-stage 2 \
+      --widths 16,32,64 --patterson --lr 1e-3
+train ship64pat-init --data $WORK/d64 --n-train $N64 --n-val 10000 --size 64 --space-to-depth 4 --convs-per-stage 2 \
+      --patterson --lr 3e-4 --init-weights models/cdinn-64.pt
 sleep 60; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; log "training"
 wait
 for f in $WORK/train-*.log; do echo "== $f"; grep -E "^epoch|Error|error" "$f" | tail -4; done

@@ -42,14 +42,25 @@ def _stage(run_dir: Path) -> dict:
                                  for h in hist["history"]]}
 
 
+def _stage_of_card(card: dict) -> dict:
+    """The final training stage a model card describes, as a lineage entry."""
+    curve = card["validation_curve"]
+    return {"recipe": card["recipe"], "machine": card.get("training_machine"), "epochs_run": card["epochs_run"],
+            "best_epoch": card["best_epoch"],
+            "best_val_loss": min(h["val_loss"] for h in curve), "training_seconds": card["training_seconds"],
+            "validation_curve": curve}
+
+
 def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_dir: str | Path = "models",
-            *, lineage: list[str | Path] = ()) -> Path:
+            *, lineage: list[str | Path] = (), after_card: str | Path | None = None) -> Path:
     """Copy a training run's best weights to ``models/<name>.pt`` and write ``models/<name>.json``.
 
     ``run_dir`` holds ``best.pt`` and ``history.json`` (from ``cdinn-stream train``);
     ``evaluation_dir`` holds ``report.json`` (from ``cdinn-stream evaluate`` on those weights).
     ``lineage`` lists the training folders the run was fine-tuned from (``init_weights``), oldest
-    first; each one's recipe and validation curve goes into the card.
+    first; each one's recipe and validation curve goes into the card. ``after_card`` is the card
+    of the weights the lineage starts from (read it before it is overwritten): its lineage and
+    its own final stage come first.
     """
     run_dir, evaluation_dir, models_dir = Path(run_dir), Path(evaluation_dir), Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +76,9 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
     if (run_dir / "training_curve.png").is_file():
         shutil.copy(run_dir / "training_curve.png", models_dir / f"{name}.training_curve.png")
     stages = [_stage(Path(d)) for d in lineage]
+    if after_card is not None:
+        earlier = json.loads(Path(after_card).read_text())
+        stages = earlier.get("lineage", []) + [_stage_of_card(earlier)] + stages
     card = {
         "name": name,
         "format": "cdinn-stream/1",

@@ -39,7 +39,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     cfg = TrainConfig(out_dir=Path(args.out), size=args.size, widths=args.widths,
-                      convs_per_stage=args.convs_per_stage, space_to_depth=args.space_to_depth, n_train=args.n_train,
+                      convs_per_stage=args.convs_per_stage, space_to_depth=args.space_to_depth,
+                      patterson=args.patterson, n_train=args.n_train,
                       n_val=args.n_val,
                       batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, lr=args.lr,
                       seed=args.seed, max_minutes=args.max_minutes, threads=args.threads,
@@ -83,7 +84,7 @@ def _cmd_deepen(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from .card import publish
 
-    card = publish(args.run, args.evaluation, args.name, args.models, lineage=args.lineage)
+    card = publish(args.run, args.evaluation, args.name, args.models, lineage=args.lineage, after_card=args.after)
     print(f"wrote {card} and its weights beside it")
     return 0
 
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold r x r pixel blocks into channels at input and output (default 4, the shipped "
                         "models; 1 for the paper's network: --widths 32,64,128 --convs-per-stage 2 "
                         "--space-to-depth 1)")
+    t.add_argument("--patterson", action="store_true",
+                   help="add the autocorrelation (inverse FFT of the intensity, the Patterson map) as two "
+                        "more input channels")
     t.add_argument("--n-train", type=int, default=180_000)
     t.add_argument("--n-val", type=int, default=20_000)
     t.add_argument("--batch-size", type=int, default=256)
@@ -362,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--models", default="models", help="models folder (default ./models)")
     pb.add_argument("--lineage", nargs="*", default=[],
                     help="earlier training folders this run was fine-tuned from, oldest first")
+    pb.add_argument("--after", default=None, metavar="CARD",
+                    help="model card (JSON) of the weights the earliest stage started from: its lineage and "
+                         "final stage go first in the new card (copy it first if NAME overwrites it)")
     pb.set_defaults(func=_cmd_publish)
 
     d = sub.add_parser("demo", help="the whole live pipeline on this machine: Tiled, IOC, ZeroMQ, scan, replay",

@@ -6,6 +6,12 @@ for the shape (amplitude) and one for the phase; each ends in a 3x3 convolution 
 The encoder is shared between the two decoders (see ``docs/design.md``). The phase sigmoid maps
 onto ``[-pi, pi]``.
 
+``patterson=True`` adds two input channels computed inside the network: the real and imaginary
+parts of the measured pattern's inverse Fourier transform, the object's autocorrelation (the
+Patterson map), scaled by its zero-lag value. Its support is the object's support dilated by its
+own inversion, so it puts a real-space picture of the object's extent next to ``|F|`` for the
+convolutions, at the cost of one FFT per frame.
+
 ``space_to_depth=r > 1`` folds each ``r x r`` block of input pixels into ``r**2`` channels
 (``pixel_unshuffle``) before the encoder and unfolds the decoders' ``r**2`` output channels back
 (``pixel_shuffle``): the same network on an ``r``-times smaller grid, for a fraction of the FLOPs.
@@ -22,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "CDINN", "count_flops"]
+__all__ = ["ModelConfig", "CDINN", "count_flops", "deepen", "patterson_channels", "with_patterson"]
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,14 @@ class ModelConfig:
         convs_per_stage: 3x3 convolutions per stage (the paper: 2).
         space_to_depth: fold ``r x r`` pixel blocks into channels at the input and unfold them at
             the output (the paper: 1, no folding).
+        patterson: add the autocorrelation (inverse FFT of the intensity) as two input channels.
     """
 
     size: int = 32
     widths: tuple[int, ...] = (32, 64, 128)
     convs_per_stage: int = 2
     space_to_depth: int = 1
+    patterson: bool = False
 
     def to_dict(self) -> dict:
         return {**asdict(self), "widths": list(self.widths)}
@@ -48,7 +56,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         return cls(size=int(d["size"]), widths=tuple(int(w) for w in d["widths"]),
-                   convs_per_stage=int(d["convs_per_stage"]), space_to_depth=int(d.get("space_to_depth", 1)))
+                   convs_per_stage=int(d["convs_per_stage"]), space_to_depth=int(d.get("space_to_depth", 1)),
+                   patterson=bool(d.get("patterson", False)))
 
 
 def _convs(c_in: int, c_out: int, n: int) -> list[nn.Module]:
@@ -78,7 +87,7 @@ class CDINN(nn.Module):
             raise ValueError(f"size {config.size} is not a multiple of {r * 2 ** len(config.widths)}")
         self.config = config
         layers: list[nn.Module] = [nn.PixelUnshuffle(r)] if r > 1 else []
-        c = r * r
+        c = r * r * (3 if config.patterson else 1)
         for w in config.widths:
             layers += _convs(c, w, config.convs_per_stage)
             layers.append(nn.MaxPool2d(2))
@@ -92,7 +101,7 @@ class CDINN(nn.Module):
 
     def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-sigmoid outputs ``(B, N, N)`` for shape and phase (used by the training loss)."""
-        z = self.encoder(x)
+        z = self.encoder(patterson_channels(x) if self.config.patterson else x)
         return self.shape_decoder(z)[:, 0], self.phase_decoder(z)[:, 0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +113,51 @@ class CDINN(nn.Module):
         """Amplitude and phase from the logits (in float32 when the network ran in lower precision)."""
         s, p = shape_logits.float(), phase_logits.float()
         return torch.sigmoid(s), (torch.sigmoid(p) - 0.5) * (2 * math.pi)
+
+
+_CHECKERBOARDS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _checkerboard(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(-1)**(k1 + k2)`` ``(n, n)`` and the index ``-k mod n`` (cached per size and device)."""
+    key = (n, device)
+    if key not in _CHECKERBOARDS:
+        k = torch.arange(n, device=device)
+        _CHECKERBOARDS[key] = ((1 - 2 * ((k[:, None] + k) % 2)).float(), (-k) % n)
+    return _CHECKERBOARDS[key]
+
+
+def patterson_channels(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, N, N)``: amplitudes ``x`` ``(B, 1, N, N)`` (centred ``|F|``) with the real and
+    imaginary parts of their autocorrelation ``IFT(|F|^2)``, centred and divided by its zero-lag
+    value (computed in float32, outside autocast).
+
+    For even ``N`` the centring shifts are a ``(-1)**(k1 + k2)`` checkerboard on either side of
+    the transform, and the intensity is real, so a real FFT gives half the plane and Hermitian
+    symmetry the other half: about 3x cheaper than ``fftshift(ifft2(ifftshift(I)))``.
+    """
+    n = x.shape[-1]
+    if n % 2:
+        raise ValueError(f"the autocorrelation channels need an even frame size, not {n}")
+    h = n // 2
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xf = x.float()
+        sign, minus_k = _checkerboard(n, x.device)
+        intensity = xf * xf
+        # IFT(I)[m] = conj(FT(I)[m]) / n^2 for real I; the zero-lag value is sum(I) / n^2
+        half = torch.fft.rfft2(intensity * sign)  # (B, 1, n, h + 1): k2 = 0 .. h
+        inv = 1.0 / intensity.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        out = torch.empty(x.shape[0], 3, n, n, device=x.device)
+        out[:, :1] = xf
+        left, right = sign[:, : h + 1] * inv, sign[:, h + 1 :] * inv
+        ri = torch.view_as_real(half)
+        torch.mul(ri[..., 0], left, out=out[:, 1:2, :, : h + 1])
+        torch.mul(ri[..., 1], -left, out=out[:, 2:3, :, : h + 1])
+        # k2 = h + 1 .. n - 1: FT(I)[k1, k2] = conj(FT(I)[-k1, n - k2])
+        mirror = torch.view_as_real(half.index_select(-2, minus_k)[..., 1:h].flip(-1))
+        torch.mul(mirror[..., 0], right, out=out[:, 1:2, :, h + 1 :])
+        torch.mul(mirror[..., 1], right, out=out[:, 2:3, :, h + 1 :])
+        return out.to(x.dtype)
 
 
 def count_flops(model: CDINN) -> int:
@@ -136,7 +190,7 @@ def deepen(model: CDINN) -> CDINN:
     extra capacity. Used to grow the shipped 32x32 model (see its model card's lineage).
     """
     cfg = model.config
-    new = CDINN(ModelConfig(cfg.size, cfg.widths, 2 * cfg.convs_per_stage, cfg.space_to_depth))
+    new = CDINN(ModelConfig(cfg.size, cfg.widths, 2 * cfg.convs_per_stage, cfg.space_to_depth, cfg.patterson))
 
     def convs(seq: nn.Module) -> list[nn.Conv2d]:
         return [m for m in seq if isinstance(m, nn.Conv2d)]
@@ -154,4 +208,25 @@ def deepen(model: CDINN) -> CDINN:
                 second.bias.zero_()
                 c = second.out_channels
                 second.weight[torch.arange(c), torch.arange(c), 1, 1] = 1.0
+    return new
+
+
+def with_patterson(model: CDINN) -> CDINN:
+    """The same function with the autocorrelation input channels added (weights on them zero).
+
+    The first convolution gets the :func:`patterson_channels` inputs with zero weights, so the
+    new network computes exactly what ``model`` computes until fine-tuning puts the extra input
+    to use. Returns ``model`` itself when it already has them.
+    """
+    cfg = model.config
+    if cfg.patterson:
+        return model
+    new = CDINN(ModelConfig(cfg.size, cfg.widths, cfg.convs_per_stage, cfg.space_to_depth, True))
+    state = model.state_dict()
+    first = next(m for m in new.encoder if isinstance(m, nn.Conv2d))
+    key = next(k for k in state if k.startswith("encoder.") and k.endswith(".weight"))
+    w = torch.zeros_like(first.weight)
+    w[:, : state[key].shape[1]] = state[key]  # pixel_unshuffle puts the amplitude's r*r channels first
+    state[key] = w
+    new.load_state_dict(state)
     return new

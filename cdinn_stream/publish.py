@@ -8,9 +8,14 @@ to ``max_write_frames`` frames: the slower a sink is, the larger its writes and 
 (one Tiled request per array per write, however many frames it holds), while no write holds
 more than a bounded amount of memory.
 
-Back-pressure: a sink's queue holds at most ``max_queued_frames`` frames. Past that, results for
-that sink are dropped, counted in its ``frames_dropped`` and logged as a warning with the run uid
-and seq_nums -- the other sinks still get them. Run markers are never dropped, so a sink always
+Back-pressure: a sink that can park results cheaply (a ``spill`` method: the Tiled sink's on-disk
+spool) gets them parked instead of written while its backlog is past ``spill_frames`` (a quarter
+of the queue bound), so a server that cannot keep up with a burst loses nothing: the sink writes
+the parked results back, in order, as it catches up (parking happens between writes, so the
+queue bound must hold what arrives during one write). A sink's queue holds at most
+``max_queued_frames`` frames. Past that, results for that sink are dropped, counted in its
+``frames_dropped`` and logged as a warning with the run uid and seq_nums -- the other sinks
+still get them. Run markers are never dropped, so a sink always
 sees ``open_run`` ... ``close_run`` in order. A sink's exception is logged with context and
 counted in ``errors``; its thread goes on. Refined results (:mod:`cdinn_stream.refine`) go to
 sinks that have a ``write_refined`` method. A sink with an ``idle()`` method has it called about
@@ -51,18 +56,21 @@ def wait_while(cond: threading.Condition, busy, worker: threading.Thread, timeou
 
 @dataclass
 class SinkStats:
-    """Counters of one sink (frames unless said); ``latencies``: seconds from a frame entering
-    the pipeline to the end of the sink's write that held it."""
+    """Counters of one sink (frames unless said); ``frames_spilled`` went to the sink's ``spill``
+    (parked, written back by the sink later) instead of ``write``; ``latencies``: seconds from a
+    frame entering the pipeline to the end of the sink's write that held it."""
 
     frames_written: int = 0
     frames_dropped: int = 0
+    frames_spilled: int = 0
     writes: int = 0
     errors: int = 0
     latencies: deque = field(default_factory=lambda: deque(maxlen=100_000), repr=False)
 
     def summary(self) -> dict:
         return {"frames_written": self.frames_written, "frames_dropped": self.frames_dropped,
-                "writes": self.writes, "errors": self.errors, **latency_ms(self.latencies)}
+                "frames_spilled": self.frames_spilled, "writes": self.writes, "errors": self.errors,
+                **latency_ms(self.latencies)}
 
 
 def merge_results(results: list[ResultBlock]) -> ResultBlock:
@@ -78,10 +86,15 @@ def merge_results(results: list[ResultBlock]) -> ResultBlock:
 class SinkThread:
     """One sink, its queue and its thread (see the module docstring)."""
 
-    def __init__(self, sink: Sink, *, max_queued_frames: int = 50_000, max_write_frames: int = 4096):
+    def __init__(self, sink: Sink, *, max_queued_frames: int = 50_000, max_write_frames: int = 4096,
+                 spill_frames: int | None = None):
         self.sink = sink
         self.name = type(sink).__name__
         self.max_queued_frames = max_queued_frames
+        #: backlog (frames) past which results go to the sink's ``spill`` instead of ``write``
+        self.spill_frames = max_queued_frames // 4 if spill_frames is None else spill_frames
+        self._spill = getattr(sink, "spill", None)
+        self._spilling = False
         self.max_write_frames = max_write_frames
         self.stats = SinkStats()
         self._queue: deque[ResultBlock | RunMarker] = deque()
@@ -154,6 +167,8 @@ class SinkThread:
                         self._marker(group)
                     elif isinstance(group, RefinedBlock):
                         self._refined(group)
+                    elif self._spill is not None and self._queued > self.spill_frames:
+                        self._park(merge_results(group))
                     else:
                         self._write(merge_results(group))
             finally:
@@ -181,7 +196,26 @@ class SinkThread:
             return
         self.stats.writes += 1
         self.stats.frames_written += len(f)
+        if self._spilling and self._queued <= self.spill_frames // 2:
+            logger.info("%s caught up (%d frames behind)", self.name, self._queued)
+            self._spilling = False
         self.stats.latencies.extend((time.monotonic() - f.received).tolist())
+
+    def _park(self, result: ResultBlock) -> None:
+        f = result.frames
+        if not self._spilling:
+            logger.warning("%s is %d frames behind: parking results on local disk from run %s seq_num %s on; "
+                           "they are written back in order as it catches up", self.name, self._queued, f.run_uid,
+                           f.seq_nums[0])
+            self._spilling = True
+        try:
+            self._spill(result)
+        except Exception:
+            logger.exception("sink %s could not park run %s seq_nums %s..%s; writing them instead", self.name,
+                             f.run_uid, f.seq_nums[0], f.seq_nums[-1])
+            self._write(result)
+            return
+        self.stats.frames_spilled += len(f)
 
     def _refined(self, block: RefinedBlock) -> None:
         write = getattr(self.sink, "write_refined", None)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import fourier_loss, twin_aware_loss
-from .model import CDINN, ModelConfig
+from .model import CDINN, ModelConfig, with_patterson
 from .physics import normalized_amplitude
 from .simulate import add_noise_torch, simulate
 from .timing import machine_info
@@ -42,6 +42,7 @@ class TrainConfig:
         convs_per_stage: convolutions per encoder / decoder stage.
         space_to_depth: pixel folding factor of the model. The defaults (32, 64, 128), 1, 4 are
             the shipped models' recipe; the paper's network is (32, 64, 128), 2, 1.
+        patterson: add the autocorrelation input channels (see :class:`~cdinn_stream.model.ModelConfig`).
         n_train: training samples (paper: 180,000).
         n_val: validation samples (paper: 20,000).
         batch_size: samples per Adam step (paper: 256).
@@ -82,6 +83,7 @@ class TrainConfig:
     widths: tuple[int, ...] = (32, 64, 128)
     convs_per_stage: int = 1
     space_to_depth: int = 4
+    patterson: bool = False
     n_train: int = 180_000
     n_val: int = 20_000
     batch_size: int = 256
@@ -193,9 +195,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = CDINN(ModelConfig(cfg.size, tuple(cfg.widths), cfg.convs_per_stage, cfg.space_to_depth))
+    model = CDINN(ModelConfig(cfg.size, tuple(cfg.widths), cfg.convs_per_stage, cfg.space_to_depth,
+                              cfg.patterson))
     if cfg.init_weights:
-        model.load_state_dict(read_weights(cfg.init_weights).state_dict())
+        init = read_weights(cfg.init_weights)
+        if cfg.patterson and not init.config.patterson:
+            logger.info("adding the autocorrelation input channels to %s (zero weights)", cfg.init_weights)
+            init = with_patterson(init)
+        model.load_state_dict(init.state_dict())
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)

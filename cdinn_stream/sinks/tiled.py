@@ -23,7 +23,11 @@ go to an on-disk spool (:mod:`cdinn_stream.sinks.spool`; ``spool_dir``, default
 the server answers again (probed at most every ``retry_interval`` seconds, with each write and
 every second while idle); the run's container then ends ``complete``. If the process ends
 before the server is back, the spool stays on disk and ``cdinn-stream backfill --tiled URL``
-writes it later. The first failing request takes the
+writes it later. A server that is up but slower than the results come (a burst from a fast
+detector) gets the same treatment: past a backlog of a quarter of its queue bound, the sink
+thread parks results in the spool (:meth:`TiledSink.spill`, local disk) instead of writing them,
+and each later write and idle call writes a bounded number of parked chunks back, oldest first,
+so nothing is dropped and the run's arrays stay in seq_num order. The first failing request takes the
 Tiled client's own retries (``TILED_RETRY_TIMEOUT``, 45 s by default) before spooling starts.
 """
 
@@ -41,6 +45,11 @@ from .spool import Spool
 __all__ = ["TiledSink"]
 
 logger = logging.getLogger(__name__)
+
+#: spooled chunks written back per write that finds a spool (two for the one it adds, so the
+#: spool shrinks while the sink thread keeps taking results) and per idle call
+BACKFILL_CHUNKS_PER_WRITE = 2
+BACKFILL_CHUNKS_IDLE = 8
 
 _ARRAYS = ("amplitude", "phase", "seq_num", "time", "crop_origin", "peak", "latency_s")
 
@@ -160,13 +169,25 @@ class TiledSink:
             except Exception as err:
                 if not _unreachable(err):
                     raise
+                run["stale"] = True  # the failed write may have left partial arrays: reopen them
                 self._went_away(err, f"writing run {result.run_uid}")
-        self.spool.begin(result.run_uid, parent=self.parent_name, start=run["start"], model_card=self.model_card,
+        self._to_spool(result.run_uid, run, cols)
+        if self._probe():  # catch up a bounded amount per write, so the sink thread keeps taking results
+            self.backfill(max_chunks=BACKFILL_CHUNKS_PER_WRITE)
+
+    def spill(self, result: ResultBlock) -> None:
+        """Park ``result`` in the spool (local disk, fast) while the server is behind; the next
+        writes, the idle probe and the end of the run write it back, in order."""
+        run = self._runs.get(result.run_uid)
+        if run is None:
+            raise RuntimeError(f"results for run {result.run_uid} before its start")
+        self._to_spool(result.run_uid, run, _columns(result))
+
+    def _to_spool(self, run_uid: str, run: dict, cols: dict[str, np.ndarray]) -> None:
+        self.spool.begin(run_uid, parent=self.parent_name, start=run["start"], model_card=self.model_card,
                          written=run["n"])
-        self.spool.append(result.run_uid, cols)
+        self.spool.append(run_uid, cols)
         self.frames_spooled += len(cols["seq_num"])
-        if self._probe():
-            self.backfill()
 
     def close_run(self, run_uid: str, summary: dict) -> None:
         run = self._runs.pop(run_uid, None)
@@ -194,9 +215,9 @@ class TiledSink:
 
     def idle(self) -> None:
         """Called about once a second while no results come: write spooled results back if the
-        server answers again."""
+        server answers (a bounded amount per call, so that new results are not held up)."""
         if self.spool.runs() and self._probe():
-            self.backfill()
+            self.backfill(max_chunks=BACKFILL_CHUNKS_IDLE)
 
     def write_refined(self, block: RefinedBlock) -> None:
         """Refined frames into the run's container: ``refined_amplitude``, ``refined_phase``,
@@ -240,23 +261,35 @@ class TiledSink:
                 run["arrays"][key].patch(cols[key], offset=(run["n"],), extend=True)
         run["n"] += len(cols["seq_num"])
 
-    def backfill(self) -> int:
-        """Write every spooled run back to the server, in order; returns the frames written.
-        Stops (and goes offline) if the server goes away again."""
-        total = 0
+    def backfill(self, max_chunks: int | None = None) -> int:
+        """Write spooled runs back to the server, in order; returns the frames written. Stops
+        after ``max_chunks`` chunks (``None``: everything), or (going offline) if the server goes
+        away again."""
+        total = chunks_done = 0
         for run_uid in self.spool.runs():
             manifest = self.spool.manifest(run_uid)
             live = self._runs.get(run_uid)
+            finished = True
             try:
-                run = self._reopen(manifest)  # fresh handles: a failed write may have left partial arrays
+                if (live is not None and live["container"] is not None and not live.get("stale")
+                        and live["n"] == manifest["written"]):
+                    run = live  # parked while the server was up: the live handles are good
+                else:
+                    run = self._reopen(manifest)  # fresh handles: a failed write may have left partial arrays
                 for chunk in self.spool.chunks(run_uid):
+                    if max_chunks is not None and chunks_done >= max_chunks:
+                        finished = False
+                        break
                     cols = Spool.read(chunk)
                     self._extend(run, cols)
                     self.spool.update(run_uid, written=run["n"])
                     chunk.unlink()
                     total += len(cols["seq_num"])
-                if live is not None:
-                    live.update(container=run["container"], arrays=run["arrays"], n=run["n"])
+                    chunks_done += 1
+                if live is not None and run is not live:
+                    live.update(container=run["container"], arrays=run["arrays"], n=run["n"], stale=False)
+                if not finished:
+                    break
                 if "close" in manifest or "close" in self.spool.manifest(run_uid):
                     end = self.spool.manifest(run_uid)["close"]
                     run["container"].update_metadata({**end, "frames": run["n"]})

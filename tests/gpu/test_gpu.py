@@ -56,24 +56,36 @@ def _run_through_callback(model, frames: np.ndarray, batch_size: int = 16) -> di
     return kept
 
 
-def test_gpu_pipeline_matches_cpu():
+@pytest.fixture
+def no_tf32():
+    """fp32 on the GPU as on the CPU: no TF32 tensor-core convolutions or matmuls."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("name", ["cdinn-32", "cdinn-32-paper"])
+def test_gpu_pipeline_matches_cpu(name, no_tf32):
+    """The shipped models have the autocorrelation channels: their FFT runs on the GPU too."""
     from cdinn_stream.reconstruct import load_model
 
     frames = _frames(40)
-    gpu = _run_through_callback(load_model("cdinn-32", device="cuda", precision="fp32"), frames)
-    cpu = _run_through_callback(load_model("cdinn-32", device="cpu", precision="fp32"), frames)
+    gpu = _run_through_callback(load_model(name, device="cuda", precision="fp32"), frames)
+    cpu = _run_through_callback(load_model(name, device="cpu", precision="fp32"), frames)
     assert sorted(gpu) == sorted(cpu) == list(range(1, 41))
     amp_diff = max(float(np.abs(gpu[s][0] - cpu[s][0]).max()) for s in cpu)
     assert amp_diff < 1e-2, amp_diff
 
 
+@pytest.mark.parametrize("name", ["cdinn-32", "cdinn-32-paper"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_cuda_graphs_equal_eager(precision):
+def test_cuda_graphs_equal_eager(precision, name):
     from cdinn_stream.physics import normalized_amplitude
     from cdinn_stream.reconstruct import load_model
 
-    eager = load_model("cdinn-32", device="cuda", precision=precision, cuda_graphs=False)
-    graphed = load_model("cdinn-32", device="cuda", precision=precision, cuda_graphs=True)
+    eager = load_model(name, device="cuda", precision=precision, cuda_graphs=False)
+    graphed = load_model(name, device="cuda", precision=precision, cuda_graphs=True)
     x = normalized_amplitude(_frames(70)).cuda()
     for n in (1, 3, 64, 70):  # buckets 1, 4, 64, 128
         a1, p1 = eager.predict_tensor(x[:n])
@@ -99,3 +111,4 @@ def test_gpu_failure_falls_back_to_cpu_and_loses_nothing(caplog):
         kept = _run_through_callback(model, _frames(24))
     assert sorted(kept) == list(range(1, 25))
     assert "falling back to the CPU" in caplog.text
+

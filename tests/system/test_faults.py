@@ -352,3 +352,50 @@ def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client)
         _check_complete(tiled_client, uid, n)
         served, ref = tiled_client["cdinn"][uid], tiled_client["cdinn-reference"][uid]
         np.testing.assert_allclose(served["amplitude"].read(), ref["amplitude"].read(), rtol=0, atol=1e-5)
+
+
+class GatedTiledSink(TiledSink):
+    """A real Tiled server whose first write waits for ``gate`` (a server busy while a burst comes)."""
+
+    def __init__(self, *args, gate, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    def _extend(self, run, cols):
+        assert self.gate.wait(60)
+        TiledSink._extend(run, cols)
+
+
+def test_a_tiled_server_too_busy_for_a_burst_parks_results_and_loses_nothing(tiled_client, tmp_path, caplog):
+    """600 frames arrive while the server is busy with the first write: the sink thread parks the
+    backlog on local disk, writes it back in order, and nothing is dropped."""
+    import threading
+    import uuid
+
+    from cdinn_stream.blocks import FrameBlock, ResultBlock, RunMarker
+    from cdinn_stream.publish import SinkThread
+
+    gate = threading.Event()
+    sink = GatedTiledSink(tiled_client, spool_dir=tmp_path / "spool", gate=gate)
+    thread = SinkThread(sink, max_queued_frames=1000, max_write_frames=64)  # parks past 250 frames behind
+    uid = f"burst-{uuid.uuid4()}"
+    thread.put(RunMarker("open", uid, {"uid": uid}))
+    for start in range(1, 601, 10):
+        seq = np.arange(start, start + 10)
+        frames = FrameBlock(uid, "primary", seq, seq * 0.1, np.zeros((10, 1, 1), np.float32),
+                            np.zeros((10, 2), int), np.zeros((10, 2), int), np.full(10, time.monotonic()))
+        amplitude = np.broadcast_to(seq[:, None, None] / 600, (10, 32, 32)).astype(np.float32)
+        thread.put(ResultBlock(frames, amplitude, np.zeros((10, 32, 32), np.float32), np.zeros(10)))
+    thread.put(RunMarker("close", uid, {"stop": {"exit_status": "success"}}))
+    gate.set()
+    assert thread.drain(120)
+    thread.close()
+    stats = thread.stats.summary()
+    assert stats["frames_dropped"] == 0 and stats["frames_spilled"] >= 600 - 10 - 250 - 64, stats
+    assert stats["frames_spilled"] + stats["frames_written"] == 600
+    assert "parking results on local disk" in caplog.text
+    rec = tiled_client["cdinn"][uid]
+    np.testing.assert_array_equal(rec["seq_num"].read(), np.arange(1, 601))
+    np.testing.assert_allclose(rec["amplitude"].read()[:, 0, 0], np.arange(1, 601) / 600, rtol=1e-6)
+    assert rec.metadata["complete"] and rec.metadata["frames"] == 600
+    assert not sink.spool.runs(), "the spool is empty at the end"

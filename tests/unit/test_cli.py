@@ -57,6 +57,19 @@ def test_evaluate_then_publish(tmp_path, tiny_weights, capsys):
     from cdinn_stream import load_model
 
     assert load_model(models / "tiny-32.pt", device="cpu").card["name"] == "tiny-32"
+    # a second stage fine-tuned from the shipped weights: its card carries the first stage
+    (run / "history.json").write_text(json.dumps({
+        "recipe": {"n_train": 20, "n_val": 2, "seed": 1, "photons": None},
+        "history": [{"epoch": e, "train_loss": 0.5, "val_loss": 0.4, "lr": 1e-4, "seconds": 2.0 * e}
+                    for e in (1, 2)]}))
+    before = tmp_path / "tiny-32.before.json"
+    before.write_text((models / "tiny-32.json").read_text())
+    assert main(["publish", str(run), str(ev), "--name", "tiny-32", "--models", str(models),
+                 "--after", str(before)]) == 0
+    card = json.loads((models / "tiny-32.json").read_text())
+    assert [s["recipe"]["n_train"] for s in card["lineage"]] == [10]
+    assert card["lineage"][0]["best_val_loss"] == 0.9
+    assert card["total_epochs"] == 3 and card["total_training_seconds"] == 5.0
 
 
 def test_errors_are_reported_not_raised(capsys):

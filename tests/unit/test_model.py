@@ -14,7 +14,7 @@ from cdinn_stream.weights import WeightsError, read_weights, save_weights
 @pytest.mark.parametrize(
     "cfg",
     [ModelConfig(32, (8, 16, 32), 2), ModelConfig(64, (4, 8, 16), 1), ModelConfig(32, (8, 16, 32), 1, 4),
-     ModelConfig(128, (4, 8), 1, 2)],
+     ModelConfig(128, (4, 8), 1, 2), ModelConfig(32, (8, 16, 32), 1, 4, True), ModelConfig(64, (4, 8, 16), 1, 1, True)],
 )
 def test_output_shapes_and_ranges(cfg):
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ def test_size_must_fit_the_pooling():
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(1)
-    m = CDINN(ModelConfig(32, (4, 8, 16), 1, 2)).eval()
+    m = CDINN(ModelConfig(32, (4, 8, 16), 1, 2, patterson=True)).eval()
     save_weights(m, tmp_path / "w.pt", meta={"note": "x"})
     back = read_weights(tmp_path / "w.pt")
     assert back.config == m.config
@@ -137,3 +137,48 @@ def test_deepen_keeps_the_function_and_doubles_the_convolutions():
     with torch.no_grad():
         for a, b in zip(m(x), d(x), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_patterson_channels_are_the_autocorrelation_of_the_object():
+    """IFT(|F|^2) is the object's circular autocorrelation, centred, with 1 at zero lag."""
+    from cdinn_stream.model import patterson_channels
+    from cdinn_stream.physics import far_field_torch
+
+    torch.manual_seed(4)
+    n = 16
+    obj = torch.zeros(2, n, n, dtype=torch.complex128)
+    obj[:, 5:10, 6:9] = torch.polar(torch.rand(2, 5, 3, dtype=torch.float64) + 0.5,
+                                    torch.rand(2, 5, 3, dtype=torch.float64))
+    amplitude = far_field_torch(obj).abs()
+    x = (amplitude / amplitude.amax(dim=(-2, -1), keepdim=True))[:, None].float()
+    feats = patterson_channels(x)
+    assert feats.shape == (2, 3, n, n) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats[:, 0], x[:, 0])
+    # direct circular autocorrelation: A[s] = sum_r o[r + s] conj(o[r]), centred at n // 2
+    acf = torch.stack([torch.stack([torch.stack([(torch.roll(o, (-sy, -sx), dims=(0, 1)) * o.conj()).sum()
+                                                 for sx in range(n)]) for sy in range(n)]) for o in obj])
+    acf = torch.fft.fftshift(acf, dim=(-2, -1))
+    acf = acf / acf[:, n // 2, n // 2].real[:, None, None]
+    torch.testing.assert_close(feats[:, 1].double(), acf.real, atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats[:, 2].double(), acf.imag, atol=1e-5, rtol=0)
+    assert torch.allclose(feats[:, 1, n // 2, n // 2], torch.ones(2))
+
+
+def test_with_patterson_keeps_the_function_and_adds_two_input_channels():
+    from cdinn_stream.model import with_patterson
+
+    torch.manual_seed(5)
+    for cfg in (ModelConfig(32, (8, 16, 32), 1, 4), ModelConfig(32, (8, 16, 32), 2, 1)):
+        m = CDINN(cfg).eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        w = with_patterson(m).eval()
+        assert w.config.patterson and with_patterson(w) is w
+        first = next(x for x in w.encoder if isinstance(x, torch.nn.Conv2d))
+        assert first.in_channels == 3 * cfg.space_to_depth**2
+        x = torch.rand(3, 1, 32, 32)
+        with torch.no_grad():
+            for a, b in zip(m(x), w(x), strict=True):
+                torch.testing.assert_close(a, b)
+        assert count_flops(w) > count_flops(m)

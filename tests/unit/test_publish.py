@@ -87,3 +87,33 @@ def test_a_failing_sink_is_logged_and_counted_and_goes_on(caplog):
     assert t.stats.errors == 1 and t.sink.events == [("close", "r")]
     assert "failed on run r seq_nums 1..2" in caplog.text
     t.close()
+
+
+class ParkingSink(ListSink):
+    """A sink with a cheap ``spill`` (as the Tiled sink's on-disk spool)."""
+
+    def spill(self, result):
+        self.events.append(("spill", list(result.frames.seq_nums)))
+
+
+def test_a_sink_that_can_park_results_parks_them_instead_of_dropping(caplog):
+    gate = threading.Event()
+    t = SinkThread(ParkingSink(gate), max_queued_frames=40, max_write_frames=6)  # parks past 10 behind
+    t.put(RunMarker("open", "r", {}))
+    t.put(_result("r", 1, 3))  # taken by the thread, blocked in write
+    end = time.monotonic() + 10
+    while not (t._busy and t.queued_frames == 0) and time.monotonic() < end:
+        time.sleep(0.01)
+    for i in range(10):
+        t.put(_result("r", 4 + 3 * i, 3))  # 30 frames behind
+    t.put(RunMarker("close", "r", {}))
+    gate.set()
+    assert t.drain(5)
+    handled = [e for e in t.sink.events if e[0] in ("write", "spill")]
+    assert sum((e[1] for e in handled), []) == list(range(1, 34)), "every frame once, in order"
+    assert t.stats.frames_dropped == 0 and t.stats.frames_spilled > 0
+    assert t.stats.frames_spilled + t.stats.frames_written == 33
+    assert handled[-1][0] == "write", "parking stops once the backlog is short again"
+    assert "parking results on local disk from run r" in caplog.text
+    assert t.sink.events[-1] == ("close", "r")
+    t.close()

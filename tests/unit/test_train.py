@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from cdinn_stream.reconstruct import load_model
 from cdinn_stream.simulate import simulate
@@ -81,3 +82,17 @@ def test_fresh_noise_cosine_schedule_and_data_folder(tmp_path):
     assert h["history"][1]["lr"] < h["history"][0]["lr"] < 1e-3  # cosine decay within the run
     with pytest.raises(ValueError, match="holds 700 samples"):
         train(TrainConfig(out_dir=tmp_path / "x", data=str(tmp_path / "data"), n_train=700, n_val=100))
+
+
+def test_patterson_fine_tune_starts_from_weights_without_it(tmp_path, tiny_weights):
+    """--patterson with --init-weights of a model without the channels adds them (zero weights)."""
+    from cdinn_stream.cli import main
+    from cdinn_stream.weights import read_weights
+
+    assert main(["train", "--out", str(tmp_path / "run"), "--n-train", "64", "--n-val", "16", "--epochs", "1",
+                 "--widths", "4,8,16", "--space-to-depth", "2", "--patterson", "--init-weights", str(tiny_weights),
+                 "--batch-size", "32"]) == 0
+    tuned = read_weights(tmp_path / "run" / "best.pt")
+    assert tuned.config.patterson and tuned.config.space_to_depth == 2
+    first = next(m for m in tuned.encoder if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 12 and first.weight[:, 4:].abs().max() > 0  # the new channels learnt

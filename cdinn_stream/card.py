@@ -51,8 +51,14 @@ def _stage_of_card(card: dict) -> dict:
             "validation_curve": curve}
 
 
+def _evaluation(report: dict) -> dict:
+    return {k: report[k] for k in ("n", "seed", "size", "photons", "precision", "views", "machine", "methods",
+                                   "speedup_nn_vs_erhio", "noise") if k in report}
+
+
 def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_dir: str | Path = "models",
-            *, lineage: list[str | Path] = (), after_card: str | Path | None = None) -> Path:
+            *, lineage: list[str | Path] = (), after_card: str | Path | None = None,
+            also: list[str | Path] = ()) -> Path:
     """Copy a training run's best weights to ``models/<name>.pt`` and write ``models/<name>.json``.
 
     ``run_dir`` holds ``best.pt`` and ``history.json`` (from ``cdinn-stream train``);
@@ -60,7 +66,9 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
     ``lineage`` lists the training folders the run was fine-tuned from (``init_weights``), oldest
     first; each one's recipe and validation curve goes into the card. ``after_card`` is the card
     of the weights the lineage starts from (read it before it is overwritten): its lineage and
-    its own final stage come first.
+    its own final stage come first. ``also`` lists more evaluation folders of the same weights
+    (another precision, noise level or number of symmetry views); they go under
+    ``other_evaluations``.
     """
     run_dir, evaluation_dir, models_dir = Path(run_dir), Path(evaluation_dir), Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -98,8 +106,8 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
         "total_epochs": sum(s["epochs_run"] for s in stages) + len(hist["history"]),
         "total_training_seconds": sum(s["training_seconds"] for s in stages)
         + hist["history"][-1]["seconds"],
-        "evaluation": {k: report[k] for k in ("n", "seed", "size", "photons", "precision", "machine", "methods",
-                                               "speedup_nn_vs_erhio", "noise") if k in report},
+        "evaluation": _evaluation(report),
+        "other_evaluations": [_evaluation(json.loads((Path(d) / "report.json").read_text())) for d in also],
         "code_commit": code_commit(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "weights_file": weights.name,

@@ -62,7 +62,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import PHOTON_DECADES, evaluate, report_table
     from .reconstruct import load_model
 
-    model = load_model(args.model, device=args.device, precision=args.precision)
+    model = load_model(args.model, device=args.device, precision=args.precision, views=args.views)
     report = evaluate(model, args.out, n=args.n, seed=args.seed, photons=args.photons, erhio=not args.no_erhio,
                       erhio_iterations=args.iterations, refine_iterations=args.refine_iterations,
                       noise=None if args.noise is None else tuple(args.noise or PHOTON_DECADES))
@@ -84,7 +84,8 @@ def _cmd_deepen(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from .card import publish
 
-    card = publish(args.run, args.evaluation, args.name, args.models, lineage=args.lineage, after_card=args.after)
+    card = publish(args.run, args.evaluation, args.name, args.models, lineage=args.lineage, after_card=args.after,
+                   also=args.also)
     print(f"wrote {card} and its weights beside it")
     return 0
 
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="cdinn-32", help="shipped model name or path to a .pt (default cdinn-32)")
     e.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
     e.add_argument("-n", type=int, default=1000, help="number of fresh samples (default 1000)")
+    e.add_argument("--views", type=int, default=1, choices=range(1, 9), metavar="{1..8}",
+                   help="symmetric copies of each pattern the network sees, combined (default 1; 8: all the "
+                        "square's symmetries, 8x the network's time, more accurate)")
     e.add_argument("--seed", type=int, default=31_415_926,
                    help="seed of the fresh samples (default: the reported evaluation set)")
     e.add_argument("--photons", type=float, default=None, help="evaluate on Poisson-noisy patterns")
@@ -369,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--after", default=None, metavar="CARD",
                     help="model card (JSON) of the weights the earliest stage started from: its lineage and "
                          "final stage go first in the new card (copy it first if NAME overwrites it)")
+    pb.add_argument("--also", nargs="*", default=[], metavar="EVALUATION",
+                    help="more evaluation folders of the same weights (e.g. evaluate --views 8), kept in the card "
+                         "under other_evaluations")
     pb.set_defaults(func=_cmd_publish)
 
     d = sub.add_parser("demo", help="the whole live pipeline on this machine: Tiled, IOC, ZeroMQ, scan, replay",

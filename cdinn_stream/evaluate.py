@@ -82,7 +82,8 @@ def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int =
     out.mkdir(parents=True, exist_ok=True)
     size = model.size
     data = simulate(n, size, seed=seed, photons=photons)
-    report: dict = {"model": model.name, "precision": model.precision, "n": n, "seed": seed, "size": size,
+    report: dict = {"model": model.name, "precision": model.precision, "views": model.views, "n": n, "seed": seed,
+                    "size": size,
                     "photons": photons, "machine": machine_info(), "methods": {}}
 
     rec, nn_batched, nn_single = _time_nn(model, data.intensity)
@@ -147,7 +148,8 @@ def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int =
 def report_table(report: dict) -> str:
     """The NN vs ER/HIO table of a report, as markdown."""
     lines = [f"Model `{report['model']}` on {report['n']} fresh {report['size']}x{report['size']} samples "
-             f"(seed {report['seed']}, photons {report['photons']}, precision {report.get('precision', 'fp32')}); "
+             f"(seed {report['seed']}, photons {report['photons']}, precision {report.get('precision', 'fp32')}, "
+             f"{report.get('views', 1)} symmetry view(s) per pattern); "
              f"machine: {report['machine']['cpu']}, "
              f"{report['machine']['torch_threads']} torch threads.", "",
              "| method | IoU median | IoU p90 | chi2 median | chi2 p90 | phase RMSE median (rad) | phase RMSE p90 "

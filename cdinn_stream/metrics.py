@@ -49,21 +49,28 @@ def chi2(amplitude: ArrayLike, phase: ArrayLike, intensity: ArrayLike) -> torch.
 
 def align(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """The copy of complex ``pred`` ``(B, n, n)`` (shifted, possibly twinned, phase-offset) that
-    best matches ``truth``: the maximum of the complex cross-correlation over both twins."""
-    pred, truth = _t(pred).to(torch.complex128), _t(truth).to(torch.complex128)
+    best matches ``truth``: the maximum of the complex cross-correlation over both twins.
+
+    Computed in ``pred``'s complex precision (complex128 for real or complex128 input, complex64
+    for complex64 input), on its device, without a loop over the batch.
+    """
+    pred, truth = _t(pred), _t(truth)
+    ctype = torch.complex64 if pred.dtype == torch.complex64 else torch.complex128
+    pred, truth = pred.to(ctype), truth.to(device=pred.device, dtype=ctype)
+    b, n = pred.shape[0], pred.shape[-1]
     ft = torch.fft.fft2(truth)
-    best_val = None
-    out = torch.empty_like(pred)
+    rows = torch.arange(n, device=pred.device)
+    batch = torch.arange(b, device=pred.device)[:, None, None]
+    best_val = out = None
     for cand in (pred, twin_torch(pred.conj())):
         xc = torch.fft.ifft2(ft * torch.fft.fft2(cand).conj())  # xc[s] = sum_n truth[n] conj(cand[n-s])
         flat = xc.flatten(1)
         idx = flat.abs().argmax(dim=1)
         val = flat.gather(1, idx[:, None])[:, 0]
-        n = pred.shape[-1]
         sy, sx = idx // n, idx % n
-        shifted = torch.stack([torch.roll(c, (int(a), int(b)), dims=(-2, -1))
-                               for c, a, b in zip(cand, sy, sx, strict=True)])
-        shifted = shifted * torch.exp(1j * torch.angle(val))[:, None, None]
+        iy = (rows[None, :] - sy[:, None]) % n  # roll(cand, (sy, sx))[y, x] = cand[y - sy, x - sx]
+        ix = (rows[None, :] - sx[:, None]) % n
+        shifted = cand[batch, iy[:, :, None], ix[:, None, :]] * torch.exp(1j * torch.angle(val))[:, None, None]
         if best_val is None:
             out, best_val = shifted, val.abs()
         else:

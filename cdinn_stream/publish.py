@@ -9,8 +9,8 @@ to ``max_write_frames`` frames: the slower a sink is, the larger its writes and 
 more than a bounded amount of memory.
 
 Back-pressure: a sink that can park results cheaply (a ``spill`` method: the Tiled sink's on-disk
-spool) gets them parked instead of written while its backlog is past ``spill_frames`` (a quarter
-of the queue bound), so a server that cannot keep up with a burst loses nothing: the sink writes
+spool) gets them parked instead of written while its backlog is past ``spill_frames`` (half the
+queue bound), so a server that cannot keep up with a burst loses nothing: the sink writes
 the parked results back, in order, as it catches up (parking happens between writes, so the
 queue bound must hold what arrives during one write). A sink's queue holds at most
 ``max_queued_frames`` frames. Past that, results for that sink are dropped, counted in its
@@ -92,7 +92,7 @@ class SinkThread:
         self.name = type(sink).__name__
         self.max_queued_frames = max_queued_frames
         #: backlog (frames) past which results go to the sink's ``spill`` instead of ``write``
-        self.spill_frames = max_queued_frames // 4 if spill_frames is None else spill_frames
+        self.spill_frames = max_queued_frames // 2 if spill_frames is None else spill_frames
         self._spill = getattr(sink, "spill", None)
         self._spilling = False
         self.max_write_frames = max_write_frames

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .ensemble import symmetry_ensemble
 from .model import CDINN
 from .physics import SUPPORT_THRESHOLD, normalized_amplitude
 from .weights import read_weights
@@ -42,13 +43,14 @@ def keep_freed_memory() -> bool:
     default glibc hands blocks that large back to the kernel and takes them again, so each batch
     pays page faults on fresh memory. With ``M_MMAP_THRESHOLD`` at 32 MiB and ``M_TRIM_THRESHOLD``
     at 1 GiB they are reused instead: on 2 AMD EPYC cores the paper's network runs about 1.3x
-    faster at batch 1,024 (``benchmarks/results``). The cost is that up to 1 GiB of freed memory
-    stays resident (the memory benchmark's peak is what the process holds). Process-wide, applied
-    once, by :class:`CDIModel` on the CPU; ``CDINN_MALLOC_TUNING=0`` turns it off. Returns whether
-    the settings are in force.
+    faster at batch 256-1,024 (``docs/design.md`` section 10); the small default model gains
+    nothing. The cost is memory: freed blocks stay with the process (about +350 MiB at the
+    pipeline benchmark's peak, and a slow creep in a 100,000-frame soak), so it is off unless
+    asked for: call this once, or set ``CDINN_MALLOC_TUNING=1`` and :class:`CDIModel` calls it on
+    the CPU. Process-wide; returns whether the settings are in force.
     """
     global _MALLOC_TUNED
-    if _MALLOC_TUNED or os.environ.get("CDINN_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
         return _MALLOC_TUNED
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -164,7 +166,8 @@ class CDIModel:
     """A trained network on a device, with its model card; call :meth:`predict`."""
 
     def __init__(self, network: CDINN, *, name: str = "custom", card: dict | None = None,
-                 device: str | torch.device | None = None, precision: str = "auto", cuda_graphs: bool | None = None):
+                 device: str | torch.device | None = None, precision: str = "auto", cuda_graphs: bool | None = None,
+                 views: int = 1):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -175,11 +178,16 @@ class CDIModel:
         #: batch 1,024 (benchmarks/results/gpu-h200)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[int, tuple] = {}
+        if not 1 <= views <= 8:
+            raise ValueError(f"views must be 1 to 8, not {views}")
+        #: symmetric copies of each pattern the network sees (:mod:`cdinn_stream.ensemble`); 1: the
+        #: pattern alone; 8: all the square's symmetries, combined (8 network calls per frame)
+        self.views = views
         self.precision = resolve_precision(precision, self.device)
         self._autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         # channels-last: the convolutions run about 1.5-2x faster on CPU (and suit GPU tensor cores)
         self.network = network.to(self.device, memory_format=torch.channels_last).eval()
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and os.environ.get("CDINN_MALLOC_TUNING") == "1":
             keep_freed_memory()
         self.name = name
         self.card = card or {}
@@ -191,12 +199,19 @@ class CDIModel:
 
     def __repr__(self) -> str:
         return (f"CDIModel(name={self.name!r}, size={self.size}, device={str(self.device)!r}, "
-                f"precision={self.precision!r})")
+                f"precision={self.precision!r}, views={self.views})")
 
     @torch.inference_mode()
     def predict_tensor(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw network call on normalised amplitudes ``(B, N, N)`` already on :attr:`device`;
-        returns amplitude and phase (0 outside the support) on the device."""
+        returns amplitude and phase (0 outside the support) on the device. With :attr:`views`
+        ``> 1`` the network sees that many symmetric copies and their results are combined."""
+        if self.views == 1:
+            return self._single(amplitude)
+        amp, phase = symmetry_ensemble(self._single, amplitude, self.views)
+        return amp, torch.where(amp > SUPPORT_THRESHOLD, phase, torch.zeros_like(phase))
+
+    def _single(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cuda_graphs and len(amplitude) <= GRAPH_MAX_BATCH:
             return self._replay(amplitude)
         return self._forward(amplitude)
@@ -265,13 +280,15 @@ def model_path(name: str) -> Path:
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device | None = None,
-               precision: str = "auto", cuda_graphs: bool | None = None) -> CDIModel:
+               precision: str = "auto", cuda_graphs: bool | None = None, views: int = 1) -> CDIModel:
     """Load a shipped model by name (``"cdinn-32"``, ``"cdinn-64"``) or a weights file by path.
 
     The model goes to ``device`` (default: CUDA when available, else CPU) and computes in
     ``precision`` (see :func:`resolve_precision`); ``cuda_graphs`` replays captured CUDA graphs
-    (default: on a GPU). Weights are read
-    with ``weights_only=True``; the model card (``<name>.json`` beside the weights) is attached.
+    (default: on a GPU); ``views`` (1-8) combines the network over symmetric copies of each
+    pattern (:mod:`cdinn_stream.ensemble`: more accurate, ``views`` times the network's cost).
+    Weights are read with ``weights_only=True``; the model card (``<name>.json`` beside the
+    weights) is attached.
     """
     p = Path(name_or_path)
     if not (p.suffix == ".pt" or p.exists()):
@@ -279,4 +296,5 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.
     network = read_weights(p)
     card_path = p.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    return CDIModel(network, name=p.stem, card=card, device=device, precision=precision, cuda_graphs=cuda_graphs)
+    return CDIModel(network, name=p.stem, card=card, device=device, precision=precision, cuda_graphs=cuda_graphs,
+                    views=views)

@@ -24,7 +24,7 @@ the server answers again (probed at most every ``retry_interval`` seconds, with 
 every second while idle); the run's container then ends ``complete``. If the process ends
 before the server is back, the spool stays on disk and ``cdinn-stream backfill --tiled URL``
 writes it later. A server that is up but slower than the results come (a burst from a fast
-detector) gets the same treatment: past a backlog of a quarter of its queue bound, the sink
+detector) gets the same treatment: past a backlog of half its queue bound, the sink
 thread parks results in the spool (:meth:`TiledSink.spill`, local disk) instead of writing them,
 and each later write and idle call writes a bounded number of parked chunks back, oldest first,
 so nothing is dropped and the run's arrays stay in seq_num order. The first failing request takes the

@@ -377,7 +377,7 @@ def test_a_tiled_server_too_busy_for_a_burst_parks_results_and_loses_nothing(til
 
     gate = threading.Event()
     sink = GatedTiledSink(tiled_client, spool_dir=tmp_path / "spool", gate=gate)
-    thread = SinkThread(sink, max_queued_frames=1000, max_write_frames=64)  # parks past 250 frames behind
+    thread = SinkThread(sink, max_queued_frames=1000, max_write_frames=64, spill_frames=250)
     uid = f"burst-{uuid.uuid4()}"
     thread.put(RunMarker("open", uid, {"uid": uid}))
     for start in range(1, 601, 10):

@@ -65,8 +65,9 @@ def test_evaluate_then_publish(tmp_path, tiny_weights, capsys):
     before = tmp_path / "tiny-32.before.json"
     before.write_text((models / "tiny-32.json").read_text())
     assert main(["publish", str(run), str(ev), "--name", "tiny-32", "--models", str(models),
-                 "--after", str(before)]) == 0
+                 "--after", str(before), "--also", str(ev)]) == 0
     card = json.loads((models / "tiny-32.json").read_text())
+    assert card["other_evaluations"][0]["n"] == 12 and card["evaluation"]["views"] == 1
     assert [s["recipe"]["n_train"] for s in card["lineage"]] == [10]
     assert card["lineage"][0]["best_val_loss"] == 0.9
     assert card["total_epochs"] == 3 and card["total_training_seconds"] == 5.0

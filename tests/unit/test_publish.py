@@ -98,7 +98,7 @@ class ParkingSink(ListSink):
 
 def test_a_sink_that_can_park_results_parks_them_instead_of_dropping(caplog):
     gate = threading.Event()
-    t = SinkThread(ParkingSink(gate), max_queued_frames=40, max_write_frames=6)  # parks past 10 behind
+    t = SinkThread(ParkingSink(gate), max_queued_frames=40, max_write_frames=6, spill_frames=10)
     t.put(RunMarker("open", "r", {}))
     t.put(_result("r", 1, 3))  # taken by the thread, blocked in write
     end = time.monotonic() + 10

@@ -103,3 +103,18 @@ def test_cuda_graphs_only_on_a_gpu(tiny_model):
     assert CDIModel(tiny_model.network, device="cpu").cuda_graphs is False
     with pytest.raises(ValueError, match="CUDA"):
         CDIModel(tiny_model.network, device="cpu", cuda_graphs=True)
+
+
+def test_allocator_tuning_is_opt_in_and_takes_on_linux(monkeypatch, tiny_model):
+    import sys
+
+    import cdinn_stream.reconstruct as rc
+
+    monkeypatch.setattr(rc, "_MALLOC_TUNED", False)
+    monkeypatch.delenv("CDINN_MALLOC_TUNING", raising=False)
+    rc.CDIModel(tiny_model.network, device="cpu", precision="fp32")
+    assert rc._MALLOC_TUNED is False, "off unless asked for"
+    monkeypatch.setenv("CDINN_MALLOC_TUNING", "1")
+    rc.CDIModel(tiny_model.network, device="cpu", precision="fp32")
+    if sys.platform.startswith("linux"):  # glibc's mallopt took both settings
+        assert rc._MALLOC_TUNED is True and rc.keep_freed_memory() is True

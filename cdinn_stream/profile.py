@@ -3,7 +3,8 @@
 Settings come from the environment so that no secret lives in a profile:
 ``TILED_URL`` and ``TILED_API_KEY`` (raw data via ``TiledWriter`` and results via
 :class:`~cdinn_stream.sinks.TiledSink`), ``CDINN_ZMQ_OUT`` (ZeroMQ publisher address),
-``CDINN_EPICS_PREFIX`` (PVs of ``cdinn-stream ioc``) and ``CDINN_MODEL`` (model name or path).
+``CDINN_EPICS_PREFIX`` (PVs of ``cdinn-stream ioc``), ``CDINN_MODEL`` (model name or path) and
+``CDINN_VIEWS`` (symmetry views per pattern, 1-8; default 1).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def setup_simulated_beamline(*, frame_shape: tuple[int, int] = (256, 256), seed:
     from .reconstruct import load_model
     from .sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
 
-    model = load_model(os.environ.get("CDINN_MODEL", "cdinn-32"))
+    model = load_model(os.environ.get("CDINN_MODEL", "cdinn-32"), views=int(os.environ.get("CDINN_VIEWS", "1")))
     sinks, client = sinks_from_environment(model.card)
     RE = RunEngine({})
     if client is not None:

@@ -117,3 +117,23 @@ def test_a_sink_that_can_park_results_parks_them_instead_of_dropping(caplog):
     assert "parking results on local disk from run r" in caplog.text
     assert t.sink.events[-1] == ("close", "r")
     t.close()
+
+
+def test_writes_are_bounded_in_bytes_as_well_as_frames():
+    """4x4 results are 128 bytes a frame (amplitude + phase): a 5-frame byte budget keeps the
+    3-frame results apart, a large one merges them."""
+    for budget, most in ((5 * 128, 3), (10**6, 12)):
+        gate = threading.Event()
+        t = SinkThread(ListSink(gate), max_write_bytes=budget)
+        t.put(_result("r", 1, 3))  # taken by the thread, blocked in write
+        end = time.monotonic() + 10
+        while not (t._busy and t.queued_frames == 0) and time.monotonic() < end:
+            time.sleep(0.01)
+        for i in range(4):
+            t.put(_result("r", 4 + 3 * i, 3))
+        gate.set()
+        assert t.drain(5)
+        writes = [e[1] for e in t.sink.events if e[0] == "write"]
+        assert sum(writes, []) == list(range(1, 16))
+        assert max(len(w) for w in writes) == most, writes
+        t.close()

@@ -299,6 +299,8 @@ class TiledSink:
             except Exception as err:
                 if not _unreachable(err):
                     raise
+                if live is not None:
+                    live["stale"] = True  # a write may have stopped half-way: reopen the handles next time
                 self._went_away(err, f"writing spooled run {run_uid}")
                 break
         return total

@@ -19,6 +19,14 @@ def _result(run: str, start: int, n: int) -> ResultBlock:
     return ResultBlock(frames, np.ones((n, 4, 4), np.float32), np.zeros((n, 4, 4), np.float32), np.zeros(n))
 
 
+def _first_write_blocked(t: SinkThread) -> None:
+    """Put frames 1-3 and wait until the thread has taken them and is blocked in the write."""
+    t.put(_result("r", 1, 3))
+    end = time.monotonic() + 10
+    while not (t._busy and t.queued_frames == 0) and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 class ListSink:
     def __init__(self, gate: threading.Event | None = None, fail: bool = False):
         self.events: list = []
@@ -64,10 +72,7 @@ def test_slow_sink_does_not_hold_up_a_fast_one_and_its_writes_are_merged():
 def test_a_sink_that_falls_behind_drops_counts_and_warns(caplog):
     gate = threading.Event()
     t = SinkThread(ListSink(gate), max_queued_frames=6)
-    t.put(_result("r", 1, 3))  # taken by the thread, blocked in write
-    end = time.monotonic() + 10
-    while not (t._busy and t.queued_frames == 0) and time.monotonic() < end:
-        time.sleep(0.01)
+    _first_write_blocked(t)
     for i in range(4):
         t.put(_result("r", 4 + 3 * i, 3))
     t.put(RunMarker("close", "r", {}))  # markers are never dropped
@@ -100,10 +105,7 @@ def test_a_sink_that_can_park_results_parks_them_instead_of_dropping(caplog):
     gate = threading.Event()
     t = SinkThread(ParkingSink(gate), max_queued_frames=40, max_write_frames=6, spill_frames=10)
     t.put(RunMarker("open", "r", {}))
-    t.put(_result("r", 1, 3))  # taken by the thread, blocked in write
-    end = time.monotonic() + 10
-    while not (t._busy and t.queued_frames == 0) and time.monotonic() < end:
-        time.sleep(0.01)
+    _first_write_blocked(t)
     for i in range(10):
         t.put(_result("r", 4 + 3 * i, 3))  # 30 frames behind
     t.put(RunMarker("close", "r", {}))
@@ -125,10 +127,7 @@ def test_writes_are_bounded_in_bytes_as_well_as_frames():
     for budget, most in ((5 * 128, 3), (10**6, 12)):
         gate = threading.Event()
         t = SinkThread(ListSink(gate), max_write_bytes=budget)
-        t.put(_result("r", 1, 3))  # taken by the thread, blocked in write
-        end = time.monotonic() + 10
-        while not (t._busy and t.queued_frames == 0) and time.monotonic() < end:
-            time.sleep(0.01)
+        _first_write_blocked(t)
         for i in range(4):
             t.put(_result("r", 4 + 3 * i, 3))
         gate.set()

@@ -9,8 +9,9 @@ shift, twin image, global phase) and combined: the amplitude is the per-pixel me
 vote at the support's edge, where a mean would blur it) and the phase that of the complex sum
 (an amplitude-weighted circular mean).
 
-On the model-selection seed (300 samples) 8 views took ``cdinn-32-paper`` from chi^2 0.0332 to
-0.0291, phase RMSE 0.135 to 0.102 rad and IoU 0.862 to 0.876, for 8 network calls.
+On the evaluation set (1,000 samples) 8 views took ``cdinn-32-paper`` from IoU 0.862, chi^2
+0.0340 and phase RMSE 0.144 rad to 0.873, 0.0299 and 0.124, for 8 network calls
+(``models/README.md``). Not yet run on a GPU (it should work there: torch only, on the device).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class ResultBlock:
     Attributes:
         frames: the input block (identity, crop origins, peaks).
         amplitude: ``(n, size, size)`` float32 in [0, 1].
-        phase: ``(n, size, size)`` float32 radians, 0 outside the support.
+        phase: ``(n, size, size)`` float32 radians at every pixel (meaningful where amplitude > 0.1).
         latency: ``(n,)`` seconds from entering the pipeline to the model's output.
     """
 

@@ -235,11 +235,13 @@ def _montage(path: Path, true_amp, true_phase, amp, phase, seq, strain, k: int =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import masked_phase
+
     idx = np.linspace(0, len(amp) - 1, min(k, len(amp))).astype(int)
     fig, ax = plt.subplots(4, len(idx), figsize=(1.7 * len(idx), 7), dpi=100, squeeze=False)
     rows = [("true shape", true_amp, "gray", 0, 1), ("NN shape", amp, "gray", 0, 1),
             ("true phase", true_phase, "twilight_shifted", -np.pi, np.pi),
-            ("NN phase", phase, "twilight_shifted", -np.pi, np.pi)]
+            ("NN phase", masked_phase(amp, phase), "twilight_shifted", -np.pi, np.pi)]
     for r, (label, arr, cmap, vmin, vmax) in enumerate(rows):
         for j, i in enumerate(idx):
             ax[r, j].imshow(arr[i], cmap=cmap, vmin=vmin, vmax=vmax)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .physics import SUPPORT_THRESHOLD
+
 __all__ = ["plot_examples", "plot_chi2_extremes"]
 
 
@@ -26,6 +28,12 @@ def _row(ax, images, cmap, vmin=None, vmax=None, label=""):
     ax[0].set_ylabel(label, fontsize=8)
 
 
+def masked_phase(amplitude, phase):
+    """The phase with 0 where the amplitude is at or below the support threshold (for display:
+    the network predicts a phase at every pixel)."""
+    return np.where(np.asarray(amplitude) > SUPPORT_THRESHOLD, phase, 0.0)
+
+
 def plot_examples(path: Path, intensity, truth_amp, truth_phase, nn_amp, nn_phase,
                   pr_amp=None, pr_phase=None, n: int = 6) -> None:
     """Fig. 3: input, true and predicted shape and phase (and ER/HIO), one column per sample."""
@@ -37,7 +45,7 @@ def plot_examples(path: Path, intensity, truth_amp, truth_phase, nn_amp, nn_phas
     _row(ax[1], truth_amp[:n], "gray", 0, 1, "true shape")
     _row(ax[2], nn_amp[:n], "gray", 0, 1, "NN shape")
     _row(ax[3], truth_phase[:n], "twilight_shifted", -pi, pi, "true phase")
-    _row(ax[4], nn_phase[:n], "twilight_shifted", -pi, pi, "NN phase")
+    _row(ax[4], masked_phase(nn_amp[:n], nn_phase[:n]), "twilight_shifted", -pi, pi, "NN phase")
     if pr_amp is not None:
         _row(ax[5], pr_amp[:n], "gray", None, None, "ER/HIO shape")
         _row(ax[6], pr_phase[:n], "twilight_shifted", -pi, pi, "ER/HIO phase")
@@ -64,7 +72,7 @@ def plot_chi2_extremes(path: Path, chi2, intensity, predicted_intensity, truth_a
             ("predicted |F|", np.sqrt(predicted_intensity), "viridis", None, None),
             ("true shape", truth_amp, "gray", 0, 1), ("NN shape", nn_amp, "gray", 0, 1),
             ("true phase", truth_phase, "twilight_shifted", -np.pi, np.pi),
-            ("NN phase", nn_phase, "twilight_shifted", -np.pi, np.pi)]
+            ("NN phase", masked_phase(nn_amp, nn_phase), "twilight_shifted", -np.pi, np.pi)]
     for r, (label, arr, cmap, vmin, vmax) in enumerate(rows):
         for j, i in enumerate(pick):
             a = fig.add_subplot(gs[r, j + 2])

@@ -69,7 +69,8 @@ class Reconstruction:
 
     Attributes:
         amplitude: ``(N, H, W)`` float32 object amplitude (shape) in [0, 1].
-        phase: ``(N, H, W)`` float32 phase in radians, 0 outside the predicted support.
+        phase: ``(N, H, W)`` float32 phase in radians as the network predicts it at every pixel;
+            it means something inside :attr:`support` only (:attr:`masked_phase` is 0 outside).
     """
 
     amplitude: np.ndarray
@@ -79,6 +80,11 @@ class Reconstruction:
     def support(self) -> np.ndarray:
         """``(N, H, W)`` bool: amplitude above the paper's threshold of 0.1."""
         return self.amplitude > SUPPORT_THRESHOLD
+
+    @property
+    def masked_phase(self) -> np.ndarray:
+        """The phase with 0 outside :attr:`support` (for display)."""
+        return np.where(self.support, self.phase, 0).astype(np.float32)
 
     @property
     def complex(self) -> np.ndarray:
@@ -204,12 +210,11 @@ class CDIModel:
     @torch.inference_mode()
     def predict_tensor(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw network call on normalised amplitudes ``(B, N, N)`` already on :attr:`device`;
-        returns amplitude and phase (0 outside the support) on the device. With :attr:`views`
+        returns amplitude and phase (the network's phase at every pixel) on the device. With :attr:`views`
         ``> 1`` the network sees that many symmetric copies and their results are combined."""
         if self.views == 1:
             return self._single(amplitude)
-        amp, phase = symmetry_ensemble(self._single, amplitude, self.views)
-        return amp, torch.where(amp > SUPPORT_THRESHOLD, phase, torch.zeros_like(phase))
+        return symmetry_ensemble(self._single, amplitude, self.views)
 
     def _single(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cuda_graphs and len(amplitude) <= GRAPH_MAX_BATCH:
@@ -243,8 +248,7 @@ class CDIModel:
         with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
                             cache_enabled=False):
             logits = self.network.forward_logits(x)
-        amp, phase = self.network.outputs(*logits)
-        return amp, torch.where(amp > SUPPORT_THRESHOLD, phase, torch.zeros_like(phase))
+        return self.network.outputs(*logits)
 
     def predict(self, intensity: np.ndarray | torch.Tensor, *, batch_size: int = 1024) -> Reconstruction:
         """Shape and phase of ``(H, W)`` or ``(N, H, W)`` diffraction intensities.

@@ -118,3 +118,13 @@ def test_allocator_tuning_is_opt_in_and_takes_on_linux(monkeypatch, tiny_model):
     rc.CDIModel(tiny_model.network, device="cpu", precision="fp32")
     if sys.platform.startswith("linux"):  # glibc's mallopt took both settings
         assert rc._MALLOC_TUNED is True and rc.keep_freed_memory() is True
+
+
+def test_phase_is_the_networks_everywhere_and_masked_for_display():
+    from cdinn_stream.physics import SUPPORT_THRESHOLD
+
+    rec = load_model("cdinn-32", device="cpu").predict(simulate(4, 32, seed=3).intensity)
+    outside = rec.amplitude <= SUPPORT_THRESHOLD
+    assert outside.any() and np.abs(rec.phase[outside]).max() > 0, "no zeroing: the network's phase"
+    assert np.all(rec.masked_phase[outside] == 0) and np.all(rec.masked_phase[~outside] == rec.phase[~outside])
+    np.testing.assert_array_equal(rec.support, ~outside)

@@ -235,7 +235,7 @@ def _montage(path: Path, true_amp, true_phase, amp, phase, seq, strain, k: int =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import masked_phase
+    from .physics import masked_phase
 
     idx = np.linspace(0, len(amp) - 1, min(k, len(amp))).astype(int)
     fig, ax = plt.subplots(4, len(idx), figsize=(1.7 * len(idx), 7), dpi=100, squeeze=False)

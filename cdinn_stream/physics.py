@@ -25,6 +25,7 @@ __all__ = [
     "twin_torch",
     "twin_phase_torch",
     "normalized_amplitude",
+    "masked_phase",
     "SUPPORT_THRESHOLD",
 ]
 
@@ -42,6 +43,12 @@ def far_field_torch(obj: torch.Tensor) -> torch.Tensor:
     """Torch version of :func:`far_field` (batched, any device)."""
     dims = (-2, -1)
     return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(obj, dim=dims), norm="ortho"), dim=dims)
+
+
+def masked_phase(amplitude, phase) -> np.ndarray:
+    """The phase with 0 where the amplitude is at or below :data:`SUPPORT_THRESHOLD` (for display:
+    the network predicts a phase at every pixel)."""
+    return np.where(np.asarray(amplitude) > SUPPORT_THRESHOLD, phase, 0).astype(np.float32)
 
 
 def twin(x: np.ndarray) -> np.ndarray:

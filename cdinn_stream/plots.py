@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .physics import SUPPORT_THRESHOLD
+from .physics import masked_phase
 
 __all__ = ["plot_examples", "plot_chi2_extremes"]
 
@@ -26,12 +26,6 @@ def _row(ax, images, cmap, vmin=None, vmax=None, label=""):
         ax[j].set_xticks([])
         ax[j].set_yticks([])
     ax[0].set_ylabel(label, fontsize=8)
-
-
-def masked_phase(amplitude, phase):
-    """The phase with 0 where the amplitude is at or below the support threshold (for display:
-    the network predicts a phase at every pixel)."""
-    return np.where(np.asarray(amplitude) > SUPPORT_THRESHOLD, phase, 0.0)
 
 
 def plot_examples(path: Path, intensity, truth_amp, truth_phase, nn_amp, nn_phase,

@@ -22,7 +22,7 @@ import torch
 
 from .ensemble import symmetry_ensemble
 from .model import CDINN
-from .physics import SUPPORT_THRESHOLD, normalized_amplitude
+from .physics import SUPPORT_THRESHOLD, masked_phase, normalized_amplitude
 from .weights import read_weights
 
 __all__ = ["Reconstruction", "CDIModel", "load_model", "model_path", "DEFAULT_MODEL", "validate_frames",
@@ -42,7 +42,7 @@ def keep_freed_memory() -> bool:
     CPU inference allocates and frees the same large activation tensors for every batch; by
     default glibc hands blocks that large back to the kernel and takes them again, so each batch
     pays page faults on fresh memory. With ``M_MMAP_THRESHOLD`` at 32 MiB and ``M_TRIM_THRESHOLD``
-    at 1 GiB they are reused instead: on 2 AMD EPYC cores the paper's network runs about 1.3x
+    at 1 GiB they are reused instead: on 2 AMD EPYC cores the paper's network runs about 1.2x
     faster at batch 256-1,024 (``docs/design.md`` section 10); the small default model gains
     nothing. The cost is memory: freed blocks stay with the process (about +350 MiB at the
     pipeline benchmark's peak, and a slow creep in a 100,000-frame soak), so it is off unless
@@ -84,7 +84,7 @@ class Reconstruction:
     @property
     def masked_phase(self) -> np.ndarray:
         """The phase with 0 outside :attr:`support` (for display)."""
-        return np.where(self.support, self.phase, 0).astype(np.float32)
+        return masked_phase(self.amplitude, self.phase)
 
     @property
     def complex(self) -> np.ndarray:

@@ -179,7 +179,7 @@ def _flood(model, tiled: TiledProcess | None, n_frames: int, page: int, batch_si
     if tiled is not None:  # what the server holds, parked-and-written-back results included
         stored = tiled.client()["bench"]
         uid = run.start_doc["uid"]
-        stats["frames_in_tiled"] = int(stored[uid]["seq_num"].shape[0]) if uid in stored else 0
+        stats["frames_in_tiled"] = int(stored[uid]["frame_info"].shape[0]) if uid in stored else 0
     return t_end - t0, got, stats, pool
 
 

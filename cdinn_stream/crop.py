@@ -1,4 +1,4 @@
-"""Bragg-peak finding and cropping of detector frames (pure numpy / scipy).
+"""Bragg-peak finding and cropping of detector frames (pure numpy).
 
 A detector frame is larger than the model's window: :func:`find_peaks` locates the Bragg peak
 robustly and :func:`crop_frames` cuts the model's window around it (optionally binning a
@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import uniform_filter
+from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["Crops", "clean_frames", "despeckle", "find_peaks", "crop_frames", "crop_around_peaks"]
+__all__ = ["Crops", "box_sum", "clean_frames", "despeckle", "find_peaks", "crop_frames", "crop_around_peaks"]
 
 
 @dataclass
@@ -68,6 +68,23 @@ def despeckle(frames: np.ndarray) -> np.ndarray:
     return np.minimum(frames, around, out=around)
 
 
+def box_sum(frames: np.ndarray, box: int) -> np.ndarray:
+    """Sum over the ``box x box`` window around each pixel of ``(N, H, W)`` frames, zero outside
+    (``box * box`` times ``scipy.ndimage.uniform_filter(..., mode="constant")``, same centring):
+    ``2 * (box - 1)`` shifted adds, about 3x cheaper than the filter on small frames."""
+    n, h, w = frames.shape
+    before = box // 2
+    padded = np.zeros((n, h + box - 1, w + box - 1), frames.dtype)
+    padded[:, before : before + h, before : before + w] = frames
+    rows = padded[:, :h].copy()
+    for k in range(1, box):
+        rows += padded[:, k : k + h]
+    out = rows[:, :, :w].copy()
+    for k in range(1, box):
+        out += rows[:, :, k : k + w]
+    return out
+
+
 #: Frames at least this many times ``box`` on each side are searched 2x2-binned (4x fewer pixels).
 BIN_SEARCH_FACTOR = 8
 
@@ -88,7 +105,7 @@ def find_peaks(frames: np.ndarray, *, box: int = 5) -> np.ndarray:
         rows = frames[:, 0 : h - 1 : 2] + frames[:, 1:h:2]
         search = rows[:, :, 0 : w - 1 : 2] + rows[:, :, 1:w:2]
     b = box if f == 1 else box // 2 + 1  # about the same blob size in binned pixels
-    x = uniform_filter(despeckle(search), size=(1, b, b), mode="constant")
+    x = box_sum(despeckle(search), b)
     coarse = np.stack(np.unravel_index(x.reshape(n, -1).argmax(axis=1), x.shape[1:]), axis=1) * f + f // 2
     half = box // 2 + (f - 1)
     offsets = np.arange(-half, half + 1)
@@ -101,18 +118,27 @@ def find_peaks(frames: np.ndarray, *, box: int = 5) -> np.ndarray:
 
 def crop_frames(frames: np.ndarray, peaks: np.ndarray, size: int, *, bin: int = 1) -> Crops:
     """Cut ``size * bin`` windows centred on ``peaks`` out of ``(N, H, W)`` clean frames and bin
-    them ``bin x bin`` down to ``size x size``; the peak pixel lands in bin ``size // 2``."""
+    them ``bin x bin`` down to ``size x size``; the peak pixel lands in bin ``size // 2``.
+
+    One strided gather of the windows (the frames are zero-padded first only when a window
+    reaches past an edge): about 10x cheaper than indexing every pixel."""
     n, h, w = frames.shape
     window = size * bin
-    origins = peaks - (size // 2) * bin - bin // 2
-    rows = origins[:, 0, None] + np.arange(window)[None, :]  # (N, window)
-    cols = origins[:, 1, None] + np.arange(window)[None, :]
-    valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-    out = frames[np.arange(n)[:, None, None], rows.clip(0, h - 1)[:, :, None], cols.clip(0, w - 1)[:, None, :]]
-    out = np.where(valid, out, 0).astype(np.float32)
+    origins = (np.asarray(peaks) - (size // 2) * bin - bin // 2).astype(np.int64)
+    if n:
+        before = np.maximum(-origins.min(axis=0), 0)  # padding rows/columns needed before and after
+        after = np.maximum((origins + window).max(axis=0) - (h, w), 0)
+    else:
+        before = after = np.zeros(2, np.int64)
+    if before.any() or after.any():
+        padded = np.zeros((n, h + before[0] + after[0], w + before[1] + after[1]), frames.dtype)
+        padded[:, before[0] : before[0] + h, before[1] : before[1] + w] = frames
+        frames = padded
+    windows = sliding_window_view(frames, (window, window), axis=(1, 2))
+    out = windows[np.arange(n), origins[:, 0] + before[0], origins[:, 1] + before[1]].astype(np.float32)
     if bin > 1:
         out = out.reshape(n, size, bin, size, bin).sum(axis=(2, 4))
-    return Crops(out, origins.astype(np.int64), peaks.astype(np.int64))
+    return Crops(out, origins, np.asarray(peaks).astype(np.int64))
 
 
 def crop_around_peaks(frames: np.ndarray, size: int, *, bin: int = 1, mask: np.ndarray | None = None) -> Crops:

@@ -89,7 +89,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     from .reconstruct import load_model
     from .replay import register_exporter, replay_documents, run_documents
     from .sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
-    from .sinks import EpicsSink, TiledSink, ZmqPublisherSink
+    from .sinks import EpicsSink, TiledSink, ZmqPublisherSink, read_frame_info
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
         pv_frames = epics.caget(cfg.prefix + "FRAMES", timeout=2.0)
         live = client["cdinn"][uid]
         amp, phase = live["amplitude"].read(), live["phase"].read()
-        seq = live["seq_num"].read()
+        seq = read_frame_info(live)["seq_num"]
         stats = cb.stats()
         cb.close()
 

@@ -13,7 +13,9 @@ Back-pressure: a sink that can park results cheaply (a ``spill`` method: the Til
 spool) gets them parked instead of written while its backlog is past ``spill_frames`` (half the
 queue bound), so a server that cannot keep up with a burst loses nothing: the sink writes
 the parked results back, in order, as it catches up (parking happens between writes, so the
-queue bound must hold what arrives during one write). A sink's queue holds at most
+queue bound must hold what arrives during one write; a sink with a ``behind`` attribute gets a
+function that says whether the backlog is past ``spill_frames``, so that its catch-up writes
+stop early and the thread gets back to parking). A sink's queue holds at most
 ``max_queued_frames`` frames. Past that, results for that sink are dropped, counted in its
 ``frames_dropped`` and logged as a warning with the run uid and seq_nums -- the other sinks
 still get them. Run markers are never dropped, so a sink always
@@ -95,6 +97,8 @@ class SinkThread:
         #: backlog (frames) past which results go to the sink's ``spill`` instead of ``write``
         self.spill_frames = max_queued_frames // 2 if spill_frames is None else spill_frames
         self._spill = getattr(sink, "spill", None)
+        if self._spill is not None and hasattr(sink, "behind"):  # the sink's catch-up yields to new results
+            sink.behind = lambda: self._queued > self.spill_frames
         self._spilling = False
         self.max_write_frames = max_write_frames
         self.max_write_bytes = max_write_bytes

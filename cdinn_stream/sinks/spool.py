@@ -100,7 +100,7 @@ class Spool:
         total = 0
         for chunk in self.chunks(run_uid):
             with np.load(chunk) as data:
-                total += len(data["seq_num"])
+                total += len(data["frame_info"])
         return total
 
     def remove(self, run_uid: str) -> None:

@@ -7,12 +7,18 @@ user who knows the raw run finds its reconstruction next to it::
     from tiled.client import from_uri
     rec = from_uri(URL, api_key=KEY)["cdinn"][raw_run_uid]
     rec["amplitude"].read(), rec["phase"].read()        # (N, h, w) float32
-    rec["seq_num"].read(), rec["peak"].read()           # per-frame metadata, same order
+    info = read_frame_info(rec)                         # per-frame metadata, same order
+    info["seq_num"], info["peak"]                       # (N,) int64, (N, 2) int64
     rec.metadata["model_card"], rec.metadata["complete"]
 
-Arrays: ``amplitude``, ``phase`` ``(N, h, w)`` float32; ``seq_num`` ``(N,)`` int64; ``time``
-``(N,)`` float64; ``crop_origin`` and ``peak`` ``(N, 2)`` int64; ``latency_s`` ``(N,)`` float64.
-Each batch extends them with ``ArrayClient.patch(..., extend=True)``. Refined frames (NN-seeded
+Arrays: ``amplitude``, ``phase`` ``(N, h, w)`` float32 and ``frame_info`` ``(N, 7)`` float64,
+one row per frame with the columns :data:`FRAME_INFO_COLUMNS` (seq_num, event time, crop
+origin row and column, Bragg peak row and column, latency in s; also in the array's metadata
+``columns``; the integers are exact in float64). :func:`read_frame_info` and :func:`read_run`
+give them back as named arrays. The per-frame metadata share one array because every array
+costs one request per write, and on a busy server each request costs about as much as
+megabytes of data (``docs/design.md``, section 13). Each write extends the three arrays with
+``ArrayClient.patch(..., extend=True)``. Refined frames (NN-seeded
 ER/HIO, :mod:`cdinn_stream.refine`) add ``refined_amplitude``, ``refined_phase``,
 ``refined_seq_num``, ``refined_chi2_nn`` and ``refined_chi2``. The container's metadata
 holds the model card, the raw run's start document, and at the end ``complete`` and counts.
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +49,7 @@ import numpy as np
 from ..blocks import RefinedBlock, ResultBlock
 from .spool import Spool
 
-__all__ = ["TiledSink"]
+__all__ = ["TiledSink", "FRAME_INFO_COLUMNS", "read_frame_info", "read_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +58,43 @@ logger = logging.getLogger(__name__)
 BACKFILL_CHUNKS_PER_WRITE = 2
 BACKFILL_CHUNKS_IDLE = 8
 
-_ARRAYS = ("amplitude", "phase", "seq_num", "time", "crop_origin", "peak", "latency_s")
+#: columns of the ``frame_info`` array, one row per frame
+FRAME_INFO_COLUMNS = ("seq_num", "time", "crop_origin_row", "crop_origin_col", "peak_row", "peak_col", "latency_s")
+_ARRAYS = ("amplitude", "phase", "frame_info")
 
 
 def _columns(result: ResultBlock) -> dict[str, np.ndarray]:
     f = result.frames
+    info = np.empty((len(f), len(FRAME_INFO_COLUMNS)))
+    info[:, 0], info[:, 1], info[:, 2:4], info[:, 4:6], info[:, 6] = (f.seq_nums, f.times, f.origins, f.peaks,
+                                                                      result.latency)
     return {"amplitude": np.ascontiguousarray(result.amplitude, np.float32),
-            "phase": np.ascontiguousarray(result.phase, np.float32),
-            "seq_num": f.seq_nums.astype(np.int64), "time": f.times.astype(np.float64),
-            "crop_origin": f.origins.astype(np.int64), "peak": f.peaks.astype(np.int64),
-            "latency_s": np.asarray(result.latency, np.float64)}
+            "phase": np.ascontiguousarray(result.phase, np.float32), "frame_info": info}
+
+
+def frame_info_columns(info: np.ndarray) -> dict[str, np.ndarray]:
+    """Named per-frame arrays from ``(N, 7)`` ``frame_info`` rows: ``seq_num`` ``(N,)`` int64,
+    ``time`` ``(N,)`` float64, ``crop_origin`` and ``peak`` ``(N, 2)`` int64, ``latency_s`` ``(N,)``."""
+    info = np.asarray(info, np.float64).reshape(-1, len(FRAME_INFO_COLUMNS))
+    return {"seq_num": info[:, 0].astype(np.int64), "time": info[:, 1].copy(),
+            "crop_origin": info[:, 2:4].astype(np.int64), "peak": info[:, 4:6].astype(np.int64),
+            "latency_s": info[:, 6].copy()}
+
+
+def read_frame_info(container) -> dict[str, np.ndarray]:
+    """A stored run's per-frame metadata (see :func:`frame_info_columns`), without its images."""
+    return frame_info_columns(container["frame_info"].read())
+
+
+def read_run(container) -> dict[str, np.ndarray]:
+    """A stored run's reconstructions: ``amplitude`` and ``phase`` ``(N, h, w)`` and the named
+    per-frame metadata of :func:`read_frame_info`, all in the same order."""
+    return {"amplitude": container["amplitude"].read(), "phase": container["phase"].read(),
+            **read_frame_info(container)}
+
+
+def _frame_count(cols: dict[str, np.ndarray]) -> int:
+    return len(cols["amplitude"])
 
 
 def _unreachable(err: BaseException) -> bool:
@@ -95,6 +129,9 @@ class TiledSink:
         self._next_probe = 0.0
         self._runs: dict[str, dict] = {}
         self._parent = None
+        #: set by the :class:`~cdinn_stream.publish.SinkThread`: whether results are piling up
+        #: (past its parking threshold); writing parked results back then stops early
+        self.behind: Callable[[], bool] = lambda: False
 
     @classmethod
     def from_uri(cls, uri: str, *, api_key: str | None = None, **kwargs) -> TiledSink:
@@ -187,7 +224,7 @@ class TiledSink:
         self.spool.begin(run_uid, parent=self.parent_name, start=run["start"], model_card=self.model_card,
                          written=run["n"])
         self.spool.append(run_uid, cols)
-        self.frames_spooled += len(cols["seq_num"])
+        self.frames_spooled += _frame_count(cols)
 
     def close_run(self, run_uid: str, summary: dict) -> None:
         run = self._runs.pop(run_uid, None)
@@ -255,15 +292,17 @@ class TiledSink:
     def _extend(run: dict, cols: dict[str, np.ndarray]) -> None:
         if not run["arrays"]:
             for key in _ARRAYS:
-                run["arrays"][key] = run["container"].write_array(cols[key], key=key)
+                meta = {"columns": list(FRAME_INFO_COLUMNS)} if key == "frame_info" else None
+                run["arrays"][key] = run["container"].write_array(cols[key], key=key, metadata=meta)
         else:
             for key in _ARRAYS:
                 run["arrays"][key].patch(cols[key], offset=(run["n"],), extend=True)
-        run["n"] += len(cols["seq_num"])
+        run["n"] += _frame_count(cols)
 
     def backfill(self, max_chunks: int | None = None) -> int:
         """Write spooled runs back to the server, in order; returns the frames written. Stops
-        after ``max_chunks`` chunks (``None``: everything), or (going offline) if the server goes
+        after ``max_chunks`` chunks (``None``: everything), after any chunk past the first while
+        :attr:`behind` says new results are piling up, or (going offline) if the server goes
         away again."""
         total = chunks_done = 0
         for run_uid in self.spool.runs():
@@ -277,14 +316,14 @@ class TiledSink:
                 else:
                     run = self._reopen(manifest)  # fresh handles: a failed write may have left partial arrays
                 for chunk in self.spool.chunks(run_uid):
-                    if max_chunks is not None and chunks_done >= max_chunks:
+                    if (max_chunks is not None and chunks_done >= max_chunks) or (chunks_done and self.behind()):
                         finished = False
                         break
                     cols = Spool.read(chunk)
                     self._extend(run, cols)
                     self.spool.update(run_uid, written=run["n"])
                     chunk.unlink()
-                    total += len(cols["seq_num"])
+                    total += _frame_count(cols)
                     chunks_done += 1
                 if live is not None and run is not live:
                     live.update(container=run["container"], arrays=run["arrays"], n=run["n"], stale=False)

@@ -13,7 +13,7 @@ from cdinn_stream.callback import ReconstructionCallback
 from cdinn_stream.cli import main
 from cdinn_stream.model import CDINN
 from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
-from cdinn_stream.sinks import TiledSink
+from cdinn_stream.sinks import TiledSink, read_frame_info
 
 
 class FaultAt:
@@ -57,7 +57,7 @@ def _proxy_and_serve(url: str, key: str, *, batch_size: int):
 
 def _check_complete(client, uid, n):
     rec = client["cdinn"][uid]
-    np.testing.assert_array_equal(rec["seq_num"].read(), np.arange(1, n + 1))
+    np.testing.assert_array_equal(read_frame_info(rec)["seq_num"], np.arange(1, n + 1))
     assert rec["amplitude"].read().shape == (n, 32, 32) and rec["phase"].read().shape == (n, 32, 32)
     assert rec.metadata["complete"] and rec.metadata["frames"] == n
 
@@ -265,10 +265,10 @@ def test_killed_mid_run_then_replayed_from_tiled_gives_complete_identical_result
             end = time.monotonic() + 30
             while time.monotonic() < end:
                 run = tiled_client["cdinn"].get(started[-1]) if "cdinn" in tiled_client else None
-                if run is not None and "seq_num" in run and len(run["seq_num"].read()):
+                if run is not None and "frame_info" in run and len(run["frame_info"].read()):
                     break
                 time.sleep(0.1)
-            partial.append(len(run["seq_num"].read()) if run is not None and "seq_num" in run else 0)
+            partial.append(len(run["frame_info"].read()) if run is not None and "frame_info" in run else 0)
             serve.kill()
             serve.wait()
 
@@ -395,7 +395,36 @@ def test_a_tiled_server_too_busy_for_a_burst_parks_results_and_loses_nothing(til
     assert stats["frames_spilled"] + stats["frames_written"] == 600
     assert "parking results on local disk" in caplog.text
     rec = tiled_client["cdinn"][uid]
-    np.testing.assert_array_equal(rec["seq_num"].read(), np.arange(1, 601))
+    np.testing.assert_array_equal(read_frame_info(rec)["seq_num"], np.arange(1, 601))
     np.testing.assert_allclose(rec["amplitude"].read()[:, 0, 0], np.arange(1, 601) / 600, rtol=1e-6)
     assert rec.metadata["complete"] and rec.metadata["frames"] == 600
     assert not sink.spool.runs(), "the spool is empty at the end"
+
+
+def test_writing_parked_results_back_yields_to_new_results(tiled_client, tmp_path):
+    """Parked chunks go back one at a time while ``behind`` says results pile up, all at once
+    otherwise, and in order either way."""
+    import uuid
+
+    from cdinn_stream.blocks import FrameBlock, ResultBlock
+
+    sink = TiledSink(tiled_client, spool_dir=tmp_path / "spool")
+    uid = f"yield-{uuid.uuid4()}"
+    sink.open_run(uid, {"uid": uid})
+    for start in range(1, 41, 10):  # four parked chunks of 10 frames
+        seq = np.arange(start, start + 10)
+        frames = FrameBlock(uid, "primary", seq, seq * 0.1, np.zeros((10, 1, 1), np.float32),
+                            np.zeros((10, 2), int), np.ones((10, 2), int), np.zeros(10))
+        sink.spill(ResultBlock(frames, np.zeros((10, 4, 4), np.float32), np.zeros((10, 4, 4), np.float32),
+                               np.zeros(10)))
+    sink.behind = lambda: True
+    assert sink.backfill() == 10, "one chunk, then it yields"
+    assert sink.backfill() == 10
+    sink.behind = lambda: False
+    assert sink.backfill() == 20
+    sink.close_run(uid, {"stop": {"exit_status": "success"}})
+    info = read_frame_info(tiled_client["cdinn"][uid])
+    np.testing.assert_array_equal(info["seq_num"], np.arange(1, 41))
+    np.testing.assert_array_equal(info["peak"], np.ones((40, 2), int))
+    np.testing.assert_allclose(info["time"], np.arange(1, 41) * 0.1)
+    assert not sink.spool.runs()

@@ -8,7 +8,7 @@ from bluesky.plans import count, scan
 
 from cdinn_stream.callback import ReconstructionCallback
 from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
-from cdinn_stream.sinks import TiledSink
+from cdinn_stream.sinks import FRAME_INFO_COLUMNS, TiledSink, read_frame_info
 
 
 def _source(**kw):
@@ -27,7 +27,11 @@ def _check(uid, n, collector, client):
     assert [m[0] for m in msgs][0] == "cdinn.start" and msgs[-1][0] == "cdinn.stop"
     rec = client["cdinn"][uid]
     assert rec["amplitude"].read().shape == (n, 32, 32) and rec["phase"].read().shape == (n, 32, 32)
-    np.testing.assert_array_equal(rec["seq_num"].read(), np.arange(1, n + 1))
+    info = read_frame_info(rec)
+    np.testing.assert_array_equal(info["seq_num"], np.arange(1, n + 1))
+    np.testing.assert_array_equal(info["peak"], np.concatenate([np.asarray(m[1]["peak"]) for m in results]))
+    np.testing.assert_array_equal(info["time"], [t for m in results for t in m[1]["time"]])
+    assert rec["frame_info"].metadata["columns"] == list(FRAME_INFO_COLUMNS)
     assert rec.metadata["complete"] and rec.metadata["frames"] == n
     amp = np.concatenate([m[2] for m in results])
     np.testing.assert_allclose(rec["amplitude"].read(), amp)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cdinn_stream.crop import clean_frames, crop_around_peaks, find_peaks
+from cdinn_stream.crop import clean_frames, crop_around_peaks, crop_frames, find_peaks
 from cdinn_stream.simulate import diffraction_intensity, simulate
 
 
@@ -82,3 +82,35 @@ def test_despeckle_clips_isolated_hot_pixels_and_keeps_peaks(patterns):
     assert out[5, 70] == spiky[4:7, 69:72].flatten()[[0, 1, 2, 3, 5, 6, 7, 8]].max()
     assert out[40, 40] >= 0.5 * frame[40, 40], "a peak has bright neighbours and keeps most of its height"
     assert np.all(out <= spiky)
+
+
+def test_crop_frames_matches_a_pixel_by_pixel_reference_at_edges_and_with_binning():
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        n, (h, w) = int(rng.integers(1, 6)), rng.integers(6, 50, 2)
+        size, b = int(rng.choice([4, 8, 16])), int(rng.choice([1, 2, 3]))
+        frames = rng.random((n, h, w)).astype(np.float32)
+        peaks = np.stack([rng.integers(0, h, n), rng.integers(0, w, n)], axis=1)
+        crops = crop_frames(frames, peaks, size, bin=b)
+        for k in range(n):
+            o = peaks[k] - (size // 2) * b - b // 2
+            ref = np.zeros((size * b, size * b), np.float32)
+            for i in range(size * b):
+                for j in range(size * b):
+                    r, c = o[0] + i, o[1] + j
+                    if 0 <= r < h and 0 <= c < w:
+                        ref[i, j] = frames[k, r, c]
+            ref = ref.reshape(size, b, size, b).sum(axis=(1, 3))
+            np.testing.assert_allclose(crops.frames[k], ref, rtol=1e-6)
+            np.testing.assert_array_equal(crops.origins[k], o)
+
+
+@pytest.mark.parametrize("box", [1, 2, 3, 5])
+def test_box_sum_is_the_zero_padded_uniform_filter(box):
+    from scipy.ndimage import uniform_filter
+
+    from cdinn_stream.crop import box_sum
+
+    x = np.random.default_rng(box).random((4, 13, 17)).astype(np.float32)
+    ref = uniform_filter(x, size=(1, box, box), mode="constant") * box * box
+    np.testing.assert_allclose(box_sum(x, box), ref, rtol=1e-5, atol=1e-5)

@@ -93,5 +93,7 @@ def test_bench_quick(tmp_path, tiny_weights):
     assert p["latency"]["frames_received_zmq"] == p["latency"]["frames"]
     assert p["memory"]["frames_in_tiled"] == p["memory"]["frames"]
     assert p["ceiling"]["frames_received_zmq"] == p["ceiling"]["frames"] and p["ceiling"]["frames_per_s"] > 0
+    z = p["throughput_zmq_only"]
+    assert z["frames_received_zmq"] == z["frames"] and z["frames_in_tiled"] is None and z["ratio_to_raw_model"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "ER/HIO" in md and "Pipeline end to end" in md

@@ -394,8 +394,8 @@ def table(r: dict) -> list[str]:
               f"| pipeline / bare model | {t['ratio_to_raw_model']:.2f} | >= 0.8 |"]
     if "throughput_zmq_only" in r:
         z = r["throughput_zmq_only"]
-        lines.append(f"| same pipeline without Tiled (ZeroMQ only; the Tiled server shares this machine's cores), and its "
-                     f"ratio to the bare model measured with it | {z['frames_per_s']:.0f} frames/s "
+        lines.append(f"| same pipeline without Tiled (ZeroMQ only; the Tiled server shares this machine's cores), "
+                     f"and its ratio to the bare model measured with it | {z['frames_per_s']:.0f} frames/s "
                      f"({z['frames_received_zmq']} received), {z['ratio_to_raw_model']:.2f} of "
                      f"{z['raw_model_frames_per_s']:.0f} frames/s | |")
     if "ceiling" in r:

@@ -8,7 +8,7 @@ from bluesky.plans import count, scan
 
 from cdinn_stream.callback import ReconstructionCallback
 from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
-from cdinn_stream.sinks import FRAME_INFO_COLUMNS, TiledSink, read_frame_info
+from cdinn_stream.sinks import FRAME_INFO_COLUMNS, TiledSink, read_frame_info, read_run
 
 
 def _source(**kw):
@@ -35,6 +35,10 @@ def _check(uid, n, collector, client):
     assert rec.metadata["complete"] and rec.metadata["frames"] == n
     amp = np.concatenate([m[2] for m in results])
     np.testing.assert_allclose(rec["amplitude"].read(), amp)
+    everything = read_run(rec)
+    np.testing.assert_allclose(everything["amplitude"], amp)
+    np.testing.assert_array_equal(everything["seq_num"], info["seq_num"])
+    assert everything["phase"].shape == (n, 32, 32) and everything["crop_origin"].shape == (n, 2)
 
 
 def test_inline_frames(RE, model, tiled_client, zmq_pair):

@@ -99,8 +99,8 @@ class Spool:
         """Frames waiting for ``run_uid``."""
         total = 0
         for chunk in self.chunks(run_uid):
-            with np.load(chunk) as data:
-                total += len(data["frame_info"])
+            with np.load(chunk) as data:  # an earlier version's chunks have seq_num, not frame_info
+                total += len(data["frame_info" if "frame_info" in data.files else "seq_num"])
         return total
 
     def remove(self, run_uid: str) -> None:

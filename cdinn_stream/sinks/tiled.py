@@ -97,6 +97,27 @@ def _frame_count(cols: dict[str, np.ndarray]) -> int:
     return len(cols["amplitude"])
 
 
+_OLD_COLUMNS = ("seq_num", "time", "crop_origin", "peak", "latency_s")  # separate arrays until 2026-11-26
+
+
+def _frame_info_from_old(old: dict[str, np.ndarray]) -> np.ndarray:
+    """``frame_info`` rows from the five per-frame arrays of the earlier layout (spool chunks and
+    Tiled containers written by cdinn-stream before ``frame_info``)."""
+    n = len(old["seq_num"])
+    info = np.empty((n, len(FRAME_INFO_COLUMNS)))
+    info[:, 0], info[:, 1], info[:, 2:4], info[:, 4:6], info[:, 6] = (
+        old["seq_num"], old["time"], np.reshape(old["crop_origin"], (n, 2)), np.reshape(old["peak"], (n, 2)),
+        old["latency_s"])
+    return info
+
+
+def _current_layout(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Spooled columns in the current layout (a spool left by an earlier version has the old one)."""
+    if "frame_info" in cols:
+        return cols
+    return {"amplitude": cols["amplitude"], "phase": cols["phase"], "frame_info": _frame_info_from_old(cols)}
+
+
 def _unreachable(err: BaseException) -> bool:
     """Whether ``err`` means the server could not be reached (as opposed to a bad request)."""
     import httpx
@@ -319,7 +340,7 @@ class TiledSink:
                     if (max_chunks is not None and chunks_done >= max_chunks) or (chunks_done and self.behind()):
                         finished = False
                         break
-                    cols = Spool.read(chunk)
+                    cols = _current_layout(Spool.read(chunk))
                     self._extend(run, cols)
                     self.spool.update(run_uid, written=run["n"])
                     chunk.unlink()
@@ -357,4 +378,10 @@ class TiledSink:
                 "complete": False})
             return {"container": container, "arrays": {}, "n": 0}
         container = parent[run_uid]
+        if "frame_info" not in container and "seq_num" in container:  # written by an earlier version
+            logger.warning("%s/%s holds the earlier per-frame layout: adding frame_info from its seq_num, time, "
+                           "crop_origin, peak and latency_s arrays, which stay at their %d frames",
+                           manifest["parent"], run_uid, manifest["written"])
+            info = _frame_info_from_old({k: container[k].read() for k in _OLD_COLUMNS})
+            container.write_array(info, key="frame_info", metadata={"columns": list(FRAME_INFO_COLUMNS)})
         return {"container": container, "arrays": {k: container[k] for k in _ARRAYS}, "n": manifest["written"]}

@@ -428,3 +428,43 @@ def test_writing_parked_results_back_yields_to_new_results(tiled_client, tmp_pat
     np.testing.assert_array_equal(info["peak"], np.ones((40, 2), int))
     np.testing.assert_allclose(info["time"], np.arange(1, 41) * 0.1)
     assert not sink.spool.runs()
+
+
+def test_a_spool_left_by_the_earlier_layout_is_written_back_as_frame_info(tiled_client, tmp_path, caplog):
+    """Spool chunks and a half-written container from the version with five per-frame arrays
+    (seq_num, time, crop_origin, peak, latency_s) are written back in the current layout."""
+    import uuid
+
+    from cdinn_stream.sinks.spool import Spool
+
+    def old_columns(seq):
+        n = len(seq)
+        return {"amplitude": np.full((n, 4, 4), 0.5, np.float32), "phase": np.zeros((n, 4, 4), np.float32),
+                "seq_num": seq.astype(np.int64), "time": seq * 0.1, "crop_origin": np.zeros((n, 2), np.int64),
+                "peak": np.tile([7, 9], (n, 1)), "latency_s": np.full(n, 0.01)}
+
+    spool = Spool(tmp_path / "spool")
+    fresh, half = f"old-fresh-{uuid.uuid4()}", f"old-half-{uuid.uuid4()}"
+    # a run the earlier version never reached Tiled with, and one it had written 5 frames of
+    spool.begin(fresh, parent="cdinn", start={"uid": fresh}, model_card={}, written=0)
+    spool.append(fresh, old_columns(np.arange(1, 6)))
+    spool.update(fresh, close={"complete": True, "exit_status": "success", "stop": {}})
+    parent = tiled_client["cdinn"] if "cdinn" in tiled_client else tiled_client.create_container("cdinn")
+    container = parent.create_container(half, metadata={"raw_run_uid": half, "complete": False})
+    for key, value in old_columns(np.arange(1, 6)).items():
+        container.write_array(value, key=key)
+    spool.begin(half, parent="cdinn", start={"uid": half}, model_card={}, written=5)
+    spool.append(half, old_columns(np.arange(6, 11)))
+    spool.update(half, close={"complete": True, "exit_status": "success", "stop": {}})
+    assert spool.frames(fresh) == 5 and spool.frames(half) == 5
+
+    sink = TiledSink(tiled_client, spool_dir=tmp_path / "spool")
+    assert sink.backfill() == 10
+    for uid, n in ((fresh, 5), (half, 10)):
+        rec = tiled_client["cdinn"][uid]
+        info = read_frame_info(rec)
+        np.testing.assert_array_equal(info["seq_num"], np.arange(1, n + 1))
+        np.testing.assert_array_equal(info["peak"], np.tile([7, 9], (n, 1)))
+        assert rec["amplitude"].read().shape == (n, 4, 4) and rec.metadata["complete"]
+    assert "earlier per-frame layout" in caplog.text
+    assert not sink.spool.runs()

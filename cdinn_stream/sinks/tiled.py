@@ -82,7 +82,10 @@ def frame_info_columns(info: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def read_frame_info(container) -> dict[str, np.ndarray]:
-    """A stored run's per-frame metadata (see :func:`frame_info_columns`), without its images."""
+    """A stored run's per-frame metadata (see :func:`frame_info_columns`), without its images
+    (also from a run stored by an earlier version, with five per-frame arrays)."""
+    if "frame_info" not in container and "seq_num" in container:
+        return frame_info_columns(_frame_info_from_old({k: container[k].read() for k in _OLD_COLUMNS}))
     return frame_info_columns(container["frame_info"].read())
 
 
@@ -266,10 +269,13 @@ class TiledSink:
         self.spool.update(run_uid, close=end)
         if self._probe():
             self.backfill()
-        if self.spool.has(run_uid):
+        if self.spool.has(run_uid) and not self.online:
             logger.warning("run %s ended while Tiled is unreachable: %d frames wait in %s and are written when it "
                            "answers again (or with `cdinn-stream backfill --tiled URL --spool %s`)", run_uid,
                            self.spool.frames(run_uid), self.spool.root / run_uid, self.spool.root)
+        elif self.spool.has(run_uid):  # the write-back yielded to new results (see behind)
+            logger.info("run %s ended with %d frames still parked in %s: they are written back with the next "
+                        "writes and while idle", run_uid, self.spool.frames(run_uid), self.spool.root / run_uid)
 
     def idle(self) -> None:
         """Called about once a second while no results come: write spooled results back if the
@@ -382,6 +388,7 @@ class TiledSink:
             logger.warning("%s/%s holds the earlier per-frame layout: adding frame_info from its seq_num, time, "
                            "crop_origin, peak and latency_s arrays, which stay at their %d frames",
                            manifest["parent"], run_uid, manifest["written"])
-            info = _frame_info_from_old({k: container[k].read() for k in _OLD_COLUMNS})
+            written = manifest["written"]  # a failed write may have left the arrays longer, and uneven
+            info = _frame_info_from_old({k: container[k].read()[:written] for k in _OLD_COLUMNS})
             container.write_array(info, key="frame_info", metadata={"columns": list(FRAME_INFO_COLUMNS)})
         return {"container": container, "arrays": {k: container[k] for k in _ARRAYS}, "n": manifest["written"]}

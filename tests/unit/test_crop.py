@@ -114,3 +114,12 @@ def test_box_sum_is_the_zero_padded_uniform_filter(box):
     x = np.random.default_rng(box).random((4, 13, 17)).astype(np.float32)
     ref = uniform_filter(x, size=(1, box, box), mode="constant") * box * box
     np.testing.assert_allclose(box_sum(x, box), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_no_frames_and_integer_frames():
+    from cdinn_stream.crop import box_sum
+
+    empty = crop_frames(np.zeros((0, 8, 8), np.float32), np.zeros((0, 2), int), 16)
+    assert empty.frames.shape == (0, 16, 16) and empty.origins.shape == (0, 2)
+    counts = np.full((1, 6, 6), 5000, np.uint16)  # a 5x5 box of 5000 counts would wrap in uint16
+    assert box_sum(counts, 5)[0, 3, 3] == 125_000

@@ -63,13 +63,20 @@ FRAME_INFO_COLUMNS = ("seq_num", "time", "crop_origin_row", "crop_origin_col", "
 _ARRAYS = ("amplitude", "phase", "frame_info")
 
 
+def _frame_info(seq_nums, times, origins, peaks, latency) -> np.ndarray:
+    """``(N, 7)`` float64 rows in the order of :data:`FRAME_INFO_COLUMNS`."""
+    n = len(seq_nums)
+    info = np.empty((n, len(FRAME_INFO_COLUMNS)))
+    info[:, 0], info[:, 1], info[:, 6] = seq_nums, times, latency
+    info[:, 2:4], info[:, 4:6] = np.reshape(origins, (n, 2)), np.reshape(peaks, (n, 2))
+    return info
+
+
 def _columns(result: ResultBlock) -> dict[str, np.ndarray]:
     f = result.frames
-    info = np.empty((len(f), len(FRAME_INFO_COLUMNS)))
-    info[:, 0], info[:, 1], info[:, 2:4], info[:, 4:6], info[:, 6] = (f.seq_nums, f.times, f.origins, f.peaks,
-                                                                      result.latency)
     return {"amplitude": np.ascontiguousarray(result.amplitude, np.float32),
-            "phase": np.ascontiguousarray(result.phase, np.float32), "frame_info": info}
+            "phase": np.ascontiguousarray(result.phase, np.float32),
+            "frame_info": _frame_info(f.seq_nums, f.times, f.origins, f.peaks, result.latency)}
 
 
 def frame_info_columns(info: np.ndarray) -> dict[str, np.ndarray]:
@@ -106,12 +113,7 @@ _OLD_COLUMNS = ("seq_num", "time", "crop_origin", "peak", "latency_s")  # separa
 def _frame_info_from_old(old: dict[str, np.ndarray]) -> np.ndarray:
     """``frame_info`` rows from the five per-frame arrays of the earlier layout (spool chunks and
     Tiled containers written by cdinn-stream before ``frame_info``)."""
-    n = len(old["seq_num"])
-    info = np.empty((n, len(FRAME_INFO_COLUMNS)))
-    info[:, 0], info[:, 1], info[:, 2:4], info[:, 4:6], info[:, 6] = (
-        old["seq_num"], old["time"], np.reshape(old["crop_origin"], (n, 2)), np.reshape(old["peak"], (n, 2)),
-        old["latency_s"])
-    return info
+    return _frame_info(*(old[k] for k in _OLD_COLUMNS))
 
 
 def _current_layout(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -160,22 +160,30 @@ def patterson_channels(x: torch.Tensor) -> torch.Tensor:
         return out.to(x.dtype)
 
 
-def count_flops(model: CDINN) -> int:
-    """Multiply-accumulates x 2 per frame for one forward pass (convolutions only)."""
+def count_flops(model: nn.Module) -> int:
+    """Multiply-accumulates x 2 per frame for one forward pass of a :class:`CDINN` or its folded
+    inference form (convolutions, counted as direct convolutions, and dense layers)."""
     flops = 0
     size = model.config.size
     hooks = []
 
-    def hook(mod, inp, out):
+    def conv_hook(mod, inp, out):
         nonlocal flops
         k = mod.kernel_size[0] * mod.kernel_size[1]
         flops += 2 * out.shape[-1] * out.shape[-2] * mod.in_channels * mod.out_channels * k
 
+    def linear_hook(mod, inp, out):
+        nonlocal flops
+        flops += 2 * mod.in_features * mod.out_features
+
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(hook))
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
+    param = next(model.parameters())
     with torch.no_grad():
-        model(torch.zeros(1, 1, size, size))
+        model(torch.zeros(1, 1, size, size, device=param.device))
     for h in hooks:
         h.remove()
     return flops

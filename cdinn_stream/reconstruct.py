@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .ensemble import symmetry_ensemble
+from .folding import fold
 from .model import CDINN
 from .physics import SUPPORT_THRESHOLD, masked_phase, normalized_amplitude
 from .weights import read_weights
@@ -127,13 +128,17 @@ def validate_frames(intensity: np.ndarray | torch.Tensor, size: int) -> torch.Te
         idx = torch.nonzero(bad).flatten().tolist()
         return f"{idx[:10]}{' ...' if len(idx) > 10 else ''}"
 
-    finite = torch.isfinite(x).flatten(1).all(dim=1)
+    # each frame's extremes (a NaN makes both NaN, an inf one of them); amin and amax apart are
+    # 15x faster than aminmax along a dimension on a CPU (torch 2.13)
+    flat = x.reshape(len(x), -1)
+    low, high = flat.amin(dim=1), flat.amax(dim=1)
+    finite = torch.isfinite(low) & torch.isfinite(high)
     if not bool(finite.all()):
         raise ValueError(f"NaN or inf in frame(s) {frames(~finite)}")
-    negative = (x < 0).flatten(1).any(dim=1)
+    negative = low < 0
     if bool(negative.any()):
         raise ValueError(f"negative intensities in frame(s) {frames(negative)}: subtract background and clip at 0")
-    empty = (x == 0).flatten(1).all(dim=1)
+    empty = high == 0
     if bool(empty.any()):
         raise ValueError(f"all-zero frame(s) {frames(empty)}: nothing to reconstruct")
     return x
@@ -173,7 +178,7 @@ class CDIModel:
 
     def __init__(self, network: CDINN, *, name: str = "custom", card: dict | None = None,
                  device: str | torch.device | None = None, precision: str = "auto", cuda_graphs: bool | None = None,
-                 views: int = 1):
+                 views: int = 1, fold_small_steps: bool | None = None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -193,6 +198,15 @@ class CDIModel:
         self._autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         # channels-last: the convolutions run about 1.5-2x faster on CPU (and suit GPU tensor cores)
         self.network = network.to(self.device, memory_format=torch.channels_last).eval()
+        if fold_small_steps is None:
+            fold_small_steps = self.device.type == "cpu"
+        #: the network's inference form (:mod:`cdinn_stream.folding`: its convolutions on 1x1 and 2x2
+        #: grids as dense matrices: the same results in about 0.7x the time on a CPU), or ``None`` to
+        #: call :attr:`network` itself (the default on a GPU, where the network is not the cost)
+        self.folded = None
+        if fold_small_steps and isinstance(network, CDINN):
+            folded = fold(self.network)
+            self.folded = folded.to(memory_format=torch.channels_last) if folded is not self.network else None
         if self.device.type == "cpu" and os.environ.get("CDINN_MALLOC_TUNING") == "1":
             keep_freed_memory()
         self.name = name
@@ -247,6 +261,8 @@ class CDIModel:
         # no autocast weight cache: it would free the cast weights a captured CUDA graph still reads
         with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
                             cache_enabled=False):
+            if self.folded is not None:
+                return self.folded(x)
             logits = self.network.forward_logits(x)
         return self.network.outputs(*logits)
 
@@ -264,6 +280,8 @@ class CDIModel:
             a, p = self.predict_tensor(chunk)
             amps.append(a.float().cpu())
             phases.append(p.float().cpu())
+        if len(amps) == 1:
+            return Reconstruction(amps[0].numpy(), phases[0].numpy())
         return Reconstruction(torch.cat(amps).numpy(), torch.cat(phases).numpy())
 
 
@@ -284,13 +302,16 @@ def model_path(name: str) -> Path:
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device | None = None,
-               precision: str = "auto", cuda_graphs: bool | None = None, views: int = 1) -> CDIModel:
+               precision: str = "auto", cuda_graphs: bool | None = None, views: int = 1,
+               fold_small_steps: bool | None = None) -> CDIModel:
     """Load a shipped model by name (``"cdinn-32"``, ``"cdinn-64"``) or a weights file by path.
 
     The model goes to ``device`` (default: CUDA when available, else CPU) and computes in
     ``precision`` (see :func:`resolve_precision`); ``cuda_graphs`` replays captured CUDA graphs
     (default: on a GPU); ``views`` (1-8) combines the network over symmetric copies of each
-    pattern (:mod:`cdinn_stream.ensemble`: more accurate, ``views`` times the network's cost).
+    pattern (:mod:`cdinn_stream.ensemble`: more accurate, ``views`` times the network's cost);
+    ``fold_small_steps`` runs the network's folded inference form (:mod:`cdinn_stream.folding`;
+    default: on a CPU).
     Weights are read with ``weights_only=True``; the model card (``<name>.json`` beside the
     weights) is attached.
     """
@@ -301,4 +322,4 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.
     card_path = p.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     return CDIModel(network, name=p.stem, card=card, device=device, precision=precision, cuda_graphs=cuda_graphs,
-                    views=views)
+                    views=views, fold_small_steps=fold_small_steps)

@@ -112,3 +112,17 @@ def test_gpu_failure_falls_back_to_cpu_and_loses_nothing(caplog):
     assert sorted(kept) == list(range(1, 25))
     assert "falling back to the CPU" in caplog.text
 
+
+
+def test_folded_form_on_a_gpu_equals_the_network(no_tf32):
+    """On a GPU the network runs unfolded by default; the folded form, asked for, gives the same."""
+    from cdinn_stream.reconstruct import CDIModel, load_model
+
+    plain = load_model("cdinn-32", device="cuda", precision="fp32", cuda_graphs=False)
+    assert plain.folded is None
+    folded = CDIModel(plain.network, device="cuda", precision="fp32", fold_small_steps=True)
+    assert folded.folded is not None
+    frames = _frames(64)
+    a, b = folded.predict(frames), plain.predict(frames)
+    np.testing.assert_allclose(a.amplitude, b.amplitude, atol=1e-4)
+    np.testing.assert_allclose(a.phase, b.phase, atol=1e-3)

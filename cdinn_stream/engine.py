@@ -40,7 +40,7 @@ from .physics import normalized_amplitude
 from .publish import SinkThread
 from .reconstruct import CDIModel
 from .refine import Refiner
-from .timing import latency_ms
+from .timing import LatencyWindow, latency_ms
 
 __all__ = ["FrameBlock", "ResultBlock", "Sink", "InferenceEngine", "EngineStats"]
 
@@ -56,7 +56,7 @@ class EngineStats:
     frames_dropped: int = 0
     frames_failed: int = 0
     batches: int = 0
-    latencies: deque = field(default_factory=lambda: deque(maxlen=100_000), repr=False)
+    latencies: LatencyWindow = field(default_factory=LatencyWindow, repr=False)
 
     def summary(self) -> dict:
         """Counters and latency percentiles (milliseconds, frame in to model output)."""
@@ -255,7 +255,7 @@ class InferenceEngine:
                 n = len(b)
                 result = ResultBlock(b, amp[i : i + n], phase[i : i + n], done - b.received)
                 i += n
-                self.stats.latencies.extend(result.latency.tolist())
+                self.stats.latencies.extend(result.latency)
                 for t in self.sink_threads:
                     t.put(result)
                 self.refiner.offer(result)

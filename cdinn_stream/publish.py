@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker, Sink
-from .timing import latency_ms
+from .timing import LatencyWindow, latency_ms
 
 __all__ = ["SinkThread", "SinkStats", "wait_while"]
 
@@ -68,7 +68,7 @@ class SinkStats:
     frames_spilled: int = 0
     writes: int = 0
     errors: int = 0
-    latencies: deque = field(default_factory=lambda: deque(maxlen=100_000), repr=False)
+    latencies: LatencyWindow = field(default_factory=LatencyWindow, repr=False)
 
     def summary(self) -> dict:
         return {"frames_written": self.frames_written, "frames_dropped": self.frames_dropped,
@@ -216,7 +216,7 @@ class SinkThread:
         if self._spilling and self._queued <= self.spill_frames // 2:
             logger.info("%s caught up (%d frames behind)", self.name, self._queued)
             self._spilling = False
-        self.stats.latencies.extend((time.monotonic() - f.received).tolist())
+        self.stats.latencies.extend(time.monotonic() - f.received)
 
     def _park(self, result: ResultBlock) -> None:
         f = result.frames

@@ -56,7 +56,7 @@ class LatencyWindow:
     about 3 MiB per 100,000 frames per counter until it was full)."""
 
     def __init__(self, size: int = 100_000):
-        self._ring = np.zeros(size)
+        self._ring = np.full(size, np.nan)  # written now: its pages are resident from the start
         self._count = 0  # latencies ever added
 
     def extend(self, seconds: np.ndarray | list[float]) -> None:

@@ -8,7 +8,8 @@ Frames arrive three ways, all handled:
 
 * inline arrays in ``event`` / ``event_page`` documents (e.g. ``ophyd.sim.DirectImage``);
 * external files through ``resource`` / ``datum`` (e.g. ``ophyd.sim.SynSignalWithRegistry``):
-  the RunRouter fills them with the handlers of ``handler_registry``;
+  the RunRouter fills them with the handlers of ``handler_registry`` (events and pages with
+  nothing to fill pass through untouched, :class:`PassThroughFiller`);
 * HDF5 through ``stream_resource`` / ``stream_datum`` (e.g. ``ophyd_async.sim.SimBlobDetector``):
   the frames are read with h5py when the stream_datum arrives.
 
@@ -26,13 +27,13 @@ from collections import Counter
 from urllib.parse import urlparse
 
 import numpy as np
-from event_model import DocumentRouter, RunRouter
+from event_model import DocumentRouter, Filler, RunRouter
 
 from .crop import clean_frames, crop_frames, find_peaks
 from .engine import FrameBlock, InferenceEngine, Sink
 from .reconstruct import CDIModel, load_model
 
-__all__ = ["ReconstructionCallback", "RunReconstructor", "default_handler_registry"]
+__all__ = ["ReconstructionCallback", "RunReconstructor", "PassThroughFiller", "default_handler_registry"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,29 @@ def default_handler_registry() -> dict:
         logger.warning("ophyd is not installed: frames in external files (NPY_SEQ) cannot be read")
         return {}
     return {"NPY_SEQ": NumpySeqHandler}
+
+
+def _needs_filling(doc: dict) -> bool:
+    """Whether an event or event page says that any of its data are unfilled references
+    (``filled`` is ``{key: bool or datum id}`` for an event, ``{key: [...]}`` for a page); a
+    document without ``filled`` may need filling (event-model then asks the descriptor)."""
+    filled = doc.get("filled")
+    if not isinstance(filled, dict):
+        return True
+    return any(v is False for values in filled.values() for v in (values if isinstance(values, list) else [values]))
+
+
+class PassThroughFiller(Filler):
+    """event-model's ``Filler``, except that an event or event page with nothing to fill is
+    passed on as it is. The stock ``Filler`` deep-copies every event and unpacks every page into
+    events and packs it again even when no key is external: per frame, that cost the RunEngine's
+    thread more than the peak search (``docs/design.md`` section 15)."""
+
+    def event(self, doc):
+        return super().event(doc) if _needs_filling(doc) else doc
+
+    def event_page(self, doc):
+        return super().event_page(doc) if _needs_filling(doc) else doc
 
 
 class ReconstructionCallback:
@@ -80,7 +104,7 @@ class ReconstructionCallback:
                                       refine_iterations=refine_iterations)
         self.rejected: Counter[str] = Counter()
         registry = default_handler_registry() if handler_registry is None else handler_registry
-        self._router = RunRouter([self._factory], handler_registry=registry)
+        self._router = RunRouter([self._factory], handler_registry=registry, filler_class=PassThroughFiller)
 
     @property
     def size(self) -> int:

@@ -158,6 +158,10 @@ class TiledSink:
         #: set by the :class:`~cdinn_stream.publish.SinkThread`: whether results are piling up
         #: (past its parking threshold); writing parked results back then stops early
         self.behind: Callable[[], bool] = lambda: False
+        try:  # tiled's write_array imports dask.array on first use: about 0.8 s of imports under the
+            import dask.array  # noqa: F401  GIL, which would stall the scan's thread at a run's first write
+        except ImportError:  # write_array says so when it is called
+            pass
 
     @classmethod
     def from_uri(cls, uri: str, *, api_key: str | None = None, **kwargs) -> TiledSink:

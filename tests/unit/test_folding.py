@@ -65,6 +65,10 @@ def test_cdimodel_folds_on_the_cpu_with_the_same_results():
     a, b = shipped.predict(frames), plain.predict(frames)
     np.testing.assert_allclose(a.amplitude, b.amplitude, atol=1e-5)
     np.testing.assert_allclose(a.phase, b.phase, atol=1e-4)
+    eight = [CDIModel(shipped.network, device="cpu", precision="fp32", views=8, fold_small_steps=f).predict(frames[:4])
+             for f in (True, False)]  # the symmetry ensemble goes through the folded form too
+    np.testing.assert_allclose(eight[0].amplitude, eight[1].amplitude, atol=1e-5)
+    np.testing.assert_allclose(eight[0].phase, eight[1].phase, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -95,5 +95,8 @@ def test_bench_quick(tmp_path, tiny_weights):
     assert p["ceiling"]["frames_received_zmq"] == p["ceiling"]["frames"] and p["ceiling"]["frames_per_s"] > 0
     z = p["throughput_zmq_only"]
     assert z["frames_received_zmq"] == z["frames"] and z["frames_in_tiled"] is None and z["ratio_to_raw_model"] > 0
+    paper = p["throughput_paper_network"]
+    assert paper["frames_received_zmq"] == paper["frames_in_tiled"] == paper["frames"]
+    assert paper["ratio_to_raw_model"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "ER/HIO" in md and "Pipeline end to end" in md

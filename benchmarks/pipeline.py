@@ -371,6 +371,14 @@ def run(model: str, *, quick: bool = False, device: str = "cpu") -> dict:
     return out
 
 
+def _variant_row(label: str, x: dict) -> str:
+    """A table row for the pipeline measured another way, with its ratio to the bare model timed with it."""
+    tiled = f", {x['frames_in_tiled']} in Tiled" if x.get("frames_in_tiled") is not None else ""
+    return (f"| {label}, and its ratio to the bare model measured with it | {x['frames_per_s']:.0f} frames/s "
+            f"({x['frames_received_zmq']} received{tiled}), {x['ratio_to_raw_model']:.2f} of "
+            f"{x['raw_model_frames_per_s']:.0f} frames/s | |")
+
+
 def table(r: dict) -> list[str]:
     """Markdown lines for :func:`run` results."""
     t, lat, mem = r["throughput"], r["latency"], r.get("memory")
@@ -398,17 +406,12 @@ def table(r: dict) -> list[str]:
               f"| bare model, same batch and precision, same run | {t['raw_model_frames_per_s']:.0f} frames/s | |",
               f"| pipeline / bare model | {t['ratio_to_raw_model']:.2f} | >= 0.8 |"]
     if "throughput_zmq_only" in r:
-        z = r["throughput_zmq_only"]
-        lines.append(f"| same pipeline without Tiled (ZeroMQ only; the Tiled server shares this machine's cores), "
-                     f"and its ratio to the bare model measured with it | {z['frames_per_s']:.0f} frames/s "
-                     f"({z['frames_received_zmq']} received), {z['ratio_to_raw_model']:.2f} of "
-                     f"{z['raw_model_frames_per_s']:.0f} frames/s | |")
+        lines.append(_variant_row("same pipeline without Tiled (ZeroMQ only; the Tiled server shares this machine's "
+                                  "cores)", r["throughput_zmq_only"]))
     if "throughput_paper_network" in r:
-        p = r["throughput_paper_network"]
-        lines.append(f"| same pipeline with the paper's full-resolution network (`{PAPER_MODEL}`, 14x the FLOPs, where "
-                     f"the network and not the pipeline takes the CPU), and its ratio to that bare network | "
-                     f"{p['frames_per_s']:.0f} frames/s ({p['frames_received_zmq']} received, {p['frames_in_tiled']} "
-                     f"in Tiled), {p['ratio_to_raw_model']:.2f} of {p['raw_model_frames_per_s']:.0f} frames/s | |")
+        lines.append(_variant_row(f"same pipeline with the paper's full-resolution network (`{PAPER_MODEL}`, 14x the "
+                                  "FLOPs, where the network and not the pipeline takes the CPU)",
+                                  r["throughput_paper_network"]))
     if "ceiling" in r:
         c = r["ceiling"]
         lines.append(f"| same pipeline with the network replaced by a no-op (its ceiling: documents, peak search and "

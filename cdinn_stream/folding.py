@@ -41,24 +41,24 @@ class _Flatten(nn.Module):
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
 
 
-class _Unflatten(nn.Module):
-    """``(B, h*w*C)`` to ``(B, C, h, w)``, channels-last in memory (a view)."""
+class _ShapedStep(nn.Module):
+    """A step on flattened activations that needs their ``(C, h, w)`` shape."""
 
     def __init__(self, shape: tuple[int, int, int]):
         super().__init__()
         self.shape = shape
+
+
+class _Unflatten(_ShapedStep):
+    """``(B, h*w*C)`` to ``(B, C, h, w)``, channels-last in memory (a view)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, h, w = self.shape
         return x.reshape(x.shape[0], h, w, c).permute(0, 3, 1, 2)
 
 
-class _FlatMaxPool(nn.Module):
+class _FlatMaxPool(_ShapedStep):
     """2x2 max-pooling of flattened ``(B, h*w*C)`` activations."""
-
-    def __init__(self, shape: tuple[int, int, int]):
-        super().__init__()
-        self.shape = shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, h, w = self.shape

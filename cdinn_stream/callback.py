@@ -49,21 +49,26 @@ def default_handler_registry() -> dict:
     return {"NPY_SEQ": NumpySeqHandler}
 
 
+def _unfilled(values) -> bool:
+    """Whether a ``filled`` entry (a bool or datum id for an event, a sequence for a page) holds ``False``."""
+    return any(v is False for v in (values if isinstance(values, list | tuple) else [values]))
+
+
 def _needs_filling(doc: dict) -> bool:
-    """Whether an event or event page says that any of its data are unfilled references
-    (``filled`` is ``{key: bool or datum id}`` for an event, ``{key: [...]}`` for a page); a
-    document without ``filled`` may need filling (event-model then asks the descriptor)."""
+    """Whether an event or event page says that any of its data are unfilled references; a
+    document without ``filled`` is left to event-model's own rules."""
     filled = doc.get("filled")
     if not isinstance(filled, dict):
         return True
-    return any(v is False for values in filled.values() for v in (values if isinstance(values, list) else [values]))
+    return any(_unfilled(values) for values in filled.values())
 
 
 class PassThroughFiller(Filler):
     """event-model's ``Filler``, except that an event or event page with nothing to fill is
-    passed on as it is. The stock ``Filler`` deep-copies every event and unpacks every page into
-    events and packs it again even when no key is external: per frame, that cost the RunEngine's
-    thread more than the peak search (``docs/design.md`` section 15)."""
+    passed on as it is. (The RunRouter hands it pages, events packed as pages of one.) The stock
+    ``Filler`` unpacks every page into events, fills each and packs a new page even when no key is
+    external: per frame, that cost the RunEngine's thread about as much as the peak search
+    (``docs/design.md`` section 15)."""
 
     def event(self, doc):
         return super().event(doc) if _needs_filling(doc) else doc
@@ -213,7 +218,7 @@ class RunReconstructor(DocumentRouter):
         if key is None or key not in doc["data"]:
             return doc  # not our detector, or its frames come through stream_datum
         seq = np.asarray(doc["seq_num"])
-        if doc.get("filled", {}).get(key) is False:
+        if _unfilled(doc.get("filled", {}).get(key)):
             self.owner.reject(self.uid, seq, "unfilled: frames are unfilled references (no handler for their spec)")
             return doc
         try:

@@ -4,12 +4,13 @@ With space-to-depth the deepest stages of the network work on 2x2 and 1x1 grids.
 convolution with zero padding wastes most of its multiply-adds on the padding (at 1x1 only the
 centre tap sees data), and an up-sampling followed by a convolution repeats each input four
 times. Each such linear step, a convolution alone or nearest up-sampling then a convolution, is
-one fixed linear map of its input, so on a grid of at most ``3 x 3`` pixels it costs fewer
+one fixed linear map of its input, so on a grid of fewer than ``3 x 3`` pixels it costs fewer
 operations as one dense matrix (a ``Linear`` layer) than as a convolution. :func:`fold` measures
 that matrix by sending the basis vectors through the step (in float64) and rebuilds the network
 with those steps as ``Linear`` layers on flattened activations. For the default ``cdinn-32``
 (32x32, space-to-depth 4) this takes the multiply-adds from 5.6 M to 3.6 M per frame; the
-results equal the trained network's to float rounding (``tests/unit/test_folding.py``).
+results equal the trained network's to float rounding (``tests/unit/test_folding.py``; in bf16,
+to bf16 rounding).
 
 The pixel (un)shuffles at the ends become one strided copy each, in the channels-last layout
 the convolutions use. The folded network is for inference only: it is rebuilt from the trained
@@ -29,9 +30,9 @@ from .model import CDINN, ModelConfig, patterson_channels
 
 __all__ = ["FoldedCDINN", "fold"]
 
-#: a linear step on a grid of at most this many pixels becomes a dense matrix (a 3x3
-#: convolution costs 9 multiply-adds per pixel and channel pair, a dense map ``h*w``)
-_DENSE_MAX_PIXELS = 9
+#: a linear step on a grid of fewer pixels than this becomes a dense matrix (a 3x3 convolution
+#: costs 9 multiply-adds per output pixel and channel pair, a dense map ``h*w``: a 3x3 grid ties)
+_DENSE_BELOW_PIXELS = 9
 
 
 class _Flatten(nn.Module):
@@ -109,7 +110,7 @@ def _fold_stages(stages: nn.Sequential, shape: tuple[int, int, int], flat: bool
     dense = 0
     for step in _linear_steps(list(stages)):
         c, h, w = shape
-        if isinstance(step[-1], nn.Conv2d) and h * w <= _DENSE_MAX_PIXELS:
+        if isinstance(step[-1], nn.Conv2d) and h * w < _DENSE_BELOW_PIXELS:
             if not flat:
                 out.append(_Flatten())
                 flat = True
@@ -141,7 +142,8 @@ def _as_chunks(x: torch.Tensor, run: int) -> torch.Tensor | None:
     elements viewed as one element, or ``None`` when no dtype is that wide. Strided copies of
     4-element runs are about 5x slower than of single wide elements."""
     dtype = _CHUNK_DTYPES.get(run * x.element_size())
-    if dtype is None or x.stride(-1) != 1 or x.shape[-1] % run:
+    if (dtype is None or x.stride(-1) != 1 or x.shape[-1] % run or x.storage_offset() % run
+            or any(stride % run for stride in x.stride()[:-1])):
         return None
     return x.view(dtype)
 
@@ -218,8 +220,9 @@ class FoldedCDINN(nn.Module):
 
 def fold(network: CDINN) -> CDINN | FoldedCDINN:
     """The inference form of ``network`` (see the module docstring), in eval mode on ``network``'s
-    device; ``network`` itself when none of its steps would be cheaper dense (e.g. without
-    space-to-depth, where the smallest grid is 4x4)."""
+    device, made from its weights now (later changes to ``network`` do not reach it); ``network``
+    itself, unchanged, when none of its steps would be cheaper dense (e.g. without space-to-depth,
+    where the smallest grid is 4x4)."""
     device = next(network.parameters()).device
     folded = FoldedCDINN(copy.deepcopy(network).cpu().float().eval())
     if folded.dense_steps == 0:

@@ -202,7 +202,8 @@ class CDIModel:
             fold_small_steps = self.device.type == "cpu"
         #: the network's inference form (:mod:`cdinn_stream.folding`: its convolutions on 1x1 and 2x2
         #: grids as dense matrices: the same results in about 0.7x the time on a CPU), or ``None`` to
-        #: call :attr:`network` itself (the default on a GPU, where the network is not the cost)
+        #: call :attr:`network` itself (the default on a GPU, where the network is not the cost). It is
+        #: made from the network's weights once, here: after changing them, make a new CDIModel
         self.folded = None
         if fold_small_steps and isinstance(network, CDINN):
             folded = fold(self.network)
@@ -256,7 +257,7 @@ class CDIModel:
         return amp[:n].clone(), phase[:n].clone()
 
     def _forward(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = amplitude[:, None].contiguous(memory_format=torch.channels_last)
+        x = amplitude.contiguous()[:, None].contiguous(memory_format=torch.channels_last)
         dtype = self._autocast_dtype
         # no autocast weight cache: it would free the cast weights a captured CUDA graph still reads
         with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,

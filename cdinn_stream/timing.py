@@ -62,14 +62,14 @@ class LatencyWindow:
     def extend(self, seconds: np.ndarray | list[float]) -> None:
         """Add latencies; the oldest fall out once ``size`` are held."""
         v = np.asarray(seconds, float).ravel()
-        size = len(self._ring)
-        if len(v) >= size:
+        size, added = len(self._ring), len(v)
+        if added > size:  # only the latest fit
             v = v[-size:]
-        start = self._count % size
+        start = (self._count + added - len(v)) % size
         first = min(len(v), size - start)
         self._ring[start : start + first] = v[:first]
         self._ring[: len(v) - first] = v[first:]
-        self._count += len(v)
+        self._count += added
 
     def __len__(self) -> int:
         return min(self._count, len(self._ring))

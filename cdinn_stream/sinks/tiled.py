@@ -160,8 +160,8 @@ class TiledSink:
         self.behind: Callable[[], bool] = lambda: False
         try:  # tiled's write_array imports dask.array on first use: about 0.8 s of imports under the
             import dask.array  # noqa: F401  GIL, which would stall the scan's thread at a run's first write
-        except ImportError:  # write_array says so when it is called
-            pass
+        except Exception:  # missing or broken: write_array says so when it is called
+            logger.debug("dask.array did not import ahead of the first write", exc_info=True)
 
     @classmethod
     def from_uri(cls, uri: str, *, api_key: str | None = None, **kwargs) -> TiledSink:

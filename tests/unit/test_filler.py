@@ -49,6 +49,25 @@ def _documents(external: bool, n: int = 5):
     return docs
 
 
+def test_what_needs_filling():
+    from cdinn_stream.callback import _needs_filling
+
+    assert not _needs_filling({"filled": {}}) and not _needs_filling({"filled": {KEY: [True, "datum-1"]}})
+    for filled in ({KEY: False}, {KEY: [True, False]}, {KEY: (False,)}):
+        assert _needs_filling({"filled": filled})
+    assert _needs_filling({})  # no word on it: event-model's own rules decide
+
+
+def test_frames_nothing_can_fill_are_rejected_as_unfilled(tiny_model):
+    cb = ReconstructionCallback(model=tiny_model, sinks=[], handler_registry={}, max_latency=0.01)
+    for name, doc in _documents(external=True):  # no handler for the frames' spec
+        cb(name, doc)
+    assert cb.flush(30)
+    stats = cb.stats()
+    cb.close()
+    assert stats["rejected"] == {"unfilled": 5} and stats["frames_in"] == 0
+
+
 def test_inline_pages_and_events_pass_through_as_they_are():
     filler = PassThroughFiller({}, inplace=False)
     docs = dict(_documents(external=False))

@@ -82,3 +82,27 @@ def test_pixel_shuffles_in_one_copy_equal_torchs(dtype, r, channels):
     y = torch.rand(5, r * r, 6, 6).to(dtype).contiguous(memory_format=torch.channels_last)
     out = _depth_to_space(y, r)
     assert out.dtype == torch.float32 and torch.equal(out, F.pixel_shuffle(y, r)[:, 0].float())
+
+
+@pytest.mark.parametrize("layout", ["every other frame", "transposed", "offset by one", "channels-last view"])
+def test_pixel_shuffles_take_any_layout(layout):
+    """Strides or a storage offset that a wide-element view cannot take fall back to a plain copy."""
+    base = torch.rand(9, 1, 24, 24)
+    x = {"every other frame": base[::2], "transposed": base.transpose(2, 3),
+         "offset by one": base.flatten()[1:].view(-1)[: 4 * 576].view(4, 1, 24, 24),
+         "channels-last view": base[:, :, :, :].contiguous(memory_format=torch.channels_last)[1:]}[layout]
+    assert torch.equal(_space_to_depth(x, 4), F.pixel_unshuffle(x, 4))
+    y = torch.rand(9, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = {"every other frame": y[::2], "transposed": y.transpose(2, 3),
+         "offset by one": y.flatten()[1:][: 4 * 576].view(4, 6, 6, 16).permute(0, 3, 1, 2),
+         "channels-last view": y[1:]}[layout]
+    assert torch.equal(_depth_to_space(y, 4), F.pixel_shuffle(y, 4)[:, 0])
+
+
+def test_folded_model_takes_non_contiguous_amplitudes():
+    shipped = load_model("cdinn-32", device="cpu", precision="fp32")
+    plain = CDIModel(shipped.network, device="cpu", precision="fp32", fold_small_steps=False)
+    amplitude = torch.rand(6, 32, 32)
+    for x in (amplitude[::2], amplitude.transpose(1, 2), amplitude.flatten()[1:][: 4 * 1024].view(4, 32, 32)):
+        for got, want in zip(shipped.predict_tensor(x), plain.predict_tensor(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

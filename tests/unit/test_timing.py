@@ -18,3 +18,5 @@ def test_latency_window_keeps_the_latest_in_fixed_memory():
     window.extend(np.arange(100.0, 125.0))  # more than the window at once
     np.testing.assert_array_equal(np.sort(np.asarray(window)), np.arange(115.0, 125.0))
     assert latency_ms(window)["latency_p50_ms"] == np.percentile(np.arange(115.0, 125.0), 50) * 1e3
+    window.extend([200.0, 201.0, 202.0])  # after a long extend, the oldest of the kept ones go first
+    np.testing.assert_array_equal(np.sort(np.asarray(window)), [*np.arange(118.0, 125.0), 200, 201, 202])

@@ -75,16 +75,15 @@ def _dense(step: nn.Sequential, shape: tuple[int, int, int]) -> tuple[nn.Linear,
     n = c * h * w
 
     def flat_step(x: torch.Tensor) -> torch.Tensor:
-        y = step(x.view(len(x), h, w, c).permute(0, 3, 1, 2))
-        return y.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+        y = step(x.view(x.shape[0], h, w, c).permute(0, 3, 1, 2))
+        return y.permute(0, 2, 3, 1).reshape(x.shape[0], -1), tuple(y.shape[1:])
 
-    zero = step(torch.zeros(1, *shape, dtype=torch.float64))
-    bias = flat_step(torch.zeros(1, n, dtype=torch.float64))[0]
-    matrix = flat_step(torch.eye(n, dtype=torch.float64)) - bias
-    layer = nn.Linear(n, len(bias))
+    bias, out_shape = flat_step(torch.zeros(1, n, dtype=torch.float64))
+    matrix = flat_step(torch.eye(n, dtype=torch.float64))[0] - bias
+    layer = nn.Linear(n, bias.shape[1])
     layer.weight.copy_(matrix.T)
-    layer.bias.copy_(bias)
-    return layer, tuple(zero.shape[1:])
+    layer.bias.copy_(bias[0])
+    return layer, out_shape
 
 
 def _linear_steps(modules: list[nn.Module]) -> Iterator[tuple[nn.Module, ...]]:

@@ -62,9 +62,10 @@ def run_benchmarks(out_dir: str | Path, *, model_name: str = "cdinn-32",
 
 
 def _best_nn_us(results: dict) -> dict[str, float]:
-    """The default model's best microseconds per frame (through ``predict``) by precision."""
+    """The default model's best microseconds per frame (through ``predict``) by precision (int8:
+    its int8 sibling, ``<name>-int8``)."""
     name = Path(results["default_model"]).stem
-    rows = [r for r in results.get("model", {}).get("rows", []) if r["model"] == name]
+    rows = [r for r in results.get("model", {}).get("rows", []) if r["model"] in (name, f"{name}-int8")]
     best: dict[str, float] = {}
     for r in rows:
         best[r["precision"]] = min(best.get(r["precision"], float("inf")), r["us_per_frame"])

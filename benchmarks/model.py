@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from cdinn_stream.model import count_flops
+from cdinn_stream.folding import fold
+from cdinn_stream.int8 import Int8CDINN, int8_available
+from cdinn_stream.model import CDINN, count_flops
 from cdinn_stream.physics import normalized_amplitude
-from cdinn_stream.reconstruct import load_model, native_bf16
+from cdinn_stream.reconstruct import load_model, model_path, native_bf16
 from cdinn_stream.simulate import simulate
 from cdinn_stream.timing import time_call
 
@@ -23,19 +25,45 @@ def _synced(fn, device: torch.device):
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, device: str | torch.device = "cpu") -> float:
-    """GFLOP/s of an ``n x n`` matmul in ``dtype`` on ``device`` (the practical peak of this machine)."""
+    """GFLOP/s of an ``n x n`` matmul in ``dtype`` on ``device`` (the practical peak of this machine);
+    for ``torch.int8``, GOP/s of oneDNN's uint8 x int8 matrix product (a CPU's int8 peak)."""
     dev = torch.device(device)
+    if dtype == torch.int8:
+        x = torch.randint(0, 256, (n, n), dtype=torch.uint8)
+        w = torch.ops.onednn.qlinear_prepack(torch.randint(-128, 128, (n, n), dtype=torch.int8), None)
+        scales, zeros = torch.full((n,), 1e-3), torch.zeros(n, dtype=torch.int64)
+        sec = time_call(lambda: torch.ops.onednn.qlinear_pointwise(x, 0.01, 0, w, scales, zeros, None, 1.0, 0, None,
+                                                                   "none", [], ""), repeat=5)
+        return 2 * n**3 / sec / 1e9
     a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
     sec = time_call(_synced(lambda: a @ b, dev), repeat=5)
     return 2 * n**3 / sec / 1e9
 
 
 def precisions(device: torch.device | None = None) -> list[str]:
-    """fp32, and bf16 where the device has it natively (and fp16 on a GPU); default: the CPU."""
+    """fp32, and bf16 where the device has it natively (and fp16 on a GPU), and int8 on a CPU with
+    oneDNN's int8 operators; default: the CPU."""
     device = device or torch.device("cpu")
     if device.type == "cuda":
         return ["fp32", "bf16", "fp16"]
-    return ["fp32", "bf16"] if native_bf16(device) else ["fp32"]
+    return (["fp32", "bf16"] if native_bf16(device) else ["fp32"]) + (["int8"] if int8_available() else [])
+
+
+def _has_int8(name: str) -> bool:
+    try:
+        model_path(f"{name}-int8")
+    except ValueError:
+        return False
+    return True
+
+
+def _flops(network: CDINN | Int8CDINN, folded: torch.nn.Module | None) -> tuple[int, int]:
+    """MFLOP x 1e6 per frame of the trained network (direct convolutions) and of what runs."""
+    if isinstance(network, Int8CDINN):  # the layout of its float form: the same operations
+        float_form = CDINN(network.config)
+        return count_flops(float_form), count_flops(fold(float_form))
+    flops = count_flops(network)
+    return flops, flops if folded is None else count_flops(folded)
 
 
 def run(models: list[str], *, quick: bool = False, device: str = "cpu", cuda_graphs: bool = False) -> dict:
@@ -46,17 +74,18 @@ def run(models: list[str], *, quick: bool = False, device: str = "cpu", cuda_gra
     dev = torch.device(device)
     gpu = dev.type == "cuda"
     n_peak = 8192 if gpu else (1024 if quick else 2048)
-    peaks = {p: matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p], n_peak, dev)
-             for p in precisions(dev)}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+    peaks = {p: matmul_peak(dtypes[p], n_peak, dev) for p in precisions(dev)}
     batches = GPU_BATCHES if gpu else (BATCHES[:4] if quick else BATCHES)
     rows = []
     for name in models:
         frames = None
         for precision in precisions(dev):
+            if precision == "int8" and not _has_int8(name):  # int8 is a fine-tuned sibling: cdinn-32-int8
+                continue
             for graphs in ((False, True) if gpu and cuda_graphs else (False,)):
                 cdi = load_model(name, device=dev, precision=precision, cuda_graphs=graphs)
-                flops = count_flops(cdi.network)  # the trained network's, as direct convolutions
-                computed = flops if cdi.folded is None else count_flops(cdi.folded)  # what predict runs
+                flops, computed = _flops(cdi.network, cdi.folded)  # trained network's; what predict runs
                 if frames is None:
                     frames = simulate(max(batches), cdi.size, seed=7).intensity
                 prepared = normalized_amplitude(frames).to(dev)
@@ -69,7 +98,7 @@ def run(models: list[str], *, quick: bool = False, device: str = "cpu", cuda_gra
                                  "device": dev.type, "cuda_graphs": graphs,
                                  "ms_per_batch": api * 1e3, "frames_per_s": bs / api, "us_per_frame": api / bs * 1e6,
                                  "network_us_per_frame": net / bs * 1e6, "network_frames_per_s": bs / net,
-                                 "mflop_per_frame": flops / 1e6, "folded": cdi.folded is not None,
+                                 "mflop_per_frame": flops / 1e6, "folded": flops != computed,
                                  "computed_mflop_per_frame": computed / 1e6,
                                  "network_gflop_per_s": computed * bs / net / 1e9,
                                  "fraction_of_matmul_peak": computed * bs / net / 1e9 / peaks[precision]})
@@ -83,12 +112,14 @@ def table(r: dict) -> list[str]:
     gpu = r.get("device", "cpu") != "cpu"
     lines = [f"## Model throughput ({r['device'] if gpu else 'CPU'})", "",
              f"Matmul peak measured in the same run ({r.get('matmul_n', 2048)}^3): "
-             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items()) + ".",
+             + ", ".join(f"{k} {v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in p.items()) + ".",
              "`predict` includes the input checks, scaling and host<->device copies; the network columns time the "
              "bare call on data already on the device. MFLOP: the trained network's, as direct convolutions; on a "
              "CPU `predict` runs its folded form (`cdinn_stream.folding`: the steps on 1x1 and 2x2 grids as dense "
              "matrices, same results), whose operations are in brackets and are the ones GFLOP/s count. Above 100% "
-             "of the matmul peak means the library computes with fewer (e.g. Winograd 3x3 convolutions).", "",
+             "of the matmul peak means the library computes with fewer (e.g. Winograd 3x3 convolutions). int8: "
+             "the quantization-aware fine-tuned sibling (`cdinn_stream.int8`, its own model card), against the "
+             "int8 matmul peak.", "",
              "| model | precision | batch | ms / batch | frames/s | us / frame | network us / frame | "
              "network frames/s | network GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|---|---|---|"]
 

@@ -13,10 +13,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .model import count_flops
-from .weights import read_weights, save_weights
+from .folding import fold
+from .int8 import FORMAT as INT8_FORMAT
+from .int8 import Int8CDINN
+from .model import CDINN, count_flops
+from .weights import read_network, read_weights, save_weights
 
-__all__ = ["code_commit", "publish"]
+__all__ = ["code_commit", "publish", "publish_int8"]
 
 
 def code_commit(repo: str | Path | None = None) -> str:
@@ -112,6 +115,61 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "weights_file": weights.name,
         "weights_bytes": weights.stat().st_size,
+    }
+    card_path = models_dir / f"{name}.json"
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
+    return card_path
+
+
+def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, models_dir: str | Path = "models",
+                 *, source: str, stages: list[dict], also: list[str | Path] = ()) -> Path:
+    """Copy an int8 weights file to ``models/<name>.pt`` and write ``models/<name>.json``.
+
+    ``weights`` comes from the quantization-aware fine-tune (``docs/experiments/int8_qat.py``) of
+    the shipped float model ``source``, whose card's name, commit and evaluation go into the new
+    card; ``stages`` are the fine-tune's runs, oldest first (each a dict with at least ``recipe``,
+    ``steps``, ``batch``, ``training_seconds`` and ``train_samples``); ``evaluation_dir`` and
+    ``also`` are as for :func:`publish`.
+    """
+    evaluation_dir, models_dir = Path(evaluation_dir), Path(models_dir)
+    network = read_network(weights)
+    if not isinstance(network, Int8CDINN):
+        raise ValueError(f"{weights} is not an int8 weights file")
+    source_card = json.loads((models_dir / f"{source}.json").read_text())
+    report = json.loads((evaluation_dir / "report.json").read_text())
+    target = models_dir / f"{name}.pt"
+    shutil.copy(weights, target)
+    for fig in ("examples.png", "best.png", "worst.png"):
+        if (evaluation_dir / fig).is_file():
+            shutil.copy(evaluation_dir / fig, models_dir / f"{name}.{fig}")
+    float_form = CDINN(network.config)
+    samples = sum(st["steps"] * st["batch"] for st in stages)
+    card = {
+        "name": name,
+        "format": INT8_FORMAT,
+        "architecture": network.config.to_dict(),
+        "parameters": sum(int(layer["weight"].numel()) for layer in network.layers.values()),
+        "flops_per_frame": count_flops(float_form),
+        "computed_flops_per_frame": count_flops(fold(float_form)),
+        "fine_tuned_from": {"name": source, "code_commit": source_card.get("code_commit"),
+                            "evaluation": source_card.get("evaluation")},
+        "recipe": stages[-1]["recipe"],
+        "training_machine": stages[-1].get("machine"),
+        "data": {"simulator": "cdinn_stream.simulate (paper recipe)", "train_samples": stages[-1]["train_samples"],
+                 "samples_seen": samples, "seed": stages[-1]["recipe"].get("data_seed"),
+                 "photons": stages[-1]["recipe"].get("photons"),
+                 "background": stages[-1]["recipe"].get("background", 0.0)},
+        "steps": sum(st["steps"] for st in stages),
+        "epochs_run": round(samples / stages[-1]["train_samples"], 2),
+        "training_seconds": stages[-1]["training_seconds"],
+        "lineage": stages,
+        "total_training_seconds": sum(st["training_seconds"] for st in stages),
+        "evaluation": _evaluation(report),
+        "other_evaluations": [_evaluation(json.loads((Path(d) / "report.json").read_text())) for d in also],
+        "code_commit": code_commit(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "weights_file": target.name,
+        "weights_bytes": target.stat().st_size,
     }
     card_path = models_dir / f"{name}.json"
     card_path.write_text(json.dumps(card, indent=1) + "\n")

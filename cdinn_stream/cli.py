@@ -9,6 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+#: as ``cdinn_stream.reconstruct.PRECISIONS`` (not imported: ``--help`` stays free of torch)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISION_HELP = ("inference precision (default auto: int8 for an int8 model, else bf16 where the hardware has it "
+                  "natively, else fp32); int8 loads the model's int8 sibling (cdinn-32 -> cdinn-32-int8), CPU only")
+
 __all__ = ["main"]
 
 
@@ -244,8 +249,7 @@ def _add_sink_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epics-prefix", default=None, help="write the IOC's PVs with this prefix (e.g. CDINN:)")
     p.add_argument("--model", default="cdinn-32", help="shipped model name or .pt path (default cdinn-32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="inference precision (default auto: bf16 where the hardware has it natively, else fp32)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--views", type=int, default=1, choices=range(1, 9), metavar="{1..8}",
                    help="symmetric copies of each pattern the network sees, combined (default 1; 8: more accurate, "
@@ -353,8 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score the NN with Poisson noise at these photons per frame "
                         "(--noise alone: 1e4 1e5 1e6 1e7)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="inference precision (default auto: bf16 where the hardware has it natively, else fp32)")
+    e.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     e.set_defaults(func=_cmd_evaluate)
 
     dp = sub.add_parser("deepen", help="double the convolutions per stage, keeping the function (net2net)",

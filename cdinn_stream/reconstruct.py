@@ -22,9 +22,10 @@ import torch
 
 from .ensemble import symmetry_ensemble
 from .folding import fold
+from .int8 import Int8CDINN
 from .model import CDINN
 from .physics import SUPPORT_THRESHOLD, masked_phase, normalized_amplitude
-from .weights import read_weights
+from .weights import read_network
 
 __all__ = ["Reconstruction", "CDIModel", "load_model", "model_path", "DEFAULT_MODEL", "validate_frames",
            "keep_freed_memory"]
@@ -144,7 +145,7 @@ def validate_frames(intensity: np.ndarray | torch.Tensor, size: int) -> torch.Te
     return x
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 #: Largest batch that :class:`CDIModel` replays as a CUDA graph (larger ones run eagerly).
 GRAPH_MAX_BATCH = 4096
 
@@ -160,12 +161,22 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for ``precision`` on ``device``; ``"auto"`` is bf16
-    where the hardware has it natively (the shipped models lose no accuracy in bf16, see
-    ``benchmarks/results``), else fp32. Raises ``ValueError`` on an unknown name or fp16 on a CPU."""
+def resolve_precision(precision: str, device: torch.device, *, int8: bool = False) -> str:
+    """``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"`` for ``precision`` on ``device``; ``"auto"``
+    is int8 for an int8 network (``int8``), else bf16 where the hardware has it natively (the
+    shipped models lose no accuracy in bf16, see ``benchmarks/results``), else fp32. Raises
+    ``ValueError`` on an unknown name, fp16 on a CPU, or a precision the network is not made for
+    (int8 runs int8 networks only, and only on a CPU)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if int8 or precision == "int8":
+        if not int8:
+            raise ValueError("int8 needs an int8 network: load one (e.g. load_model('cdinn-32-int8'))")
+        if precision not in ("auto", "int8"):
+            raise ValueError(f"an int8 network computes in int8, not {precision}")
+        if device.type != "cpu":
+            raise ValueError(f"the int8 network runs on a CPU only, not {device}")
+        return "int8"
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp16" and device.type == "cpu":
@@ -176,11 +187,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class CDIModel:
     """A trained network on a device, with its model card; call :meth:`predict`."""
 
-    def __init__(self, network: CDINN, *, name: str = "custom", card: dict | None = None,
+    def __init__(self, network: CDINN | Int8CDINN, *, name: str = "custom", card: dict | None = None,
                  device: str | torch.device | None = None, precision: str = "auto", cuda_graphs: bool | None = None,
                  views: int = 1, fold_small_steps: bool | None = None):
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() and not isinstance(network, Int8CDINN) else "cpu"
         self.device = torch.device(device)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
@@ -194,8 +205,9 @@ class CDIModel:
         #: symmetric copies of each pattern the network sees (:mod:`cdinn_stream.ensemble`); 1: the
         #: pattern alone; 8: all the square's symmetries, combined (8 network calls per frame)
         self.views = views
-        self.precision = resolve_precision(precision, self.device)
-        self._autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.precision = resolve_precision(precision, self.device, int8=isinstance(network, Int8CDINN))
+        self._autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                                "int8": None}[self.precision]
         # channels-last: the convolutions run about 1.5-2x faster on CPU (and suit GPU tensor cores)
         self.network = network.to(self.device, memory_format=torch.channels_last).eval()
         if fold_small_steps is None:
@@ -262,6 +274,8 @@ class CDIModel:
         # no autocast weight cache: it would free the cast weights a captured CUDA graph still reads
         with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
                             cache_enabled=False):
+            if isinstance(self.network, Int8CDINN):
+                return self.network(x)
             if self.folded is not None:
                 return self.folded(x)
             logits = self.network.forward_logits(x)
@@ -312,14 +326,19 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.
     (default: on a GPU); ``views`` (1-8) combines the network over symmetric copies of each
     pattern (:mod:`cdinn_stream.ensemble`: more accurate, ``views`` times the network's cost);
     ``fold_small_steps`` runs the network's folded inference form (:mod:`cdinn_stream.folding`;
-    default: on a CPU).
+    default: on a CPU). An int8 weights file (``"cdinn-32-int8"``, :mod:`cdinn_stream.int8`) loads
+    to the CPU in int8; ``precision="int8"`` with a shipped float model's name loads its int8
+    sibling (``cdinn-32`` -> ``cdinn-32-int8``).
     Weights are read with ``weights_only=True``; the model card (``<name>.json`` beside the
     weights) is attached.
     """
     p = Path(name_or_path)
     if not (p.suffix == ".pt" or p.exists()):
-        p = model_path(str(name_or_path))
-    network = read_weights(p)
+        name = str(name_or_path)
+        if precision == "int8" and not name.endswith("-int8"):
+            name += "-int8"
+        p = model_path(name)
+    network = read_network(p)
     card_path = p.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     return CDIModel(network, name=p.stem, card=card, device=device, precision=precision, cuda_graphs=cuda_graphs,

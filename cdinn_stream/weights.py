@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from . import int8
 from .model import CDINN, ModelConfig
 
-__all__ = ["FORMAT", "save_weights", "read_weights", "WeightsError"]
+__all__ = ["FORMAT", "save_weights", "read_weights", "read_network", "WeightsError"]
 
 #: Version tag of the weights file format.
 FORMAT = "cdinn-stream/1"
@@ -30,8 +31,7 @@ def save_weights(model: CDINN, path: str | Path, *, meta: dict | None = None) ->
                Path(path))
 
 
-def read_weights(path: str | Path, *, map_location: str | torch.device = "cpu") -> CDINN:
-    """Build a :class:`CDINN` from a weights file; raises :class:`WeightsError` on a bad file."""
+def _load(path: str | Path, map_location: str | torch.device, formats: tuple[str, ...]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"no weights file at {path}")
@@ -39,9 +39,28 @@ def read_weights(path: str | Path, *, map_location: str | torch.device = "cpu") 
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, pickle with code, random bytes, ...
         raise WeightsError(f"cannot read weights file {path}: {err}") from err
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+    if not isinstance(blob, dict) or blob.get("format") not in formats:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-        raise WeightsError(f"{path} is not a {FORMAT} weights file (found format {found!r})")
+        raise WeightsError(f"{path} is not a {' or '.join(formats)} weights file (found format {found!r})")
+    return blob
+
+
+def read_network(path: str | Path) -> CDINN | int8.Int8CDINN:
+    """The network in a weights file: a :class:`CDINN` (float, :data:`FORMAT`) or an
+    :class:`~cdinn_stream.int8.Int8CDINN` (:data:`cdinn_stream.int8.FORMAT`); raises
+    :class:`WeightsError` on a bad file."""
+    blob = _load(path, "cpu", (FORMAT, int8.FORMAT))
+    if blob["format"] == FORMAT:
+        return read_weights(path)
+    try:
+        return int8.read_int8_weights(blob)
+    except Exception as err:
+        raise WeightsError(f"int8 weights in {path} do not match their configuration: {err}") from err
+
+
+def read_weights(path: str | Path, *, map_location: str | torch.device = "cpu") -> CDINN:
+    """Build a :class:`CDINN` from a weights file; raises :class:`WeightsError` on a bad file."""
+    blob = _load(path, map_location, (FORMAT,))
     try:
         model = CDINN(ModelConfig.from_dict(blob["config"]))
         model.load_state_dict(blob["state_dict"])

@@ -68,7 +68,8 @@ def _best_nn_us(results: dict) -> dict[str, float]:
     rows = [r for r in results.get("model", {}).get("rows", []) if r["model"] in (name, f"{name}-int8")]
     best: dict[str, float] = {}
     for r in rows:
-        best[r["precision"]] = min(best.get(r["precision"], float("inf")), r["us_per_frame"])
+        key = r["precision"] if r["model"] == name else f"{r['precision']} ({r['model']})"
+        best[key] = min(best.get(key, float("inf")), r["us_per_frame"])
     return best
 
 

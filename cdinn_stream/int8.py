@@ -132,6 +132,9 @@ class Int8CDINN(nn.Module):
         super().__init__()
         if config.patterson:
             raise ValueError("no int8 form for networks with the autocorrelation channels")
+        if not int8_available():
+            raise RuntimeError("this torch build has no oneDNN int8 operators (x86 CPU builds do): "
+                               "use precision 'bf16' or 'fp32' and the float model")
         self.config = config
         self.input_qparams = (float(input_qparams[0]), int(input_qparams[1]))
         #: what it was built from: what :func:`save_int8_weights` writes

@@ -49,16 +49,21 @@ def precisions(device: torch.device | None = None) -> list[str]:
     return (["fp32", "bf16"] if native_bf16(device) else ["fp32"]) + (["int8"] if int8_available() else [])
 
 
-def _has_int8(name: str) -> bool:
+def _model_precisions(name: str, device: torch.device) -> list[str]:
+    """The precisions to time ``name`` in: an int8 model in int8 (on a CPU) only; a float model in
+    each of :func:`precisions`, int8 included where it has a shipped int8 sibling (``<name>-int8``)."""
+    if load_model(name, device="cpu").precision == "int8":
+        return ["int8"] if device.type == "cpu" else []
     try:
         model_path(f"{name}-int8")
+        sibling = True
     except ValueError:
-        return False
-    return True
+        sibling = False
+    return [p for p in precisions(device) if p != "int8" or sibling]
 
 
 def _flops(network: CDINN | Int8CDINN, folded: torch.nn.Module | None) -> tuple[int, int]:
-    """MFLOP x 1e6 per frame of the trained network (direct convolutions) and of what runs."""
+    """FLOPs per frame of the trained network (direct convolutions) and of what runs."""
     if isinstance(network, Int8CDINN):  # the layout of its float form: the same operations
         float_form = CDINN(network.config)
         return count_flops(float_form), count_flops(fold(float_form))
@@ -80,9 +85,7 @@ def run(models: list[str], *, quick: bool = False, device: str = "cpu", cuda_gra
     rows = []
     for name in models:
         frames = None
-        for precision in precisions(dev):
-            if precision == "int8" and not _has_int8(name):  # int8 is a fine-tuned sibling: cdinn-32-int8
-                continue
+        for precision in _model_precisions(name, dev):
             for graphs in ((False, True) if gpu and cuda_graphs else (False,)):
                 cdi = load_model(name, device=dev, precision=precision, cuda_graphs=graphs)
                 flops, computed = _flops(cdi.network, cdi.folded)  # trained network's; what predict runs

@@ -148,7 +148,9 @@ def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, mod
         "name": name,
         "format": INT8_FORMAT,
         "architecture": network.config.to_dict(),
-        "parameters": sum(int(layer["weight"].numel()) for layer in network.layers.values()),
+        "parameters": sum(p.numel() for p in float_form.parameters()),  # of the trained form, as float cards
+        "stored_parameters": sum(int(layer["weight"].numel() + layer["bias"].numel())
+                                 for layer in network.layers.values()),  # the folded form's int8 weights, biases
         "flops_per_frame": count_flops(float_form),
         "computed_flops_per_frame": count_flops(fold(float_form)),
         "fine_tuned_from": {"name": source, "code_commit": source_card.get("code_commit"),

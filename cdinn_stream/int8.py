@@ -36,6 +36,15 @@ FORMAT = "cdinn-stream/int8-folded/1"
 _STAGES = ("encoder", "shape_decoder", "phase_decoder")
 
 
+def _qparams(scale, zero_point, what: str) -> tuple[float, int]:
+    """``(scale, zero_point)`` of a uint8 tensor, checked: a finite scale above 0, a zero point in 0..255."""
+    scale, zero_point = float(scale), int(zero_point)
+    if not (math.isfinite(scale) and scale > 0) or not 0 <= zero_point <= 255:
+        raise ValueError(f"{what}: a uint8 quantization needs a finite scale > 0 and a zero point in 0..255, "
+                         f"not {scale} and {zero_point}")
+    return scale, zero_point
+
+
 def int8_available() -> bool:
     """Whether this torch build has oneDNN's int8 operators (x86 CPU builds do)."""
     return hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.backends.mkldnn.is_available()
@@ -51,12 +60,18 @@ class _QuantizedStep:
         if weight.dtype != torch.int8 or weight.shape != module.weight.shape:
             raise ValueError(f"int8 weight of shape {tuple(module.weight.shape)} expected, "
                              f"found {weight.dtype} {tuple(weight.shape)}")
-        self.x_scale, self.x_zero_point = float(x_qparams[0]), int(x_qparams[1])
+        channels = (module.weight.shape[0],)
         self.w_scale = layer["weight_scale"].to(torch.float32).contiguous()
-        self.w_zero_point = torch.zeros(len(self.w_scale), dtype=torch.int64)
         self.bias = layer["bias"].to(torch.float32).contiguous()
+        if self.w_scale.shape != channels or not bool(torch.isfinite(self.w_scale).all() and (self.w_scale > 0).all()):
+            raise ValueError(f"weight_scale must be {channels[0]} finite scales > 0, found shape "
+                             f"{tuple(self.w_scale.shape)}")
+        if self.bias.shape != channels or not bool(torch.isfinite(self.bias).all()):
+            raise ValueError(f"bias must be {channels[0]} finite values, found shape {tuple(self.bias.shape)}")
+        self.x_scale, self.x_zero_point = x_qparams
+        self.w_zero_point = torch.zeros(channels, dtype=torch.int64)
         self.to_float = to_float
-        self.out_qparams = (1.0, 0) if to_float else (float(layer["out_scale"]), int(layer["out_zero_point"]))
+        self.out_qparams = (1.0, 0) if to_float else _qparams(layer["out_scale"], layer["out_zero_point"], "output")
         self.out_dtype = torch.float32 if to_float else None
         self.attr = "relu" if relu else "none"
         self.conv = isinstance(module, nn.Conv2d)
@@ -80,10 +95,11 @@ class _QuantizedStep:
 
 def _max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """2x2 max-pooling of channels-last ``(B, C, H, W)`` uint8 activations as two elementwise
-    maxima of strided views: 100x faster than ``amax`` over the window's axes, and torch's
-    ``max_pool2d`` refuses uint8 inputs of more than 255 values per image on some paths."""
+    maxima of strided views: 100x faster than ``amax`` over the window's axes; torch's
+    ``max_pool2d`` fails on some uint8 shapes ("Expected input_depth * input_height *
+    input_width <= std::numeric_limits<integer_t>::max()")."""
     b, c, h, w = x.shape
-    window = x.permute(0, 2, 3, 1).view(b, h // 2, 2, w // 2, 2, c)
+    window = x.permute(0, 2, 3, 1).reshape(b, h // 2, 2, w // 2, 2, c)  # a view of channels-last x
     rows = torch.maximum(window[:, :, 0], window[:, :, 1])  # (B, H/2, W/2, 2, C), contiguous
     return torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1]).permute(0, 3, 1, 2)
 
@@ -101,7 +117,10 @@ def _program(stage: str, modules: list[nn.Module], layers: dict[str, dict], x_qp
             if name not in layers:
                 raise ValueError(f"int8 weights have no layer {name!r}")
             relu = i + 1 < len(modules) and isinstance(modules[i + 1], nn.ReLU)
-            step = _QuantizedStep(m, layers[name], x_qparams, relu, last_to_float and i == weighted[-1])
+            try:
+                step = _QuantizedStep(m, layers[name], x_qparams, relu, last_to_float and i == weighted[-1])
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"int8 layer {name}: {err}") from err
             steps.append(step)
             x_qparams = step.out_qparams
             i += 2 if relu else 1
@@ -136,13 +155,18 @@ class Int8CDINN(nn.Module):
             raise RuntimeError("this torch build has no oneDNN int8 operators (x86 CPU builds do): "
                                "use precision 'bf16' or 'fp32' and the float model")
         self.config = config
-        self.input_qparams = (float(input_qparams[0]), int(input_qparams[1]))
+        self.input_qparams = _qparams(*input_qparams, "input")
         #: what it was built from: what :func:`save_int8_weights` writes
         self.layers = {name: dict(layer) for name, layer in layers.items()}
-        folded = FoldedCDINN(CDINN(config))  # the layout only; the weights are the layers'
+        with torch.random.fork_rng(devices=[]):  # the layout only (the weights are the layers'): leave the seed be
+            folded = FoldedCDINN(CDINN(config))
         self._encoder, z_qparams = _program("encoder", list(folded.encoder), layers, self.input_qparams, False)
         self._decoders = [_program(stage, list(getattr(folded, stage)), layers, z_qparams, True)[0]
                           for stage in _STAGES[1:]]
+
+    def __deepcopy__(self, memo: dict) -> Int8CDINN:
+        # oneDNN's packed weights cannot be copied: pack them again
+        return Int8CDINN(self.config, copy.deepcopy(self.layers, memo), self.input_qparams)
 
     def _quantize_input(self, amplitude: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.input_qparams

@@ -210,12 +210,15 @@ class CDIModel:
                                 "int8": None}[self.precision]
         # channels-last: the convolutions run about 1.5-2x faster on CPU (and suit GPU tensor cores)
         self.network = network.to(self.device, memory_format=torch.channels_last).eval()
+        if isinstance(network, Int8CDINN) and fold_small_steps is False:
+            raise ValueError("an int8 network is the folded form itself: fold_small_steps=False cannot apply")
         if fold_small_steps is None:
             fold_small_steps = self.device.type == "cpu"
         #: the network's inference form (:mod:`cdinn_stream.folding`: its convolutions on 1x1 and 2x2
         #: grids as dense matrices: the same results in about 0.7x the time on a CPU), or ``None`` to
-        #: call :attr:`network` itself (the default on a GPU, where the network is not the cost). It is
-        #: made from the network's weights once, here: after changing them, make a new CDIModel
+        #: call :attr:`network` itself (the default on a GPU, where the network is not the cost; and for
+        #: an int8 network, which is a folded form already). It is made from the network's weights
+        #: once, here: after changing them, make a new CDIModel
         self.folded = None
         if fold_small_steps and isinstance(network, CDINN):
             folded = fold(self.network)

@@ -48,22 +48,29 @@ def _load(path: str | Path, map_location: str | torch.device, formats: tuple[str
 def read_network(path: str | Path) -> CDINN | int8.Int8CDINN:
     """The network in a weights file: a :class:`CDINN` (float, :data:`FORMAT`) or an
     :class:`~cdinn_stream.int8.Int8CDINN` (:data:`cdinn_stream.int8.FORMAT`); raises
-    :class:`WeightsError` on a bad file."""
+    :class:`WeightsError` on a bad file (and ``RuntimeError`` for an int8 file on a torch
+    without oneDNN's int8 operators)."""
     blob = _load(path, "cpu", (FORMAT, int8.FORMAT))
     if blob["format"] == FORMAT:
-        return read_weights(path)
+        return _float_network(blob, path)
+    if not int8.int8_available():
+        raise RuntimeError(f"{path} is an int8 network, and this torch build has no oneDNN int8 operators "
+                           "(x86 CPU builds do): use the float model")
     try:
         return int8.read_int8_weights(blob)
-    except Exception as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise WeightsError(f"int8 weights in {path} do not match their configuration: {err}") from err
 
 
-def read_weights(path: str | Path, *, map_location: str | torch.device = "cpu") -> CDINN:
-    """Build a :class:`CDINN` from a weights file; raises :class:`WeightsError` on a bad file."""
-    blob = _load(path, map_location, (FORMAT,))
+def _float_network(blob: dict, path: str | Path) -> CDINN:
     try:
         model = CDINN(ModelConfig.from_dict(blob["config"]))
         model.load_state_dict(blob["state_dict"])
     except Exception as err:
         raise WeightsError(f"weights in {path} do not match their configuration: {err}") from err
     return model.eval()
+
+
+def read_weights(path: str | Path, *, map_location: str | torch.device = "cpu") -> CDINN:
+    """Build a :class:`CDINN` from a weights file; raises :class:`WeightsError` on a bad file."""
+    return _float_network(_load(path, map_location, (FORMAT,)), path)

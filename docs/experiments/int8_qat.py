@@ -11,8 +11,17 @@ differs from the one conversion computes (by 255/254 on most channels, and with 
 128 on all-zero channels), so a network trained with it loses accuracy when converted; see
 ``docs/design.md`` section 14.
 
-    python docs/experiments/int8_qat.py --minutes 50 --lr 3e-5 --save-state qat.pt
-    python docs/experiments/int8_qat.py --minutes 0 --resume qat.pt --export models/cdinn-32-int8.pt
+The shipped ``cdinn-32-int8`` took three runs (its card's ``lineage``; stage 1 ran this script
+as of commit b8d547d, whose weights fake-quantize was torch's fused default):
+
+    python docs/experiments/int8_qat.py --minutes 20 --lr 2e-5 --save-state s1.pt        # stage 1
+    python docs/experiments/int8_qat.py --init s1.pt --minutes 0.3 --lr 3e-5 --save-state s2.pt
+    python docs/experiments/int8_qat.py --resume s2.pt --minutes 32 --lr 1e-4 --distill 1 \
+        --save-state s3.pt --history s3.json --export cdinn-32-int8.pt
+
+then ``cdinn-stream evaluate --model cdinn-32-int8.pt`` and ``cdinn_stream.card.publish_int8``.
+Stages 1 and 2 also fake-quantized the decoders' outputs; leaving them in float (as
+:class:`~cdinn_stream.int8.Int8CDINN` computes them) came with stage 3.
 
 It prints the accuracy on the model-selection seed (1,000 clean samples; median chi^2, support
 IoU, phase RMSE) of the float network, the fake-quantized one, torch's int8 conversion and the

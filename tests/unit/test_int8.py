@@ -8,17 +8,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdinn_stream.folding import fold
-from cdinn_stream.int8 import FORMAT, Int8CDINN, _QuantizedStep, _symmetric_int8, quantize, save_int8_weights
+from cdinn_stream.int8 import (
+    FORMAT,
+    Int8CDINN,
+    _QuantizedStep,
+    _symmetric_int8,
+    int8_available,
+    quantize,
+    save_int8_weights,
+)
 from cdinn_stream.model import CDINN, ModelConfig
 from cdinn_stream.physics import normalized_amplitude
 from cdinn_stream.reconstruct import CDIModel, load_model
 from cdinn_stream.simulate import simulate
 from cdinn_stream.weights import WeightsError, read_network, save_weights
 
+pytestmark = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 operators in this torch build")
+
 CONFIGS = [
     ModelConfig(32, (8, 16, 32), 2, 4),  # the shipped cdinn-32's shape, narrower
     ModelConfig(16, (8, 16, 32), 2, 2),
     ModelConfig(64, (8, 16, 32), 1, 4),
+    ModelConfig(16, (8, 16), 2, 1),  # no space-to-depth, nothing folded
 ]
 
 
@@ -131,10 +142,40 @@ def test_int8_refuses_what_it_cannot_run(tmp_path):
         Int8CDINN(config, bad, int8.input_qparams)
     with pytest.raises(ValueError, match="no layer"):
         Int8CDINN(config, {k: v for k, v in layers.items() if k != name}, int8.input_qparams)
+    layer = layers[name]
+    for change, message in (({"weight_scale": layer["weight_scale"][:2]}, "weight_scale"),
+                            ({"weight_scale": -layer["weight_scale"]}, "weight_scale"),
+                            ({"bias": layer["bias"][:-1]}, "bias"),
+                            ({"out_zero_point": 300}, "zero point"),
+                            ({"out_scale": float("nan")}, "scale")):
+        with pytest.raises(ValueError, match=message):
+            Int8CDINN(config, {**layers, name: {**layer, **change}}, int8.input_qparams)
+    with pytest.raises(ValueError, match="input"):
+        Int8CDINN(config, layers, (0.0, 0))
+    with pytest.raises(ValueError, match="folded form itself"):
+        CDIModel(int8, device="cpu", fold_small_steps=False)
     path = tmp_path / "broken-int8.pt"
     torch.save({"format": FORMAT, "config": config.to_dict(), "input_qparams": [1 / 255, 0], "layers": bad}, path)
     with pytest.raises(WeightsError, match="do not match"):
         load_model(path)
+
+
+def test_int8_network_copies_lands_on_the_cpu_and_leaves_the_seed(monkeypatch):
+    import copy
+
+    config = CONFIGS[0]
+    int8 = quantize(_network(config), _amplitudes(8, config.size))
+    x = _amplitudes(4, config.size, seed=5)
+    twin = copy.deepcopy(int8)
+    for a, b in zip(int8.forward_logits(x), twin.forward_logits(x), strict=True):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert CDIModel(int8).device.type == "cpu"
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    Int8CDINN(config, int8.layers, int8.input_qparams)
+    assert torch.equal(torch.rand(3), want)
 
 
 def test_command_line_offers_every_precision():
@@ -188,3 +229,4 @@ def test_shipped_int8_model_reconstructs_like_its_card_says():
     iou = float(np.median(score(rec.amplitude, rec.phase, data.amplitude, data.phase, data.intensity)["support_iou"]))
     card_iou = card["evaluation"]["methods"]["nn"]["metrics"]["support_iou"]["median"]
     assert iou > card_iou - 0.02  # 200 of the card's 1,000 samples
+

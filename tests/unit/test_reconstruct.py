@@ -128,3 +128,21 @@ def test_phase_is_the_networks_everywhere_and_masked_for_display():
     assert outside.any() and np.abs(rec.phase[outside]).max() > 0, "no zeroing: the network's phase"
     assert np.all(rec.masked_phase[outside] == 0) and np.all(rec.masked_phase[~outside] == rec.phase[~outside])
     np.testing.assert_array_equal(rec.support, ~outside)
+
+
+def test_without_onednn_int8_the_error_says_what_to_do(monkeypatch, tmp_path):
+    """Runs on every torch build (the int8 tests in test_int8.py need oneDNN's operators)."""
+    import cdinn_stream.int8 as int8_module
+    from cdinn_stream.int8 import FORMAT, Int8CDINN
+    from cdinn_stream.model import ModelConfig
+    from cdinn_stream.weights import read_network
+
+    config = ModelConfig(32, (8, 16, 32), 2, 4)
+
+    monkeypatch.setattr(int8_module, "int8_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no oneDNN int8 operators"):
+        Int8CDINN(config, {}, (1 / 255, 0))
+    path = tmp_path / "x-int8.pt"
+    torch.save({"format": FORMAT, "config": config.to_dict(), "input_qparams": [1 / 255, 0], "layers": {}}, path)
+    with pytest.raises(RuntimeError, match="use the float model"):
+        read_network(path)

@@ -59,6 +59,27 @@ def _evaluation(report: dict) -> dict:
                                    "speedup_nn_vs_erhio", "noise") if k in report}
 
 
+def _copy_figures(evaluation_dir: Path, models_dir: Path, name: str) -> None:
+    for fig in ("examples.png", "best.png", "worst.png"):
+        if (evaluation_dir / fig).is_file():
+            shutil.copy(evaluation_dir / fig, models_dir / f"{name}.{fig}")
+
+
+def _write_card(card: dict, report: dict, also: list[str | Path], weights: Path) -> Path:
+    """Complete ``card`` with the evaluations, commit, date and weights file, and write it beside the weights."""
+    card.update({
+        "evaluation": _evaluation(report),
+        "other_evaluations": [_evaluation(json.loads((Path(d) / "report.json").read_text())) for d in also],
+        "code_commit": code_commit(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "weights_file": weights.name,
+        "weights_bytes": weights.stat().st_size,
+    })
+    card_path = weights.with_suffix(".json")
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
+    return card_path
+
+
 def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_dir: str | Path = "models",
             *, lineage: list[str | Path] = (), after_card: str | Path | None = None,
             also: list[str | Path] = ()) -> Path:
@@ -81,9 +102,7 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
     best = min(hist["history"], key=lambda h: h["val_loss"])
     weights = models_dir / f"{name}.pt"
     save_weights(network, weights, meta={"name": name, "epoch": best["epoch"]})
-    for fig in ("examples.png", "best.png", "worst.png"):
-        if (evaluation_dir / fig).is_file():
-            shutil.copy(evaluation_dir / fig, models_dir / f"{name}.{fig}")
+    _copy_figures(evaluation_dir, models_dir, name)
     if (run_dir / "training_curve.png").is_file():
         shutil.copy(run_dir / "training_curve.png", models_dir / f"{name}.training_curve.png")
     stages = [_stage(Path(d)) for d in lineage]
@@ -109,16 +128,8 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
         "total_epochs": sum(s["epochs_run"] for s in stages) + len(hist["history"]),
         "total_training_seconds": sum(s["training_seconds"] for s in stages)
         + hist["history"][-1]["seconds"],
-        "evaluation": _evaluation(report),
-        "other_evaluations": [_evaluation(json.loads((Path(d) / "report.json").read_text())) for d in also],
-        "code_commit": code_commit(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "weights_file": weights.name,
-        "weights_bytes": weights.stat().st_size,
     }
-    card_path = models_dir / f"{name}.json"
-    card_path.write_text(json.dumps(card, indent=1) + "\n")
-    return card_path
+    return _write_card(card, report, also, weights)
 
 
 def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, models_dir: str | Path = "models",
@@ -139,9 +150,7 @@ def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, mod
     report = json.loads((evaluation_dir / "report.json").read_text())
     target = models_dir / f"{name}.pt"
     shutil.copy(weights, target)
-    for fig in ("examples.png", "best.png", "worst.png"):
-        if (evaluation_dir / fig).is_file():
-            shutil.copy(evaluation_dir / fig, models_dir / f"{name}.{fig}")
+    _copy_figures(evaluation_dir, models_dir, name)
     float_form = CDINN(network.config)
     samples = sum(st["steps"] * st["batch"] for st in stages)
     card = {
@@ -166,13 +175,5 @@ def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, mod
         "training_seconds": stages[-1]["training_seconds"],
         "lineage": stages,
         "total_training_seconds": sum(st["training_seconds"] for st in stages),
-        "evaluation": _evaluation(report),
-        "other_evaluations": [_evaluation(json.loads((Path(d) / "report.json").read_text())) for d in also],
-        "code_commit": code_commit(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "weights_file": target.name,
-        "weights_bytes": target.stat().st_size,
     }
-    card_path = models_dir / f"{name}.json"
-    card_path.write_text(json.dumps(card, indent=1) + "\n")
-    return card_path
+    return _write_card(card, report, also, target)

@@ -29,7 +29,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     with tqdm(total=args.n, desc="simulating", unit="sample") as bar:
         data = simulate(args.n, args.size, seed=args.seed, photons=args.photons, background=args.background,
-                        pad=args.pad, remove_ramp=args.remove_ramp, progress=bar.update, workers=args.workers)
+                        pad=args.pad, remove_ramp=args.remove_ramp, progress=bar.update, workers=args.workers,
+                        recipe=args.recipe, offset=args.offset)
     if args.out.endswith(".npz"):
         np.savez_compressed(args.out, intensity=data.intensity, amplitude=data.amplitude, phase=data.phase)
     else:  # a folder of .npy files: fast to write and memory-mapped by train --data
@@ -56,7 +57,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       init_weights=args.init_weights, phase_weight=args.phase_weight,
                       offset_invariant=not args.absolute_phase, support_weight=args.support_weight,
                       support_pos_weight=args.support_pos_weight, device=args.device, amp=not args.no_amp,
-                      fresh_noise=args.fresh_noise, data=args.data, workers=args.workers, schedule=args.schedule)
+                      fresh_noise=args.fresh_noise, data=args.data, workers=args.workers, schedule=args.schedule,
+                      data_recipe=args.recipe, crystal_fraction=args.crystal_fraction, centre=args.centre)
     result = train(cfg, resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
     print(f"training curve: {Path(args.out) / 'training_curve.png'}")
@@ -64,13 +66,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import PHOTON_DECADES, evaluate, report_table
+    from .evaluate import CRYSTAL_PHOTON_DECADES, OFFSETS, PHOTON_DECADES, evaluate, report_table
     from .reconstruct import load_model
 
     model = load_model(args.model, device=args.device, precision=args.precision, views=args.views)
+    decades = CRYSTAL_PHOTON_DECADES if args.recipe == "crystal" else PHOTON_DECADES
+    offsets = None if args.offsets is None else tuple(args.offsets or OFFSETS)
     report = evaluate(model, args.out, n=args.n, seed=args.seed, photons=args.photons, erhio=not args.no_erhio,
                       erhio_iterations=args.iterations, refine_iterations=args.refine_iterations,
-                      noise=None if args.noise is None else tuple(args.noise or PHOTON_DECADES))
+                      noise=None if args.noise is None else tuple(args.noise or decades), recipe=args.recipe,
+                      offsets=offsets)
     print(report_table(report))
     print(f"report and figures in {args.out}/ (report.json, report.md, examples.png, best.png, worst.png)")
     return 0
@@ -266,15 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("simulate", help="write simulated samples (paper recipe) to an .npz file",
-                       description="Simulate random convex crystals with smooth strain phase and their "
-                                   "diffraction intensities, and save them as intensity/amplitude/phase arrays.")
+    s = sub.add_parser("simulate", help="write simulated samples (paper or crystal recipe) to an .npz file",
+                       description="Simulate random crystals (the paper's convex blobs with smooth strain phase, or "
+                                   "--recipe crystal: sectioned faceted crystals with displacement-field strain, "
+                                   "the Bragg peak off-centre and detector effects) and their diffraction "
+                                   "intensities, and save them as intensity/amplitude/phase arrays.")
+    s.add_argument("--recipe", choices=("paper", "crystal"), default="paper", help="default paper")
+    s.add_argument("--offset", type=float, default=None,
+                   help="the Bragg peak this many pixels off the centre (default: the recipe's own)")
     s.add_argument("out", help="output .npz file, or a folder for intensity/amplitude/phase .npy files")
     s.add_argument("--workers", type=int, default=1, help="processes (same samples for any number)")
     s.add_argument("-n", type=int, default=1000, help="number of samples (default 1000)")
     s.add_argument("--size", type=int, default=32, choices=(32, 64, 128), help="frame size N (default 32)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--photons", type=float, default=None, help="Poisson noise: total photons per frame")
+    s.add_argument("--photons", type=float, default=None,
+                   help="Poisson noise: total photons per frame (crystal recipe: with its detector effects)")
     s.add_argument("--background", type=float, default=0.0, help="constant background per pixel")
     s.add_argument("--pad", type=int, default=1, help="zero-padding factor of the object (2: oversampled)")
     s.add_argument("--remove-ramp", action="store_true",
@@ -322,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the support-edge cross-entropy at the 0.1 threshold (default 1)")
     t.add_argument("--support-pos-weight", type=float, default=8.0,
                    help="extra cost of a missed support pixel (default 8)")
+    t.add_argument("--recipe", default="paper", choices=("paper", "crystal", "mixed"),
+                   help="simulated data: the paper's recipe, the realistic crystal recipe, or both (default paper)")
+    t.add_argument("--crystal-fraction", type=float, default=0.5,
+                   help="share of crystal-recipe samples with --recipe mixed (default 0.5)")
+    t.add_argument("--centre", action="store_true",
+                   help="centre each pattern on its Bragg peak as inference does and train on the matching phase "
+                        "(the shipped models since cdinn-32 v2)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--device", default="cpu",
                    help="cpu, cuda, or auto (CUDA when available); the data set is moved there (default cpu)")
@@ -346,8 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--views", type=int, default=1, choices=range(1, 9), metavar="{1..8}",
                    help="symmetric copies of each pattern the network sees, combined (default 1; 8: all the "
                         "square's symmetries, 8x the network's time, more accurate)")
-    e.add_argument("--seed", type=int, default=31_415_926,
-                   help="seed of the fresh samples (default: the reported evaluation set)")
+    e.add_argument("--recipe", choices=("paper", "crystal"), default="paper",
+                   help="the paper's recipe or the realistic crystal recipe (sectioned faceted crystals, textured "
+                        "amplitude, displacement-field strain, the Bragg peak off-centre; default paper)")
+    e.add_argument("--seed", type=int, default=None,
+                   help="seed of the fresh samples (default: the recipe's reported evaluation set)")
     e.add_argument("--photons", type=float, default=None, help="evaluate on Poisson-noisy patterns")
     e.add_argument("--iterations", type=int, default=620, help="ER/HIO iterations (default 620)")
     e.add_argument("--refine-iterations", type=int, default=100,
@@ -355,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-erhio", action="store_true", help="skip the ER/HIO baseline")
     e.add_argument("--noise", type=float, nargs="*", default=None, metavar="PHOTONS",
                    help="also score the NN with Poisson noise at these photons per frame "
-                        "(--noise alone: 1e4 1e5 1e6 1e7)")
+                        "(--noise alone: 1e4 1e5 1e6 1e7; with --recipe crystal 1e3 ... 1e8, with its detector "
+                        "effects)")
+    e.add_argument("--offsets", type=float, nargs="*", default=None, metavar="PIXELS",
+                   help="also score the NN with the Bragg peak this many pixels off the window's centre "
+                        "(--offsets alone: 0 0.5 1 2)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     e.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     e.set_defaults(func=_cmd_evaluate)

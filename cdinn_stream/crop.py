@@ -19,7 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["Crops", "box_sum", "clean_frames", "despeckle", "find_peaks", "crop_frames", "crop_around_peaks"]
+from .physics import CENTRE_WINDOW
+
+__all__ = ["Crops", "box_sum", "clean_frames", "despeckle", "find_peaks", "centre_of_mass_peaks", "crop_frames",
+           "crop_around_peaks"]
 
 
 @dataclass
@@ -89,14 +92,16 @@ def box_sum(frames: np.ndarray, box: int) -> np.ndarray:
 BIN_SEARCH_FACTOR = 8
 
 
-def find_peaks(frames: np.ndarray, *, box: int = 5) -> np.ndarray:
+def find_peaks(frames: np.ndarray, *, box: int = 5, centre: bool = True) -> np.ndarray:
     """Bragg peak (row, column) of each of ``(N, H, W)`` clean frames.
 
     First the brightest blob: the maximum of the despeckled frame (:func:`despeckle`) summed
     over ``box x box`` (a hot pixel or noise does not win), searched on 2x2-binned frames (with a
     ``box // 2 + 1`` box) when they are large (at least ``8 * box`` on each side; 4x fewer
     pixels); then the brightest pixel of the frame within ``box // 2`` (one more when binned)
-    of it.
+    of it; then (``centre``) the rounded centre of mass of the 7x7 pixels around that
+    (:func:`centre_of_mass_peaks`): where the mean lattice puts the peak, the centring rule of
+    the model (:func:`cdinn_stream.physics.peak_offsets`).
     """
     n, h, w = frames.shape
     f = 2 if min(h, w) >= BIN_SEARCH_FACTOR * box else 1
@@ -113,7 +118,26 @@ def find_peaks(frames: np.ndarray, *, box: int = 5) -> np.ndarray:
     cols = (coarse[:, 1, None] + offsets).clip(0, w - 1)
     local = frames[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
     r, c = np.unravel_index(local.reshape(n, -1).argmax(axis=1), local.shape[1:])
-    return np.stack([rows[np.arange(n), r], cols[np.arange(n), c]], axis=1).astype(np.int64)
+    brightest = np.stack([rows[np.arange(n), r], cols[np.arange(n), c]], axis=1).astype(np.int64)
+    return centre_of_mass_peaks(frames, brightest) if centre else brightest
+
+
+def centre_of_mass_peaks(frames: np.ndarray, peaks: np.ndarray, *, window: int = CENTRE_WINDOW) -> np.ndarray:
+    """``peaks`` moved to the rounded intensity-weighted centre of mass of the
+    ``(2 window + 1)**2`` pixels around each (inside the frame): the centring rule of
+    :func:`cdinn_stream.physics.peak_offsets`, so that the model finds its crops centred."""
+    n, h, w = frames.shape
+    offsets = np.arange(-window, window + 1)
+    rows = peaks[:, 0, None] + offsets
+    cols = peaks[:, 1, None] + offsets
+    ok_r, ok_c = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
+    local = frames[np.arange(n)[:, None, None], rows.clip(0, h - 1)[:, :, None], cols.clip(0, w - 1)[:, None, :]]
+    local = local * (ok_r[:, :, None] & ok_c[:, None, :])
+    mass = local.sum(axis=(1, 2), dtype=np.float64)
+    dy = (local.sum(axis=2, dtype=np.float64) * offsets).sum(axis=1) / np.maximum(mass, 1e-30)
+    dx = (local.sum(axis=1, dtype=np.float64) * offsets).sum(axis=1) / np.maximum(mass, 1e-30)
+    moved = peaks + np.rint(np.stack([dy, dx], axis=1)).astype(np.int64)
+    return np.where(mass[:, None] > 0, moved, peaks)
 
 
 def crop_frames(frames: np.ndarray, peaks: np.ndarray, size: int, *, bin: int = 1) -> Crops:

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .physics import SUPPORT_THRESHOLD, far_field_torch, twin_phase_torch, twin_torch
+from .physics import SUPPORT_THRESHOLD, far_field_torch, twin_phase_torch, twin_torch, wrap
 
 __all__ = ["sample_losses", "twin_aware_loss", "fourier_loss"]
 
@@ -35,9 +35,9 @@ def sample_losses(
 
     ``amplitude`` and ``phase`` are the targets ``(B, N, N)``; the phase prediction is
     ``(sigmoid(phase_logits) - 0.5) * 2 pi`` and is scored only inside the true support.
-    With ``offset_invariant``, the mean phase difference over the support (a global phase
-    offset, which ``|F|`` cannot see) is removed before the MSE and only weakly penalised
-    (:data:`OFFSET_ANCHOR`). ``support_weight`` adds a cross-entropy of the predicted support
+    Phase errors are taken modulo 2 pi (wrapped to [-pi, pi)). With ``offset_invariant``, the
+    circular mean of the phase difference over the support (a global phase offset, which ``|F|``
+    cannot see) is removed before the MSE and only weakly penalised (:data:`OFFSET_ANCHOR`). ``support_weight`` adds a cross-entropy of the predicted support
     (amplitude above the 0.1 threshold) against the true one: the phase is reported only on the
     predicted support, so its edge matters. ``support_pos_weight > 1`` makes a missed support
     pixel (whose phase is then reported as 0) cost more than a spurious one.
@@ -46,10 +46,11 @@ def sample_losses(
     pred_phase = (torch.sigmoid(phase_logits) - 0.5) * (2 * math.pi)
     support = (amplitude > SUPPORT_THRESHOLD).to(pred_phase.dtype)
     count = support.sum(dim=(-2, -1)).clamp_min(1.0)
-    diff = (pred_phase - phase) * support
+    diff = wrap(pred_phase - phase) * support  # phases are angles: the error of each is taken mod 2 pi
     if offset_invariant:
-        offset = diff.sum(dim=(-2, -1)) / count
-        centred = (diff - offset[:, None, None]) * support
+        offset = torch.atan2((torch.sin(diff) * support).sum(dim=(-2, -1)),
+                             (torch.cos(diff) * support).sum(dim=(-2, -1)))  # the circular mean
+        centred = wrap(diff - offset[:, None, None]) * support
         mse = (centred**2).sum(dim=(-2, -1)) / count + OFFSET_ANCHOR * offset**2
     else:
         mse = (diff**2).sum(dim=(-2, -1)) / count

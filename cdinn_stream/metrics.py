@@ -7,6 +7,9 @@
   a circular shift, the twin image (inversion + conjugation) and a global phase offset.
 * :func:`support_iou` and :func:`phase_rmse` (inside the true support) are computed after
   :func:`align`, so both are invariant to those three operations.
+* :func:`strain_rmse` is :func:`phase_rmse` after the linear ramp of the phase error is removed
+  (as :func:`cdinn_stream.physics.strain` removes it): blind to where the Bragg peak sits, it
+  scores the strain map a BCDI user reads.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .physics import SUPPORT_THRESHOLD, far_field_torch, twin_torch
+from .physics import SUPPORT_THRESHOLD, far_field_torch, strain, twin_torch
 
-__all__ = ["chi2", "align", "support_iou", "phase_rmse", "score"]
+__all__ = ["chi2", "align", "support_iou", "phase_rmse", "strain_rmse", "score"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -104,11 +107,28 @@ def phase_rmse(aligned: torch.Tensor, true_amplitude: ArrayLike, true_phase: Arr
     return torch.sqrt((diff**2 * w).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp_min(1))
 
 
+def strain_rmse(amplitude: ArrayLike, phase: ArrayLike, true_amplitude: ArrayLike, true_phase: ArrayLike
+                ) -> torch.Tensor:
+    """RMS phase error ``(B,)`` in radians of the strain map: the strain views of prediction and
+    truth (:func:`cdinn_stream.physics.strain`: each phase less its linear ramp) are aligned
+    (:func:`align`), and the linear ramp and offset left in their difference are removed
+    (weighted by the true amplitude) before the RMS inside the true support. Blind to where the
+    Bragg peak sits, it scores the strain map a BCDI user reads."""
+    a, t = _t(amplitude).double(), _t(true_amplitude).double()
+    predicted = torch.polar(a, torch.from_numpy(strain(a, _t(phase))).double())
+    true_strain = torch.from_numpy(strain(t, _t(true_phase))).double()
+    aligned = align(predicted, torch.polar(t, true_strain))
+    error = torch.angle(aligned * torch.polar(torch.ones_like(t), true_strain).conj())
+    residual = torch.from_numpy(strain(t, error)).double()
+    return phase_rmse(torch.polar(torch.ones_like(t), residual), t, torch.zeros_like(t))
+
+
 def score(
     amplitude: ArrayLike, phase: ArrayLike, true_amplitude: ArrayLike, true_phase: ArrayLike,
     intensity: ArrayLike,
 ) -> dict[str, np.ndarray]:
-    """chi^2, support IoU and phase RMSE per frame, as numpy arrays under those names.
+    """chi^2, support IoU, phase RMSE and strain RMSE (phase RMSE after ramp removal) per frame,
+    as numpy arrays under those names.
 
     A prediction on a larger grid than the truth (ER/HIO on oversampled data) is compared with
     the truth zero-padded to that grid.
@@ -125,4 +145,5 @@ def score(
         "chi2": chi2(amplitude, phase, intensity).numpy(),
         "support_iou": support_iou(aligned, ta).numpy(),
         "phase_rmse": phase_rmse(aligned, ta, tp).numpy(),
+        "strain_rmse": strain_rmse(amplitude, phase, ta, tp).numpy(),
     }

@@ -27,6 +27,12 @@ __all__ = [
     "normalized_amplitude",
     "masked_phase",
     "SUPPORT_THRESHOLD",
+    "wrap",
+    "peak_offsets",
+    "ramp",
+    "roll_frames",
+    "strain",
+    "CENTRE_WINDOW",
 ]
 
 #: Amplitude (0..1) above which a pixel belongs to the object's support (the paper's 0.1).
@@ -74,3 +80,97 @@ def normalized_amplitude(intensity: np.ndarray | torch.Tensor) -> torch.Tensor:
     amp = torch.sqrt(torch.clamp(t.float(), min=0.0))
     peak = amp.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(amp.dtype).tiny)
     return amp / peak
+
+
+def wrap(phase):
+    """Phase wrapped to ``[-pi, pi)`` (numpy or torch, any shape)."""
+    if isinstance(phase, torch.Tensor):
+        return torch.remainder(phase + np.pi, 2 * np.pi) - np.pi
+    return np.remainder(np.asarray(phase) + np.pi, 2 * np.pi) - np.pi
+
+
+#: Half-width of the window around the brightest 3x3 blob over which :func:`peak_offsets` takes the
+#: intensity-weighted centre of mass (7x7 pixels).
+CENTRE_WINDOW = 3
+
+
+def peak_offsets(intensity: np.ndarray | torch.Tensor, *, window: int = CENTRE_WINDOW,
+                 subpixel: bool = False) -> torch.Tensor:
+    """Where the Bragg peak of each ``(B, N, N)`` pattern sits relative to ``N // 2``: ``(B, 2)``
+    (row, column) pixels, rounded to integers unless ``subpixel``.
+
+    The centring rule of every stage (the crop, :meth:`CDIModel.predict`, training data): the
+    brightest 3x3 blob (a lone hot pixel does not win), then the intensity-weighted centre of mass
+    of the ``(2 window + 1)**2`` pixels around it. Periodic (indices wrap), so a pattern rolled by
+    ``s`` gives offsets moved by exactly ``s``. For a crystal, the centre of mass is where the mean
+    lattice puts the peak (the amplitude-weighted mean phase gradient), which the brightest pixel
+    of a strained crystal is not.
+    """
+    x = torch.as_tensor(intensity).float()
+    if x.ndim == 2:
+        x = x[None]
+    b, n = x.shape[0], x.shape[-1]
+    rows3 = torch.cat([x[:, -1:], x, x[:, :1]], dim=1)  # periodic 3x3 box sums, in two 1-D passes
+    rows3 = rows3[:, :-2] + rows3[:, 1:-1] + rows3[:, 2:]  # (4x cheaper than avg_pool2d on a CPU)
+    box = torch.cat([rows3[:, :, -1:], rows3, rows3[:, :, :1]], dim=2)
+    flat = (box[:, :, :-2] + box[:, :, 1:-1] + box[:, :, 2:]).reshape(b, -1).argmax(dim=1)
+    peak = torch.stack([flat // n, flat % n], dim=1).to(x.dtype)  # (B, 2) brightest blob
+    idx = torch.arange(n, device=x.device, dtype=x.dtype)
+    d = torch.remainder(idx[None, None, :] - peak[:, :, None] + n // 2, n) - n // 2  # (B, 2, N) signed distances
+    near = (d.abs() <= window).to(x.dtype)
+    rows = (x * near[:, 1, None, :]).sum(dim=-1) * near[:, 0]  # (B, N): window mass per row
+    cols = (x * near[:, 0, :, None]).sum(dim=-2) * near[:, 1]  # per column
+    mass = rows.sum(dim=1).clamp_min(1e-30)
+    com = torch.stack([(rows * d[:, 0]).sum(dim=1), (cols * d[:, 1]).sum(dim=1)], dim=1) / mass[:, None]
+    offsets = torch.remainder(peak + com, n) - n // 2
+    return offsets if subpixel else torch.round(offsets).long()
+
+
+def ramp(offsets: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, N, N)`` object phase ``2 pi (offset . (r - N // 2)) / N`` that moves the Bragg peak
+    by ``offsets (B, 2)`` (row, column) pixels; not wrapped."""
+    r = torch.arange(size, device=offsets.device, dtype=torch.float32) - size // 2
+    o = offsets.to(torch.float32)
+    return (2 * np.pi / size) * (o[:, 0, None, None] * r[None, :, None] + o[:, 1, None, None] * r[None, None, :])
+
+
+def roll_frames(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Each ``(B, N, N)`` frame rolled by its own ``shifts (B, 2)`` (row, column), periodically."""
+    b, n = x.shape[0], x.shape[-1]
+    idx = torch.arange(n, device=x.device)
+    rows = torch.remainder(idx[None, :] - shifts[:, 0, None], n)
+    cols = torch.remainder(idx[None, :] - shifts[:, 1, None], n)
+    return x[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def strain(amplitude: np.ndarray | torch.Tensor, phase: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The strain view of ``(B, N, N)`` objects: the phase less its amplitude-weighted linear
+    ramp and offset over the support, 0 outside it (the convention of BCDI papers: the strain
+    relative to the mean lattice, whose Bragg peak is the zero frequency).
+
+    Computed in two steps that work on wrapped phases: the object is demodulated by the ramp
+    that brings the sub-pixel centre of mass of its own ``|F|**2`` (:func:`peak_offsets`) to the
+    centre, then the least-squares plane of the remaining phase (amplitude-weighted, over the
+    support, about its circular mean) is subtracted; the result is wrapped to ``[-pi, pi)``.
+    """
+    a = torch.as_tensor(amplitude).double()
+    p = torch.as_tensor(phase).double()
+    if a.ndim == 2:
+        a, p = a[None], p[None]
+    b, n = a.shape[0], a.shape[-1]
+    obj = torch.polar(a, p)
+    coarse = peak_offsets(far_field_torch(obj).abs() ** 2, subpixel=True)
+    p = p - ramp(coarse, n).double()
+    peak = a.flatten(1).amax(dim=1).clamp_min(1e-300)[:, None, None]
+    support = a / peak > SUPPORT_THRESHOLD
+    w = (a * support).reshape(b, -1)
+    offset = torch.angle((w * torch.exp(1j * p.reshape(b, -1))).sum(dim=1))
+    p = wrap(p - offset[:, None, None])
+    yy, xx = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64),
+                            indexing="ij")
+    basis = torch.stack([(yy - n // 2) / n, (xx - n // 2) / n, torch.ones_like(yy)]).reshape(3, -1)
+    gram = torch.einsum("kp,bp,lp->bkl", basis, w, basis) + 1e-9 * torch.eye(3, dtype=torch.float64)
+    rhs = torch.einsum("kp,bp->bk", basis, w * p.reshape(b, -1))
+    coef = torch.linalg.solve(gram, rhs[..., None])[..., 0]
+    p = wrap(p - torch.einsum("bk,kp->bp", coef, basis).reshape(b, n, n))
+    return torch.where(support, p, torch.zeros_like(p)).float().numpy()

@@ -24,7 +24,7 @@ from .ensemble import symmetry_ensemble
 from .folding import fold
 from .int8 import Int8CDINN
 from .model import CDINN
-from .physics import SUPPORT_THRESHOLD, masked_phase, normalized_amplitude
+from .physics import SUPPORT_THRESHOLD, masked_phase, normalized_amplitude, peak_offsets, ramp, roll_frames, strain, wrap
 from .weights import read_network
 
 __all__ = ["Reconstruction", "CDIModel", "load_model", "model_path", "DEFAULT_MODEL", "validate_frames",
@@ -71,8 +71,10 @@ class Reconstruction:
 
     Attributes:
         amplitude: ``(N, H, W)`` float32 object amplitude (shape) in [0, 1].
-        phase: ``(N, H, W)`` float32 phase in radians as the network predicts it at every pixel;
-            it means something inside :attr:`support` only (:attr:`masked_phase` is 0 outside).
+        phase: ``(N, H, W)`` float32 phase in radians at every pixel, wrapped to [-pi, pi), the
+            object of the pattern as given (a Bragg peak off ``N // 2`` puts a linear ramp in it;
+            :attr:`strain` takes it out); it means something inside :attr:`support` only
+            (:attr:`masked_phase` is 0 outside).
     """
 
     amplitude: np.ndarray
@@ -87,6 +89,13 @@ class Reconstruction:
     def masked_phase(self) -> np.ndarray:
         """The phase with 0 outside :attr:`support` (for display)."""
         return masked_phase(self.amplitude, self.phase)
+
+    @property
+    def strain(self) -> np.ndarray:
+        """The phase less its amplitude-weighted linear ramp and offset, 0 outside :attr:`support`:
+        the strain view BCDI users read (:func:`cdinn_stream.physics.strain`). :attr:`phase` keeps
+        the ramp of a Bragg peak off the window's centre, as the pattern has it."""
+        return strain(self.amplitude, self.phase)
 
     @property
     def complex(self) -> np.ndarray:
@@ -189,7 +198,7 @@ class CDIModel:
 
     def __init__(self, network: CDINN | Int8CDINN, *, name: str = "custom", card: dict | None = None,
                  device: str | torch.device | None = None, precision: str = "auto", cuda_graphs: bool | None = None,
-                 views: int = 1, fold_small_steps: bool | None = None):
+                 views: int = 1, fold_small_steps: bool | None = None, centre: bool = True):
         if device is None:
             device = "cuda" if torch.cuda.is_available() and not isinstance(network, Int8CDINN) else "cpu"
         self.device = torch.device(device)
@@ -225,6 +234,9 @@ class CDIModel:
             self.folded = folded.to(memory_format=torch.channels_last) if folded is not self.network else None
         if self.device.type == "cpu" and os.environ.get("CDINN_MALLOC_TUNING") == "1":
             keep_freed_memory()
+        #: centre each pattern on its Bragg peak before the network and put the ramp back after
+        #: (:meth:`predict_tensor`); the shipped networks are trained on centred patterns
+        self.centre = centre
         self.name = name
         self.card = card or {}
 
@@ -239,12 +251,27 @@ class CDIModel:
 
     @torch.inference_mode()
     def predict_tensor(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw network call on normalised amplitudes ``(B, N, N)`` already on :attr:`device`;
+        """Network call on normalised amplitudes ``(B, N, N)`` already on :attr:`device`;
         returns amplitude and phase (the network's phase at every pixel) on the device. With :attr:`views`
-        ``> 1`` the network sees that many symmetric copies and their results are combined."""
+        ``> 1`` the network sees that many symmetric copies and their results are combined.
+
+        With :attr:`centre` (the default), a pattern whose Bragg peak is whole pixels off ``N // 2``
+        (:func:`~cdinn_stream.physics.peak_offsets`) is rolled onto it for the network, and the
+        matching linear ramp is added back to the phase (wrapped to ``[-pi, pi)``): the result is
+        the object of the pattern as given."""
+        shifts = peak_offsets(amplitude.square()) if self.centre else None
+        moved = shifts.any(dim=1) if shifts is not None else None
+        if moved is not None and bool(moved.any()):
+            amplitude = roll_frames(amplitude, -shifts)
+        else:
+            moved = None
         if self.views == 1:
-            return self._single(amplitude)
-        return symmetry_ensemble(self._single, amplitude, self.views)
+            amp, phase = self._single(amplitude)
+        else:
+            amp, phase = symmetry_ensemble(self._single, amplitude, self.views)
+        if moved is not None:
+            phase = torch.where(moved[:, None, None], wrap(phase.float() + ramp(shifts, self.size)), phase.float())
+        return amp, phase
 
     def _single(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cuda_graphs and len(amplitude) <= GRAPH_MAX_BATCH:
@@ -321,7 +348,7 @@ def model_path(name: str) -> Path:
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device | None = None,
                precision: str = "auto", cuda_graphs: bool | None = None, views: int = 1,
-               fold_small_steps: bool | None = None) -> CDIModel:
+               fold_small_steps: bool | None = None, centre: bool | None = None) -> CDIModel:
     """Load a shipped model by name (``"cdinn-32"``, ``"cdinn-64"``) or a weights file by path.
 
     The model goes to ``device`` (default: CUDA when available, else CPU) and computes in
@@ -331,7 +358,8 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.
     ``fold_small_steps`` runs the network's folded inference form (:mod:`cdinn_stream.folding`;
     default: on a CPU). An int8 weights file (``"cdinn-32-int8"``, :mod:`cdinn_stream.int8`) loads
     to the CPU in int8; ``precision="int8"`` with a shipped float model's name loads its int8
-    sibling (``cdinn-32`` -> ``cdinn-32-int8``).
+    sibling (``cdinn-32`` -> ``cdinn-32-int8``). ``centre`` centres each pattern on its Bragg peak
+    (:meth:`CDIModel.predict_tensor`); default: as the network was trained (its card's recipe).
     Weights are read with ``weights_only=True``; the model card (``<name>.json`` beside the
     weights) is attached.
     """
@@ -344,5 +372,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.
     network = read_network(p)
     card_path = p.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    if centre is None:
+        centre = bool(card.get("recipe", {}).get("centre", False))
     return CDIModel(network, name=p.stem, card=card, device=device, precision=precision, cuda_graphs=cuda_graphs,
-                    views=views, fold_small_steps=fold_small_steps)
+                    views=views, fold_small_steps=fold_small_steps, centre=centre)

@@ -27,9 +27,10 @@ import torch
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import ConvexHull
 
-from .physics import SUPPORT_THRESHOLD, far_field
+from .crystal import crystal_objects, detector_counts, phase_ramp
+from .physics import SUPPORT_THRESHOLD, far_field, strain, wrap
 
-__all__ = ["SimulatedSet", "simulate", "simulate_objects", "diffraction_intensity", "add_noise", "add_noise_torch",
+__all__ = ["SimulatedSet", "simulate", "RECIPES", "simulate_objects", "diffraction_intensity", "add_noise", "add_noise_torch",
            "remove_phase_ramp", "strain_phase", "SIZES", "CHUNK"]
 
 #: Frame sizes the recipe is tuned for.
@@ -48,7 +49,9 @@ class SimulatedSet:
         intensity: diffraction intensity ``|F|**2`` (or photon counts when noise was added),
             zero frequency at ``N // 2``.
         amplitude: object amplitude in [0, 1] (1 inside, blurred edge).
-        phase: object phase in radians, mid-range centred on 0 inside the support, 0 outside.
+        phase: object phase in radians inside the support, 0 outside: for the paper recipe
+            mid-range centred on 0; for the crystal recipe (or with an ``offset``) it includes the
+            ramp of the off-centre Bragg peak, wrapped to [-pi, pi) (:attr:`strain` removes it).
     """
 
     intensity: np.ndarray
@@ -62,6 +65,12 @@ class SimulatedSet:
     def support(self) -> np.ndarray:
         """Boolean support: amplitude above :data:`~cdinn_stream.physics.SUPPORT_THRESHOLD`."""
         return self.amplitude > SUPPORT_THRESHOLD
+
+    @property
+    def strain(self) -> np.ndarray:
+        """The phase less its linear ramp and offset (:func:`cdinn_stream.physics.strain`), 0 outside
+        the support: the strain relative to the mean lattice."""
+        return strain(self.amplitude, self.phase)
 
     def __getitem__(self, index) -> SimulatedSet:
         return SimulatedSet(self.intensity[index], self.amplitude[index], self.phase[index])
@@ -261,13 +270,26 @@ def add_noise_torch(intensity: torch.Tensor, *, photons: Photons, background: fl
 
 def _simulate_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One seeded chunk of :func:`simulate`: ``(intensity, amplitude, phase)`` of its first ``keep`` samples."""
-    seed, chunk, keep, size, pad, photons, background, remove_ramp = job
+    seed, chunk, keep, size, pad, photons, background, remove_ramp, recipe, offset, detector = job
     rng = np.random.default_rng(seed)
-    a, p = simulate_objects(rng, chunk, size, remove_ramp=remove_ramp)
+    if recipe == "crystal":
+        a, p = crystal_objects(rng, chunk, size, offset=offset is None)
+    else:
+        a, p = simulate_objects(rng, chunk, size, remove_ramp=remove_ramp)
     a, p = a[:keep], p[:keep]
+    if offset:  # the Bragg peak `offset` pixels off the centre, in a random direction
+        angle = np.random.default_rng(seed.spawn(2)[1]).uniform(0, 2 * np.pi, len(a))
+        shift = offset * np.stack([np.sin(angle), np.cos(angle)], axis=1)
+        p = np.where(a > SUPPORT_THRESHOLD, wrap(p + phase_ramp(shift, size)), 0).astype(np.float32)
     clean = diffraction_intensity(a, p, pad=pad)
     noise_rng = np.random.default_rng(seed.spawn(1)[0])
+    if recipe == "crystal" and (detector or (detector is None and photons is not None)):
+        clean = detector_counts(noise_rng, clean, photons=photons)
+        return (clean + np.float32(background) if background else clean), a, p
     return add_noise(noise_rng, clean, photons=photons, background=background), a, p
+
+
+RECIPES = ("paper", "crystal")
 
 
 def simulate(
@@ -281,8 +303,12 @@ def simulate(
     remove_ramp: bool = False,
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
+    recipe: str = "paper",
+    offset: float | None = None,
+    detector: bool | None = None,
 ) -> SimulatedSet:
-    """Generate ``n`` samples of ``size x size`` (32, 64 or 128) after the paper's recipe.
+    """Generate ``n`` samples of ``size x size`` (32, 64 or 128) after the paper's recipe or the
+    realistic crystal recipe.
 
     Args:
         n: number of samples.
@@ -298,7 +324,21 @@ def simulate(
         progress: called with the number of samples finished after each chunk.
         workers: processes that simulate chunks in parallel; the samples are the same for any
             number of workers (each chunk has its own seed).
+        recipe: ``"paper"`` (Cherukara et al.: convex blobs, flat amplitude, smooth phase, the
+            Bragg peak on the centre pixel) or ``"crystal"`` (:mod:`cdinn_stream.crystal`:
+            sectioned faceted crystals with textured amplitude, displacement-field strain and
+            dislocations, the Bragg peak off-centre, detector effects). For ``"crystal"``,
+            ``photons`` applies the recipe's detector (:func:`~cdinn_stream.crystal.detector_counts`;
+            :data:`~cdinn_stream.crystal.PHOTONS` is its range of 1e3-1e8) and ``background`` adds to its
+            own drawn background.
+        offset: the Bragg peak this many pixels off the window's centre, in a random direction (a
+            linear phase ramp across the object, kept in :attr:`SimulatedSet.phase`); ``None``: the
+            recipe's own (paper: 0; crystal: a random integer -2..2 plus sub-pixel amount per axis).
+        detector: apply the crystal recipe's detector effects other than counting noise (partial
+            coherence, flat field, gaps, dead and hot pixels); ``None``: when ``photons`` is given.
     """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, not {recipe!r}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size}")
     if n < 0:
@@ -310,7 +350,8 @@ def simulate(
     intensity = np.empty((n, m, m), np.float32)
     amplitude = np.empty((n, size, size), np.float32)
     phase = np.empty((n, size, size), np.float32)
-    jobs = [(seeds[c], chunk, min(chunk, n - c * chunk), size, pad, photons, background, remove_ramp)
+    jobs = [(seeds[c], chunk, min(chunk, n - c * chunk), size, pad, photons, background, remove_ramp, recipe,
+             offset, detector)
             for c in range(chunks)]
     if workers > 1 and chunks > 1:
         import multiprocessing

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .losses import fourier_loss, twin_aware_loss
 from .model import CDINN, ModelConfig, with_patterson
-from .physics import normalized_amplitude
+from .physics import SUPPORT_THRESHOLD, normalized_amplitude, peak_offsets, ramp, roll_frames, wrap
 from .simulate import add_noise_torch, simulate
 from .timing import machine_info
 from .weights import read_weights, save_weights
@@ -76,6 +76,14 @@ class TrainConfig:
         schedule: ``"plateau"`` (halve the learning rate when the validation loss stalls) or
             ``"cosine"`` (cosine decay to ``lr / 100`` over ``max_minutes`` when given, else
             over ``epochs``; no early stopping).
+        data_recipe: the simulated data: ``"paper"``, ``"crystal"`` (:mod:`cdinn_stream.crystal`, with
+            its detector effects baked into the noise-free intensities) or ``"mixed"``
+            (``crystal_fraction`` of each split from the crystal recipe, the rest from the paper's).
+        crystal_fraction: the crystal recipe's share of a ``"mixed"`` set.
+        centre: centre every input pattern on its Bragg peak by the rule inference uses
+            (:func:`~cdinn_stream.physics.peak_offsets`, after the noise is drawn) and take the
+            matching ramp out of the target phase, so that the network learns what
+            :meth:`~cdinn_stream.reconstruct.CDIModel.predict` asks of it.
     """
 
     out_dir: Path = Path("runs/cdinn-32")
@@ -108,6 +116,9 @@ class TrainConfig:
     data: str | None = None
     workers: int = 1
     schedule: str = "plateau"
+    data_recipe: str = "paper"
+    crystal_fraction: float = 0.5
+    centre: bool = False
     history: list[dict] = field(default_factory=list, repr=False)
 
     def recipe(self) -> dict:
@@ -137,18 +148,50 @@ def _data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
                              f"training needs {n} of {cfg.size}x{cfg.size}")
         return tuple(torch.from_numpy(np.array(arrays[k][:n], dtype=np.float32))  # a writable copy
                      for k in ("intensity", "amplitude", "phase"))
+    if cfg.data_recipe not in ("paper", "crystal", "mixed"):
+        raise ValueError(f"data_recipe must be 'paper', 'crystal' or 'mixed', not {cfg.data_recipe!r}")
+    share = {"paper": 0.0, "crystal": 1.0, "mixed": cfg.crystal_fraction}[cfg.data_recipe]
+    n_crystal = [round(cfg.n_train * share), round(cfg.n_val * share)]
+    n_paper = [cfg.n_train - n_crystal[0], cfg.n_val - n_crystal[1]]
+    parts = []
     with tqdm(total=n, desc="simulating", unit="sample", leave=False) as bar:
-        data = simulate(n, cfg.size, seed=cfg.seed, photons=None if cfg.fresh_noise else _photons(cfg),
-                        background=0.0 if cfg.fresh_noise else cfg.background, remove_ramp=cfg.remove_ramp,
-                        progress=bar.update, workers=cfg.workers)
-    return torch.from_numpy(data.intensity), torch.from_numpy(data.amplitude), torch.from_numpy(data.phase)
+        for recipe, counts, seed in (("paper", n_paper, cfg.seed), ("crystal", n_crystal, cfg.seed + 7919)):
+            if sum(counts):
+                parts.append((counts, simulate(
+                    sum(counts), cfg.size, seed=seed, photons=None if cfg.fresh_noise else _photons(cfg),
+                    background=0.0 if cfg.fresh_noise else cfg.background, remove_ramp=cfg.remove_ramp,
+                    progress=bar.update, workers=cfg.workers, recipe=recipe, detector=recipe == "crystal" or None)))
+    arrays = []
+    for key in ("intensity", "amplitude", "phase"):  # the training samples of each recipe, then their validation ones
+        train = [getattr(d, key)[: c[0]] for c, d in parts]
+        val = [getattr(d, key)[c[0] :] for c, d in parts]
+        arrays.append(torch.from_numpy(np.concatenate(train + val)))
+    return tuple(arrays)
 
 
-def _inputs(intensity: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Network input ``(B, 1, N, N)`` from intensities, with fresh noise when ``cfg.fresh_noise``."""
+def _centred(intensity: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patterns rolled so their Bragg peak sits at ``N // 2`` (:func:`peak_offsets`) and the target
+    phases less the matching ramp, wrapped (0 outside the support)."""
+    shifts = peak_offsets(intensity)
+    moved = shifts.any(dim=1)
+    if not bool(moved.any()):
+        return intensity, phase
+    rolled = roll_frames(intensity, -shifts)
+    support = amplitude > SUPPORT_THRESHOLD
+    target = torch.where(support, wrap(phase - ramp(shifts, phase.shape[-1])), torch.zeros_like(phase))
+    return rolled, target
+
+
+def _inputs(intensity: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor, cfg: TrainConfig,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network input ``(B, 1, N, N)`` from intensities, with fresh noise when ``cfg.fresh_noise``,
+    centred when ``cfg.centre``; and the target phases that go with it."""
     if cfg.fresh_noise:
         intensity = add_noise_torch(intensity, photons=_photons(cfg), background=cfg.background, generator=generator)
-    return normalized_amplitude(intensity).unsqueeze(1)
+    if cfg.centre:
+        intensity, phase = _centred(intensity, amplitude, phase)
+    return normalized_amplitude(intensity).unsqueeze(1), phase
 
 
 def _device(name: str) -> torch.device:
@@ -220,10 +263,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     intensity, a, p = (t.to(device) for t in _data(cfg))
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     it, at, pt = intensity[: cfg.n_train], a[: cfg.n_train], p[: cfg.n_train]
-    xv = _inputs(intensity[cfg.n_train :], cfg, torch.Generator(device=device).manual_seed(cfg.seed + 2))
-    av, pv = a[cfg.n_train :], p[cfg.n_train :]
-    if not cfg.fresh_noise:
-        it = normalized_amplitude(it).unsqueeze(1)  # fixed inputs: scale once
+    av = a[cfg.n_train :]
+    xv, pv = _inputs(intensity[cfg.n_train :], av, p[cfg.n_train :], cfg,
+                     torch.Generator(device=device).manual_seed(cfg.seed + 2))
+    if not cfg.fresh_noise:  # fixed inputs: centre and scale once
+        it, pt = _inputs(it, at, pt, cfg, None)
     del intensity
     steps_per_epoch = -(-cfg.n_train // cfg.batch_size)
     t0 = time.monotonic() - (history[-1]["seconds"] if history else 0.0)
@@ -252,10 +296,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 for group in opt.param_groups:
                     group["lr"] = _cosine_lr(cfg, frac)
             idx = order[i : i + cfg.batch_size]
-            xb = _inputs(it[idx], cfg, gen) if cfg.fresh_noise else it[idx]
+            xb, pb = _inputs(it[idx], at[idx], pt[idx], cfg, gen) if cfg.fresh_noise else (it[idx], pt[idx])
             with _autocast(device, cfg):
                 s, ph = model.forward_logits(xb.contiguous(memory_format=torch.channels_last))
-            loss = _loss(s.float(), ph.float(), xb, at[idx], pt[idx], cfg)
+            loss = _loss(s.float(), ph.float(), xb, at[idx], pb, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -99,7 +99,7 @@ def test_noise_sweep_scores_against_the_truth(tiny_model):
     sweep = noise_sweep(tiny_model, (1e3, 1e8), n=16, seed=3)
     assert list(sweep) == ["clean", "1000", "1e+08"]
     for m in sweep.values():
-        assert set(m) == {"chi2", "support_iou", "phase_rmse", "chi2_measured"}
+        assert set(m) == {"chi2", "support_iou", "phase_rmse", "strain_rmse", "chi2_measured"}
     # at 1e8 photons the network sees (almost) the clean pattern
     assert (abs(sweep["1e+08"]["chi2"]["median"] - sweep["clean"]["chi2"]["median"])
             < 0.05 * sweep["clean"]["chi2"]["median"])

@@ -1,0 +1,171 @@
+"""The realistic crystal recipe, the centring rule, the strain view and off-centre patterns."""
+
+import numpy as np
+import pytest
+import torch
+
+from cdinn_stream.crop import find_peaks
+from cdinn_stream.crystal import crystal_objects, detector_counts, phase_ramp
+from cdinn_stream.losses import sample_losses
+from cdinn_stream.metrics import score
+from cdinn_stream.physics import SUPPORT_THRESHOLD, far_field, peak_offsets, ramp, strain, wrap
+from cdinn_stream.simulate import diffraction_intensity, simulate
+
+
+@pytest.fixture(scope="module")
+def crystals():
+    return simulate(200, 32, seed=11, recipe="crystal")
+
+
+def test_crystal_recipe_conventions(crystals):
+    s = crystals
+    assert s.intensity.shape == s.amplitude.shape == s.phase.shape == (200, 32, 32)
+    assert s.amplitude.min() >= 0 and np.allclose(s.amplitude.max(axis=(1, 2)), 1)
+    support = s.amplitude > SUPPORT_THRESHOLD
+    assert np.all(s.phase[~support] == 0)
+    assert s.phase.min() >= -np.pi and s.phase.max() < np.pi
+    idx = np.arange(32)
+    cy = (s.amplitude.sum(2) * idx).sum(1) / s.amplitude.sum((1, 2))
+    cx = (s.amplitude.sum(1) * idx).sum(1) / s.amplitude.sum((1, 2))
+    assert np.all(np.abs(cy - 16) <= 0.5 + 1e-6) and np.all(np.abs(cx - 16) <= 0.5 + 1e-6)
+    np.testing.assert_allclose(s.intensity, np.abs(far_field(s.amplitude * np.exp(1j * s.phase))) ** 2,
+                               rtol=1e-3, atol=1e-5)
+
+
+def test_crystal_recipe_is_varied_like_measured_crystals(crystals):
+    s = crystals
+    support = s.amplitude > SUPPORT_THRESHOLD
+    extent = np.array([max(np.ptp(np.nonzero(m)[0]), np.ptp(np.nonzero(m)[1])) + 1 for m in support]) / 32
+    assert extent.min() >= 0.2 and extent.max() <= 1.0
+    assert np.percentile(extent, 10) < 0.45 and np.percentile(extent, 90) > 0.75, "30-90 % of the field"
+    # amplitude that is not flat: inside the crystal (away from its edge) it varies by >= 5 % in most
+    core = s.amplitude > 0.5
+    spread = np.array([a[c].std() / a[c].mean() for a, c in zip(s.amplitude, core, strict=True)])
+    assert np.median(spread) > 0.05
+    # strain from weak (0.1 rad) to several rad, once the peak's ramp is taken out
+    rms = np.array([st[m].std() for st, m in zip(s.strain, support, strict=True)])
+    assert rms.min() < 0.1 and rms.max() > 0.8
+    # the Bragg peak is off the centre for most patterns (the ramp is kept)
+    assert (peak_offsets(s.intensity) != 0).any(dim=1).float().mean() > 0.5
+
+
+def test_same_seed_same_crystals_for_any_workers():
+    a = simulate(40, 32, seed=3, recipe="crystal", photons=1e5)
+    b = simulate(40, 32, seed=3, recipe="crystal", photons=1e5, workers=2)
+    np.testing.assert_array_equal(a.intensity, b.intensity)
+    np.testing.assert_array_equal(a.phase, b.phase)
+
+
+def test_dislocations_are_phase_vortices():
+    rng = np.random.default_rng(5)
+    a, p = crystal_objects(rng, 300, 32, offset=False)
+    winding = []
+    for ph, am in zip(p, a, strict=True):
+        inside = am > 0.3
+        # winding number around every 2x2 plaquette fully inside the crystal
+        d1 = wrap(ph[:-1, 1:] - ph[:-1, :-1])
+        d2 = wrap(ph[1:, 1:] - ph[:-1, 1:])
+        d3 = wrap(ph[1:, :-1] - ph[1:, 1:])
+        d4 = wrap(ph[:-1, :-1] - ph[1:, :-1])
+        w = np.rint((d1 + d2 + d3 + d4) / (2 * np.pi))
+        ok = inside[:-1, :-1] & inside[1:, 1:] & inside[:-1, 1:] & inside[1:, :-1]
+        winding.append(np.abs(w[ok]).sum())
+    frac = np.mean(np.array(winding) > 0)
+    assert 0.05 < frac < 0.5, f"{frac:.2f} of crystals hold a vortex"
+
+
+def test_phase_ramp_moves_the_bragg_peak_by_whole_pixels():
+    rng = np.random.default_rng(1)
+    a, _ = crystal_objects(rng, 4, 32, offset=False)
+    flat = diffraction_intensity(a, np.zeros_like(a))
+    moved = diffraction_intensity(a, phase_ramp(np.array([[1, -2]] * 4), 32).astype(np.float32))
+    np.testing.assert_allclose(moved, np.roll(flat, (1, -2), axis=(1, 2)), rtol=1e-3, atol=1e-6)
+
+
+def test_detector_counts():
+    rng = np.random.default_rng(2)
+    clean = simulate(300, 32, seed=2, recipe="crystal").intensity
+    counts = detector_counts(rng, clean, photons=1e5)
+    assert np.all(counts == np.round(counts)) and counts.min() >= 0
+    totals = counts.sum(axis=(1, 2))
+    assert np.median(totals) == pytest.approx(1e5, rel=0.3)  # hot pixels add, gaps remove
+    zero_rows = ((counts == 0).all(axis=2).any(axis=1) | (counts == 0).all(axis=1).any(axis=1)).mean()
+    assert 0.1 < zero_rows < 0.35, "a gap in about a fifth of the frames"
+    # hot pixels: a lone pixel far brighter than all its neighbours
+    padded = np.pad(counts, ((0, 0), (1, 1), (1, 1)))
+    around = np.max([np.roll(padded, (dy, dx), (1, 2)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                     if dy or dx], axis=0)[:, 1:-1, 1:-1]
+    assert 0.1 < (counts > 3 * around + 10).any(axis=(1, 2)).mean() < 0.4
+
+
+def test_peak_offsets_follow_rolls_and_ignore_a_hot_pixel(crystals):
+    x = torch.from_numpy(crystals.intensity[:50])
+    base = peak_offsets(x)
+    rolled = peak_offsets(torch.roll(x, (2, -1), dims=(1, 2)))
+    assert torch.equal(rolled, base + torch.tensor([2, -1]))
+    hot = x.clone()
+    hot[:, 3, 5] = hot.amax(dim=(1, 2)) * 2
+    assert torch.equal(peak_offsets(hot), base)
+
+
+def test_peak_offsets_read_a_known_ramp():
+    rng = np.random.default_rng(4)
+    a, _ = crystal_objects(rng, 64, 32, offset=False)
+    off = rng.uniform(-2.5, 2.5, (64, 2))
+    intensity = diffraction_intensity(a, phase_ramp(off, 32).astype(np.float32))
+    found = peak_offsets(intensity, subpixel=True).numpy()
+    assert np.median(np.abs(found - off)) < 0.15
+    assert np.all(peak_offsets(intensity).numpy() == np.rint(found))
+
+
+def test_strain_view_removes_ramp_and_offset(crystals):
+    s = crystals
+    support = s.amplitude > SUPPORT_THRESHOLD
+    extra = wrap(s.phase + phase_ramp(np.tile([[0.7, -1.3]], (len(s), 1)), 32) + 2.0)
+    moved = strain(s.amplitude, np.where(support, extra, 0))
+    err = np.abs(wrap(moved - s.strain))[support]
+    assert np.median(err) < 1e-3 and np.percentile(err, 95) < 0.05
+    assert np.all(s.strain[~support] == 0)
+    # a phase that is only a ramp has no strain
+    flat = strain(s.amplitude, np.where(support, wrap(phase_ramp(np.tile([[1.5, 0.5]], (len(s), 1)), 32)), 0))
+    assert np.abs(flat).max() < 1e-3
+
+
+def test_strain_rmse_is_blind_to_the_ramp(crystals):
+    s = crystals[:40]
+    support = s.amplitude > SUPPORT_THRESHOLD
+    ramped = np.where(support, wrap(s.phase + phase_ramp(np.tile([[0.4, 0.9]], (len(s), 1)), 32)), 0)
+    m = score(s.amplitude, ramped, s.amplitude, s.phase, s.intensity)
+    assert np.median(m["phase_rmse"]) > 0.3
+    assert np.max(m["strain_rmse"]) < 1e-3
+
+
+def test_phase_loss_is_taken_modulo_two_pi():
+    torch.manual_seed(0)
+    amp = torch.rand(4, 32, 32)
+    target = (torch.rand(4, 32, 32) - 0.5) * 2
+    logits = torch.randn(4, 32, 32)
+    a = sample_losses(logits, logits, amp, target, offset_invariant=True)
+    b = sample_losses(logits, logits, amp, wrap(target + 2 * np.pi - 1e-4 * 0), offset_invariant=True)
+    c = sample_losses(logits, logits, amp, target + 2 * np.pi, offset_invariant=False)
+    d = sample_losses(logits, logits, amp, target, offset_invariant=False)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c, d, atol=1e-4, rtol=1e-4)
+
+
+def test_predict_centres_and_returns_the_pattern_s_own_phase(tiny_model, crystals):
+    x = crystals.intensity[:16]
+    rolled = np.roll(x, (1, -2), axis=(1, 2))
+    a, b = tiny_model.predict(x), tiny_model.predict(rolled)
+    np.testing.assert_allclose(a.amplitude, b.amplitude, atol=1e-5)
+    expected = wrap(a.phase + ramp(torch.tensor([[1, -2]] * 16), 32).numpy())
+    assert np.abs(wrap(b.phase - expected)).max() < 1e-4
+    np.testing.assert_allclose(a.strain, b.strain, atol=2e-3)
+
+
+def test_crop_centres_where_the_model_does(crystals):
+    frames = np.zeros((50, 96, 96), np.float32)
+    frames[:, 20:52, 40:72] = crystals.intensity[:50]
+    peaks = find_peaks(frames)
+    expected = peak_offsets(crystals.intensity[:50]).numpy() + np.array([20 + 16, 40 + 16])
+    assert np.mean(np.all(peaks == expected, axis=1)) > 0.95

@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 from .folding import fold
@@ -55,8 +56,8 @@ def _stage_of_card(card: dict) -> dict:
 
 
 def _evaluation(report: dict) -> dict:
-    return {k: report[k] for k in ("n", "seed", "size", "photons", "precision", "views", "machine", "methods",
-                                   "speedup_nn_vs_erhio", "noise") if k in report}
+    return {k: report[k] for k in ("n", "seed", "size", "recipe", "centre", "photons", "precision", "views", "machine",
+                                   "methods", "speedup_nn_vs_erhio", "noise", "offsets") if k in report}
 
 
 def _copy_figures(evaluation_dir: Path, models_dir: Path, name: str) -> None:
@@ -65,8 +66,25 @@ def _copy_figures(evaluation_dir: Path, models_dir: Path, name: str) -> None:
             shutil.copy(evaluation_dir / fig, models_dir / f"{name}.{fig}")
 
 
-def _write_card(card: dict, report: dict, also: list[str | Path], weights: Path) -> Path:
-    """Complete ``card`` with the evaluations, commit, date and weights file, and write it beside the weights."""
+def _data_source(recipe: dict) -> str:
+    kind = recipe.get("data_recipe", "paper")
+    if kind == "mixed":
+        share = recipe.get("crystal_fraction", 0.5)
+        return f"cdinn_stream.simulate (paper recipe {1 - share:.0%}, crystal recipe {share:.0%})"
+    return f"cdinn_stream.simulate ({kind} recipe)"
+
+
+def _write_card(card: dict, report: dict, also: list[str | Path], weights: Path,
+                crystal_evaluation: str | Path | None = None) -> Path:
+    """Complete ``card`` with the evaluations, commit, date and weights file, and write it beside the weights.
+    ``crystal_evaluation``: the folder of an evaluation on the crystal recipe (``evaluate --recipe
+    crystal``), kept as ``evaluation_crystal`` with its figures as ``<name>.crystal.*.png``."""
+    if crystal_evaluation is not None:
+        crystal = json.loads((Path(crystal_evaluation) / "report.json").read_text())
+        if crystal.get("recipe") != "crystal":
+            raise ValueError(f"{crystal_evaluation} is not an evaluation on the crystal recipe")
+        card["evaluation_crystal"] = _evaluation(crystal)
+        _copy_figures(Path(crystal_evaluation), weights.parent, f"{weights.stem}.crystal")
     card.update({
         "evaluation": _evaluation(report),
         "other_evaluations": [_evaluation(json.loads((Path(d) / "report.json").read_text())) for d in also],
@@ -82,7 +100,7 @@ def _write_card(card: dict, report: dict, also: list[str | Path], weights: Path)
 
 def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_dir: str | Path = "models",
             *, lineage: list[str | Path] = (), after_card: str | Path | None = None,
-            also: list[str | Path] = ()) -> Path:
+            also: list[str | Path] = (), crystal_evaluation: str | Path | None = None) -> Path:
     """Copy a training run's best weights to ``models/<name>.pt`` and write ``models/<name>.json``.
 
     ``run_dir`` holds ``best.pt`` and ``history.json`` (from ``cdinn-stream train``);
@@ -92,12 +110,15 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
     of the weights the lineage starts from (read it before it is overwritten): its lineage and
     its own final stage come first. ``also`` lists more evaluation folders of the same weights
     (another precision, noise level or number of symmetry views); they go under
-    ``other_evaluations``.
+    ``other_evaluations``. ``crystal_evaluation`` is an evaluation folder on the crystal recipe
+    (``evaluate --recipe crystal``): every card reports it beside the paper recipe's.
     """
     run_dir, evaluation_dir, models_dir = Path(run_dir), Path(evaluation_dir), Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     network = read_weights(run_dir / "best.pt")
     hist = json.loads((run_dir / "history.json").read_text())
+    if hist["recipe"].get("centre") and not network.config.centred_input:  # trained before the config said so
+        network.config = replace(network.config, centred_input=True)
     report = json.loads((evaluation_dir / "report.json").read_text())
     best = min(hist["history"], key=lambda h: h["val_loss"])
     weights = models_dir / f"{name}.pt"
@@ -117,7 +138,7 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
         "flops_per_frame": count_flops(network),
         "recipe": hist["recipe"],
         "training_machine": hist.get("machine"),
-        "data": {"simulator": "cdinn_stream.simulate (paper recipe)", "train_samples": hist["recipe"]["n_train"],
+        "data": {"simulator": _data_source(hist["recipe"]), "train_samples": hist["recipe"]["n_train"],
                  "validation_samples": hist["recipe"]["n_val"], "seed": hist["recipe"]["seed"],
                  "photons": hist["recipe"]["photons"], "background": hist["recipe"].get("background", 0.0)},
         "epochs_run": len(hist["history"]),
@@ -129,11 +150,12 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
         "total_training_seconds": sum(s["training_seconds"] for s in stages)
         + hist["history"][-1]["seconds"],
     }
-    return _write_card(card, report, also, weights)
+    return _write_card(card, report, also, weights, crystal_evaluation)
 
 
 def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, models_dir: str | Path = "models",
-                 *, source: str, stages: list[dict], also: list[str | Path] = ()) -> Path:
+                 *, source: str, stages: list[dict], also: list[str | Path] = (),
+                 crystal_evaluation: str | Path | None = None) -> Path:
     """Copy an int8 weights file to ``models/<name>.pt`` and write ``models/<name>.json``.
 
     ``weights`` comes from the quantization-aware fine-tune (``docs/experiments/int8_qat.py``) of
@@ -166,7 +188,7 @@ def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, mod
                             "evaluation": source_card.get("evaluation")},
         "recipe": stages[-1]["recipe"],
         "training_machine": stages[-1].get("machine"),
-        "data": {"simulator": "cdinn_stream.simulate (paper recipe)", "train_samples": stages[-1]["train_samples"],
+        "data": {"simulator": _data_source(stages[-1]["recipe"]), "train_samples": stages[-1]["train_samples"],
                  "samples_seen": samples, "seed": stages[-1]["recipe"].get("data_seed"),
                  "photons": stages[-1]["recipe"].get("photons"),
                  "background": stages[-1]["recipe"].get("background", 0.0)},
@@ -176,4 +198,4 @@ def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, mod
         "lineage": stages,
         "total_training_seconds": sum(st["training_seconds"] for st in stages),
     }
-    return _write_card(card, report, also, target)
+    return _write_card(card, report, also, target, crystal_evaluation)

@@ -95,7 +95,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from .card import publish
 
     card = publish(args.run, args.evaluation, args.name, args.models, lineage=args.lineage, after_card=args.after,
-                   also=args.also)
+                   also=args.also, crystal_evaluation=args.crystal_evaluation)
     print(f"wrote {card} and its weights beside it")
     return 0
 
@@ -240,7 +240,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo, summary_table
 
-    summary = run_demo(DemoConfig(frames=args.frames, model=args.model, out_dir=args.out, photons=args.photons),
+    summary = run_demo(DemoConfig(frames=args.frames, model=args.model, out_dir=args.out, photons=args.photons,
+                                   recipe=args.recipe),
                        progress=not args.json)
     print(json.dumps(summary, indent=1, default=str) if args.json else summary_table(summary))
     return 0
@@ -407,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--also", nargs="*", default=[], metavar="EVALUATION",
                     help="more evaluation folders of the same weights (e.g. evaluate --views 8), kept in the card "
                          "under other_evaluations")
+    pb.add_argument("--crystal-evaluation", default=None, metavar="EVALUATION",
+                    help="evaluation folder of the same weights on the crystal recipe (evaluate --recipe crystal), "
+                         "kept in the card as evaluation_crystal")
     pb.set_defaults(func=_cmd_publish)
 
     d = sub.add_parser("demo", help="the whole live pipeline on this machine: Tiled, IOC, ZeroMQ, scan, replay",
@@ -417,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="cdinn-32")
     d.add_argument("--photons", type=float, default=1e6, help="photons per frame (default 1e6)")
     d.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
+    d.add_argument("--recipe", choices=("paper", "crystal"), default="paper",
+                   help="the sample: a paper-recipe crystal, or a crystal of the realistic recipe with its Bragg "
+                        "peak off the window's centre (default paper)")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.set_defaults(func=_cmd_demo)
 

@@ -23,7 +23,7 @@ Output: amplitude ``(B, N, N)`` in [0, 1] and phase ``(B, N, N)`` in radians.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -42,6 +42,10 @@ class ModelConfig:
         space_to_depth: fold ``r x r`` pixel blocks into channels at the input and unfold them at
             the output (the paper: 1, no folding).
         patterson: add the autocorrelation (inverse FFT of the intensity) as two input channels.
+        centred_input: trained on patterns centred on their Bragg peak
+            (:func:`~cdinn_stream.physics.peak_offsets`), with the matching ramp out of the target
+            phase: :class:`~cdinn_stream.reconstruct.CDIModel` then centres every pattern before the
+            network and puts the ramp back after it. No effect on the layers.
     """
 
     size: int = 32
@@ -49,6 +53,7 @@ class ModelConfig:
     convs_per_stage: int = 2
     space_to_depth: int = 1
     patterson: bool = False
+    centred_input: bool = False
 
     def to_dict(self) -> dict:
         return {**asdict(self), "widths": list(self.widths)}
@@ -57,7 +62,7 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         return cls(size=int(d["size"]), widths=tuple(int(w) for w in d["widths"]),
                    convs_per_stage=int(d["convs_per_stage"]), space_to_depth=int(d.get("space_to_depth", 1)),
-                   patterson=bool(d.get("patterson", False)))
+                   patterson=bool(d.get("patterson", False)), centred_input=bool(d.get("centred_input", False)))
 
 
 def _convs(c_in: int, c_out: int, n: int) -> list[nn.Module]:
@@ -198,7 +203,7 @@ def deepen(model: CDINN) -> CDINN:
     extra capacity. Used to grow the shipped 32x32 model (see its model card's lineage).
     """
     cfg = model.config
-    new = CDINN(ModelConfig(cfg.size, cfg.widths, 2 * cfg.convs_per_stage, cfg.space_to_depth, cfg.patterson))
+    new = CDINN(replace(cfg, convs_per_stage=2 * cfg.convs_per_stage))
 
     def convs(seq: nn.Module) -> list[nn.Conv2d]:
         return [m for m in seq if isinstance(m, nn.Conv2d)]
@@ -229,7 +234,7 @@ def with_patterson(model: CDINN) -> CDINN:
     cfg = model.config
     if cfg.patterson:
         return model
-    new = CDINN(ModelConfig(cfg.size, cfg.widths, cfg.convs_per_stage, cfg.space_to_depth, True))
+    new = CDINN(replace(cfg, patterson=True))
     state = model.state_dict()
     first = next(m for m in new.encoder if isinstance(m, nn.Conv2d))
     key = next(k for k in state if k.startswith("encoder.") and k.endswith(".weight"))

@@ -110,20 +110,32 @@ def peak_offsets(intensity: np.ndarray | torch.Tensor, *, window: int = CENTRE_W
     if x.ndim == 2:
         x = x[None]
     b, n = x.shape[0], x.shape[-1]
-    rows3 = torch.cat([x[:, -1:], x, x[:, :1]], dim=1)  # periodic 3x3 box sums, in two 1-D passes
-    rows3 = rows3[:, :-2] + rows3[:, 1:-1] + rows3[:, 2:]  # (4x cheaper than avg_pool2d on a CPU)
-    box = torch.cat([rows3[:, :, -1:], rows3, rows3[:, :, :1]], dim=2)
-    flat = (box[:, :, :-2] + box[:, :, 1:-1] + box[:, :, 2:]).reshape(b, -1).argmax(dim=1)
-    peak = torch.stack([flat // n, flat % n], dim=1).to(x.dtype)  # (B, 2) brightest blob
-    idx = torch.arange(n, device=x.device, dtype=x.dtype)
-    d = torch.remainder(idx[None, None, :] - peak[:, :, None] + n // 2, n) - n // 2  # (B, 2, N) signed distances
-    near = (d.abs() <= window).to(x.dtype)
-    rows = (x * near[:, 1, None, :]).sum(dim=-1) * near[:, 0]  # (B, N): window mass per row
-    cols = (x * near[:, 0, :, None]).sum(dim=-2) * near[:, 1]  # per column
-    mass = rows.sum(dim=1).clamp_min(1e-30)
-    com = torch.stack([(rows * d[:, 0]).sum(dim=1), (cols * d[:, 1]).sum(dim=1)], dim=1) / mass[:, None]
+    box = _box3(_box3(x, 1), 2)
+    row = box.amax(dim=2).argmax(dim=1)  # the brightest blob in two small arg-maxima (3x cheaper than one flat one)
+    col = box[torch.arange(b, device=x.device), row].argmax(dim=1)
+    steps = torch.arange(-window, window + 1, device=x.device)
+    rows = torch.remainder(row[:, None] + steps, n)  # (B, 2 window + 1): the window, periodically
+    cols = torch.remainder(col[:, None] + steps, n)
+    local = x[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    mass = local.sum(dim=(1, 2)).clamp_min(1e-30)
+    offs = steps.to(x.dtype)
+    com = torch.stack([(local.sum(dim=2) * offs).sum(dim=1), (local.sum(dim=1) * offs).sum(dim=1)], dim=1)
+    peak = torch.stack([row, col], dim=1).to(x.dtype)
+    com = com / mass[:, None]
     offsets = torch.remainder(peak + com, n) - n // 2
     return offsets if subpixel else torch.round(offsets).long()
+
+
+def _box3(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Periodic sum of each element of ``(B, N, N)`` ``x`` and its two neighbours along ``dim``
+    (in-place adds on one copy: 4x cheaper than ``avg_pool2d`` on a CPU)."""
+    out = x.clone()
+    n = x.shape[dim]
+    out.narrow(dim, 1, n - 1).add_(x.narrow(dim, 0, n - 1))
+    out.narrow(dim, 0, n - 1).add_(x.narrow(dim, 1, n - 1))
+    out.narrow(dim, 0, 1).add_(x.narrow(dim, n - 1, 1))
+    out.narrow(dim, n - 1, 1).add_(x.narrow(dim, 0, 1))
+    return out
 
 
 def ramp(offsets: torch.Tensor, size: int) -> torch.Tensor:
@@ -143,6 +155,26 @@ def roll_frames(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+def _gap_to_edge(support: torch.Tensor) -> torch.Tensor:
+    """``(B, 2)`` rolls that bring the middle of each frame's widest empty band of rows and of
+    columns (periodically) to index 0."""
+    out = np.zeros((len(support), 2), np.int64)
+    for axis, other in ((0, 2), (1, 1)):
+        occupied = support.any(dim=other).numpy()  # (B, N)
+        n = occupied.shape[1]
+        for i, occ in enumerate(occupied):
+            if occ.all() or not occ.any():
+                continue
+            start = int(np.argmax(occ))  # an occupied index: empty runs do not wrap when read from it
+            ring = np.roll(~occ, -start)
+            edges = np.diff(np.r_[0, ring.astype(np.int8), 0])
+            begins, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+            j = int(np.argmax(ends - begins))
+            gap_middle = (start + (begins[j] + ends[j] - 1) // 2) % n
+            out[i, axis] = -gap_middle
+    return torch.from_numpy(out)
+
+
 def strain(amplitude: np.ndarray | torch.Tensor, phase: np.ndarray | torch.Tensor) -> np.ndarray:
     """The strain view of ``(B, N, N)`` objects: the phase less its amplitude-weighted linear
     ramp and offset over the support, 0 outside it (the convention of BCDI papers: the strain
@@ -158,6 +190,10 @@ def strain(amplitude: np.ndarray | torch.Tensor, phase: np.ndarray | torch.Tenso
     if a.ndim == 2:
         a, p = a[None], p[None]
     b, n = a.shape[0], a.shape[-1]
+    # work on the object rolled so that the widest empty band of rows (columns) sits on the field's
+    # edge: a crystal across the periodic edge is then in one piece for the ramp; rolled back at the end
+    middle = _gap_to_edge(a > SUPPORT_THRESHOLD * a.flatten(1).amax(dim=1).clamp_min(1e-300)[:, None, None])
+    a, p = roll_frames(a, middle), roll_frames(p, middle)
     obj = torch.polar(a, p)
     coarse = peak_offsets(far_field_torch(obj).abs() ** 2, subpixel=True)
     p = p - ramp(coarse, n).double()
@@ -173,4 +209,4 @@ def strain(amplitude: np.ndarray | torch.Tensor, phase: np.ndarray | torch.Tenso
     rhs = torch.einsum("kp,bp->bk", basis, w * p.reshape(b, -1))
     coef = torch.linalg.solve(gram, rhs[..., None])[..., 0]
     p = wrap(p - torch.einsum("bk,kp->bp", coef, basis).reshape(b, n, n))
-    return torch.where(support, p, torch.zeros_like(p)).float().numpy()
+    return roll_frames(torch.where(support, p, torch.zeros_like(p)), -middle).float().numpy()

@@ -198,7 +198,7 @@ class CDIModel:
 
     def __init__(self, network: CDINN | Int8CDINN, *, name: str = "custom", card: dict | None = None,
                  device: str | torch.device | None = None, precision: str = "auto", cuda_graphs: bool | None = None,
-                 views: int = 1, fold_small_steps: bool | None = None, centre: bool = True):
+                 views: int = 1, fold_small_steps: bool | None = None, centre: bool | None = None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() and not isinstance(network, Int8CDINN) else "cpu"
         self.device = torch.device(device)
@@ -235,8 +235,8 @@ class CDIModel:
         if self.device.type == "cpu" and os.environ.get("CDINN_MALLOC_TUNING") == "1":
             keep_freed_memory()
         #: centre each pattern on its Bragg peak before the network and put the ramp back after
-        #: (:meth:`predict_tensor`); the shipped networks are trained on centred patterns
-        self.centre = centre
+        #: (:meth:`predict_tensor`); default: as the network was trained (``config.centred_input``)
+        self.centre = bool(network.config.centred_input) if centre is None else centre
         self.name = name
         self.card = card or {}
 
@@ -372,7 +372,5 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.
     network = read_network(p)
     card_path = p.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    if centre is None:
-        centre = bool(card.get("recipe", {}).get("centre", False))
     return CDIModel(network, name=p.stem, card=card, device=device, precision=precision, cuda_graphs=cuda_graphs,
                     views=views, fold_small_steps=fold_small_steps, centre=centre)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .crystal import crystal_objects, phase_ramp
+from .physics import wrap
 from .simulate import diffraction_intensity, simulate_objects, strain_phase
 
 __all__ = ["OperandoCrystal", "BCDIFrameSource", "FrameTruth", "make_detector", "make_motors"]
@@ -26,25 +28,40 @@ __all__ = ["OperandoCrystal", "BCDIFrameSource", "FrameTruth", "make_detector", 
 class OperandoCrystal:
     """A crystal (``size x size`` object) whose phase blends from field 0 to field 1 with strain.
 
-    Both fields are strain relative to the crystal's mean lattice (their linear phase ramp over
-    the crystal is removed, as BCDI reconstructions report strain): a ramp is indistinguishable
-    from a shift of the Bragg peak on the detector, so the peak (the brightest pixel, for ~95% of
-    crystals) is the reciprocal-lattice point of reference, as the crop assumes. Every state's
-    phase stays within 2*pi peak to peak (a blend of two such ramp-free fields is ramp-free).
+    ``recipe="paper"``: a paper-recipe crystal; both fields are strain relative to the crystal's
+    mean lattice (their linear phase ramp over the crystal is removed), so the Bragg peak sits on
+    the window's centre; every state's phase stays within 2*pi peak to peak.
+
+    ``recipe="crystal"``: a crystal of the realistic recipe (:mod:`cdinn_stream.crystal`: a
+    sectioned faceted crystal, textured amplitude, displacement-field strain, possibly a
+    dislocation) whose strain grows by a smooth field as ``strain`` goes from 0 to 1, with the
+    Bragg peak off the window's centre by a fixed random integer-plus-sub-pixel amount: the ramp
+    is kept in the phase, as a real detector sees it.
     """
 
-    def __init__(self, size: int = 32, *, seed: int = 0):
+    def __init__(self, size: int = 32, *, seed: int = 0, recipe: str = "paper"):
         rng = np.random.default_rng(seed)
-        amp, phase = simulate_objects(rng, 1, size, remove_ramp=True)
         self.size = size
+        self.recipe = recipe
+        if recipe == "crystal":
+            amp, phase = crystal_objects(rng, 1, size, offset=False)
+            self._ramp = phase_ramp(rng.integers(-2, 3, (1, 2)) + rng.uniform(-0.5, 0.5, (1, 2)), size)[0]
+        elif recipe == "paper":
+            amp, phase = simulate_objects(rng, 1, size, remove_ramp=True)
+            self._ramp = np.zeros((size, size))
+        else:
+            raise ValueError(f"recipe must be 'paper' or 'crystal', not {recipe!r}")
         self.amplitude = amp[0]
         self._phases = (phase[0], strain_phase(rng, amp, remove_ramp=True)[0])
 
     def state(self, strain: float) -> tuple[np.ndarray, np.ndarray]:
         """``(amplitude, phase)`` at ``strain`` in [0, 1] (clipped)."""
         s = float(np.clip(strain, 0.0, 1.0))
-        phase = (1 - s) * self._phases[0] + s * self._phases[1]
         support = self.amplitude > 0.1
+        if self.recipe == "crystal":  # the wrapped field 0 (dislocations allowed) plus a growing smooth field
+            phase = wrap(self._phases[0] + s * self._phases[1] + self._ramp)
+            return self.amplitude, np.where(support, phase, 0).astype(np.float32)
+        phase = (1 - s) * self._phases[0] + s * self._phases[1]
         phase = np.where(support, phase - (phase[support].max() + phase[support].min()) / 2, 0)
         return self.amplitude, phase.astype(np.float32)
 

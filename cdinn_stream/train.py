@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = CDINN(ModelConfig(cfg.size, tuple(cfg.widths), cfg.convs_per_stage, cfg.space_to_depth,
-                              cfg.patterson))
+                              cfg.patterson, centred_input=cfg.centre))
     if cfg.init_weights:
         init = read_weights(cfg.init_weights)
         if cfg.patterson and not init.config.patterson:

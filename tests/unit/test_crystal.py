@@ -154,6 +154,8 @@ def test_phase_loss_is_taken_modulo_two_pi():
 
 
 def test_predict_centres_and_returns_the_pattern_s_own_phase(tiny_model, crystals):
+    assert not tiny_model.centre  # as the network was trained: its config says
+    tiny_model.centre = True
     x = crystals.intensity[:16]
     rolled = np.roll(x, (1, -2), axis=(1, 2))
     a, b = tiny_model.predict(x), tiny_model.predict(rolled)

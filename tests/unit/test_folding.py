@@ -59,13 +59,14 @@ def test_cdimodel_folds_on_the_cpu_with_the_same_results():
     shipped = load_model("cdinn-32", device="cpu", precision="fp32")
     assert isinstance(shipped.folded, FoldedCDINN)
     assert count_flops(shipped.folded) < 0.7 * count_flops(shipped.network)
-    plain = CDIModel(shipped.network, device="cpu", precision="fp32", fold_small_steps=False)
+    plain = CDIModel(shipped.network, device="cpu", precision="fp32", fold_small_steps=False, centre=shipped.centre)
     assert plain.folded is None
     frames = simulate(16, 32, seed=5, photons=1e6).intensity
     a, b = shipped.predict(frames), plain.predict(frames)
     np.testing.assert_allclose(a.amplitude, b.amplitude, atol=1e-5)
     np.testing.assert_allclose(a.phase, b.phase, atol=1e-4)
-    eight = [CDIModel(shipped.network, device="cpu", precision="fp32", views=8, fold_small_steps=f).predict(frames[:4])
+    eight = [CDIModel(shipped.network, device="cpu", precision="fp32", views=8, fold_small_steps=f,
+                      centre=shipped.centre).predict(frames[:4])
              for f in (True, False)]  # the symmetry ensemble goes through the folded form too
     np.testing.assert_allclose(eight[0].amplitude, eight[1].amplitude, atol=1e-5)
     np.testing.assert_allclose(eight[0].phase, eight[1].phase, atol=1e-4)
@@ -101,7 +102,7 @@ def test_pixel_shuffles_take_any_layout(layout):
 
 def test_folded_model_takes_non_contiguous_amplitudes():
     shipped = load_model("cdinn-32", device="cpu", precision="fp32")
-    plain = CDIModel(shipped.network, device="cpu", precision="fp32", fold_small_steps=False)
+    plain = CDIModel(shipped.network, device="cpu", precision="fp32", fold_small_steps=False, centre=shipped.centre)
     amplitude = torch.rand(6, 32, 32)
     for x in (amplitude[::2], amplitude.transpose(1, 2), amplitude.flatten()[1:][: 4 * 1024].view(4, 32, 32)):
         for got, want in zip(shipped.predict_tensor(x), plain.predict_tensor(x), strict=True):

@@ -69,7 +69,9 @@ def test_scores_invariant_to_what_the_modulus_cannot_see(truth, op):
     ref = score(amp, phase, truth.amplitude, truth.phase, truth.intensity)
     got = score(np.abs(obj), np.angle(obj), truth.amplitude, truth.phase, truth.intensity)
     for k in ref:
-        np.testing.assert_allclose(got[k], ref[k], atol=1e-5, err_msg=k)
+        # strain RMSE fits a plane to the wrapped error: an error within float rounding of +-pi may
+        # fall on either side of the cut, which moves the plane a little
+        np.testing.assert_allclose(got[k], ref[k], atol=2e-3 if k == "strain_rmse" else 1e-5, err_msg=k)
 
 
 def test_align_recovers_the_truth(truth):

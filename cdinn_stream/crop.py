@@ -99,9 +99,9 @@ def find_peaks(frames: np.ndarray, *, box: int = 5, centre: bool = True) -> np.n
     over ``box x box`` (a hot pixel or noise does not win), searched on 2x2-binned frames (with a
     ``box // 2 + 1`` box) when they are large (at least ``8 * box`` on each side; 4x fewer
     pixels); then the brightest pixel of the frame within ``box // 2`` (one more when binned)
-    of it; then (``centre``) the rounded centre of mass of the 7x7 pixels around that
-    (:func:`centre_of_mass_peaks`): where the mean lattice puts the peak, the centring rule of
-    the model (:func:`cdinn_stream.physics.peak_offsets`).
+    of it, or (``centre``, the default) the brightest 3x3 blob there and then the rounded centre of
+    mass of the 7x7 pixels around it (:func:`centre_of_mass_peaks`): where the mean lattice puts
+    the peak, the centring rule of the model (:func:`cdinn_stream.physics.peak_offsets`).
     """
     n, h, w = frames.shape
     f = 2 if min(h, w) >= BIN_SEARCH_FACTOR * box else 1
@@ -117,6 +117,8 @@ def find_peaks(frames: np.ndarray, *, box: int = 5, centre: bool = True) -> np.n
     rows = (coarse[:, 0, None] + offsets).clip(0, h - 1)
     cols = (coarse[:, 1, None] + offsets).clip(0, w - 1)
     local = frames[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if centre:  # the brightest 3x3 blob near the coarse peak, as the model's rule has it
+        local = box_sum(local, 3)
     r, c = np.unravel_index(local.reshape(n, -1).argmax(axis=1), local.shape[1:])
     brightest = np.stack([rows[np.arange(n), r], cols[np.arange(n), c]], axis=1).astype(np.int64)
     return centre_of_mass_peaks(frames, brightest) if centre else brightest

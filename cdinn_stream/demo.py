@@ -90,6 +90,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     from .ioc import IOCThread
     from .listen import listen
     from .metrics import score
+    from .physics import wrap
     from .reconstruct import load_model
     from .replay import register_exporter, replay_documents, run_documents
     from .sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
@@ -192,7 +193,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
                        "vs_same_states_clean": e2e_chi2 / same_chi2},
         "replay": {"seconds": replay_s, "frames": int(len(r_amp)),
                    "max_abs_diff_amplitude": float(np.abs(r_amp - amp).max()) if r_amp.shape == amp.shape else None,
-                   "max_abs_diff_phase": float(np.abs(r_phase - phase).max())
+                   "max_abs_diff_phase": float(np.abs(wrap(r_phase - phase)).max())
                                          if r_phase.shape == phase.shape else None},
         "tiled": {"raw": f"<server>/{uid}", "live": f"<server>/cdinn/{uid}", "replay": f"<server>/cdinn-replay/{uid}"},
     })

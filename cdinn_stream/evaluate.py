@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .metrics import chi2, score
 from .phase_retrieval import CHUNK as ERHIO_CHUNK
 from .phase_retrieval import ITERATIONS, er_hio
-from .physics import far_field
+from .physics import far_field, strain
 from .plots import plot_chi2_extremes, plot_examples
 from .reconstruct import CDIModel
 from .simulate import simulate
@@ -169,11 +169,15 @@ def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int |
         crop = pr[:, b : b + size, b : b + size]
         pr_amp, pr_phase = crop.abs().numpy(), crop.angle().numpy() * (
             crop.abs().numpy() > 0.1 * crop.abs().amax(dim=(1, 2), keepdim=True).numpy())
-    plot_examples(out / "examples.png", data.intensity, data.amplitude, data.phase, rec.amplitude, rec.phase,
-                  pr_amp, pr_phase)
+    true_phase, nn_phase, label = data.phase, rec.phase, "phase"
+    if recipe == "crystal":  # the off-centre peaks' ramps would hide the strain: show the strain views
+        true_phase, nn_phase, label = data.strain, rec.strain, "strain"
+        pr_phase = None if pr_amp is None else strain(pr_amp, pr_phase)
+    plot_examples(out / "examples.png", data.intensity, data.amplitude, true_phase, rec.amplitude, nn_phase,
+                  pr_amp, pr_phase, phase_label=label)
     for worst, name in ((False, "best.png"), (True, "worst.png")):
         plot_chi2_extremes(out / name, nn["chi2"], data.intensity, predicted_intensity, data.amplitude,
-                           rec.amplitude, data.phase, rec.phase, worst=worst)
+                           rec.amplitude, true_phase, nn_phase, worst=worst, phase_label=label)
     return report
 
 

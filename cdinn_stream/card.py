@@ -20,7 +20,7 @@ from .int8 import Int8CDINN
 from .model import CDINN, count_flops
 from .weights import read_network, read_weights, save_weights
 
-__all__ = ["code_commit", "publish", "publish_int8"]
+__all__ = ["code_commit", "publish", "publish_int8", "attach_crystal_evaluation"]
 
 
 def code_commit(repo: str | Path | None = None) -> str:
@@ -199,3 +199,21 @@ def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, mod
         "total_training_seconds": sum(st["training_seconds"] for st in stages),
     }
     return _write_card(card, report, also, target, crystal_evaluation)
+
+
+def attach_crystal_evaluation(name: str, evaluation_dir: str | Path, models_dir: str | Path = "models") -> Path:
+    """Add an evaluation on the crystal recipe (``evaluate --recipe crystal`` of the shipped
+    ``name``) to that model's card as ``evaluation_crystal``, with its figures; the rest of the
+    card is kept. Returns the card's path."""
+    models_dir = Path(models_dir)
+    card_path = models_dir / f"{name}.json"
+    card = json.loads(card_path.read_text())
+    report = json.loads((Path(evaluation_dir) / "report.json").read_text())
+    if report.get("recipe") != "crystal":
+        raise ValueError(f"{evaluation_dir} is not an evaluation on the crystal recipe")
+    if report.get("model") != name:
+        raise ValueError(f"{evaluation_dir} evaluates {report.get('model')!r}, not {name!r}")
+    card["evaluation_crystal"] = _evaluation(report)
+    _copy_figures(Path(evaluation_dir), models_dir, f"{name}.crystal")
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
+    return card_path

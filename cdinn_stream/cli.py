@@ -92,7 +92,16 @@ def _cmd_deepen(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from .card import publish
+    from .card import attach_crystal_evaluation, publish
+
+    if args.attach:
+        if not args.crystal_evaluation:
+            raise SystemExit("--attach needs --crystal-evaluation DIR")
+        card = attach_crystal_evaluation(args.attach, args.crystal_evaluation, args.models)
+        print(f"added the crystal-recipe evaluation in {args.crystal_evaluation} to {card}")
+        return 0
+    if not (args.run and args.evaluation and args.name):
+        raise SystemExit("publish needs RUN, EVALUATION and --name (or --attach NAME --crystal-evaluation DIR)")
 
     card = publish(args.run, args.evaluation, args.name, args.models, lineage=args.lineage, after_card=args.after,
                    also=args.also, crystal_evaluation=args.crystal_evaluation)
@@ -396,9 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("publish", help="ship a trained model: weights + model card JSON into models/",
                         description="Copy RUN/best.pt to MODELS/NAME.pt and write the model card MODELS/NAME.json "
                                     "(recipe, data, epochs, validation curve, evaluation metrics, code commit).")
-    pb.add_argument("run", help="training output folder (holds best.pt and history.json)")
-    pb.add_argument("evaluation", help="evaluation folder of those weights (holds report.json)")
-    pb.add_argument("--name", required=True, help="model name, e.g. cdinn-32")
+    pb.add_argument("run", nargs="?", help="training output folder (holds best.pt and history.json)")
+    pb.add_argument("evaluation", nargs="?", help="evaluation folder of those weights (holds report.json)")
+    pb.add_argument("--name", help="model name, e.g. cdinn-32")
+    pb.add_argument("--attach", default=None, metavar="NAME",
+                    help="only add --crystal-evaluation to the card of the shipped model NAME, keeping the rest")
     pb.add_argument("--models", default="models", help="models folder (default ./models)")
     pb.add_argument("--lineage", nargs="*", default=[],
                     help="earlier training folders this run was fine-tuned from, oldest first")

@@ -221,7 +221,8 @@ def offset_table(sweep: dict[str, dict]) -> str:
     base = sweep.get("0", next(iter(sweep.values())))
     lines = ["NN accuracy against the Bragg peak's offset from the window's centre (noise-free; medians, ratio to "
              "the centred peak in brackets):", "",
-             "| offset (px) | support IoU | chi2 | phase RMSE (rad) | phase RMSE, ramp removed |", "|---|---|---|---|---|"]
+             "| offset (px) | support IoU | chi2 | phase RMSE (rad) | phase RMSE, ramp removed |",
+             "|---|---|---|---|---|"]
     for offset, m in sweep.items():
         cells = []
         for key in ("support_iou", "chi2", "phase_rmse", "strain_rmse"):

@@ -37,10 +37,11 @@ def sample_losses(
     ``(sigmoid(phase_logits) - 0.5) * 2 pi`` and is scored only inside the true support.
     Phase errors are taken modulo 2 pi (wrapped to [-pi, pi)). With ``offset_invariant``, the
     circular mean of the phase difference over the support (a global phase offset, which ``|F|``
-    cannot see) is removed before the MSE and only weakly penalised (:data:`OFFSET_ANCHOR`). ``support_weight`` adds a cross-entropy of the predicted support
-    (amplitude above the 0.1 threshold) against the true one: the phase is reported only on the
-    predicted support, so its edge matters. ``support_pos_weight > 1`` makes a missed support
-    pixel (whose phase is then reported as 0) cost more than a spurious one.
+    cannot see) is removed before the MSE and only weakly penalised (:data:`OFFSET_ANCHOR`).
+    ``support_weight`` adds a cross-entropy of the predicted support (amplitude above the 0.1
+    threshold) against the true one: the phase is reported only on the predicted support, so its
+    edge matters. ``support_pos_weight > 1`` makes a missed support pixel (whose phase is then
+    reported as 0) cost more than a spurious one.
     """
     bce = F.binary_cross_entropy_with_logits(shape_logits, amplitude, reduction="none").mean(dim=(-2, -1))
     pred_phase = (torch.sigmoid(phase_logits) - 0.5) * (2 * math.pi)

@@ -24,7 +24,16 @@ from .ensemble import symmetry_ensemble
 from .folding import fold
 from .int8 import Int8CDINN
 from .model import CDINN
-from .physics import SUPPORT_THRESHOLD, masked_phase, normalized_amplitude, peak_offsets, ramp, roll_frames, strain, wrap
+from .physics import (
+    SUPPORT_THRESHOLD,
+    masked_phase,
+    normalized_amplitude,
+    peak_offsets,
+    ramp,
+    roll_frames,
+    strain,
+    wrap,
+)
 from .weights import read_network
 
 __all__ = ["Reconstruction", "CDIModel", "load_model", "model_path", "DEFAULT_MODEL", "validate_frames",

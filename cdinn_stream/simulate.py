@@ -30,8 +30,8 @@ from scipy.spatial import ConvexHull
 from .crystal import crystal_objects, detector_counts, phase_ramp
 from .physics import SUPPORT_THRESHOLD, far_field, strain, wrap
 
-__all__ = ["SimulatedSet", "simulate", "RECIPES", "simulate_objects", "diffraction_intensity", "add_noise", "add_noise_torch",
-           "remove_phase_ramp", "strain_phase", "SIZES", "CHUNK"]
+__all__ = ["SimulatedSet", "simulate", "RECIPES", "simulate_objects", "diffraction_intensity", "add_noise",
+           "add_noise_torch", "remove_phase_ramp", "strain_phase", "SIZES", "CHUNK"]
 
 #: Frame sizes the recipe is tuned for.
 SIZES = (32, 64, 128)

@@ -2,7 +2,7 @@
 
 PVs (served by ``cdinn-stream ioc --prefix P``, see :mod:`cdinn_stream.ioc`): ``P:AMPLITUDE``
 and ``P:PHASE`` (waveforms of ``h*w`` values, row-major), ``P:SHAPE`` (``[h, w]``),
-``P:SUPPORT_SIZE`` (pixels), ``P:PHASE_RMS`` (rad, inside the support), ``P:FRAME_RATE``
+``P:SUPPORT_SIZE`` (pixels), ``P:PHASE_RMS`` (rad, inside the support, about the circular mean), ``P:FRAME_RATE``
 (frames/s), ``P:FRAMES`` (count), ``P:SEQ_NUM``, ``P:RUN_UID`` and ``P:STATUS``.
 
 Without an IOC the sink warns once and goes on (it tries to reconnect every ``retry`` seconds).
@@ -85,7 +85,11 @@ class EpicsSink:
             return
         amp, phase = result.amplitude[-1], result.phase[-1]
         support = amp > 0.1
-        rms = float(np.sqrt(np.mean((phase[support] - phase[support].mean()) ** 2))) if support.any() else 0.0
+        rms = 0.0
+        if support.any():  # about the circular mean, modulo 2 pi: the phase is wrapped to [-pi, pi)
+            inside = phase[support].astype(np.float64)
+            spread = np.angle(np.exp(1j * (inside - np.angle(np.exp(1j * inside).sum()))))
+            rms = float(np.sqrt(np.mean(spread**2)))
         elapsed = now - self._rate_t0
         rate = self._rate_n / elapsed if elapsed > 0 else 0.0
         if elapsed > 2.0:

@@ -207,12 +207,14 @@ def attach_crystal_evaluation(name: str, evaluation_dir: str | Path, models_dir:
     card is kept. Returns the card's path."""
     models_dir = Path(models_dir)
     card_path = models_dir / f"{name}.json"
-    card = json.loads(card_path.read_text())
     report = json.loads((Path(evaluation_dir) / "report.json").read_text())
     if report.get("recipe") != "crystal":
         raise ValueError(f"{evaluation_dir} is not an evaluation on the crystal recipe")
     if report.get("model") != name:
         raise ValueError(f"{evaluation_dir} evaluates {report.get('model')!r}, not {name!r}")
+    if not card_path.is_file():
+        raise ValueError(f"no model card {card_path}")
+    card = json.loads(card_path.read_text())
     card["evaluation_crystal"] = _evaluation(report)
     _copy_figures(Path(evaluation_dir), models_dir, f"{name}.crystal")
     card_path.write_text(json.dumps(card, indent=1) + "\n")

@@ -173,7 +173,7 @@ def _centred(intensity: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tens
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Patterns rolled so their Bragg peak sits at ``N // 2`` (:func:`peak_offsets`) and the target
     phases less the matching ramp, wrapped (0 outside the support)."""
-    shifts = peak_offsets(intensity)
+    shifts = torch.cat([peak_offsets(intensity[i : i + 65_536]) for i in range(0, len(intensity), 65_536)])
     moved = shifts.any(dim=1)
     if not bool(moved.any()):
         return intensity, phase

@@ -73,6 +73,29 @@ def test_evaluate_then_publish(tmp_path, tiny_weights, capsys):
     assert card["total_epochs"] == 3 and card["total_training_seconds"] == 5.0
 
 
+def test_crystal_evaluation_with_sweeps_goes_into_the_card(tmp_path, tiny_weights, capsys):
+    ev = tmp_path / "ev-crystal"
+    assert main(["evaluate", "--model", str(tiny_weights), "--recipe", "crystal", "--out", str(ev), "-n", "12",
+                 "--iterations", "20", "--refine-iterations", "5", "--noise", "1e3", "1e6", "--offsets", "0", "1",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "crystal recipe" in out and "ramp removed" in out and "| 1 |" in out
+    report = json.loads((ev / "report.json").read_text())
+    assert report["recipe"] == "crystal" and report["seed"] == 27_182_818
+    assert set(report["noise"]) == {"clean", "1000", "1e+06"} and set(report["offsets"]) == {"0", "1"}
+    assert "strain_rmse" in report["methods"]["erhio"]["metrics"]
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny.json").write_text(json.dumps({"name": "tiny", "evaluation": {"n": 1}}))
+    # the report is of another model: refused, with the reason
+    assert main(["publish", "--attach", "other", "--crystal-evaluation", str(ev), "--models", str(models)]) == 2
+    assert "evaluates 'tiny'" in capsys.readouterr().err
+    assert main(["publish", "--attach", "tiny", "--crystal-evaluation", str(ev), "--models", str(models)]) == 0
+    card = json.loads((models / "tiny.json").read_text())
+    assert card["evaluation"] == {"n": 1} and card["evaluation_crystal"]["offsets"]["1"]["chi2"]["median"] > 0
+    assert (models / "tiny.crystal.worst.png").stat().st_size > 1000
+
+
 def test_errors_are_reported_not_raised(capsys):
     assert main(["evaluate", "--model", "no-such-model", "-n", "2"]) == 2
     assert "no shipped model named" in capsys.readouterr().err

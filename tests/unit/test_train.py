@@ -96,3 +96,22 @@ def test_patterson_fine_tune_starts_from_weights_without_it(tmp_path, tiny_weigh
     assert tuned.config.patterson and tuned.config.space_to_depth == 2
     first = next(m for m in tuned.encoder if isinstance(m, torch.nn.Conv2d))
     assert first.in_channels == 12 and first.weight[:, 4:].abs().max() > 0  # the new channels learnt
+
+
+@pytest.mark.parametrize("fresh_noise", [False, True])
+def test_mixed_recipes_centred_training(tmp_path, fresh_noise):
+    """Both recipes in one set, centred as inference centres them: the weights say so, and a model
+    loaded from them centres its input."""
+    from cdinn_stream.cli import main
+
+    args = ["train", "--out", str(tmp_path / "run"), "--recipe", "mixed", "--crystal-fraction", "0.5", "--centre",
+            "--n-train", "256", "--n-val", "64", "--batch-size", "64", "--epochs", "1", "--widths", "4,8,16",
+            "--photons", "1e3", "1e8", "--background", "0.2"]
+    assert main(args + (["--fresh-noise"] if fresh_noise else [])) == 0
+    h = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert h["recipe"]["data_recipe"] == "mixed" and h["recipe"]["centre"]
+    assert np.isfinite(h["history"][0]["val_loss"])
+    model = load_model(tmp_path / "run" / "best.pt", device="cpu")
+    assert model.network.config.centred_input and model.centre
+    with pytest.raises(ValueError, match="data_recipe"):
+        train(TrainConfig(out_dir=tmp_path / "x", data_recipe="measured"))

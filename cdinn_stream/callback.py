@@ -179,7 +179,9 @@ class ReconstructionCallback:
             clean, seq_nums, times = clean[keep], seq_nums[keep], times[keep]
             if not len(clean):
                 return None
-        crops = crop_frames(clean, find_peaks(clean), self.size, bin=self.bin)
+        # centre as the model does: the centre of mass for a network trained centred, else the brightest pixel
+        crops = crop_frames(clean, find_peaks(clean, centre=getattr(self.model, "centre", True)), self.size,
+                            bin=self.bin)
         return FrameBlock(run_uid, stream, np.asarray(seq_nums, np.int64), np.asarray(times, np.float64),
                           crops.frames, crops.origins, crops.peaks, np.full(len(clean), received))
 

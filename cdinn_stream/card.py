@@ -66,6 +66,15 @@ def _copy_figures(evaluation_dir: Path, models_dir: Path, name: str) -> None:
             shutil.copy(evaluation_dir / fig, models_dir / f"{name}.{fig}")
 
 
+def _check_centring(centred: bool, evaluations: list[str | Path]) -> None:
+    """Refuse evaluations that did not run the network as it is shipped (centring its input or not)."""
+    for folder in evaluations:
+        ran = bool(json.loads((Path(folder) / "report.json").read_text()).get("centre", False))
+        if ran != centred:
+            raise ValueError(f"{folder} was evaluated with centre={ran}, but the network is shipped with "
+                             f"centred_input={centred}")
+
+
 def _data_source(recipe: dict) -> str:
     kind = recipe.get("data_recipe", "paper")
     if kind == "mixed":
@@ -117,9 +126,11 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
     models_dir.mkdir(parents=True, exist_ok=True)
     network = read_weights(run_dir / "best.pt")
     hist = json.loads((run_dir / "history.json").read_text())
+    report = json.loads((evaluation_dir / "report.json").read_text())
     if hist["recipe"].get("centre") and not network.config.centred_input:  # trained before the config said so
         network.config = replace(network.config, centred_input=True)
-    report = json.loads((evaluation_dir / "report.json").read_text())
+    _check_centring(network.config.centred_input, [evaluation_dir, *([crystal_evaluation] if crystal_evaluation
+                                                                       else [])])
     best = min(hist["history"], key=lambda h: h["val_loss"])
     weights = models_dir / f"{name}.pt"
     save_weights(network, weights, meta={"name": name, "epoch": best["epoch"]})
@@ -168,6 +179,8 @@ def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, mod
     network = read_network(weights)
     if not isinstance(network, Int8CDINN):
         raise ValueError(f"{weights} is not an int8 weights file")
+    _check_centring(network.config.centred_input, [evaluation_dir, *([crystal_evaluation] if crystal_evaluation
+                                                                   else [])])
     source_card = json.loads((models_dir / f"{source}.json").read_text())
     report = json.loads((evaluation_dir / "report.json").read_text())
     target = models_dir / f"{name}.pt"

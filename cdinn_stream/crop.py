@@ -118,7 +118,13 @@ def find_peaks(frames: np.ndarray, *, box: int = 5, centre: bool = True) -> np.n
     cols = (coarse[:, 1, None] + offsets).clip(0, w - 1)
     local = frames[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
     if centre:  # the brightest 3x3 blob near the coarse peak, as the model's rule has it
-        local = box_sum(local, 3)
+        wide = np.arange(-half - 1, half + 2)
+        r_all, c_all = coarse[:, 0, None] + wide, coarse[:, 1, None] + wide
+        valid = ((r_all >= 0) & (r_all < h))[:, :, None] & ((c_all >= 0) & (c_all < w))[:, None, :]
+        around = frames[np.arange(n)[:, None, None], r_all.clip(0, h - 1)[:, :, None], c_all.clip(0, w - 1)[:, None, :]]
+        local = box_sum(around * valid, 3)[:, 1:-1, 1:-1]  # each candidate's full 3x3 blob, off-frame pixels 0
+        local = np.where(((r_all[:, 1:-1] >= 0) & (r_all[:, 1:-1] < h))[:, :, None]
+                         & ((c_all[:, 1:-1] >= 0) & (c_all[:, 1:-1] < w))[:, None, :], local, -np.inf)
     r, c = np.unravel_index(local.reshape(n, -1).argmax(axis=1), local.shape[1:])
     brightest = np.stack([rows[np.arange(n), r], cols[np.arange(n), c]], axis=1).astype(np.int64)
     return centre_of_mass_peaks(frames, brightest) if centre else brightest

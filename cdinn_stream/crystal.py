@@ -15,7 +15,7 @@ every count, and this recipe draws them as they are:
   in the plane): surface relaxation, a misfitting inclusion or core (radial field), thermal
   gradients (quadratic), smooth long-wavelength fields, and edge and screw dislocations (phase
   vortices of winding +-1). The smooth part's peak-to-peak is drawn log-uniformly in
-  0.1-4 rad; the phase is wrapped to (-pi, pi].
+  0.1-4 rad; the phase is wrapped to [-pi, pi).
 * **Oversampling** from about 1.1x to 3.3x (the crystal spans 30-90 % of the field).
 * **The Bragg peak off the window's centre** by a random integer (-2..2) plus sub-pixel amount on each
   axis: a linear phase ramp across the object, kept in the returned phase (the phase that matches
@@ -30,9 +30,10 @@ Every function takes a ``numpy.random.Generator`` and is vectorised over the bat
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-from .physics import SUPPORT_THRESHOLD, wrap
+from .physics import SUPPORT_THRESHOLD, ramp, wrap
 
 __all__ = ["crystal_objects", "crystal_shapes", "displacement_phase", "detector_counts", "phase_ramp",
            "PHOTONS", "MAX_OFFSET"]
@@ -114,33 +115,59 @@ def crystal_shapes(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
         cut = rng.uniform(-0.3, 0.3)  # the section plane's offset from the centre, along w
         # the crystal in units where the {100} facets sit at 1; pixels -> crystal units by `scale`
         scale = 2.2 / (fill[i] * size)
-        for _ in range(2):  # scale, measure the extent, scale again to the drawn fill
-            amp = np.zeros(size * size)
-            for k in range(parts):
-                nu, nv, nw = (normals[k] @ basis.T).T  # (26,) components along u, v, w
-                free = dist[k] - normals[k] @ (cut * basis[2] - centres[k])  # (26,)
-                if project[i]:
-                    amp = np.maximum(amp, _thickness(pix * scale, nu, nv, nw, free) / scale)
-                else:
-                    norm = np.hypot(nu, nv).clip(1e-6)
-                    margin = (free[:, None] - (nu[:, None] * pix[:, 0] + nv[:, None] * pix[:, 1]) * scale)
-                    margin = margin / (norm[:, None] * scale)  # in pixels
-                    inside = _soft_inside(margin[None], np.array([rounding[i]]), axis=1)[0]
-                    amp = np.maximum(amp, np.clip(inside / edge[i] + 0.5, 0, 1))
-            amp = amp.reshape(size, size)
-            on = amp > SUPPORT_THRESHOLD * amp.max()
-            if not on.any():
+
+        grains = (normals, dist, basis, centres, cut, bool(project[i]), float(rounding[i]), float(edge[i]))
+        for _ in range(6):  # scale to the drawn fill, and so that the centred crystal keeps off the edges
+            amp = _section(pix, size, scale, *grains)
+            factor = _misfit(amp, fill[i] * size)
+            if factor is None:
                 scale *= 0.5
                 continue
-            rows, cols = np.nonzero(on)
-            extent = max(np.ptp(rows), np.ptp(cols)) + 1
-            scale *= extent / (fill[i] * size)
+            scale *= factor
+            if abs(factor - 1) < 0.03:
+                break
+        amp = _section(pix, size, scale, *grains)
         if project[i]:
             amp = gaussian_filter(amp / max(amp.max(), 1e-9), edge[i] / 2)
         out[i] = amp / max(amp.max(), 1e-9)
     _notches(rng, out)
     _voids(rng, out)
     return _centre(out)
+
+
+def _section(pix: np.ndarray, size: int, scale: float, normals: np.ndarray, dist: np.ndarray, basis: np.ndarray,
+             centres: np.ndarray, cut: float, project: bool, rounding: float, edge: float) -> np.ndarray:
+    """``(size, size)`` amplitude of the grains ``(normals, dist)`` (centred at ``centres``) cut by
+    the plane ``cut`` along ``basis[2]`` (or projected along it), ``scale`` crystal units per pixel."""
+    amp = np.zeros(size * size)
+    for k in range(len(normals)):
+        nu, nv, nw = (normals[k] @ basis.T).T  # (26,) components along u, v, w
+        free = dist[k] - normals[k] @ (cut * basis[2] - centres[k])  # (26,)
+        if project:
+            amp = np.maximum(amp, _thickness(pix * scale, nu, nv, nw, free) / scale)
+        else:
+            norm = np.hypot(nu, nv).clip(1e-6)
+            margin = (free[:, None] - (nu[:, None] * pix[:, 0] + nv[:, None] * pix[:, 1]) * scale)
+            margin = margin / (norm[:, None] * scale)  # in pixels
+            inside = _soft_inside(margin[None], np.array([rounding]), axis=1)[0]
+            amp = np.maximum(amp, np.clip(inside / edge + 0.5, 0, 1))
+    return amp.reshape(size, size)
+
+
+def _misfit(amp: np.ndarray, target: float) -> float | None:
+    """By how much to scale the crystal units per pixel so that ``amp`` spans ``target`` pixels and,
+    centred on its centre of mass, keeps a pixel off each edge (``None``: nothing drawn)."""
+    size = amp.shape[-1]
+    on = amp > SUPPORT_THRESHOLD * max(amp.max(), 1e-30)
+    if not on.any():
+        return None
+    rows, cols = np.nonzero(on)
+    extent = max(np.ptp(rows), np.ptp(cols)) + 1
+    mass = amp.sum()
+    cy, cx = (amp.sum(axis=1) * np.arange(size)).sum() / mass, (amp.sum(axis=0) * np.arange(size)).sum() / mass
+    room = min(size // 2 - 1, size - 2 - size // 2)  # pixels between the centre and the last row kept free
+    reach = max(cy - rows.min(), rows.max() - cy, cx - cols.min(), cols.max() - cx) + 1
+    return max(extent / target, reach / room)
 
 
 def _thickness(p: np.ndarray, nu: np.ndarray, nv: np.ndarray, nw: np.ndarray, free: np.ndarray) -> np.ndarray:
@@ -188,7 +215,7 @@ def _voids(rng: np.random.Generator, amp: np.ndarray) -> None:
             amp[i] *= np.clip(r - 0.5, 0, 1) * 0.9 + 0.1 * (r < 1)  # empty, or a thin residue
 
 
-def _centre(amp: np.ndarray, *others: np.ndarray) -> np.ndarray:
+def _centre(amp: np.ndarray) -> np.ndarray:
     """Roll each amplitude so that its centre of mass sits at ``N // 2``."""
     n, size, _ = amp.shape
     idx = np.arange(size)
@@ -215,7 +242,7 @@ def _texture(rng: np.random.Generator, shape: np.ndarray) -> np.ndarray:
 
 def displacement_phase(rng: np.random.Generator, amplitude: np.ndarray) -> np.ndarray:
     """Strain phases ``(n, N, N)`` of the crystals in ``amplitude``: ``g . u`` of random
-    displacement fields, wrapped to (-pi, pi], circular mean 0 inside the support, 0 outside.
+    displacement fields, wrapped to [-pi, pi), circular mean 0 inside the support, 0 outside.
 
     Each crystal gets a random mix of surface relaxation, a misfitting inclusion or core, a
     thermal gradient and a smooth long-wavelength field, scaled together to a peak-to-peak drawn
@@ -290,10 +317,8 @@ def _dislocation(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray) -> np
 
 def phase_ramp(offset: np.ndarray, size: int) -> np.ndarray:
     """The object phase ``(n, N, N)`` that moves the Bragg peak by ``offset (n, 2)`` pixels
-    (row, column) from ``N // 2``: ``2 pi (offset . (r - N // 2)) / N``, not wrapped."""
-    r = np.arange(size, dtype=np.float64) - size // 2
-    off = np.asarray(offset, np.float64)
-    return (2 * np.pi / size * (off[:, 0, None, None] * r[None, :, None] + off[:, 1, None, None] * r[None, None, :]))
+    (row, column) from ``N // 2`` (:func:`cdinn_stream.physics.ramp`, in float64), not wrapped."""
+    return ramp(torch.as_tensor(np.asarray(offset, np.float64)), size).numpy()
 
 
 def crystal_objects(rng: np.random.Generator, n: int, size: int, *, offset: bool = True
@@ -302,7 +327,7 @@ def crystal_objects(rng: np.random.Generator, n: int, size: int, *, offset: bool
 
     The phase is the strain phase (:func:`displacement_phase`) plus, with ``offset``, the ramp of
     a Bragg peak ``U{-2..2} + U(-0.5, 0.5)`` pixels off the window's centre on each axis, wrapped
-    to (-pi, pi] and 0 outside the support.
+    to [-pi, pi) and 0 outside the support.
     """
     amplitude = _centre(_texture(rng, crystal_shapes(rng, n, size)))
     phase = displacement_phase(rng, amplitude)
@@ -324,12 +349,13 @@ def _coherence_blur(rng: np.random.Generator, intensity: np.ndarray) -> np.ndarr
 
 
 def detector_counts(rng: np.random.Generator, intensity: np.ndarray, *,
-                    photons: float | tuple[float, float] | None = PHOTONS) -> np.ndarray:
+                    photons: float | tuple[float, float] | None = PHOTONS, background: float = 0.0) -> np.ndarray:
     """What a detector records of ``(n, M, M)`` intensities: partial-coherence blur, a +-5 % flat
     field, ``photons`` in total per frame (a number or a log-uniform range) over a background of
     0-1 counts per pixel, Poisson counts, then gaps (20 %: a row or column band 1-3 px wide, away
     from the peak), dead pixels (30 %: up to 5) at 0 and hot pixels (20 %: 1-3 at 0.5-2x the
-    frame's maximum). ``photons=None``: the blur and flat field only, no counting noise."""
+    frame's maximum). ``background`` adds that many counts per pixel to the drawn background.
+    ``photons=None``: no counting noise (``background`` is then added as it is)."""
     n, m, _ = intensity.shape
     out = _coherence_blur(rng, intensity.astype(np.float64))
     out *= 1 + rng.uniform(-0.05, 0.05, out.shape)
@@ -339,8 +365,11 @@ def detector_counts(rng: np.random.Generator, intensity: np.ndarray, *,
             total = 10 ** rng.uniform(lo, hi, (n, 1, 1))
         else:
             total = np.full((n, 1, 1), float(photons))
-        background = 10 ** rng.uniform(-2, 0, (n, 1, 1)) * (rng.random((n, 1, 1)) < 0.8)
-        out = rng.poisson(out * total / out.sum(axis=(1, 2), keepdims=True).clip(1e-30) + background).astype(np.float64)
+        drawn = 10 ** rng.uniform(-2, 0, (n, 1, 1)) * (rng.random((n, 1, 1)) < 0.8)
+        out = out * total / out.sum(axis=(1, 2), keepdims=True).clip(1e-30) + drawn + background
+        out = rng.poisson(out).astype(np.float64)
+    elif background:
+        out = out + background
     centre = m // 2
     for i in np.nonzero(rng.random(n) < 0.2)[0]:
         width = rng.integers(1, 4)

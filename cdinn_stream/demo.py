@@ -79,6 +79,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     """Run the demo; returns the summary (also written to ``out_dir/summary.json``)."""
     if os.environ.get("EPICS_CA_ADDR_LIST") != "127.0.0.1" or "EPICS_CAS_SERVER_PORT" not in os.environ:
         loopback_epics_env()  # keep the demo's Channel Access on this machine
+    import torch
     from bluesky import RunEngine
     from bluesky.plans import scan
     from bluesky_tiled_plugins import TiledWriter
@@ -90,7 +91,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     from .ioc import IOCThread
     from .listen import listen
     from .metrics import score
-    from .physics import wrap
+    from .physics import ramp, wrap
     from .reconstruct import load_model
     from .replay import register_exporter, replay_documents, run_documents
     from .sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
@@ -166,7 +167,9 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     # peak, which for an off-centre Bragg peak is not where the simulator centred its window
     moved = crop_peaks - np.array([t.peak for t in truth])
     seen = np.stack([np.roll(c, tuple(-d), axis=(0, 1)) for c, d in zip(clean, moved, strict=True)])
-    m = score(amp, phase, true_amp, true_phase, seen)
+    undo = ramp(torch.from_numpy(moved), true_amp.shape[-1]).numpy()  # the crop's ramp, for the truth too
+    true_seen = np.where(true_amp > 0.1, wrap(true_phase - undo), 0)
+    m = score(amp, phase, true_amp, true_seen, seen)
     ref = model.predict(clean)  # the same crystal states, noise-free, as the simulator centred them
     same_chi2 = float(np.median(score(ref.amplitude, ref.phase, true_amp, true_phase, clean)["chi2"]))
     card_chi2 = clean_chi2_median(model, cfg.recipe)

@@ -226,7 +226,7 @@ class InferenceEngine:
             if self.model.device.type != "cpu":
                 logger.warning("model failed on %s (%s); falling back to the CPU", self.model.device, err)
                 self.model = CDIModel(self.model.network.cpu(), name=self.model.name, card=self.model.card,
-                                      device="cpu", views=self.model.views,
+                                      device="cpu", views=self.model.views, centre=self.model.centre,
                                       precision="auto" if self.model.precision == "fp16" else self.model.precision)
                 self._pin = False
                 return self._infer(frames)

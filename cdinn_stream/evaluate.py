@@ -26,7 +26,8 @@ from .reconstruct import CDIModel
 from .simulate import simulate
 from .timing import machine_info, time_call
 
-__all__ = ["evaluate", "noise_sweep", "offset_sweep", "summarize", "report_table", "EVAL_SEED", "CRYSTAL_EVAL_SEED",
+__all__ = ["evaluate", "noise_sweep", "offset_sweep", "summarize", "report_table", "eval_seed", "EVAL_SEED",
+           "CRYSTAL_EVAL_SEED",
            "PHOTON_DECADES", "CRYSTAL_PHOTON_DECADES", "OFFSETS"]
 
 #: Photons per frame of the noise sweep (one per decade).
@@ -66,14 +67,16 @@ def _time_nn(model: CDIModel, intensity: np.ndarray) -> tuple[object, float, flo
 
 
 def noise_sweep(model: CDIModel, photons: tuple[float, ...] = PHOTON_DECADES, *, n: int = 1000,
-                seed: int = EVAL_SEED, recipe: str = "paper") -> dict[str, dict]:
+                seed: int | None = None, recipe: str = "paper") -> dict[str, dict]:
     """The NN on the same ``n`` crystals, noise-free and with Poisson noise at each photon count.
 
     Accuracy is scored against the truth: ``chi2`` against the noise-free pattern, support IoU
     and phase RMSE against the object; ``chi2_measured`` is against the noisy pattern the network
     saw (it includes the noise itself). Keys: ``"clean"`` and ``f"{photons:g}"``. For the crystal
     recipe, each noisy set also has the recipe's detector effects (gaps, hot pixels, ...).
+    ``seed``: default the recipe's evaluation seed.
     """
+    seed = eval_seed(recipe) if seed is None else seed
     clean = simulate(n, model.size, seed=seed, recipe=recipe)
     out: dict[str, dict] = {}
     for level in (None, *photons):
@@ -85,11 +88,13 @@ def noise_sweep(model: CDIModel, photons: tuple[float, ...] = PHOTON_DECADES, *,
     return out
 
 
-def offset_sweep(model: CDIModel, offsets: tuple[float, ...] = OFFSETS, *, n: int = 1000, seed: int = EVAL_SEED,
+def offset_sweep(model: CDIModel, offsets: tuple[float, ...] = OFFSETS, *, n: int = 1000, seed: int | None = None,
                  recipe: str = "paper") -> dict[str, dict]:
     """The NN on the same ``n`` noise-free crystals with the Bragg peak ``offset`` pixels off the
     window's centre (in a random direction: a linear phase ramp across each object). Keys:
-    ``f"{offset:g}"``; each holds the medians of :func:`summarize`."""
+    ``f"{offset:g}"``; each holds the medians of :func:`summarize`. ``seed``: default the recipe's
+    evaluation seed."""
+    seed = eval_seed(recipe) if seed is None else seed
     out: dict[str, dict] = {}
     for offset in offsets:
         data = simulate(n, model.size, seed=seed, recipe=recipe, offset=float(offset))

@@ -82,7 +82,7 @@ def normalized_amplitude(intensity: np.ndarray | torch.Tensor) -> torch.Tensor:
     return amp / peak
 
 
-def wrap(phase):
+def wrap(phase: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """Phase wrapped to ``[-pi, pi)`` (numpy or torch, any shape)."""
     if isinstance(phase, torch.Tensor):
         return torch.remainder(phase + np.pi, 2 * np.pi) - np.pi
@@ -100,9 +100,11 @@ def peak_offsets(intensity: np.ndarray | torch.Tensor, *, window: int = CENTRE_W
     (row, column) pixels, rounded to integers unless ``subpixel``.
 
     The centring rule of every stage (the crop, :meth:`CDIModel.predict`, training data): the
-    brightest 3x3 blob (a lone hot pixel does not win), then the intensity-weighted centre of mass
-    of the ``(2 window + 1)**2`` pixels around it. Periodic (indices wrap), so a pattern rolled by
-    ``s`` gives offsets moved by exactly ``s``. For a crystal, the centre of mass is where the mean
+    brightest 3x3 blob (a lone hot pixel does not win over a Bragg peak whose 3x3 blob is
+    brighter, as it is unless the crystal fills the whole field), then the intensity-weighted
+    centre of mass of the ``(2 window + 1)**2`` pixels around it; 0 for a frame with nothing in
+    that window. Periodic (indices wrap), so a pattern rolled by ``s`` gives offsets moved by ``s``
+    (modulo ``N``; ties of the blob search aside). For a crystal, the centre of mass is where the mean
     lattice puts the peak (the amplitude-weighted mean phase gradient), which the brightest pixel
     of a strained crystal is not.
     """
@@ -123,6 +125,7 @@ def peak_offsets(intensity: np.ndarray | torch.Tensor, *, window: int = CENTRE_W
     peak = torch.stack([row, col], dim=1).to(x.dtype)
     com = com / mass[:, None]
     offsets = torch.remainder(peak + com, n) - n // 2
+    offsets = torch.where((mass > 1e-30)[:, None], offsets, torch.zeros_like(offsets))  # nothing to centre on
     return offsets if subpixel else torch.round(offsets).long()
 
 
@@ -140,9 +143,10 @@ def _box3(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def ramp(offsets: torch.Tensor, size: int) -> torch.Tensor:
     """``(B, N, N)`` object phase ``2 pi (offset . (r - N // 2)) / N`` that moves the Bragg peak
-    by ``offsets (B, 2)`` (row, column) pixels; not wrapped."""
-    r = torch.arange(size, device=offsets.device, dtype=torch.float32) - size // 2
-    o = offsets.to(torch.float32)
+    by ``offsets (B, 2)`` (row, column) pixels; not wrapped; float64 for float64 offsets, else float32."""
+    dtype = torch.float64 if offsets.dtype == torch.float64 else torch.float32
+    r = torch.arange(size, device=offsets.device, dtype=dtype) - size // 2
+    o = offsets.to(dtype)
     return (2 * np.pi / size) * (o[:, 0, None, None] * r[None, :, None] + o[:, 1, None, None] * r[None, None, :])
 
 
@@ -176,37 +180,41 @@ def _gap_to_edge(support: torch.Tensor) -> torch.Tensor:
 
 
 def strain(amplitude: np.ndarray | torch.Tensor, phase: np.ndarray | torch.Tensor) -> np.ndarray:
-    """The strain view of ``(B, N, N)`` objects: the phase less its amplitude-weighted linear
-    ramp and offset over the support, 0 outside it (the convention of BCDI papers: the strain
-    relative to the mean lattice, whose Bragg peak is the zero frequency).
+    """The strain view of ``(B, N, N)`` objects (or one ``(N, N)``, returned as ``(1, N, N)``): the
+    phase less its amplitude-weighted linear ramp and offset over the support, wrapped to
+    ``[-pi, pi)``, 0 outside the support. It is ``g . u``, the displacement along the Bragg vector
+    relative to the mean lattice (whose Bragg peak is the zero frequency), as BCDI papers show it;
+    the strain proper is its gradient.
 
-    Computed in two steps that work on wrapped phases: the object is demodulated by the ramp
-    that brings the sub-pixel centre of mass of its own ``|F|**2`` (:func:`peak_offsets`) to the
-    centre, then the least-squares plane of the remaining phase (amplitude-weighted, over the
-    support, about its circular mean) is subtracted; the result is wrapped to ``[-pi, pi)``.
+    Works on wrapped phases: the object is first demodulated by its mean phase step between
+    neighbouring pixels (the angle of the amplitude-weighted sum of ``z[r + 1] conj(z[r])`` along
+    each axis: exact for a ramp of any size, blind to wraps), then the least-squares plane of what
+    is left (amplitude-weighted, over the support, about its circular mean) is subtracted, twice.
+    The object is rolled first so that its widest empty band of rows and of columns sits on the
+    field's edge (a crystal across the periodic edge is then in one piece) and back at the end.
     """
-    a = torch.as_tensor(amplitude).double()
-    p = torch.as_tensor(phase).double()
+    a = torch.as_tensor(amplitude).detach().cpu().double()
+    p = torch.as_tensor(phase).detach().cpu().double()
     if a.ndim == 2:
         a, p = a[None], p[None]
     b, n = a.shape[0], a.shape[-1]
-    # work on the object rolled so that the widest empty band of rows (columns) sits on the field's
-    # edge: a crystal across the periodic edge is then in one piece for the ramp; rolled back at the end
-    middle = _gap_to_edge(a > SUPPORT_THRESHOLD * a.flatten(1).amax(dim=1).clamp_min(1e-300)[:, None, None])
-    a, p = roll_frames(a, middle), roll_frames(p, middle)
-    obj = torch.polar(a, p)
-    coarse = peak_offsets(far_field_torch(obj).abs() ** 2, subpixel=True)
-    p = p - ramp(coarse, n).double()
-    peak = a.flatten(1).amax(dim=1).clamp_min(1e-300)[:, None, None]
-    support = a / peak > SUPPORT_THRESHOLD
-    w = (a * support).reshape(b, -1)
-    offset = torch.angle((w * torch.exp(1j * p.reshape(b, -1))).sum(dim=1))
+    support = a > SUPPORT_THRESHOLD * a.flatten(1).amax(dim=1).clamp_min(1e-300)[:, None, None]
+    middle = _gap_to_edge(support)
+    a, p, support = roll_frames(a, middle), roll_frames(p, middle), roll_frames(support, middle)
+    w = a * support
+    z = torch.polar(w, p)
+    steps = torch.stack([torch.angle((z[:, 1:] * z[:, :-1].conj()).sum(dim=(1, 2))),
+                         torch.angle((z[:, :, 1:] * z[:, :, :-1].conj()).sum(dim=(1, 2)))], dim=1)
+    p = p - ramp(steps * n / (2 * np.pi), n).double()
+    flat_w = w.reshape(b, -1)
+    offset = torch.angle((flat_w * torch.exp(1j * p.reshape(b, -1))).sum(dim=1))
     p = wrap(p - offset[:, None, None])
     yy, xx = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64),
                             indexing="ij")
     basis = torch.stack([(yy - n // 2) / n, (xx - n // 2) / n, torch.ones_like(yy)]).reshape(3, -1)
-    gram = torch.einsum("kp,bp,lp->bkl", basis, w, basis) + 1e-9 * torch.eye(3, dtype=torch.float64)
-    rhs = torch.einsum("kp,bp->bk", basis, w * p.reshape(b, -1))
-    coef = torch.linalg.solve(gram, rhs[..., None])[..., 0]
-    p = wrap(p - torch.einsum("bk,kp->bp", coef, basis).reshape(b, n, n))
+    gram = torch.einsum("kp,bp,lp->bkl", basis, flat_w, basis) + 1e-9 * torch.eye(3, dtype=torch.float64)
+    for _ in range(2):
+        rhs = torch.einsum("kp,bp->bk", basis, flat_w * p.reshape(b, -1))
+        coef = torch.linalg.solve(gram, rhs[..., None])[..., 0]
+        p = wrap(p - torch.einsum("bk,kp->bp", coef, basis).reshape(b, n, n))
     return roll_frames(torch.where(support, p, torch.zeros_like(p)), -middle).float().numpy()

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -99,7 +100,7 @@ class Reconstruction:
         """The phase with 0 outside :attr:`support` (for display)."""
         return masked_phase(self.amplitude, self.phase)
 
-    @property
+    @cached_property
     def strain(self) -> np.ndarray:
         """The phase less its amplitude-weighted linear ramp and offset, 0 outside :attr:`support`:
         the strain view BCDI users read (:func:`cdinn_stream.physics.strain`). :attr:`phase` keeps
@@ -244,7 +245,8 @@ class CDIModel:
         if self.device.type == "cpu" and os.environ.get("CDINN_MALLOC_TUNING") == "1":
             keep_freed_memory()
         #: centre each pattern on its Bragg peak before the network and put the ramp back after
-        #: (:meth:`predict_tensor`); default: as the network was trained (``config.centred_input``)
+        #: (:meth:`predict_tensor`); default: as the network was trained (``config.centred_input``,
+        #: true of the shipped cdinn-32 and cdinn-32-int8)
         self.centre = bool(network.config.centred_input) if centre is None else centre
         self.name = name
         self.card = card or {}
@@ -256,7 +258,7 @@ class CDIModel:
 
     def __repr__(self) -> str:
         return (f"CDIModel(name={self.name!r}, size={self.size}, device={str(self.device)!r}, "
-                f"precision={self.precision!r}, views={self.views})")
+                f"precision={self.precision!r}, views={self.views}, centre={self.centre})")
 
     @torch.inference_mode()
     def predict_tensor(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,22 +266,23 @@ class CDIModel:
         returns amplitude and phase (the network's phase at every pixel) on the device. With :attr:`views`
         ``> 1`` the network sees that many symmetric copies and their results are combined.
 
-        With :attr:`centre` (the default), a pattern whose Bragg peak is whole pixels off ``N // 2``
+        With :attr:`centre` (as the network was trained), a pattern whose Bragg peak is whole pixels off ``N // 2``
         (:func:`~cdinn_stream.physics.peak_offsets`) is rolled onto it for the network, and the
         matching linear ramp is added back to the phase (wrapped to ``[-pi, pi)``): the result is
         the object of the pattern as given."""
         shifts = peak_offsets(amplitude.square()) if self.centre else None
-        moved = shifts.any(dim=1) if shifts is not None else None
-        if moved is not None and bool(moved.any()):
+        # on a CPU, skip the roll and the ramp when nothing moves (the live path: the crop has centred
+        # every frame); on a GPU, always apply them rather than wait for the answer
+        if shifts is not None and self.device.type == "cpu" and not bool(shifts.any()):
+            shifts = None
+        if shifts is not None:
             amplitude = roll_frames(amplitude, -shifts)
-        else:
-            moved = None
         if self.views == 1:
             amp, phase = self._single(amplitude)
         else:
             amp, phase = symmetry_ensemble(self._single, amplitude, self.views)
-        if moved is not None:
-            phase = torch.where(moved[:, None, None], wrap(phase.float() + ramp(shifts, self.size)), phase.float())
+        if shifts is not None:
+            phase = wrap(phase.float() + ramp(shifts, self.size))
         return amp, phase
 
     def _single(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

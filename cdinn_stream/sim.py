@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .crystal import crystal_objects, phase_ramp
+from .crystal import MAX_OFFSET, crystal_objects, phase_ramp
 from .physics import wrap
 from .simulate import diffraction_intensity, simulate_objects, strain_phase
 
@@ -45,7 +45,8 @@ class OperandoCrystal:
         self.recipe = recipe
         if recipe == "crystal":
             amp, phase = crystal_objects(rng, 1, size, offset=False)
-            self._ramp = phase_ramp(rng.integers(-2, 3, (1, 2)) + rng.uniform(-0.5, 0.5, (1, 2)), size)[0]
+            offset = rng.integers(-MAX_OFFSET, MAX_OFFSET + 1, (1, 2)) + rng.uniform(-0.5, 0.5, (1, 2))
+            self._ramp = phase_ramp(offset, size)[0]
         elif recipe == "paper":
             amp, phase = simulate_objects(rng, 1, size, remove_ramp=True)
             self._ramp = np.zeros((size, size))

@@ -278,14 +278,14 @@ def _simulate_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, p = simulate_objects(rng, chunk, size, remove_ramp=remove_ramp)
     a, p = a[:keep], p[:keep]
     if offset:  # the Bragg peak `offset` pixels off the centre, in a random direction
-        angle = np.random.default_rng(seed.spawn(2)[1]).uniform(0, 2 * np.pi, len(a))
+        direction = np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, 2**31))  # not a child: the
+        angle = np.random.default_rng(direction).uniform(0, 2 * np.pi, len(a))  # noise's seed stays the same
         shift = offset * np.stack([np.sin(angle), np.cos(angle)], axis=1)
         p = np.where(a > SUPPORT_THRESHOLD, wrap(p + phase_ramp(shift, size)), 0).astype(np.float32)
     clean = diffraction_intensity(a, p, pad=pad)
     noise_rng = np.random.default_rng(seed.spawn(1)[0])
     if recipe == "crystal" and (detector or (detector is None and photons is not None)):
-        clean = detector_counts(noise_rng, clean, photons=photons)
-        return (clean + np.float32(background) if background else clean), a, p
+        return detector_counts(noise_rng, clean, photons=photons, background=background), a, p
     return add_noise(noise_rng, clean, photons=photons, background=background), a, p
 
 
@@ -339,6 +339,11 @@ def simulate(
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, not {recipe!r}")
+    if remove_ramp and recipe == "crystal":
+        raise ValueError("remove_ramp is for the paper recipe; the crystal recipe's strain has no ramp, and its "
+                         "off-centre peak is set with offset (offset=0: none)")
+    if detector and recipe != "crystal":
+        raise ValueError("detector effects belong to the crystal recipe")
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size}")
     if n < 0:

@@ -137,6 +137,8 @@ def _data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
     """``(intensity, amplitude, phase)`` of ``n_train + n_val`` samples, from ``cfg.data`` or
     simulated (noise-free when ``cfg.fresh_noise``: the noise is drawn per batch)."""
     n = cfg.n_train + cfg.n_val
+    if cfg.data and cfg.data_recipe != "paper":
+        raise ValueError("data_recipe simulates the data; with data= the samples come from the folder")
     if cfg.data:
         path = Path(cfg.data)
         if path.is_dir():
@@ -160,7 +162,8 @@ def _data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
                 parts.append((counts, simulate(
                     sum(counts), cfg.size, seed=seed, photons=None if cfg.fresh_noise else _photons(cfg),
                     background=0.0 if cfg.fresh_noise else cfg.background, remove_ramp=cfg.remove_ramp,
-                    progress=bar.update, workers=cfg.workers, recipe=recipe, detector=recipe == "crystal" or None)))
+                    progress=bar.update, workers=cfg.workers, recipe=recipe,
+                    detector=True if recipe == "crystal" else None)))  # crystals: detector effects baked in
     arrays = []
     for key in ("intensity", "amplitude", "phase"):  # the training samples of each recipe, then their validation ones
         train = [getattr(d, key)[: c[0]] for c, d in parts]
@@ -173,13 +176,13 @@ def _centred(intensity: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tens
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Patterns rolled so their Bragg peak sits at ``N // 2`` (:func:`peak_offsets`) and the target
     phases less the matching ramp, wrapped (0 outside the support)."""
-    shifts = torch.cat([peak_offsets(intensity[i : i + 65_536]) for i in range(0, len(intensity), 65_536)])
-    moved = shifts.any(dim=1)
-    if not bool(moved.any()):
-        return intensity, phase
-    rolled = roll_frames(intensity, -shifts)
-    support = amplitude > SUPPORT_THRESHOLD
-    target = torch.where(support, wrap(phase - ramp(shifts, phase.shape[-1])), torch.zeros_like(phase))
+    rolled, target = torch.empty_like(intensity), torch.empty_like(phase)
+    for i in range(0, len(intensity), 65_536):  # in chunks: a fixed training set can be large
+        part = slice(i, i + 65_536)
+        shifts = peak_offsets(intensity[part])
+        rolled[part] = roll_frames(intensity[part], -shifts)
+        target[part] = torch.where(amplitude[part] > SUPPORT_THRESHOLD,
+                                   wrap(phase[part] - ramp(shifts, phase.shape[-1])), 0.0)
     return rolled, target
 
 
@@ -369,6 +372,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = read_weights(cfg.init_weights)
     raw = torch.as_tensor(cfg.intensity, dtype=torch.float32)
+    if model.config.centred_input:  # as inference will see them
+        raw = torch.cat([roll_frames(c, -peak_offsets(c)) for c in raw.split(65_536)])
     x = normalized_amplitude(raw).unsqueeze(1)
     photons = raw.clamp_min(0).sum(dim=(-2, -1))  # the frames' counts, for the Poisson loss
     if x.shape[-1] != model.config.size:

@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of crystal-recipe samples with --recipe mixed (default 0.5)")
     t.add_argument("--centre", action="store_true",
                    help="centre each pattern on its Bragg peak as inference does and train on the matching phase "
-                        "(the shipped models since cdinn-32 v2)")
+                        "(the shipped cdinn-32 is trained so)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--device", default="cpu",
                    help="cpu, cuda, or auto (CUDA when available); the data set is moved there (default cpu)")

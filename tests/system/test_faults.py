@@ -12,6 +12,7 @@ from bluesky.plans import scan
 from cdinn_stream.callback import ReconstructionCallback
 from cdinn_stream.cli import main
 from cdinn_stream.model import CDINN
+from cdinn_stream.physics import wrap
 from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
 from cdinn_stream.sinks import TiledSink, read_frame_info
 
@@ -287,8 +288,10 @@ def test_killed_mid_run_then_replayed_from_tiled_gives_complete_identical_result
     assert main(["replay", uid, "--tiled", url, "--api-key", key, "--parent", "cdinn", "--precision", "fp32"]) == 0
     _check_complete(tiled_client, uid, 24)
     again, ref = tiled_client["cdinn"][uid], tiled_client["cdinn-reference"][uid]
-    for k in ("amplitude", "phase"):
-        np.testing.assert_allclose(again[k].read(), ref[k].read(), rtol=0, atol=1e-5, err_msg=k)
+    # fp32 results of the same frames batched differently differ by up to ~1e-5 (the CPU kernels'
+    # blocking follows the batch size); phases are compared modulo 2 pi (they are wrapped)
+    np.testing.assert_allclose(again["amplitude"].read(), ref["amplitude"].read(), rtol=0, atol=3e-5)
+    assert np.abs(wrap(again["phase"].read() - ref["phase"].read())).max() < 3e-5
 
 
 def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client):
@@ -352,7 +355,7 @@ def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client)
     for uid, n in uids.items():
         _check_complete(tiled_client, uid, n)
         served, ref = tiled_client["cdinn"][uid], tiled_client["cdinn-reference"][uid]
-        np.testing.assert_allclose(served["amplitude"].read(), ref["amplitude"].read(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(served["amplitude"].read(), ref["amplitude"].read(), rtol=0, atol=3e-5)
 
 
 class GatedTiledSink(TiledSink):

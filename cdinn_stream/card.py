@@ -169,11 +169,12 @@ def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, mod
                  crystal_evaluation: str | Path | None = None) -> Path:
     """Copy an int8 weights file to ``models/<name>.pt`` and write ``models/<name>.json``.
 
-    ``weights`` comes from the quantization-aware fine-tune (``docs/experiments/int8_qat.py``) of
-    the shipped float model ``source``, whose card's name, commit and evaluation go into the new
-    card; ``stages`` are the fine-tune's runs, oldest first (each a dict with at least ``recipe``,
-    ``steps``, ``batch``, ``training_seconds`` and ``train_samples``); ``evaluation_dir`` and
-    ``also`` are as for :func:`publish`.
+    ``weights`` comes from a quantization-aware fine-tune (``docs/experiments/int8_qat.py``) or a
+    post-training quantization (``docs/experiments/int8_ptq.py``) of the shipped float model
+    ``source``, whose card's name, commit and evaluation go into the new card; ``stages`` are the
+    runs, oldest first (each a dict with at least ``recipe``, ``steps``, ``batch``,
+    ``training_seconds`` and ``train_samples``, and optionally ``data``, the card's data entry);
+    ``evaluation_dir``, ``also`` and ``crystal_evaluation`` are as for :func:`publish`.
     """
     evaluation_dir, models_dir = Path(evaluation_dir), Path(models_dir)
     network = read_network(weights)
@@ -201,7 +202,8 @@ def publish_int8(weights: str | Path, evaluation_dir: str | Path, name: str, mod
                             "evaluation": source_card.get("evaluation")},
         "recipe": stages[-1]["recipe"],
         "training_machine": stages[-1].get("machine"),
-        "data": {"simulator": _data_source(stages[-1]["recipe"]), "train_samples": stages[-1]["train_samples"],
+        "data": stages[-1].get("data") or {
+                 "simulator": _data_source(stages[-1]["recipe"]), "train_samples": stages[-1]["train_samples"],
                  "samples_seen": samples, "seed": stages[-1]["recipe"].get("data_seed"),
                  "photons": stages[-1]["recipe"].get("photons"),
                  "background": stages[-1]["recipe"].get("background", 0.0)},

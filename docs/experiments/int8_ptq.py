@@ -52,7 +52,10 @@ def main() -> None:
                         "calibration_frames": args.frames, "calibration_seed": CALIBRATION_SEED,
                         "calibration_data": "half paper recipe (1e4-1e7 photons, background 0.2), half crystal "
                                             "recipe (its detector, 1e3-1e8 photons), centred"},
-             "steps": 0, "batch": 0, "train_samples": args.frames, "training_seconds": time.monotonic() - t0}
+             "steps": 0, "batch": 0, "train_samples": args.frames, "training_seconds": time.monotonic() - t0,
+             "data": {"simulator": "cdinn_stream.simulate (calibration only: paper recipe 50 %, crystal recipe 50 %)",
+                      "calibration_frames": args.frames, "seed": CALIBRATION_SEED,
+                      "photons": {"paper": [1e4, 1e7], "crystal": list(PHOTONS)}, "background": 0.2}}
     print(json.dumps(stage))
 
 

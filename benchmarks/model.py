@@ -3,12 +3,14 @@ against a matmul peak measured on the same machine (CPU, or a CUDA GPU with ``de
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from cdinn_stream.folding import fold
 from cdinn_stream.int8 import Int8CDINN, int8_available
 from cdinn_stream.model import CDINN, count_flops
-from cdinn_stream.physics import normalized_amplitude
+from cdinn_stream.physics import normalized_amplitude, peak_offsets, roll_frames
 from cdinn_stream.reconstruct import load_model, model_path, native_bf16
 from cdinn_stream.simulate import simulate
 from cdinn_stream.timing import time_call
@@ -106,7 +108,38 @@ def run(models: list[str], *, quick: bool = False, device: str = "cpu", cuda_gra
                                  "network_gflop_per_s": computed * bs / net / 1e9,
                                  "fraction_of_matmul_peak": computed * bs / net / 1e9 / peaks[precision]})
     return {"device": torch.cuda.get_device_name(dev) if gpu else "cpu", "matmul_peak_gflop_per_s": peaks,
-            "matmul_n": n_peak, "rows": rows}
+            "matmul_n": n_peak, "rows": rows, "centring": centring(models, device=dev, quick=quick)}
+
+
+def centring(models: list[str], *, device: torch.device, quick: bool = False, batch: int = 1024) -> list[dict]:
+    """What centring each pattern on its Bragg peak costs ``predict``, for each model (in each
+    precision) whose network is trained centred: microseconds per frame with centring off, on
+    patterns as simulated (the peak whole pixels off the centre in about 60 %: rolled, the ramp
+    added back) and on patterns already centred (the live path: the crop has centred them).
+    The three are timed in turns, many times, and each keeps its best: this machine's speed
+    drifts by tens of per cent over a minute, which would swamp a ratio of separate runs."""
+    out = []
+    rounds = 3 if quick else 15
+    for name in models:
+        for precision in _model_precisions(name, device):
+            cdi = load_model(name, device=device, precision=precision)
+            if not cdi.centre:
+                continue
+            frames = simulate(batch, cdi.size, seed=7).intensity
+            shifts = peak_offsets(torch.from_numpy(frames))
+            centred = roll_frames(torch.from_numpy(frames), -shifts).numpy()
+            cases = {"off": (frames, False), "uncentred": (frames, True), "centred": (centred, True)}
+            best = dict.fromkeys(cases, float("inf"))
+            for _ in range(rounds):
+                for case, (x, on) in cases.items():
+                    cdi.centre = on
+                    t = time.perf_counter()
+                    cdi.predict(x, batch_size=batch)
+                    best[case] = min(best[case], (time.perf_counter() - t) / batch * 1e6)
+            out.append({"model": cdi.name, "precision": precision, "batch": batch,
+                        "moved": float(shifts.any(dim=1).float().mean()),
+                        **{f"us_per_frame_{k}": v for k, v in best.items()}})
+    return out
 
 
 def table(r: dict) -> list[str]:
@@ -121,7 +154,7 @@ def table(r: dict) -> list[str]:
              "CPU `predict` runs its folded form (`cdinn_stream.folding`: the steps on 1x1 and 2x2 grids as dense "
              "matrices, same results), whose operations are in brackets and are the ones GFLOP/s count. Above 100% "
              "of the matmul peak means the library computes with fewer (e.g. Winograd 3x3 convolutions). int8: "
-             "the quantization-aware fine-tuned sibling (`cdinn_stream.int8`, its own model card), against the "
+             "the int8 sibling (`cdinn_stream.int8`, its own model card), against the "
              "int8 matmul peak.", "",
              "| model | precision | batch | ms / batch | frames/s | us / frame | network us / frame | "
              "network frames/s | network GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -137,4 +170,16 @@ def table(r: dict) -> list[str]:
               f"{x.get('network_frames_per_s', 1e6 / x['network_us_per_frame']):.0f} | "
               f"{x['network_gflop_per_s']:.0f} | {x['fraction_of_matmul_peak']:.1%} |"
               for x in r["rows"]]
+    if r.get("centring"):
+        lines += ["", "Centring on the Bragg peak (`CDIModel.centre`, for networks trained centred): `predict`'s "
+                  "us / frame with it off, on the simulated patterns (the share of them whose peak is whole pixels "
+                  "off the centre is rolled, and the ramp added back), and on patterns already centred (the live "
+                  "path); the three timed in turns, best of each:", "",
+                  "| model | precision | batch | moved | off | uncentred | centred (live) | uncentred / off | "
+                  "centred / off |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['model']} | {c['precision']} | {c['batch']} | {c['moved']:.0%} | "
+                  f"{c['us_per_frame_off']:.2f} | {c['us_per_frame_uncentred']:.2f} | "
+                  f"{c['us_per_frame_centred']:.2f} | "
+                  f"{c['us_per_frame_uncentred'] / c['us_per_frame_off']:.2f}x | "
+                  f"{c['us_per_frame_centred'] / c['us_per_frame_off']:.2f}x |" for c in r["centring"]]
     return lines

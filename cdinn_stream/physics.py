@@ -31,6 +31,7 @@ __all__ = [
     "peak_offsets",
     "ramp",
     "roll_frames",
+    "add_ramp",
     "strain",
     "CENTRE_WINDOW",
 ]
@@ -150,13 +151,26 @@ def ramp(offsets: torch.Tensor, size: int) -> torch.Tensor:
     return (2 * np.pi / size) * (o[:, 0, None, None] * r[None, :, None] + o[:, 1, None, None] * r[None, None, :])
 
 
+def add_ramp(phase: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``wrap(phase + ramp(offsets))`` for ``(B, N, N)`` phases, as float32, in a few in-place
+    passes (the ramp is the sum of a row and a column term: it is never built whole)."""
+    n = phase.shape[-1]
+    r = torch.arange(n, device=phase.device, dtype=torch.float32) - n // 2
+    o = offsets.to(device=phase.device, dtype=torch.float32) * (2 * np.pi / n)
+    out = phase.float() + (o[:, 0, None] * r)[:, :, None]  # a new tensor: the caller's phase is kept
+    out.add_((o[:, 1, None] * r + np.pi)[:, None, :])
+    return out.remainder_(2 * np.pi).sub_(np.pi)
+
+
 def roll_frames(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Each ``(B, N, N)`` frame rolled by its own ``shifts (B, 2)`` (row, column), periodically."""
+    """Each ``(B, N, N)`` frame rolled by its own ``shifts (B, 2)`` (row, column), periodically
+    (two 1-D gathers: 2x cheaper than one gather of every pixel)."""
     b, n = x.shape[0], x.shape[-1]
     idx = torch.arange(n, device=x.device)
-    rows = torch.remainder(idx[None, :] - shifts[:, 0, None], n)
-    cols = torch.remainder(idx[None, :] - shifts[:, 1, None], n)
-    return x[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    rows = torch.remainder(idx[None, :] - shifts[:, 0, None].to(x.device), n)
+    cols = torch.remainder(idx[None, :] - shifts[:, 1, None].to(x.device), n)
+    x = torch.gather(x, 1, rows[:, :, None].expand(b, n, x.shape[-1]))
+    return torch.gather(x, 2, cols[:, None, :].expand(b, x.shape[1], n))
 
 
 def _gap_to_edge(support: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,12 @@ from .int8 import Int8CDINN
 from .model import CDINN
 from .physics import (
     SUPPORT_THRESHOLD,
+    add_ramp,
     masked_phase,
     normalized_amplitude,
     peak_offsets,
-    ramp,
     roll_frames,
     strain,
-    wrap,
 )
 from .weights import read_network
 
@@ -282,7 +281,7 @@ class CDIModel:
         else:
             amp, phase = symmetry_ensemble(self._single, amplitude, self.views)
         if shifts is not None:
-            phase = wrap(phase.float() + ramp(shifts, self.size))
+            phase = add_ramp(phase, shifts)
         return amp, phase
 
     def _single(self, amplitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

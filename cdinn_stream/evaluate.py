@@ -221,6 +221,18 @@ def _median(summary: dict, key: str) -> str:
     return f"{summary[key]['median']:.3f}" if key in summary else "-"
 
 
+def _ratio_cells(m: dict, base: dict, keys: tuple[str, ...], *, plain: bool = False) -> list[str]:
+    """Each metric's median and (unless ``plain``) its ratio to ``base``'s, as table cells."""
+    cells = []
+    for key in keys:
+        if key not in m:
+            cells.append("-")
+            continue
+        v, c = m[key]["median"], base[key]["median"]
+        cells.append(f"{v:.4f}" if plain or not c > 0 else f"{v:.4f} ({v / c:.2f}x)")
+    return cells
+
+
 def offset_table(sweep: dict[str, dict]) -> str:
     """Markdown table of an :func:`offset_sweep`: medians and their ratio to the centred peak."""
     base = sweep.get("0", next(iter(sweep.values())))
@@ -229,10 +241,7 @@ def offset_table(sweep: dict[str, dict]) -> str:
              "| offset (px) | support IoU | chi2 | phase RMSE (rad) | phase RMSE, ramp removed |",
              "|---|---|---|---|---|"]
     for offset, m in sweep.items():
-        cells = []
-        for key in ("support_iou", "chi2", "phase_rmse", "strain_rmse"):
-            v, c = m[key]["median"], base[key]["median"]
-            cells.append(f"{v:.4f} ({v / c:.2f}x)" if c > 0 else f"{v:.4f}")
+        cells = _ratio_cells(m, base, ("support_iou", "chi2", "phase_rmse", "strain_rmse"))
         lines.append(f"| {offset} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -245,12 +254,6 @@ def noise_table(sweep: dict[str, dict]) -> str:
              "| photons / frame | support IoU | phase RMSE (rad) | chi2 | phase RMSE, ramp removed | chi2 measured |",
              "|---|---|---|---|---|---|"]
     for level, m in sweep.items():
-        cells = []
-        for key in ("support_iou", "phase_rmse", "chi2", "strain_rmse"):
-            if key not in m:
-                cells.append("-")
-                continue
-            v, c = m[key]["median"], clean[key]["median"]
-            cells.append(f"{v:.4f} ({v / c:.2f}x)" if level != "clean" else f"{v:.4f}")
+        cells = _ratio_cells(m, clean, ("support_iou", "phase_rmse", "chi2", "strain_rmse"), plain=level == "clean")
         lines.append(f"| {level} | {' | '.join(cells)} | {m['chi2_measured']['median']:.4f} |")
     return "\n".join(lines)

@@ -119,6 +119,22 @@ def test_bad_documents_and_frames_never_stop_the_scan(RE, model, caplog):
     cb.close()
 
 
+def _operando_run(RE, cb, collector, seed: int, n: int, recipe: str = "paper"):
+    """One scan of ``n`` noisy frames (1e6 photons, background 0.5) of an operando crystal whose
+    Bragg peak moves across a 96x128 detector; the simulator and the results received over ZeroMQ
+    (amplitude, phase and the peaks the crop centred on), after checking that all ``n`` came."""
+    peak, strain = make_motors(48.0)
+    source = BCDIFrameSource(OperandoCrystal(32, seed=seed, recipe=recipe), frame_shape=(96, 128), photons=1e6,
+                             background=0.5, peak_motor=peak, strain_motor=strain, seed=seed)
+    (uid,) = RE(scan([make_detector(source)], strain, 0, 1, peak, 20, 108, n))
+    assert cb.flush(30)
+    results = [m for m in collector.drain(until_stops=seed + 1) if m[0] == "cdinn.result" and m[1]["run_uid"] == uid]
+    amp, phase = np.concatenate([m[2] for m in results]), np.concatenate([m[3] for m in results])
+    peaks = np.concatenate([np.asarray(m[1]["peak"]).reshape(-1, 2) for m in results])
+    assert len(amp) == n
+    return source, (amp, phase, peaks)
+
+
 def test_end_to_end_accuracy_is_within_1_5x_of_clean(RE, zmq_pair):
     """Noisy frames (1e6 photons, background) with the Bragg peak moving across the detector, through
     the RunEngine, crop, engine and ZeroMQ, score within 1.5x of the shipped model's clean-data chi^2:
@@ -133,16 +149,8 @@ def test_end_to_end_accuracy_is_within_1_5x_of_clean(RE, zmq_pair):
     RE.subscribe(cb)
     live, clean_ref, n_runs, n = [], [], 5, 20
     for seed in range(n_runs):
-        peak, strain = make_motors(48.0)
-        source = BCDIFrameSource(OperandoCrystal(32, seed=seed), frame_shape=(96, 128), photons=1e6,
-                                 background=0.5, peak_motor=peak, strain_motor=strain, seed=seed)
-        (uid,) = RE(scan([make_detector(source)], strain, 0, 1, peak, 20, 108, n))
-        assert cb.flush(30)
+        source, (amp, phase, _) = _operando_run(RE, cb, collector, seed, n)
         truth = np.stack([t.intensity for t in source.truth])
-        results = [m for m in collector.drain(until_stops=seed + 1)
-                   if m[0] == "cdinn.result" and m[1]["run_uid"] == uid]
-        amp, phase = np.concatenate([m[2] for m in results]), np.concatenate([m[3] for m in results])
-        assert len(amp) == n
         live.append(chi2(amp, phase, truth).numpy())
         ref = shipped.predict(truth)
         clean_ref.append(chi2(ref.amplitude, ref.phase, truth).numpy())
@@ -169,16 +177,7 @@ def test_crystal_recipe_end_to_end_matches_predict_on_clean_patterns(RE, zmq_pai
     RE.subscribe(cb)
     live, clean_ref, moved, n_runs, n = [], [], [], 4, 20
     for seed in range(n_runs):
-        peak, strain = make_motors(48.0)
-        source = BCDIFrameSource(OperandoCrystal(32, seed=seed, recipe="crystal"), frame_shape=(96, 128),
-                                 photons=1e6, background=0.5, peak_motor=peak, strain_motor=strain, seed=seed)
-        (uid,) = RE(scan([make_detector(source)], strain, 0, 1, peak, 20, 108, n))
-        assert cb.flush(30)
-        results = [m for m in collector.drain(until_stops=seed + 1)
-                   if m[0] == "cdinn.result" and m[1]["run_uid"] == uid]
-        amp, phase = np.concatenate([m[2] for m in results]), np.concatenate([m[3] for m in results])
-        peaks = np.concatenate([np.asarray(m[1]["peak"]).reshape(-1, 2) for m in results])
-        assert len(amp) == n
+        source, (amp, phase, peaks) = _operando_run(RE, cb, collector, seed, n, recipe="crystal")
         clean = np.stack([t.intensity for t in source.truth])
         shift = peaks - np.array([t.peak for t in source.truth])  # where the crop centred vs the simulator
         seen = np.stack([np.roll(c, tuple(-d), axis=(0, 1)) for c, d in zip(clean, shift, strict=True)])

@@ -165,6 +165,8 @@ def add_ramp(phase: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 def roll_frames(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Each ``(B, N, N)`` frame rolled by its own ``shifts (B, 2)`` (row, column), periodically
     (two 1-D gathers: 2x cheaper than one gather of every pixel)."""
+    if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"roll_frames takes (B, N, N) frames, not {tuple(x.shape)}")
     b, n = x.shape[0], x.shape[-1]
     idx = torch.arange(n, device=x.device)
     rows = torch.remainder(idx[None, :] - shifts[:, 0, None].to(x.device), n)

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +245,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                               cfg.patterson, centred_input=cfg.centre))
     if cfg.init_weights:
         init = read_weights(cfg.init_weights)
+        if init.config.centred_input and not cfg.centre:
+            logger.warning("%s was trained on centred patterns: training on, centred too", cfg.init_weights)
+            cfg.centre = True
+            model.config = replace(model.config, centred_input=True)
         if cfg.patterson and not init.config.patterson:
             logger.info("adding the autocorrelation input channels to %s (zero weights)", cfg.init_weights)
             init = with_patterson(init)
@@ -372,6 +376,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = read_weights(cfg.init_weights)
     raw = torch.as_tensor(cfg.intensity, dtype=torch.float32)
+    if raw.ndim != 3 or raw.shape[-1] != model.config.size or raw.shape[-2] != model.config.size:
+        raise ValueError(f"frames are {tuple(raw.shape[1:])} but the model takes "
+                         f"{model.config.size}x{model.config.size}")
     if model.config.centred_input:  # as inference will see them
         raw = torch.cat([roll_frames(c, -peak_offsets(c)) for c in raw.split(65_536)])
     x = normalized_amplitude(raw).unsqueeze(1)

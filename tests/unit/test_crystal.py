@@ -220,3 +220,24 @@ def test_crop_and_model_agree_on_noisy_detector_frames():
         f[r : r + 32, c : c + 32] += pattern
     crops = crop_around_peaks(frames, 32)
     assert (~peak_offsets(crops.frames).any(dim=1)).float().mean() >= 0.9
+
+
+def test_roll_frames_add_ramp_and_gap_to_edge():
+    from cdinn_stream.physics import _gap_to_edge, add_ramp, roll_frames
+
+    x = torch.rand(3, 16, 16)
+    shifts = torch.tensor([[1, -2], [0, 0], [-7, 15]])
+    for frame, got, s in zip(x, roll_frames(x, shifts), shifts, strict=True):
+        assert torch.equal(got, torch.roll(frame, tuple(s.tolist()), dims=(0, 1)))
+    with pytest.raises(ValueError, match="N, N"):
+        roll_frames(torch.rand(2, 16, 32), shifts[:2])
+    phase = (torch.rand(3, 16, 16) - 0.5) * 6
+    offsets = torch.tensor([[0.5, -1.25], [2.0, 0.0], [-3.0, 7.0]])
+    assert wrap(add_ramp(phase, offsets) - (phase + ramp(offsets, 16))).abs().max() < 1e-5
+    support = torch.zeros(2, 16, 16, dtype=torch.bool)
+    support[0, 14:, 3:6] = support[0, :2, 3:6] = True  # a crystal across the top/bottom edge
+    support[1, 5:9, 5:9] = True
+    moved = roll_frames(support, _gap_to_edge(support))
+    rows = torch.nonzero(moved[0].any(dim=1))[:, 0]
+    assert int(rows.max() - rows.min()) == 3, "the crystal is in one piece"
+    assert torch.equal(moved[1].sum(), support[1].sum())

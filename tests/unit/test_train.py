@@ -113,5 +113,10 @@ def test_mixed_recipes_centred_training(tmp_path, fresh_noise):
     assert np.isfinite(h["history"][0]["val_loss"])
     model = load_model(tmp_path / "run" / "best.pt", device="cpu")
     assert model.network.config.centred_input and model.centre
+    if fresh_noise:  # a fine-tune of a centred network stays centred, asked or not
+        assert main(["train", "--out", str(tmp_path / "tuned"), "--init-weights", str(tmp_path / "run" / "best.pt"),
+                     "--n-train", "128", "--n-val", "32", "--batch-size", "64", "--epochs", "1",
+                     "--widths", "4,8,16"]) == 0
+        assert load_model(tmp_path / "tuned" / "best.pt", device="cpu").centre
     with pytest.raises(ValueError, match="data_recipe"):
         train(TrainConfig(out_dir=tmp_path / "x", data_recipe="measured"))

@@ -66,6 +66,18 @@ def _copy_figures(evaluation_dir: Path, models_dir: Path, name: str) -> None:
             shutil.copy(evaluation_dir / fig, models_dir / f"{name}.{fig}")
 
 
+def _crystal_data(recipe: dict) -> dict:
+    """The crystal recipe's part of a training set, for the card (nothing for the paper recipe)."""
+    kind = recipe.get("data_recipe", "paper")
+    if kind == "paper":
+        return {}
+    return {"crystal_fraction": 1.0 if kind == "crystal" else recipe.get("crystal_fraction", 0.5),
+            "crystal_seed": recipe["seed"] + 7919,  # train.py draws crystals with the seed + 7919
+            "crystal_detector": "partial coherence, flat field, gaps, dead and hot pixels baked in; counting noise "
+                                "as above" if recipe.get("fresh_noise") else "as drawn by simulate(recipe='crystal')",
+            "centred": bool(recipe.get("centre", False))}
+
+
 def _check_centring(centred: bool, evaluations: list[str | Path]) -> None:
     """Refuse evaluations that did not run the network as it is shipped (centring its input or not)."""
     for folder in evaluations:
@@ -151,7 +163,8 @@ def publish(run_dir: str | Path, evaluation_dir: str | Path, name: str, models_d
         "training_machine": hist.get("machine"),
         "data": {"simulator": _data_source(hist["recipe"]), "train_samples": hist["recipe"]["n_train"],
                  "validation_samples": hist["recipe"]["n_val"], "seed": hist["recipe"]["seed"],
-                 "photons": hist["recipe"]["photons"], "background": hist["recipe"].get("background", 0.0)},
+                 "photons": hist["recipe"]["photons"], "background": hist["recipe"].get("background", 0.0),
+                 **_crystal_data(hist["recipe"])},
         "epochs_run": len(hist["history"]),
         "best_epoch": best["epoch"],
         "validation_curve": [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "lr")} for h in hist["history"]],

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cdinn_stream.simulate import simulate
-from cdinn_stream.timing import machine_info
+from cdinn_stream.core.simulate import simulate
+from cdinn_stream.core.timing import machine_info
 
 from . import erhio, model, pipeline
 

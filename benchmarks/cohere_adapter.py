@@ -1,6 +1,6 @@
 """Run the external ``cohere-core`` ER/HIO (CPU, numpy backend) on 2-D patterns, for comparison.
 
-Settings mirror :func:`cdinn_stream.phase_retrieval.er_hio` (620 iterations):
+Settings mirror :func:`cdinn_stream.core.phase_retrieval.er_hio` (620 iterations):
 ``algorithm_sequence`` = 6 x (80 HIO + 20 ER) + 20 ER, ``hio_beta`` 0.9, shrink-wrap every 20
 iterations (at iterations 20, 40, ..., 600, before the projection, i.e. after ours' 19, 39, ...,
 599) with threshold ``support_threshold`` and a Gaussian width falling linearly from 2 to 1 px as

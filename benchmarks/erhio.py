@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 
-from cdinn_stream.metrics import score
-from cdinn_stream.phase_retrieval import ITERATIONS, er_hio
-from cdinn_stream.reconstruct import load_model
-from cdinn_stream.simulate import simulate
+from cdinn_stream.core.metrics import score
+from cdinn_stream.core.phase_retrieval import ITERATIONS, er_hio
+from cdinn_stream.core.simulate import simulate
+from cdinn_stream.nn.reconstruct import load_model
 
 
 def _medians(s: dict) -> dict:

@@ -7,13 +7,13 @@ import time
 
 import torch
 
-from cdinn_stream.folding import fold
-from cdinn_stream.int8 import Int8CDINN, int8_available
-from cdinn_stream.model import CDINN, count_flops
-from cdinn_stream.physics import normalized_amplitude, peak_offsets, roll_frames
-from cdinn_stream.reconstruct import load_model, model_path, native_bf16
-from cdinn_stream.simulate import simulate
-from cdinn_stream.timing import time_call
+from cdinn_stream.core.physics import normalized_amplitude, peak_offsets, roll_frames
+from cdinn_stream.core.simulate import simulate
+from cdinn_stream.core.timing import time_call
+from cdinn_stream.nn.folding import fold
+from cdinn_stream.nn.int8 import Int8CDINN, int8_available
+from cdinn_stream.nn.model import CDINN, count_flops
+from cdinn_stream.nn.reconstruct import load_model, model_path, native_bf16
 
 BATCHES = (1, 4, 16, 64, 256, 1024)
 GPU_BATCHES = (1, 64, 1024, 4096, 16384)
@@ -151,10 +151,10 @@ def table(r: dict) -> list[str]:
              + ", ".join(f"{k} {v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in p.items()) + ".",
              "`predict` includes the input checks, scaling and host<->device copies; the network columns time the "
              "bare call on data already on the device. MFLOP: the trained network's, as direct convolutions; on a "
-             "CPU `predict` runs its folded form (`cdinn_stream.folding`: the steps on 1x1 and 2x2 grids as dense "
+             "CPU `predict` runs its folded form (`cdinn_stream.nn.folding`: the steps on 1x1 and 2x2 grids as dense "
              "matrices, same results), whose operations are in brackets and are the ones GFLOP/s count. Above 100% "
              "of the matmul peak means the library computes with fewer (e.g. Winograd 3x3 convolutions). int8: "
-             "the int8 sibling (`cdinn_stream.int8`, its own model card), against the "
+             "the int8 sibling (`cdinn_stream.nn.int8`, its own model card), against the "
              "int8 matmul peak.", "",
              "| model | precision | batch | ms / batch | frames/s | us / frame | network us / frame | "
              "network frames/s | network GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -28,12 +28,12 @@ import psutil
 from event_model import compose_run
 from tqdm.auto import tqdm
 
-from cdinn_stream.callback import ReconstructionCallback
-from cdinn_stream.physics import normalized_amplitude
-from cdinn_stream.reconstruct import load_model
-from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal
+from cdinn_stream.core.physics import normalized_amplitude
+from cdinn_stream.core.timing import time_call
+from cdinn_stream.lab.sim import BCDIFrameSource, OperandoCrystal
+from cdinn_stream.live.callback import ReconstructionCallback
+from cdinn_stream.nn.reconstruct import load_model
 from cdinn_stream.sinks import TiledSink, ZmqPublisherSink
-from cdinn_stream.timing import time_call
 
 KEY = "bcdi_image"
 #: the paper's network, for the pipeline measured where the network dominates

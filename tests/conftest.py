@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdinn_stream.model import CDINN, ModelConfig
-from cdinn_stream.reconstruct import CDIModel
-from cdinn_stream.simulate import simulate
+from cdinn_stream.core.simulate import simulate
+from cdinn_stream.nn.model import CDINN, ModelConfig
+from cdinn_stream.nn.reconstruct import CDIModel
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def _spool_in_tmp(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_weights(tmp_path):
     """A small untrained model's weights file."""
-    from cdinn_stream.weights import save_weights
+    from cdinn_stream.nn.weights import save_weights
 
     path = tmp_path / "tiny.pt"
     save_weights(CDINN(ModelConfig(32, (4, 8, 16), 1, 2)), path)

@@ -1,6 +1,6 @@
 """EPICS sink: the latest reconstruction and pipeline figures, written with pyepics.
 
-PVs (served by ``cdinn-stream ioc --prefix P``, see :mod:`cdinn_stream.ioc`): ``P:AMPLITUDE``
+PVs (served by ``cdinn-stream ioc --prefix P``, see :mod:`cdinn_stream.apps.ioc`): ``P:AMPLITUDE``
 and ``P:PHASE`` (waveforms of ``h*w`` values, row-major), ``P:SHAPE`` (``[h, w]``),
 ``P:SUPPORT_SIZE`` (pixels), ``P:PHASE_RMS`` (rad, inside the support, about the circular mean), ``P:FRAME_RATE``
 (frames/s), ``P:FRAMES`` (count), ``P:SEQ_NUM``, ``P:RUN_UID`` and ``P:STATUS``.
@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from ..engine import ResultBlock
+from ..live.blocks import ResultBlock
 
 __all__ = ["EpicsSink", "PV_NAMES"]
 

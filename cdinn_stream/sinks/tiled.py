@@ -19,9 +19,10 @@ give them back as named arrays. The per-frame metadata share one array because e
 costs one request per write, and on a busy server each request costs about as much as
 megabytes of data (``docs/design.md``, section 13). Each write extends the three arrays with
 ``ArrayClient.patch(..., extend=True)``. Refined frames (NN-seeded
-ER/HIO, :mod:`cdinn_stream.refine`) add ``refined_amplitude``, ``refined_phase``,
+ER/HIO, :mod:`cdinn_stream.live.refine`) add ``refined_amplitude``, ``refined_phase``,
 ``refined_seq_num``, ``refined_chi2_nn`` and ``refined_chi2``. The container's metadata
-holds the model card, the raw run's start document, and at the end ``complete`` and counts.
+holds the model card, the raw run's start document, and at the end ``complete`` and counts
+(``complete`` stays False, with ``status``, for a run of which no frame was reconstructed).
 
 When the server cannot be reached (stopped, restarting, network down) nothing is lost: results
 go to an on-disk spool (:mod:`cdinn_stream.sinks.spool`; ``spool_dir``, default
@@ -46,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..blocks import RefinedBlock, ResultBlock
+from ..live.blocks import RefinedBlock, ResultBlock
 from .spool import Spool
 
 __all__ = ["TiledSink", "FRAME_INFO_COLUMNS", "read_frame_info", "read_run"]
@@ -155,7 +156,7 @@ class TiledSink:
         self._next_probe = 0.0
         self._runs: dict[str, dict] = {}
         self._parent = None
-        #: set by the :class:`~cdinn_stream.publish.SinkThread`: whether results are piling up
+        #: set by the :class:`~cdinn_stream.live.publish.SinkThread`: whether results are piling up
         #: (past its parking threshold); writing parked results back then stops early
         self.behind: Callable[[], bool] = lambda: False
         try:  # tiled's write_array imports dask.array on first use: about 0.8 s of imports under the
@@ -261,7 +262,11 @@ class TiledSink:
         if run is None:
             return
         stop = summary.get("stop", {})
-        end = {"complete": True, "exit_status": stop.get("exit_status"), "stop": stop}
+        # a run of which no frame was reconstructed is not complete: a reader must not take it for results
+        done = bool(run["n"] or self.spool.has(run_uid))
+        end = {"complete": done, "exit_status": stop.get("exit_status"), "stop": stop}
+        if not done:
+            end["status"] = "no frame reconstructed"
         if not self.spool.has(run_uid):
             try:
                 run["container"].update_metadata({**end, "frames": run["n"]})

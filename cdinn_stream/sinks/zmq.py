@@ -10,7 +10,7 @@ Every message is multipart::
 ``crop_origin`` and ``peak`` (``[[row, col], ...]`` in detector pixels), ``latency_s`` (pipeline
 entry to model output, per frame), ``published`` (send time) and ``run_frames`` (frames of the
 run published so far, this message included; the stop message carries the run's total). Refined results
-(NN-seeded ER/HIO of selected frames, :mod:`cdinn_stream.refine`) have the same layout plus ``iterations``,
+(NN-seeded ER/HIO of selected frames, :mod:`cdinn_stream.live.refine`) have the same layout plus ``iterations``,
 ``chi2_nn`` and
 ``chi2_refined`` (per frame, against the measured crop). ``amplitude`` and ``phase``
 are the raw C-ordered buffers of ``n`` frames. For start/stop: ``run_uid`` and the document.
@@ -24,7 +24,7 @@ pipeline. Past the high-water mark (``hwm`` messages queued for one subscriber, 
 a message holds one batch) ZeroMQ drops further messages *for that subscriber only*; the others,
 and the pipeline's pace, are unaffected. A subscriber counts what it missed from each run's stop
 message, each result's ``run_frames`` and the heartbeats (``cdinn-stream listen`` reports it; see
-:class:`cdinn_stream.listen.Tally`); the publisher counts ``messages_sent`` and ``frames_sent``.
+:class:`cdinn_stream.apps.listen.Tally`); the publisher counts ``messages_sent`` and ``frames_sent``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from collections import OrderedDict
 import numpy as np
 import zmq
 
-from ..blocks import RefinedBlock, ResultBlock
+from ..live.blocks import RefinedBlock, ResultBlock
 
 __all__ = ["ZmqPublisherSink", "decode_message", "DEFAULT_ADDRESS", "TOPIC_RESULT", "TOPIC_REFINED"]
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cdinn_stream import load_model, score, simulate
-from cdinn_stream.physics import normalized_amplitude, peak_offsets, ramp, roll_frames, wrap
+from cdinn_stream.core.physics import normalized_amplitude, peak_offsets, ramp, roll_frames, wrap
 
 RULES = {"none": None, "brightest": 0, "com": 3}
 

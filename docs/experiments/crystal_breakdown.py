@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cdinn_stream.physics import SUPPORT_THRESHOLD, wrap
-from cdinn_stream.simulate import simulate
+from cdinn_stream.core.physics import SUPPORT_THRESHOLD, wrap
+from cdinn_stream.core.simulate import simulate
 
 
 def _vortices(phase: np.ndarray, amplitude: np.ndarray) -> np.ndarray:

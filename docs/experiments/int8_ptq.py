@@ -1,10 +1,10 @@
-"""Post-training int8 form of a float network (:func:`cdinn_stream.int8.quantize`), calibrated on
+"""Post-training int8 form of a float network (:func:`cdinn_stream.nn.int8.quantize`), calibrated on
 the patterns it will see: both recipes, noisy, centred as ``CDIModel`` centres them.
 
     python docs/experiments/int8_ptq.py models/cdinn-32.pt --out cdinn-32-int8.pt [--frames 4096]
 
 then ``cdinn-stream evaluate --model cdinn-32-int8.pt`` (both recipes) and
-``cdinn_stream.card.publish_int8``. Prints the calibration's recipe as JSON (the card's stage).
+``cdinn_stream.lab.card.publish_int8``. Prints the calibration's recipe as JSON (the card's stage).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import time
 import numpy as np
 import torch
 
-from cdinn_stream.crystal import PHOTONS
-from cdinn_stream.int8 import quantize, save_int8_weights
-from cdinn_stream.physics import normalized_amplitude, peak_offsets, roll_frames
-from cdinn_stream.simulate import simulate
-from cdinn_stream.weights import read_weights
+from cdinn_stream.core.crystal import PHOTONS
+from cdinn_stream.core.physics import normalized_amplitude, peak_offsets, roll_frames
+from cdinn_stream.core.simulate import simulate
+from cdinn_stream.nn.int8 import quantize, save_int8_weights
+from cdinn_stream.nn.weights import read_weights
 
 #: Seed of the calibration frames (neither an evaluation nor the model-selection seed).
 CALIBRATION_SEED = 97
@@ -48,7 +48,7 @@ def main() -> None:
     x = calibration_frames(args.frames, network.config.size, centred=network.config.centred_input)
     int8 = quantize(network, x)
     save_int8_weights(int8, args.out, meta={"source": args.weights, "calibration_frames": args.frames})
-    stage = {"recipe": {"method": "post-training quantization (cdinn_stream.int8.quantize)", "source": args.weights,
+    stage = {"recipe": {"method": "post-training quantization (cdinn_stream.nn.int8.quantize)", "source": args.weights,
                         "calibration_frames": args.frames, "calibration_seed": CALIBRATION_SEED,
                         "calibration_data": "half paper recipe (1e4-1e7 photons, background 0.2), half crystal "
                                             "recipe (its detector, 1e3-1e8 photons), centred"},

@@ -1,9 +1,9 @@
 """Recipe of ``models/cdinn-32-int8.pt``: a quantization-aware fine-tune (QAT) of the folded
-``cdinn-32`` for int8 on a CPU, exported as an int8 weights file (:mod:`cdinn_stream.int8`).
+``cdinn-32`` for int8 on a CPU, exported as an int8 weights file (:mod:`cdinn_stream.nn.int8`).
 
 It uses ``torch.ao.quantization``'s FX mode (oneDNN settings: uint8 activations per tensor, int8
 weights per output channel, symmetric), which torch has deprecated; the package itself does not
-use it: :class:`cdinn_stream.int8.Int8CDINN` runs the exported integers through oneDNN's operators.
+use it: :class:`cdinn_stream.nn.int8.Int8CDINN` runs the exported integers through oneDNN's operators.
 
 The weights' fake quantization is torch's plain ``FakeQuantize``: its rounding grid is the one
 conversion uses. The default fused fake-quantize of the QAT configuration keeps a scale that
@@ -19,13 +19,13 @@ as of commit b8d547d, whose weights fake-quantize was torch's fused default):
     python docs/experiments/int8_qat.py --resume s2.pt --minutes 32 --lr 1e-4 --distill 1 \
         --save-state s3.pt --history s3.json --export cdinn-32-int8.pt
 
-then ``cdinn-stream evaluate --model cdinn-32-int8.pt`` and ``cdinn_stream.card.publish_int8``.
+then ``cdinn-stream evaluate --model cdinn-32-int8.pt`` and ``cdinn_stream.lab.card.publish_int8``.
 Stages 1 and 2 also fake-quantized the decoders' outputs; leaving them in float (as
-:class:`~cdinn_stream.int8.Int8CDINN` computes them) came with stage 3.
+:class:`~cdinn_stream.nn.int8.Int8CDINN` computes them) came with stage 3.
 
 It prints the accuracy on the model-selection seed (1,000 clean samples; median chi^2, support
 IoU, phase RMSE) of the float network, the fake-quantized one, torch's int8 conversion and the
-exported :class:`~cdinn_stream.int8.Int8CDINN` (whose last steps return float logits).
+exported :class:`~cdinn_stream.nn.int8.Int8CDINN` (whose last steps return float logits).
 """
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ from torch.ao.quantization import (
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
 from cdinn_stream import load_model
-from cdinn_stream.folding import _FlatMaxPool
-from cdinn_stream.int8 import Int8CDINN, save_int8_weights
-from cdinn_stream.losses import twin_aware_loss
-from cdinn_stream.metrics import score
-from cdinn_stream.physics import normalized_amplitude
-from cdinn_stream.simulate import add_noise_torch, simulate
-from cdinn_stream.timing import machine_info
+from cdinn_stream.core.metrics import score
+from cdinn_stream.core.physics import normalized_amplitude
+from cdinn_stream.core.simulate import add_noise_torch, simulate
+from cdinn_stream.core.timing import machine_info
+from cdinn_stream.lab.losses import twin_aware_loss
+from cdinn_stream.nn.folding import FlatMaxPool
+from cdinn_stream.nn.int8 import Int8CDINN, save_int8_weights
 
 SELECTION_SEED = 20251125
 R = 4  # space-to-depth of cdinn-32
@@ -85,7 +85,7 @@ class _Body(nn.Module):
         super().__init__()
         self.enc, self.ds, self.dp = folded.encoder, folded.shape_decoder, folded.phase_decoder
         for i, m in enumerate(self.enc):
-            if isinstance(m, _FlatMaxPool):
+            if isinstance(m, FlatMaxPool):
                 self.enc[i] = _Pool(m.shape)
 
     def forward(self, x):

@@ -18,7 +18,7 @@ KEY = "bcdi_image"
 
 
 def _frames(n: int) -> np.ndarray:
-    from cdinn_stream.simulate import simulate
+    from cdinn_stream.core.simulate import simulate
 
     return simulate(n, 32, seed=5, photons=1e6, background=0.2).intensity
 
@@ -26,7 +26,7 @@ def _frames(n: int) -> np.ndarray:
 def _run_through_callback(model, frames: np.ndarray, batch_size: int = 16) -> dict[int, tuple]:
     from event_model import compose_run
 
-    from cdinn_stream.callback import ReconstructionCallback
+    from cdinn_stream.live.callback import ReconstructionCallback
 
     kept: dict[int, tuple] = {}
 
@@ -68,7 +68,7 @@ def no_tf32():
 @pytest.mark.parametrize("name", ["cdinn-32", "cdinn-32-paper"])
 def test_gpu_pipeline_matches_cpu(name, no_tf32):
     """The shipped models have the autocorrelation channels: their FFT runs on the GPU too."""
-    from cdinn_stream.reconstruct import load_model
+    from cdinn_stream.nn.reconstruct import load_model
 
     frames = _frames(40)
     gpu = _run_through_callback(load_model(name, device="cuda", precision="fp32"), frames)
@@ -81,8 +81,8 @@ def test_gpu_pipeline_matches_cpu(name, no_tf32):
 @pytest.mark.parametrize("name", ["cdinn-32", "cdinn-32-paper"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_cuda_graphs_equal_eager(precision, name):
-    from cdinn_stream.physics import normalized_amplitude
-    from cdinn_stream.reconstruct import load_model
+    from cdinn_stream.core.physics import normalized_amplitude
+    from cdinn_stream.nn.reconstruct import load_model
 
     eager = load_model(name, device="cuda", precision=precision, cuda_graphs=False)
     graphed = load_model(name, device="cuda", precision=precision, cuda_graphs=True)
@@ -96,7 +96,7 @@ def test_cuda_graphs_equal_eager(precision, name):
 
 
 def test_gpu_failure_falls_back_to_cpu_and_loses_nothing(caplog):
-    from cdinn_stream.reconstruct import load_model
+    from cdinn_stream.nn.reconstruct import load_model
 
     model = load_model("cdinn-32", device="cuda", precision="bf16")
     forward = model.network.forward_logits
@@ -116,7 +116,7 @@ def test_gpu_failure_falls_back_to_cpu_and_loses_nothing(caplog):
 
 def test_folded_form_on_a_gpu_equals_the_network(no_tf32):
     """On a GPU the network runs unfolded by default; the folded form, asked for, gives the same."""
-    from cdinn_stream.reconstruct import CDIModel, load_model
+    from cdinn_stream.nn.reconstruct import CDIModel, load_model
 
     plain = load_model("cdinn-32", device="cuda", precision="fp32", cuda_graphs=False)
     assert plain.folded is None

@@ -11,7 +11,7 @@ import pytest
 import torch
 import zmq
 
-from cdinn_stream.demo import loopback_epics_env
+from cdinn_stream.apps.demo import loopback_epics_env
 
 loopback_epics_env()  # before pyepics is first used in this process
 
@@ -20,9 +20,6 @@ loopback_epics_env()  # before pyepics is first used in this process
 def tiled_server(tmp_path_factory):
     from tiled.server import SimpleTiledServer
 
-    from cdinn_stream.replay import register_exporter
-
-    register_exporter()
     key = secrets.token_hex(8)
     server = SimpleTiledServer(directory=tmp_path_factory.mktemp("tiled"), api_key=key,
                                readable_storage=[str(tmp_path_factory.getbasetemp())])
@@ -39,7 +36,7 @@ def tiled_client(tiled_server):
 
 @pytest.fixture(scope="session")
 def ioc():
-    from cdinn_stream.ioc import IOCThread
+    from cdinn_stream.apps.ioc import IOCThread
 
     prefix = f"T{uuid.uuid4().hex[:6]}:"
     thread = IOCThread(prefix).start()
@@ -49,8 +46,8 @@ def ioc():
 
 @pytest.fixture
 def model():
-    from cdinn_stream.model import CDINN, ModelConfig
-    from cdinn_stream.reconstruct import CDIModel
+    from cdinn_stream.nn.model import CDINN, ModelConfig
+    from cdinn_stream.nn.reconstruct import CDIModel
 
     torch.manual_seed(0)
     return CDIModel(CDINN(ModelConfig(32, (8, 16, 32), 1, 4)), name="tiny", device="cpu", precision="fp32")

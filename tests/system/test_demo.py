@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cdinn_stream.demo import summary_table
+from cdinn_stream.apps.demo import summary_table
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path):

@@ -12,9 +12,9 @@ import time
 import numpy as np
 from bluesky.plans import scan
 
-from cdinn_stream.callback import ReconstructionCallback
-from cdinn_stream.replay import replay_documents, run_documents
-from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.apps.replay import replay_documents, run_documents
+from cdinn_stream.lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.live.callback import ReconstructionCallback
 from cdinn_stream.sinks import EpicsSink, TiledSink, read_frame_info
 
 
@@ -109,7 +109,7 @@ def test_serve_from_a_0mq_proxy(RE, model):
 
     from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
 
-    from cdinn_stream.demo import _free_port
+    from cdinn_stream.apps.demo import _free_port
 
     pin, pout = _free_port(), _free_port()
     proxy = subprocess.Popen([sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--in-address",

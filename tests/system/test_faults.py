@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from bluesky.plans import scan
 
-from cdinn_stream.callback import ReconstructionCallback
-from cdinn_stream.cli import main
-from cdinn_stream.model import CDINN
-from cdinn_stream.physics import wrap
-from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.apps.cli import main
+from cdinn_stream.core.physics import wrap
+from cdinn_stream.lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.live.callback import ReconstructionCallback
+from cdinn_stream.nn.model import CDINN
 from cdinn_stream.sinks import TiledSink, read_frame_info
 
 
@@ -44,7 +44,7 @@ def _proxy_and_serve(url: str, key: str, *, batch_size: int):
     import subprocess
     import sys
 
-    from cdinn_stream.demo import _free_port
+    from cdinn_stream.apps.demo import _free_port
 
     pin, pout = _free_port(), _free_port()
     proxy = subprocess.Popen([sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--in-address",
@@ -100,7 +100,7 @@ def test_a_stalled_zeromq_subscriber_costs_the_pipeline_nothing_and_knows_what_i
 
     import zmq
 
-    from cdinn_stream.listen import Tally
+    from cdinn_stream.apps.listen import Tally
     from cdinn_stream.sinks import ZmqPublisherSink, decode_message
 
     sink = ZmqPublisherSink("tcp://127.0.0.1:0", hwm=2, sndbuf=4096)  # small kernel buffers: the HWM decides
@@ -132,14 +132,14 @@ def test_a_stalled_zeromq_subscriber_costs_the_pipeline_nothing_and_knows_what_i
 
 _IOC_GOES_AWAY = r"""
 import json, logging, subprocess, sys
-from cdinn_stream.demo import loopback_epics_env
+from cdinn_stream.apps.demo import loopback_epics_env
 loopback_epics_env()  # this process and the IOC's share a Channel Access port of their own
 from bluesky import RunEngine
 from bluesky.plans import scan
-from cdinn_stream.callback import ReconstructionCallback
-from cdinn_stream.model import CDINN, ModelConfig
-from cdinn_stream.reconstruct import CDIModel
-from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.live.callback import ReconstructionCallback
+from cdinn_stream.nn.model import CDINN, ModelConfig
+from cdinn_stream.nn.reconstruct import CDIModel
+from cdinn_stream.lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
 from cdinn_stream.sinks import EpicsSink
 
 class Keep:
@@ -215,7 +215,7 @@ class FailsOnLargeBatches(torch.nn.Module):
 
 
 def test_model_failing_on_a_batch_retries_in_halves_and_loses_nothing(RE, model, caplog):
-    from cdinn_stream.reconstruct import CDIModel
+    from cdinn_stream.nn.reconstruct import CDIModel
 
     flaky = FailsOnLargeBatches(model.network)
     kept = []
@@ -243,7 +243,7 @@ def test_killed_mid_run_then_replayed_from_tiled_gives_complete_identical_result
     from bluesky.callbacks.zmq import Publisher
     from bluesky_tiled_plugins import TiledWriter
 
-    from cdinn_stream.reconstruct import load_model
+    from cdinn_stream.nn.reconstruct import load_model
 
     url, key = f"http://127.0.0.1:{tiled_server.port}", tiled_server.api_key
     pin, proxy, serve = _proxy_and_serve(url, key, batch_size=4)
@@ -304,7 +304,7 @@ def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client)
     from bluesky import RunEngine
     from bluesky.callbacks.zmq import Publisher
 
-    from cdinn_stream.reconstruct import load_model
+    from cdinn_stream.nn.reconstruct import load_model
 
     url, key = f"http://127.0.0.1:{tiled_server.port}", tiled_server.api_key
     pin, proxy, serve = _proxy_and_serve(url, key, batch_size=8)
@@ -376,8 +376,8 @@ def test_a_tiled_server_too_busy_for_a_burst_parks_results_and_loses_nothing(til
     import threading
     import uuid
 
-    from cdinn_stream.blocks import FrameBlock, ResultBlock, RunMarker
-    from cdinn_stream.publish import SinkThread
+    from cdinn_stream.live.blocks import FrameBlock, ResultBlock, RunMarker
+    from cdinn_stream.live.publish import SinkThread
 
     gate = threading.Event()
     sink = GatedTiledSink(tiled_client, spool_dir=tmp_path / "spool", gate=gate)
@@ -410,7 +410,7 @@ def test_writing_parked_results_back_yields_to_new_results(tiled_client, tmp_pat
     otherwise, and in order either way."""
     import uuid
 
-    from cdinn_stream.blocks import FrameBlock, ResultBlock
+    from cdinn_stream.live.blocks import FrameBlock, ResultBlock
 
     sink = TiledSink(tiled_client, spool_dir=tmp_path / "spool")
     uid = f"yield-{uuid.uuid4()}"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from bluesky.plans import count, scan
 
-from cdinn_stream.callback import ReconstructionCallback
-from cdinn_stream.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+from cdinn_stream.live.callback import ReconstructionCallback
 from cdinn_stream.sinks import FRAME_INFO_COLUMNS, TiledSink, read_frame_info, read_run
 
 
@@ -139,9 +139,9 @@ def test_end_to_end_accuracy_is_within_1_5x_of_clean(RE, zmq_pair):
     """Noisy frames (1e6 photons, background) with the Bragg peak moving across the detector, through
     the RunEngine, crop, engine and ZeroMQ, score within 1.5x of the shipped model's clean-data chi^2:
     both its evaluation-set median and its median on the same crystal states, noise-free and centred."""
-    from cdinn_stream.demo import clean_chi2_median
-    from cdinn_stream.metrics import chi2
-    from cdinn_stream.reconstruct import load_model
+    from cdinn_stream.apps.demo import clean_chi2_median
+    from cdinn_stream.core.metrics import chi2
+    from cdinn_stream.nn.reconstruct import load_model
 
     shipped = load_model("cdinn-32", device="cpu")
     sink, collector = zmq_pair
@@ -167,9 +167,9 @@ def test_crystal_recipe_end_to_end_matches_predict_on_clean_patterns(RE, zmq_pai
     through the RunEngine, crop, engine and ZeroMQ: the live chi^2 (against the clean pattern as the
     crop centred it) is within 1.5x of ``predict`` on the same clean patterns, and the crop and
     the model agree on the centre (the model moves no crop)."""
-    from cdinn_stream.metrics import chi2
-    from cdinn_stream.physics import peak_offsets
-    from cdinn_stream.reconstruct import load_model
+    from cdinn_stream.core.metrics import chi2
+    from cdinn_stream.core.physics import peak_offsets
+    from cdinn_stream.nn.reconstruct import load_model
 
     shipped = load_model("cdinn-32", device="cpu")
     sink, collector = zmq_pair
@@ -197,7 +197,7 @@ def test_live_nn_seeded_refinement_is_a_second_result_type(RE, tiled_client, zmq
     """Every 5th frame, and one frame asked for during the scan, get 50 ER/HIO iterations from the
     network's result; they arrive over ZeroMQ (cdinn.refined) and in Tiled (refined_*), before the
     run's end, with a lower chi^2 than the network's."""
-    from cdinn_stream.reconstruct import load_model
+    from cdinn_stream.nn.reconstruct import load_model
 
     sink, collector = zmq_pair
     cb = ReconstructionCallback(model=load_model("cdinn-32", device="cpu"), sinks=[sink, TiledSink(tiled_client)],

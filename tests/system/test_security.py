@@ -16,7 +16,7 @@ def _listening() -> set[tuple[str, int]]:
 def test_servers_bind_loopback_by_default(tmp_path):
     from tiled.server import SimpleTiledServer
 
-    from cdinn_stream.ioc import IOCThread
+    from cdinn_stream.apps.ioc import IOCThread
     from cdinn_stream.sinks import ZmqPublisherSink
     from cdinn_stream.sinks.zmq import DEFAULT_ADDRESS
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cdinn_stream.cli import build_parser, main
+from cdinn_stream.apps.cli import build_parser, main
 
 
 def test_help_lists_every_command(capsys):

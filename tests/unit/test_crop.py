@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from cdinn_stream.crop import clean_frames, crop_around_peaks, crop_frames, find_peaks
-from cdinn_stream.simulate import diffraction_intensity, simulate
+from cdinn_stream.core.simulate import diffraction_intensity, simulate
+from cdinn_stream.live.crop import clean_frames, crop_around_peaks, crop_frames, find_peaks
 
 
 def _detector_frame(intensity, peak, shape=(256, 256), background=0.0):
@@ -73,7 +73,7 @@ def test_too_small_frames():
 
 
 def test_despeckle_clips_isolated_hot_pixels_and_keeps_peaks(patterns):
-    from cdinn_stream.crop import despeckle
+    from cdinn_stream.live.crop import despeckle
 
     frame = _detector_frame(patterns[0], (40, 40), shape=(80, 80))
     spiky = frame.copy()
@@ -109,7 +109,7 @@ def test_crop_frames_matches_a_pixel_by_pixel_reference_at_edges_and_with_binnin
 def test_box_sum_is_the_zero_padded_uniform_filter(box):
     from scipy.ndimage import uniform_filter
 
-    from cdinn_stream.crop import box_sum
+    from cdinn_stream.live.crop import box_sum
 
     x = np.random.default_rng(box).random((4, 13, 17)).astype(np.float32)
     ref = uniform_filter(x, size=(1, box, box), mode="constant") * box * box
@@ -117,7 +117,7 @@ def test_box_sum_is_the_zero_padded_uniform_filter(box):
 
 
 def test_no_frames_and_integer_frames():
-    from cdinn_stream.crop import box_sum
+    from cdinn_stream.live.crop import box_sum
 
     empty = crop_frames(np.zeros((0, 8, 8), np.float32), np.zeros((0, 2), int), 16)
     assert empty.frames.shape == (0, 16, 16) and empty.origins.shape == (0, 2)

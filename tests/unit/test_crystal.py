@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from cdinn_stream.crop import find_peaks
-from cdinn_stream.crystal import crystal_objects, detector_counts, phase_ramp
-from cdinn_stream.losses import sample_losses
-from cdinn_stream.metrics import score
-from cdinn_stream.physics import SUPPORT_THRESHOLD, far_field, peak_offsets, ramp, strain, wrap
-from cdinn_stream.simulate import diffraction_intensity, simulate
+from cdinn_stream.core.crystal import crystal_objects, detector_counts, phase_ramp
+from cdinn_stream.core.metrics import score
+from cdinn_stream.core.physics import SUPPORT_THRESHOLD, far_field, peak_offsets, ramp, strain, wrap
+from cdinn_stream.core.simulate import diffraction_intensity, simulate
+from cdinn_stream.lab.losses import sample_losses
+from cdinn_stream.live.crop import find_peaks
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_phase_loss_is_taken_modulo_two_pi():
 
 def test_training_targets_match_the_centred_patterns(crystals):
     """The target phase `_centred` makes is the object of the rolled pattern (the ramp's sign)."""
-    from cdinn_stream.train import _centred
+    from cdinn_stream.lab.train import _centred
 
     x = torch.from_numpy(crystals.intensity)
     rolled, target = _centred(x, torch.from_numpy(crystals.amplitude), torch.from_numpy(crystals.phase))
@@ -184,7 +184,7 @@ def test_predict_centres_and_returns_the_pattern_s_own_phase(tiny_model, crystal
 
 @pytest.mark.parametrize("precision,views", [("fp32", 8), ("bf16", 1)])
 def test_centring_with_views_and_bf16(tiny_model, crystals, precision, views):
-    from cdinn_stream.reconstruct import CDIModel
+    from cdinn_stream.nn.reconstruct import CDIModel
 
     model = CDIModel(tiny_model.network, device="cpu", precision=precision, views=views, centre=True)
     x = crystals.intensity[:8]
@@ -210,7 +210,7 @@ def test_crop_centres_where_the_model_does(crystals):
 def test_crop_and_model_agree_on_noisy_detector_frames():
     """Noisy frames with the recipe's detector effects, peaks anywhere: the crops the crop cuts need
     no further centring by the model's rule in at least 9 of 10 frames."""
-    from cdinn_stream.crop import crop_around_peaks
+    from cdinn_stream.live.crop import crop_around_peaks
 
     noisy = simulate(200, 32, seed=21, recipe="crystal", photons=(1e4, 1e8)).intensity
     rng = np.random.default_rng(0)
@@ -223,7 +223,7 @@ def test_crop_and_model_agree_on_noisy_detector_frames():
 
 
 def test_roll_frames_add_ramp_and_gap_to_edge():
-    from cdinn_stream.physics import _gap_to_edge, add_ramp, roll_frames
+    from cdinn_stream.core.physics import _gap_to_edge, add_ramp, roll_frames
 
     x = torch.rand(3, 16, 16)
     shifts = torch.tensor([[1, -2], [0, 0], [-7, 15]])

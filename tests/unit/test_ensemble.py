@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdinn_stream.ensemble import SYMMETRIES, symmetry_ensemble, transform, untransform
-from cdinn_stream.physics import far_field_torch, twin_torch
+from cdinn_stream.core.physics import far_field_torch, twin_torch
+from cdinn_stream.nn.ensemble import SYMMETRIES, symmetry_ensemble, transform, untransform
 
 
 def _objects(b: int = 3, n: int = 16) -> torch.Tensor:
@@ -59,8 +59,8 @@ def test_views_shifted_twinned_and_phase_offset_combine_to_the_object():
 
 
 def test_model_with_views(tiny_model):
-    from cdinn_stream.reconstruct import CDIModel
-    from cdinn_stream.simulate import simulate
+    from cdinn_stream.core.simulate import simulate
+    from cdinn_stream.nn.reconstruct import CDIModel
 
     eight = CDIModel(tiny_model.network, device="cpu", precision="fp32", views=8)
     rec = eight.predict(simulate(5, 32, seed=1).intensity)
@@ -74,9 +74,9 @@ def test_the_live_pipeline_runs_a_model_with_views(tiny_model):
     """Documents through the callback with an 8-view model: every frame comes out once."""
     from event_model import compose_run
 
-    from cdinn_stream.callback import ReconstructionCallback
-    from cdinn_stream.reconstruct import CDIModel
-    from cdinn_stream.simulate import simulate
+    from cdinn_stream.core.simulate import simulate
+    from cdinn_stream.live.callback import ReconstructionCallback
+    from cdinn_stream.nn.reconstruct import CDIModel
 
     kept: dict[int, np.ndarray] = {}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from event_model import compose_run
 
-from cdinn_stream.callback import PassThroughFiller, ReconstructionCallback
+from cdinn_stream.live.callback import PassThroughFiller, ReconstructionCallback
 
 KEY = "det_image"
 
@@ -50,7 +50,7 @@ def _documents(external: bool, n: int = 5):
 
 
 def test_what_needs_filling():
-    from cdinn_stream.callback import _needs_filling
+    from cdinn_stream.live.callback import _needs_filling
 
     assert not _needs_filling({"filled": {}}) and not _needs_filling({"filled": {KEY: [True, "datum-1"]}})
     for filled in ({KEY: False}, {KEY: [True, False]}, {KEY: (False,)}):

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdinn_stream.folding import FoldedCDINN, _depth_to_space, _space_to_depth, fold
-from cdinn_stream.model import CDINN, ModelConfig, count_flops
-from cdinn_stream.reconstruct import CDIModel, load_model
-from cdinn_stream.simulate import simulate
+from cdinn_stream.core.simulate import simulate
+from cdinn_stream.nn.folding import FoldedCDINN, depth_to_space, fold, space_to_depth
+from cdinn_stream.nn.model import CDINN, ModelConfig, count_flops
+from cdinn_stream.nn.reconstruct import CDIModel, load_model
 
 CONFIGS = [
     ModelConfig(32, (8, 16, 32), 2, 4),  # the shipped cdinn-32's shape, narrower
@@ -76,12 +76,12 @@ def test_cdimodel_folds_on_the_cpu_with_the_same_results():
 @pytest.mark.parametrize("r,channels", [(4, 1), (2, 3), (3, 1)])  # r=3 in float32: no 12-byte dtype
 def test_pixel_shuffles_in_one_copy_equal_torchs(dtype, r, channels):
     x = torch.rand(5, channels, 6 * r, 6 * r).to(dtype)
-    got = _space_to_depth(x, r)
+    got = space_to_depth(x, r)
     want = F.pixel_unshuffle(x, r)
     assert got.shape == want.shape and torch.equal(got, want)
     assert got.is_contiguous(memory_format=torch.channels_last)
     y = torch.rand(5, r * r, 6, 6).to(dtype).contiguous(memory_format=torch.channels_last)
-    out = _depth_to_space(y, r)
+    out = depth_to_space(y, r)
     assert out.dtype == torch.float32 and torch.equal(out, F.pixel_shuffle(y, r)[:, 0].float())
 
 
@@ -92,12 +92,12 @@ def test_pixel_shuffles_take_any_layout(layout):
     x = {"every other frame": base[::2], "transposed": base.transpose(2, 3),
          "offset by one": base.flatten()[1:].view(-1)[: 4 * 576].view(4, 1, 24, 24),
          "channels-last view": base[:, :, :, :].contiguous(memory_format=torch.channels_last)[1:]}[layout]
-    assert torch.equal(_space_to_depth(x, 4), F.pixel_unshuffle(x, 4))
+    assert torch.equal(space_to_depth(x, 4), F.pixel_unshuffle(x, 4))
     y = torch.rand(9, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     y = {"every other frame": y[::2], "transposed": y.transpose(2, 3),
          "offset by one": y.flatten()[1:][: 4 * 576].view(4, 6, 6, 16).permute(0, 3, 1, 2),
          "channels-last view": y[1:]}[layout]
-    assert torch.equal(_depth_to_space(y, 4), F.pixel_shuffle(y, 4)[:, 0])
+    assert torch.equal(depth_to_space(y, 4), F.pixel_shuffle(y, 4)[:, 0])
 
 
 def test_folded_model_takes_non_contiguous_amplitudes():

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from cdinn_stream.callback import ReconstructionCallback
-from cdinn_stream.weights import WeightsError, read_weights, save_weights
+from cdinn_stream.live.callback import ReconstructionCallback
+from cdinn_stream.nn.weights import WeightsError, read_weights, save_weights
 
 KEY = "det_image"
 DTYPES = ("float32", "float64", "uint16", "int32", "uint8", "bool", "complex64", "int8")
@@ -95,8 +95,8 @@ def runs(draw):
 
 @pytest.fixture(scope="module")
 def callback(request):
-    from cdinn_stream.model import CDINN, ModelConfig
-    from cdinn_stream.reconstruct import CDIModel
+    from cdinn_stream.nn.model import CDINN, ModelConfig
+    from cdinn_stream.nn.reconstruct import CDIModel
 
     model = CDIModel(CDINN(ModelConfig(32, (4, 8, 16), 1, 4)), device="cpu", precision="fp32")
     cb = ReconstructionCallback(model=model, batch_size=64, max_latency=0.005)
@@ -146,7 +146,7 @@ def test_rejections_are_logged_with_the_run_and_seq_num(callback, caplog):
 @given(cut=st.floats(0, 1, exclude_max=True), flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True),
                                                                         st.integers(1, 255)), max_size=8))
 def test_damaged_weights_files_give_a_clear_error(tmp_path_factory, cut, flips):
-    from cdinn_stream.model import CDINN, ModelConfig
+    from cdinn_stream.nn.model import CDINN, ModelConfig
 
     folder = tmp_path_factory.mktemp("w")
     good = folder / "good.pt"

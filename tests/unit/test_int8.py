@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdinn_stream.folding import fold
-from cdinn_stream.int8 import (
+from cdinn_stream.core.physics import normalized_amplitude
+from cdinn_stream.core.simulate import simulate
+from cdinn_stream.nn.folding import fold
+from cdinn_stream.nn.int8 import (
     FORMAT,
     Int8CDINN,
     _QuantizedStep,
@@ -17,11 +19,9 @@ from cdinn_stream.int8 import (
     quantize,
     save_int8_weights,
 )
-from cdinn_stream.model import CDINN, ModelConfig
-from cdinn_stream.physics import normalized_amplitude
-from cdinn_stream.reconstruct import CDIModel, load_model
-from cdinn_stream.simulate import simulate
-from cdinn_stream.weights import WeightsError, read_network, save_weights
+from cdinn_stream.nn.model import CDINN, ModelConfig
+from cdinn_stream.nn.reconstruct import CDIModel, load_model
+from cdinn_stream.nn.weights import WeightsError, read_network, save_weights
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 operators in this torch build")
 
@@ -187,8 +187,8 @@ def test_command_line_offers_every_precision():
 def test_int8_model_evaluates_and_publishes_with_a_card(tmp_path):
     import json
 
-    from cdinn_stream.card import publish_int8
-    from cdinn_stream.cli import main
+    from cdinn_stream.apps.cli import main
+    from cdinn_stream.lab.card import publish_int8
 
     config = CONFIGS[0]
     weights = tmp_path / "tiny-int8.pt"
@@ -222,7 +222,7 @@ def test_shipped_int8_model_reconstructs_like_its_card_says():
     assert model.name == "cdinn-32-int8" and model.precision == "int8" and model.device.type == "cpu"
     card = model.card
     assert card["format"] == FORMAT and card["fine_tuned_from"]["name"] == "cdinn-32"
-    from cdinn_stream.metrics import score
+    from cdinn_stream.core.metrics import score
 
     data = simulate(200, 32, seed=31415926)
     rec = model.predict(data.intensity)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdinn_stream.metrics import align, chi2, phase_rmse, score, support_iou
-from cdinn_stream.physics import twin
-from cdinn_stream.simulate import simulate
+from cdinn_stream.core.metrics import align, chi2, phase_rmse, score, support_iou
+from cdinn_stream.core.physics import twin
+from cdinn_stream.core.simulate import simulate
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_iou_and_rmse_on_hand_made_cases():
 
 
 def test_noise_sweep_scores_against_the_truth(tiny_model):
-    from cdinn_stream.evaluate import noise_sweep, noise_table
+    from cdinn_stream.lab.evaluate import noise_sweep, noise_table
 
     sweep = noise_sweep(tiny_model, (1e3, 1e8), n=16, seed=3)
     assert list(sweep) == ["clean", "1000", "1e+08"]

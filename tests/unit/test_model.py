@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from cdinn_stream.losses import sample_losses, twin_aware_loss
-from cdinn_stream.model import CDINN, ModelConfig, count_flops
-from cdinn_stream.physics import normalized_amplitude, twin_phase_torch, twin_torch
-from cdinn_stream.simulate import simulate
-from cdinn_stream.weights import WeightsError, read_weights, save_weights
+from cdinn_stream.core.physics import normalized_amplitude, twin_phase_torch, twin_torch
+from cdinn_stream.core.simulate import simulate
+from cdinn_stream.lab.losses import sample_losses, twin_aware_loss
+from cdinn_stream.nn.model import CDINN, ModelConfig, count_flops
+from cdinn_stream.nn.weights import WeightsError, read_weights, save_weights
 
 
 @pytest.mark.parametrize(
@@ -122,7 +122,7 @@ def test_offset_invariant_phase_loss_ignores_a_global_offset_only():
 
 
 def test_deepen_keeps_the_function_and_doubles_the_convolutions():
-    from cdinn_stream.model import deepen
+    from cdinn_stream.nn.model import deepen
 
     torch.manual_seed(3)
     m = CDINN(ModelConfig(32, (8, 16, 32), 1, 4)).eval()
@@ -141,8 +141,8 @@ def test_deepen_keeps_the_function_and_doubles_the_convolutions():
 
 def test_patterson_channels_are_the_autocorrelation_of_the_object():
     """IFT(|F|^2) is the object's circular autocorrelation, centred, with 1 at zero lag."""
-    from cdinn_stream.model import patterson_channels
-    from cdinn_stream.physics import far_field_torch
+    from cdinn_stream.core.physics import far_field_torch
+    from cdinn_stream.nn.model import patterson_channels
 
     torch.manual_seed(4)
     n = 16
@@ -165,7 +165,7 @@ def test_patterson_channels_are_the_autocorrelation_of_the_object():
 
 
 def test_with_patterson_keeps_the_function_and_adds_two_input_channels():
-    from cdinn_stream.model import with_patterson
+    from cdinn_stream.nn.model import with_patterson
 
     torch.manual_seed(5)
     for cfg in (ModelConfig(32, (8, 16, 32), 1, 4), ModelConfig(32, (8, 16, 32), 2, 1)):

@@ -2,9 +2,9 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from cdinn_stream.metrics import chi2, score
-from cdinn_stream.phase_retrieval import ITERATIONS, er_hio, schedule
-from cdinn_stream.simulate import diffraction_intensity, simulate
+from cdinn_stream.core.metrics import chi2, score
+from cdinn_stream.core.phase_retrieval import ITERATIONS, er_hio, schedule
+from cdinn_stream.core.simulate import diffraction_intensity, simulate
 
 
 def test_schedule_is_620_iterations_ending_in_averaged_er():

@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from cdinn_stream.blocks import FrameBlock, ResultBlock, RunMarker
-from cdinn_stream.publish import SinkThread
+from cdinn_stream.live.blocks import FrameBlock, ResultBlock, RunMarker
+from cdinn_stream.live.publish import SinkThread
 
 
 def _result(run: str, start: int, n: int) -> ResultBlock:

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from cdinn_stream import load_model
-from cdinn_stream.reconstruct import DEFAULT_MODEL, model_path
-from cdinn_stream.simulate import simulate
+from cdinn_stream.core.simulate import simulate
+from cdinn_stream.nn.reconstruct import DEFAULT_MODEL, model_path
 
 
 def test_predict_shapes_types_and_support(tiny_model, small_set):
@@ -67,7 +67,7 @@ def test_shipped_default_model_loads_and_predicts(small_set):
 def test_shipped_default_model_is_accurate():
     """Regression guard on the shipped weights: 300 fresh samples (the card reports 1,000)."""
     from cdinn_stream import simulate
-    from cdinn_stream.metrics import score
+    from cdinn_stream.core.metrics import score
 
     data = simulate(300, 32, seed=424242)
     rec = load_model(device="cpu").predict(data.intensity)
@@ -80,7 +80,7 @@ def test_shipped_default_model_is_accurate():
 def test_precision_options(tiny_model):
     import torch
 
-    from cdinn_stream.reconstruct import CDIModel, resolve_precision
+    from cdinn_stream.nn.reconstruct import CDIModel, resolve_precision
 
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="precision must be one of"):
@@ -98,7 +98,7 @@ def test_precision_options(tiny_model):
 
 
 def test_cuda_graphs_only_on_a_gpu(tiny_model):
-    from cdinn_stream.reconstruct import CDIModel
+    from cdinn_stream.nn.reconstruct import CDIModel
 
     assert CDIModel(tiny_model.network, device="cpu").cuda_graphs is False
     with pytest.raises(ValueError, match="CUDA"):
@@ -108,7 +108,7 @@ def test_cuda_graphs_only_on_a_gpu(tiny_model):
 def test_allocator_tuning_is_opt_in_and_takes_on_linux(monkeypatch, tiny_model):
     import sys
 
-    import cdinn_stream.reconstruct as rc
+    import cdinn_stream.nn.reconstruct as rc
 
     monkeypatch.setattr(rc, "_MALLOC_TUNED", False)
     monkeypatch.delenv("CDINN_MALLOC_TUNING", raising=False)
@@ -121,7 +121,7 @@ def test_allocator_tuning_is_opt_in_and_takes_on_linux(monkeypatch, tiny_model):
 
 
 def test_phase_is_the_networks_everywhere_and_masked_for_display():
-    from cdinn_stream.physics import SUPPORT_THRESHOLD
+    from cdinn_stream.core.physics import SUPPORT_THRESHOLD
 
     rec = load_model("cdinn-32", device="cpu").predict(simulate(4, 32, seed=3).intensity)
     outside = rec.amplitude <= SUPPORT_THRESHOLD
@@ -132,10 +132,10 @@ def test_phase_is_the_networks_everywhere_and_masked_for_display():
 
 def test_without_onednn_int8_the_error_says_what_to_do(monkeypatch, tmp_path):
     """Runs on every torch build (the int8 tests in test_int8.py need oneDNN's operators)."""
-    import cdinn_stream.int8 as int8_module
-    from cdinn_stream.int8 import FORMAT, Int8CDINN
-    from cdinn_stream.model import ModelConfig
-    from cdinn_stream.weights import read_network
+    import cdinn_stream.nn.int8 as int8_module
+    from cdinn_stream.nn.int8 import FORMAT, Int8CDINN
+    from cdinn_stream.nn.model import ModelConfig
+    from cdinn_stream.nn.weights import read_network
 
     config = ModelConfig(32, (8, 16, 32), 2, 4)
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from cdinn_stream.physics import SUPPORT_THRESHOLD, far_field, twin
-from cdinn_stream.simulate import CHUNK, add_noise, diffraction_intensity, simulate
+from cdinn_stream.core.physics import SUPPORT_THRESHOLD, far_field, twin
+from cdinn_stream.core.simulate import CHUNK, add_noise, diffraction_intensity, simulate
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])
@@ -135,7 +135,7 @@ def test_workers_give_the_same_samples():
 def test_torch_noise_scales_to_the_photons_and_is_fresh_each_call():
     import torch
 
-    from cdinn_stream.simulate import add_noise_torch
+    from cdinn_stream.core.simulate import add_noise_torch
 
     clean = torch.from_numpy(simulate(200, 32, seed=12).intensity)
     g = torch.Generator().manual_seed(0)

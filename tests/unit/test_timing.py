@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from cdinn_stream.timing import LatencyWindow, latency_ms
+from cdinn_stream.core.timing import LatencyWindow, latency_ms
 
 
 def test_latency_window_keeps_the_latest_in_fixed_memory():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdinn_stream.reconstruct import load_model
-from cdinn_stream.simulate import simulate
-from cdinn_stream.train import TrainConfig, train
+from cdinn_stream.core.simulate import simulate
+from cdinn_stream.lab.train import TrainConfig, train
+from cdinn_stream.nn.reconstruct import load_model
 
 
 def test_train_checkpoint_resume_and_outputs(tmp_path):
@@ -38,8 +38,8 @@ def test_fourier_loss_is_zero_for_the_truth_and_blind_to_twin_and_shift():
 
     import torch
 
-    from cdinn_stream.losses import fourier_loss
-    from cdinn_stream.physics import twin_torch
+    from cdinn_stream.core.physics import twin_torch
+    from cdinn_stream.lab.losses import fourier_loss
 
     d = simulate(8, 32, seed=4)
     m = torch.sqrt(torch.as_tensor(d.intensity))
@@ -59,7 +59,7 @@ def test_fourier_loss_is_zero_for_the_truth_and_blind_to_twin_and_shift():
 
 
 def test_finetune_on_unlabelled_frames_lowers_the_fourier_loss(tmp_path, tiny_weights):
-    from cdinn_stream.cli import main
+    from cdinn_stream.apps.cli import main
 
     d = simulate(600, 32, seed=8, photons=1e6)
     np.savez(tmp_path / "frames.npz", intensity=d.intensity)
@@ -71,7 +71,7 @@ def test_finetune_on_unlabelled_frames_lowers_the_fourier_loss(tmp_path, tiny_we
 
 
 def test_fresh_noise_cosine_schedule_and_data_folder(tmp_path):
-    from cdinn_stream.cli import main
+    from cdinn_stream.apps.cli import main
 
     assert main(["simulate", str(tmp_path / "data"), "-n", "700", "--workers", "2"]) == 0
     assert main(["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--n-train", "600",
@@ -86,8 +86,8 @@ def test_fresh_noise_cosine_schedule_and_data_folder(tmp_path):
 
 def test_patterson_fine_tune_starts_from_weights_without_it(tmp_path, tiny_weights):
     """--patterson with --init-weights of a model without the channels adds them (zero weights)."""
-    from cdinn_stream.cli import main
-    from cdinn_stream.weights import read_weights
+    from cdinn_stream.apps.cli import main
+    from cdinn_stream.nn.weights import read_weights
 
     assert main(["train", "--out", str(tmp_path / "run"), "--n-train", "64", "--n-val", "16", "--epochs", "1",
                  "--widths", "4,8,16", "--space-to-depth", "2", "--patterson", "--init-weights", str(tiny_weights),
@@ -102,7 +102,7 @@ def test_patterson_fine_tune_starts_from_weights_without_it(tmp_path, tiny_weigh
 def test_mixed_recipes_centred_training(tmp_path, fresh_noise):
     """Both recipes in one set, centred as inference centres them: the weights say so, and a model
     loaded from them centres its input."""
-    from cdinn_stream.cli import main
+    from cdinn_stream.apps.cli import main
 
     args = ["train", "--out", str(tmp_path / "run"), "--recipe", "mixed", "--crystal-fraction", "0.5", "--centre",
             "--n-train", "256", "--n-val", "64", "--batch-size", "64", "--epochs", "1", "--widths", "4,8,16",

@@ -1,6 +1,6 @@
 # cdinn-stream simulation profile: `ipython --profile-dir=profiles/cdinn_sim`
 # Only imports and one factory call; settings come from the environment (see README, "Profiles").
-from cdinn_stream.profile import setup_simulated_beamline
+from cdinn_stream.apps.profile import setup_simulated_beamline
 
 beamline = setup_simulated_beamline()
 RE, bcdi, peak_x, strain, cdinn = beamline.RE, beamline.detector, beamline.peak, beamline.strain, beamline.callback

@@ -1,0 +1,1 @@
+"""The applications on top: the CLI, the demo, the beamline profile, the listener, the IOC, replay."""

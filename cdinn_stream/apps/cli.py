@@ -1,0 +1,515 @@
+"""The ``cdinn-stream`` command line: simulate, train, evaluate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..nn.options import DEFAULT_MODEL, PRECISION_HELP, PRECISIONS
+
+__all__ = ["main"]
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    return tuple(int(w) for w in text.split(","))
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from ..core.simulate import simulate
+
+    with tqdm(total=args.n, desc="simulating", unit="sample") as bar:
+        data = simulate(args.n, args.size, seed=args.seed, photons=args.photons, background=args.background,
+                        pad=args.pad, remove_ramp=args.remove_ramp, progress=bar.update, workers=args.workers,
+                        recipe=args.recipe, offset=args.offset)
+    if args.out.endswith(".npz"):
+        np.savez_compressed(args.out, intensity=data.intensity, amplitude=data.amplitude, phase=data.phase)
+    else:  # a folder of .npy files: fast to write and memory-mapped by train --data
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        for key in ("intensity", "amplitude", "phase"):
+            np.save(Path(args.out) / f"{key}.npy", getattr(data, key))
+    print(f"wrote {len(data)} samples to {args.out} (intensity {data.intensity.shape}, amplitude, phase)")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..lab.train import TrainConfig, train
+
+    cfg = TrainConfig(out_dir=Path(args.out), size=args.size, widths=args.widths,
+                      convs_per_stage=args.convs_per_stage, space_to_depth=args.space_to_depth,
+                      patterson=args.patterson, n_train=args.n_train,
+                      n_val=args.n_val,
+                      batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, lr=args.lr,
+                      seed=args.seed, max_minutes=args.max_minutes, threads=args.threads,
+                      photons=None if args.photons is None else (args.photons[0] if len(args.photons) == 1
+                                                                 else tuple(args.photons[:2])),
+                      background=args.background, fourier_weight=args.fourier_weight,
+                      remove_ramp=args.remove_ramp,
+                      init_weights=args.init_weights, phase_weight=args.phase_weight,
+                      offset_invariant=not args.absolute_phase, support_weight=args.support_weight,
+                      support_pos_weight=args.support_pos_weight, device=args.device, amp=not args.no_amp,
+                      fresh_noise=args.fresh_noise, data=args.data, workers=args.workers, schedule=args.schedule,
+                      data_recipe=args.recipe, crystal_fraction=args.crystal_fraction, centre=args.centre)
+    result = train(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
+    print(f"training curve: {Path(args.out) / 'training_curve.png'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..lab.evaluate import CRYSTAL_PHOTON_DECADES, OFFSETS, PHOTON_DECADES, evaluate, report_table
+    from ..nn.reconstruct import load_model
+
+    model = load_model(args.model, device=args.device, precision=args.precision, views=args.views)
+    decades = CRYSTAL_PHOTON_DECADES if args.recipe == "crystal" else PHOTON_DECADES
+    offsets = None if args.offsets is None else tuple(args.offsets or OFFSETS)
+    report = evaluate(model, args.out, n=args.n, seed=args.seed, photons=args.photons, erhio=not args.no_erhio,
+                      erhio_iterations=args.iterations, refine_iterations=args.refine_iterations,
+                      noise=None if args.noise is None else tuple(args.noise or decades), recipe=args.recipe,
+                      offsets=offsets)
+    print(report_table(report))
+    print(f"report and figures in {args.out}/ (report.json, report.md, examples.png, best.png, worst.png)")
+    return 0
+
+
+def _cmd_deepen(args: argparse.Namespace) -> int:
+    from ..nn.model import deepen
+    from ..nn.weights import read_weights, save_weights
+
+    deeper = deepen(read_weights(args.weights))
+    save_weights(deeper, args.out, meta={"deepened_from": str(args.weights)})
+    print(f"wrote {args.out}: {deeper.config}")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from ..lab.card import attach_crystal_evaluation, publish
+
+    if args.attach:
+        if not args.crystal_evaluation:
+            raise SystemExit("--attach needs --crystal-evaluation DIR")
+        card = attach_crystal_evaluation(args.attach, args.crystal_evaluation, args.models)
+        print(f"added the crystal-recipe evaluation in {args.crystal_evaluation} to {card}")
+        return 0
+    if not (args.run and args.evaluation and args.name):
+        raise SystemExit("publish needs RUN, EVALUATION and --name (or --attach NAME --crystal-evaluation DIR)")
+
+    card = publish(args.run, args.evaluation, args.name, args.models, lineage=args.lineage, after_card=args.after,
+                   also=args.also, crystal_evaluation=args.crystal_evaluation)
+    print(f"wrote {card} and its weights beside it")
+    return 0
+
+
+def _load_benchmarks():
+    """The ``benchmarks`` package of the source checkout this package runs from."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (root / "__init__.py").is_file():
+        raise SystemExit("cdinn-stream bench runs the benchmarks of a source checkout (benchmarks/): "
+                         "clone the repository and install it with pip install -e '.[bench]'")
+    spec = importlib.util.spec_from_file_location("benchmarks", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.out is None:
+        args.out = "benchmarks/results" if args.device == "cpu" else "benchmarks/results/gpu"
+    bench = _load_benchmarks()
+    results = bench.run_benchmarks(args.out, model_name=args.model, models=tuple(args.models),
+                                   suites=tuple(args.suite), n=args.n, quick=args.quick, device=args.device)
+    print(bench.bench_table(results))
+    print(f"results in {args.out}/bench.json and {args.out}/bench.md")
+    return 0
+
+
+def _cmd_ioc(args: argparse.Namespace) -> int:
+    from .ioc import run_ioc
+
+    print(f"serving {args.prefix}AMPLITUDE, {args.prefix}PHASE, ... on {args.interfaces} (Ctrl-C to stop)")
+    run_ioc(args.prefix, interfaces=tuple(args.interfaces), max_size=args.max_size)
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..lab.train import FinetuneConfig, finetune
+    from ..nn.reconstruct import model_path
+
+    with np.load(args.frames) as data:
+        if "intensity" not in data.files:
+            raise ValueError(f"{args.frames} has no 'intensity' array (it has {data.files})")
+        intensity = data["intensity"]
+    weights = args.init_weights if Path(args.init_weights).suffix == ".pt" else str(model_path(args.init_weights))
+    result = finetune(FinetuneConfig(intensity=intensity, init_weights=weights, out_dir=Path(args.out),
+                                     kind=args.kind, epochs=args.epochs, patience=args.patience, lr=args.lr,
+                                     threads=args.threads))
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
+    return 0
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from tiled.client import from_uri
+
+    from ..sinks import TiledSink
+    from ..sinks.spool import Spool
+
+    spool = Spool(args.spool)
+    runs = spool.runs()
+    if not runs:
+        print(f"nothing to backfill in {spool.root}")
+        return 0
+    frames = sum(spool.frames(uid) for uid in runs)
+    print(f"{len(runs)} runs, {frames} frames waiting in {spool.root}")
+    sink = TiledSink(from_uri(args.tiled, api_key=args.api_key), spool_dir=spool.root)
+    written = sink.backfill()
+    left = spool.runs()
+    print(json.dumps({"frames_written": written, "runs_left": left}))
+    return 0 if not left else 1
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from .listen import listen
+
+    stats = listen(args.address, count=args.count, timeout=args.timeout, plot=args.plot)
+    print(json.dumps(stats))
+    return 0
+
+
+def _pipeline(args: argparse.Namespace, *, parent: str) -> PipelineConfig:
+    """The pipeline settings: the environment (``PipelineConfig.from_env``), then the options given."""
+    from .config import PipelineConfig
+
+    return PipelineConfig.from_env(model=args.model, device=args.device, precision=args.precision, views=args.views,
+                                   batch_size=args.batch_size, zmq_out=args.zmq_out,
+                                   tiled_uri=args.tiled_out or getattr(args, "tiled", None),
+                                   tiled_api_key=args.api_key, tiled_parent=parent, epics_prefix=args.epics_prefix)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .config import connect_tiled
+    from .replay import replay_run
+
+    config = _pipeline(args, parent=args.parent)
+    source = connect_tiled(args.tiled, args.api_key)
+    cb = config.build(tiled_client=source if not args.tiled_out else None)
+    print(json.dumps(replay_run(source, args.uid, cb, pace=args.pace)))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bluesky.callbacks.zmq import RemoteDispatcher
+
+    cb = _pipeline(args, parent="cdinn").build()
+    dispatcher = RemoteDispatcher(args.zmq)
+    dispatcher.subscribe(cb)
+    print(f"reconstructing documents from {args.zmq} (Ctrl-C to stop)", flush=True)
+    try:
+        dispatcher.start()
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    finally:
+        cb.close()
+        print(json.dumps(cb.stats()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo, summary_table
+
+    summary = run_demo(DemoConfig(frames=args.frames, model=args.model, out_dir=args.out, photons=args.photons,
+                                   recipe=args.recipe),
+                       progress=not args.json)
+    print(json.dumps(summary, indent=1, default=str) if args.json else summary_table(summary))
+    return 0
+
+
+def _add_sink_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--zmq-out", default=None, help="publish results on this ZeroMQ address (e.g. tcp://127.0.0.1:5578)")
+    p.add_argument("--tiled-out", default=None, help="write results to this Tiled server")
+    p.add_argument("--api-key", default=os.environ.get("TILED_API_KEY"),
+                   help="Tiled API key (default: $TILED_API_KEY; keep keys out of profiles and shell history)")
+    p.add_argument("--epics-prefix", default=None, help="write the IOC's PVs with this prefix (e.g. CDINN:)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or .pt path (default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--views", type=int, default=1, choices=range(1, 9), metavar="{1..8}",
+                   help="symmetric copies of each pattern the network sees, combined (default 1; 8: more accurate, "
+                        "8x the network's time)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by the docs)."""
+    p = argparse.ArgumentParser(
+        prog="cdinn-stream",
+        description="Real-time coherent diffraction inversion (CDI NN) for Bragg CDI beamlines.",
+        epilog="Each command has its own --help. Conventions: README.md, 'Conventions'.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="write simulated samples (paper or crystal recipe) to an .npz file",
+                       description="Simulate random crystals (the paper's convex blobs with smooth strain phase, or "
+                                   "--recipe crystal: sectioned faceted crystals with displacement-field strain, "
+                                   "the Bragg peak off-centre and detector effects) and their diffraction "
+                                   "intensities, and save them as intensity/amplitude/phase arrays.")
+    s.add_argument("--recipe", choices=("paper", "crystal"), default="paper", help="default paper")
+    s.add_argument("--offset", type=float, default=None,
+                   help="the Bragg peak this many pixels off the centre (default: the recipe's own)")
+    s.add_argument("out", help="output .npz file, or a folder for intensity/amplitude/phase .npy files")
+    s.add_argument("--workers", type=int, default=1, help="processes (same samples for any number)")
+    s.add_argument("-n", type=int, default=1000, help="number of samples (default 1000)")
+    s.add_argument("--size", type=int, default=32, choices=(32, 64, 128), help="frame size N (default 32)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--photons", type=float, default=None,
+                   help="Poisson noise: total photons per frame (crystal recipe: with its detector effects)")
+    s.add_argument("--background", type=float, default=0.0, help="constant background per pixel")
+    s.add_argument("--pad", type=int, default=1, help="zero-padding factor of the object (2: oversampled)")
+    s.add_argument("--remove-ramp", action="store_true",
+                   help="remove each phase's linear ramp (strain relative to the mean lattice)")
+    s.set_defaults(func=_cmd_simulate)
+
+    t = sub.add_parser("train", help="train a CDI NN on simulated data (checkpoints, resume, curve PNG)",
+                       description="Adam, batch 256, 180k/20k train/validation split, early stopping on the "
+                                   "validation loss, a checkpoint each epoch (--resume continues), fixed seed.")
+    t.add_argument("--out", default="runs/cdinn-32", help="output folder (default runs/cdinn-32)")
+    t.add_argument("--size", type=int, default=32, choices=(32, 64, 128))
+    t.add_argument("--widths", type=_widths, default=(32, 64, 128),
+                   help="encoder widths, comma-separated (default 32,64,128, as the paper)")
+    t.add_argument("--convs-per-stage", type=int, default=1,
+                   help="3x3 convolutions per stage (default 1; the paper: 2)")
+    t.add_argument("--space-to-depth", type=int, default=4,
+                   help="fold r x r pixel blocks into channels at input and output (default 4, the shipped "
+                        "models; 1 for the paper's network: --widths 32,64,128 --convs-per-stage 2 "
+                        "--space-to-depth 1)")
+    t.add_argument("--patterson", action="store_true",
+                   help="add the autocorrelation (inverse FFT of the intensity, the Patterson map) as two "
+                        "more input channels")
+    t.add_argument("--n-train", type=int, default=180_000)
+    t.add_argument("--n-val", type=int, default=20_000)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping may end sooner)")
+    t.add_argument("--patience", type=int, default=4, help="epochs without improvement before stopping")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--photons", type=float, nargs="+", default=None, metavar="N",
+                   help="train on Poisson-noisy patterns: photons per frame, or LOW HIGH for a log-uniform range "
+                        "(e.g. --photons 1e4 1e7)")
+    t.add_argument("--background", type=float, default=0.0, help="background counts per pixel with --photons")
+    t.add_argument("--fourier-weight", type=float, default=0.0,
+                   help="add the physics-aware |FT| loss with this weight (default 0)")
+    t.add_argument("--remove-ramp", action="store_true",
+                   help="simulate strain relative to the mean lattice (linear phase ramp removed)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch past this budget")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--init-weights", default=None, help="start from these weights (fine-tuning)")
+    t.add_argument("--phase-weight", type=float, default=1.0, help="weight of the phase loss (default 1)")
+    t.add_argument("--absolute-phase", action="store_true",
+                   help="score the absolute phase (default: up to a global offset, which |F| cannot see)")
+    t.add_argument("--support-weight", type=float, default=1.0,
+                   help="weight of the support-edge cross-entropy at the 0.1 threshold (default 1)")
+    t.add_argument("--support-pos-weight", type=float, default=8.0,
+                   help="extra cost of a missed support pixel (default 8)")
+    t.add_argument("--recipe", default="paper", choices=("paper", "crystal", "mixed"),
+                   help="simulated data: the paper's recipe, the realistic crystal recipe, or both (default paper)")
+    t.add_argument("--crystal-fraction", type=float, default=0.5,
+                   help="share of crystal-recipe samples with --recipe mixed (default 0.5)")
+    t.add_argument("--centre", action="store_true",
+                   help="centre each pattern on its Bragg peak as inference does and train on the matching phase "
+                        "(the shipped cdinn-32 is trained so)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--device", default="cpu",
+                   help="cpu, cuda, or auto (CUDA when available); the data set is moved there (default cpu)")
+    t.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA (default: bf16 autocast)")
+    t.add_argument("--fresh-noise", action="store_true",
+                   help="draw new Poisson noise (--photons, --background) for every batch, on the device")
+    t.add_argument("--data", default=None,
+                   help="train on this folder of intensity/amplitude/phase .npy (or .npz) instead of simulating")
+    t.add_argument("--workers", type=int, default=1, help="processes simulating the data (same samples for any number)")
+    t.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
+                   help="plateau: halve the rate when validation stalls, with early stopping; cosine: decay to "
+                        "lr/100 over --max-minutes (or --epochs)")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a model on fresh samples against ER/HIO; JSON + figures",
+                       description="Simulate fresh samples, reconstruct them with the network and with "
+                                   "620-iteration ER/HIO (and NN-seeded refinement), and write report.json, "
+                                   "report.md and the figures examples.png, best.png, worst.png.")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or path to a .pt (default %(default)s)")
+    e.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
+    e.add_argument("-n", type=int, default=1000, help="number of fresh samples (default 1000)")
+    e.add_argument("--views", type=int, default=1, choices=range(1, 9), metavar="{1..8}",
+                   help="symmetric copies of each pattern the network sees, combined (default 1; 8: all the "
+                        "square's symmetries, 8x the network's time, more accurate)")
+    e.add_argument("--recipe", choices=("paper", "crystal"), default="paper",
+                   help="the paper's recipe or the realistic crystal recipe (sectioned faceted crystals, textured "
+                        "amplitude, displacement-field strain, the Bragg peak off-centre; default paper)")
+    e.add_argument("--seed", type=int, default=None,
+                   help="seed of the fresh samples (default: the recipe's reported evaluation set)")
+    e.add_argument("--photons", type=float, default=None, help="evaluate on Poisson-noisy patterns")
+    e.add_argument("--iterations", type=int, default=620, help="ER/HIO iterations (default 620)")
+    e.add_argument("--refine-iterations", type=int, default=100,
+                   help="iterations of NN-seeded ER/HIO refinement (0: skip)")
+    e.add_argument("--no-erhio", action="store_true", help="skip the ER/HIO baseline")
+    e.add_argument("--noise", type=float, nargs="*", default=None, metavar="PHOTONS",
+                   help="also score the NN with Poisson noise at these photons per frame "
+                        "(--noise alone: 1e4 1e5 1e6 1e7; with --recipe crystal 1e3 ... 1e8, with its detector "
+                        "effects)")
+    e.add_argument("--offsets", type=float, nargs="*", default=None, metavar="PIXELS",
+                   help="also score the NN with the Bragg peak this many pixels off the window's centre "
+                        "(--offsets alone: 0 0.5 1 2)")
+    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    e.set_defaults(func=_cmd_evaluate)
+
+    dp = sub.add_parser("deepen", help="double the convolutions per stage, keeping the function (net2net)",
+                        description="Write weights of a network with twice the convolutions per stage whose new "
+                                    "layers start as identities; fine-tune them with train --init-weights.")
+    dp.add_argument("weights", help="input weights (.pt)")
+    dp.add_argument("out", help="output weights (.pt)")
+    dp.set_defaults(func=_cmd_deepen)
+
+    pb = sub.add_parser("publish", help="ship a trained model: weights + model card JSON into models/",
+                        description="Copy RUN/best.pt to MODELS/NAME.pt and write the model card MODELS/NAME.json "
+                                    "(recipe, data, epochs, validation curve, evaluation metrics, code commit).")
+    pb.add_argument("run", nargs="?", help="training output folder (holds best.pt and history.json)")
+    pb.add_argument("evaluation", nargs="?", help="evaluation folder of those weights (holds report.json)")
+    pb.add_argument("--name", help="model name, e.g. cdinn-32")
+    pb.add_argument("--attach", default=None, metavar="NAME",
+                    help="only add --crystal-evaluation to the card of the shipped model NAME, keeping the rest")
+    pb.add_argument("--models", default="models", help="models folder (default ./models)")
+    pb.add_argument("--lineage", nargs="*", default=[],
+                    help="earlier training folders this run was fine-tuned from, oldest first")
+    pb.add_argument("--after", default=None, metavar="CARD",
+                    help="model card (JSON) of the weights the earliest stage started from: its lineage and "
+                         "final stage go first in the new card (copy it first if NAME overwrites it)")
+    pb.add_argument("--also", nargs="*", default=[], metavar="EVALUATION",
+                    help="more evaluation folders of the same weights (e.g. evaluate --views 8), kept in the card "
+                         "under other_evaluations")
+    pb.add_argument("--crystal-evaluation", default=None, metavar="EVALUATION",
+                    help="evaluation folder of the same weights on the crystal recipe (evaluate --recipe crystal), "
+                         "kept in the card as evaluation_crystal")
+    pb.set_defaults(func=_cmd_publish)
+
+    d = sub.add_parser("demo", help="the whole live pipeline on this machine: Tiled, IOC, ZeroMQ, scan, replay",
+                       description="Start an embedded Tiled server, the EPICS IOC and a ZeroMQ listener (127.0.0.1 "
+                                   "only), run a simulated operando scan with live reconstruction, replay it from "
+                                   "Tiled, and print a summary; writes OUT/summary.json and OUT/montage.png.")
+    d.add_argument("--frames", type=int, default=300, help="frames in the scan (default 300)")
+    d.add_argument("--model", default=DEFAULT_MODEL)
+    d.add_argument("--photons", type=float, default=1e6, help="photons per frame (default 1e6)")
+    d.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
+    d.add_argument("--recipe", choices=("paper", "crystal"), default="paper",
+                   help="the sample: a paper-recipe crystal, or a crystal of the realistic recipe with its Bragg "
+                        "peak off the window's centre (default paper)")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.set_defaults(func=_cmd_demo)
+
+    i = sub.add_parser("ioc", help="serve the EPICS PVs (caproto) that the pipeline writes",
+                       description="Serve P:AMPLITUDE, P:PHASE, P:SHAPE, P:SUPPORT_SIZE, P:PHASE_RMS, P:FRAME_RATE, "
+                                   "P:FRAMES, P:SEQ_NUM, P:RUN_UID, P:STATUS with caproto.")
+    i.add_argument("--prefix", default="CDINN:", help="PV prefix (default CDINN:)")
+    i.add_argument("--interfaces", nargs="+", default=["127.0.0.1"], help="addresses to bind (default 127.0.0.1)")
+    i.add_argument("--max-size", type=int, default=128, help="largest frame side the waveforms hold")
+    i.set_defaults(func=_cmd_ioc)
+
+    ft = sub.add_parser("finetune", help="fine-tune a model on unlabelled frames with the physics-aware loss",
+                        description="Fine-tune on frames without ground truth (measured data, or `cdinn-stream "
+                                    "simulate` output): the loss compares |FT| of the prediction with the measured "
+                                    "amplitudes (normalised squared error, 1 - Pearson correlation, or Poisson "
+                                    "likelihood at low counts). Writes OUT/best.pt, history.json and a curve PNG.")
+    ft.add_argument("frames", help=".npz with an 'intensity' array (n, N, N), Bragg peak at N//2")
+    ft.add_argument("--init-weights", default=DEFAULT_MODEL, help="shipped model name or .pt (default %(default)s)")
+    ft.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
+    ft.add_argument("--kind", choices=("nse", "pearson", "poisson"), default="nse", help="the |FT| loss (default nse)")
+    ft.add_argument("--epochs", type=int, default=10)
+    ft.add_argument("--patience", type=int, default=2)
+    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ft.set_defaults(func=_cmd_finetune)
+
+    bf = sub.add_parser("backfill", help="write results spooled while Tiled was unreachable",
+                        description="When the Tiled server was away at the end of a run, its results stay in the "
+                                    "spool (default $CDINN_SPOOL or ~/.cache/cdinn-stream/spool). This writes "
+                                    "them to the server, in order, and marks their runs complete.")
+    bf.add_argument("--tiled", required=True, help="Tiled server URL")
+    bf.add_argument("--api-key", default=os.environ.get("TILED_API_KEY"),
+                    help="Tiled API key (default: $TILED_API_KEY)")
+    bf.add_argument("--spool", default=None, help="spool folder (default $CDINN_SPOOL or ~/.cache/cdinn-stream/spool)")
+    bf.set_defaults(func=_cmd_backfill)
+
+    lsn = sub.add_parser("listen", help="subscribe to the ZeroMQ results and print (or plot) them",
+                         description="Print one line per result message; --plot saves the latest frame as a PNG.")
+    lsn.add_argument("address", help="publisher address, e.g. tcp://127.0.0.1:5578")
+    lsn.add_argument("--count", type=int, default=None, help="stop after this many frames")
+    lsn.add_argument("--timeout", type=float, default=None, help="stop after this many seconds of silence")
+    lsn.add_argument("--plot", default=None, help="save the latest amplitude/phase to this PNG at each run end")
+    lsn.set_defaults(func=_cmd_listen)
+
+    r = sub.add_parser("replay", help="reconstruct a stored run from Tiled (databroker 2)",
+                       description="Read the run's documents from Tiled and feed them to the live callback; "
+                                   "results go to the sinks given (Tiled: container cdinn-replay/UID).")
+    r.add_argument("uid", help="uid of the raw run")
+    r.add_argument("--tiled", required=True, help="Tiled server URL holding the raw run")
+    r.add_argument("--pace", choices=("fast", "recorded"), default="fast", help="as fast as possible or as recorded")
+    r.add_argument("--parent", default="cdinn-replay", help="Tiled container for the results")
+    _add_sink_options(r)
+    r.set_defaults(func=_cmd_replay)
+
+    sv = sub.add_parser("serve", help="reconstruct documents from a bluesky-0MQ-proxy (out of process)",
+                        description="Subscribe a RemoteDispatcher to the proxy's output and run the callback.")
+    sv.add_argument("--zmq", required=True, help="the proxy's output address, e.g. tcp://127.0.0.1:5578")
+    _add_sink_options(sv)
+    sv.set_defaults(func=_cmd_serve)
+
+    b = sub.add_parser("bench", help="speed benchmarks; writes JSON + a markdown table",
+                       description="Measure, in one run on this machine: the simulator; the model's frames/s per "
+                                   "batch size, size and precision against a matmul peak; 620-iteration ER/HIO "
+                                   "(and cohere-core's) against the NN; the pipeline end to end (throughput, "
+                                   "latency at 100 frames/s, memory over 100,000 frames). Results go to OUT. "
+                                   "Needs a source checkout (benchmarks/); the full run takes about 10 minutes "
+                                   "on 2 cores.")
+    b.add_argument("--out", default=None,
+                   help="output folder (default benchmarks/results, or benchmarks/results/gpu with --device cuda)")
+    b.add_argument("--model", default=DEFAULT_MODEL, help="model of the ER/HIO and pipeline suites (default %(default)s)")
+    b.add_argument("--models", nargs="+", default=["cdinn-32", "cdinn-64"],
+                   help="models of the model suite (default cdinn-32 cdinn-64)")
+    b.add_argument("--suite", nargs="+", default=["simulate", "model", "erhio", "pipeline"],
+                   choices=["simulate", "model", "erhio", "pipeline"], help="suites to run (default all)")
+    b.add_argument("-n", type=int, default=1024, help="patterns in the batched ER/HIO timing (default 1024)")
+    b.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    b.add_argument("--device", default="cpu",
+                   help="cpu or cuda: cuda runs the model suite (also with CUDA graphs) and the pipeline on the GPU "
+                        "(default cpu)")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cdinn-stream`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"cdinn-stream {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""One pipeline configuration: what the live callback needs, where its results go, and one ``build``.
+
+The command line (``serve``, ``replay``), the beamline profile and the demo all build their
+pipeline here, so a setting means the same everywhere::
+
+    from cdinn_stream import PipelineConfig
+
+    config = PipelineConfig(zmq_out="tcp://127.0.0.1:5578")   # or PipelineConfig.from_env()
+    callback = config.build()                                  # a ReconstructionCallback with its sinks
+    RE.subscribe(callback)
+
+:meth:`PipelineConfig.from_env` reads the ``CDINN_*`` and ``TILED_*`` variables below (a profile
+keeps no secret in its files). Tiled clients are made by :func:`connect_tiled` only, which turns
+an unreachable server or a refused key into one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+
+from ..nn.options import DEFAULT_MODEL, PRECISIONS
+
+__all__ = ["PipelineConfig", "connect_tiled", "ENVIRONMENT"]
+
+#: environment variable -> field of :class:`PipelineConfig`
+ENVIRONMENT = {
+    "CDINN_MODEL": "model",
+    "CDINN_DEVICE": "device",
+    "CDINN_PRECISION": "precision",
+    "CDINN_VIEWS": "views",
+    "CDINN_BATCH_SIZE": "batch_size",
+    "CDINN_MAX_LATENCY": "max_latency",
+    "CDINN_BIN": "bin",
+    "CDINN_ZMQ_OUT": "zmq_out",
+    "TILED_URL": "tiled_uri",
+    "TILED_API_KEY": "tiled_api_key",
+    "CDINN_TILED_PARENT": "tiled_parent",
+    "CDINN_EPICS_PREFIX": "epics_prefix",
+    "CDINN_SPOOL": "spool_dir",
+    "CDINN_REFINE_EVERY": "refine_every",
+    "CDINN_REFINE_ITERATIONS": "refine_iterations",
+}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of the live pipeline (every field has a default; ``None`` leaves a sink out).
+
+    Attributes:
+        model: shipped model name, a model on the search path, or a ``.pt`` path.
+        device: ``"cpu"`` or ``"cuda"`` (``None``: CUDA when available).
+        precision: one of ``PRECISIONS`` (``"auto"``: int8 for an int8 model, else bf16 where native).
+        views: symmetric copies of each pattern the network sees (1-8).
+        batch_size: frames per model call at most.
+        max_latency: seconds a frame waits for a batch to fill.
+        bin: crop a ``bin * model size`` window around the Bragg peak and bin it to the model's
+            size (the crop's side in detector pixels is ``bin`` times the model's).
+        zmq_out: publish results on this ZeroMQ address (e.g. ``tcp://127.0.0.1:5578``).
+        tiled_uri: write results to this Tiled server, one container per run.
+        tiled_api_key: its API key (from ``TILED_API_KEY``; never shown in ``repr``).
+        tiled_parent: the Tiled container holding the per-run containers.
+        epics_prefix: write the PVs of ``cdinn-stream ioc`` with this prefix (e.g. ``CDINN:``).
+        spool_dir: where Tiled results wait while the server is away (default: ``$CDINN_SPOOL``
+            or ``~/.cache/cdinn-stream/spool``).
+        refine_every: refine every n-th frame with NN-seeded ER/HIO (0: off).
+        refine_iterations: ER/HIO iterations of a refinement.
+    """
+
+    model: str = DEFAULT_MODEL
+    device: str | None = None
+    precision: str = "auto"
+    views: int = 1
+    batch_size: int = 256
+    max_latency: float = 0.01
+    bin: int = 1
+    zmq_out: str | None = None
+    tiled_uri: str | None = None
+    tiled_api_key: str | None = field(default=None, repr=False)
+    tiled_parent: str = "cdinn"
+    epics_prefix: str | None = None
+    spool_dir: str | None = None
+    refine_every: int = 0
+    refine_iterations: int = 50
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if not 1 <= self.views <= 8:
+            raise ValueError(f"views must be 1..8, not {self.views}")
+        for name in ("batch_size", "bin"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_latency < 0 or self.refine_every < 0 or self.refine_iterations < 0:
+            raise ValueError("max_latency, refine_every and refine_iterations must not be negative")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> PipelineConfig:
+        """Settings from the environment (:data:`ENVIRONMENT`), then ``overrides``."""
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict = {}
+        for var, name in ENVIRONMENT.items():
+            text = environ.get(var)
+            if text is None or text == "":
+                continue
+            kind = types[name]
+            try:
+                values[name] = int(text) if kind == "int" else float(text) if kind == "float" else text
+            except ValueError:
+                raise ValueError(f"${var}={text!r} is not a number") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes) -> PipelineConfig:
+        """A copy with ``changes`` (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def load_model(self):
+        """The model these settings name (:func:`~cdinn_stream.nn.reconstruct.load_model`)."""
+        from ..nn.reconstruct import load_model
+
+        return load_model(self.model, device=self.device, precision=self.precision, views=self.views)
+
+    def tiled_client(self):
+        """A Tiled client for ``tiled_uri`` (``None`` without one)."""
+        return connect_tiled(self.tiled_uri, self.tiled_api_key) if self.tiled_uri else None
+
+    def build_sinks(self, *, model_card: dict | None = None, tiled_client=None) -> list:
+        """The sinks these settings name: ZeroMQ, Tiled, EPICS, in that order."""
+        from ..sinks import EpicsSink, TiledSink, ZmqPublisherSink
+
+        sinks: list = []
+        if self.zmq_out:
+            sinks.append(ZmqPublisherSink(self.zmq_out))
+        client = tiled_client if tiled_client is not None else self.tiled_client()
+        if client is not None:
+            sinks.append(TiledSink(client, parent=self.tiled_parent, model_card=model_card, spool_dir=self.spool_dir))
+        if self.epics_prefix:
+            sinks.append(EpicsSink(self.epics_prefix))
+        return sinks
+
+    def build(self, *, model=None, tiled_client=None, mask=None, image_key: str | None = None,
+              handler_registry: dict | None = None):
+        """The :class:`~cdinn_stream.live.callback.ReconstructionCallback` with its sinks.
+
+        ``model`` (a loaded :class:`~cdinn_stream.nn.reconstruct.CDIModel`) and ``tiled_client``
+        replace the ones these settings would make; ``mask``, ``image_key`` and
+        ``handler_registry`` go to the callback."""
+        from ..live.callback import ReconstructionCallback
+
+        model = model if model is not None else self.load_model()
+        sinks = self.build_sinks(model_card=model.card, tiled_client=tiled_client)
+        return ReconstructionCallback(model=model, sinks=sinks, bin=self.bin, mask=mask, image_key=image_key,
+                                      batch_size=self.batch_size, max_latency=self.max_latency,
+                                      handler_registry=handler_registry, refine_every=self.refine_every,
+                                      refine_iterations=self.refine_iterations)
+
+
+def connect_tiled(uri: str, api_key: str | None = None):
+    """A Tiled client, or a ``ValueError`` that says what to do (start the server, pass a key)."""
+    import httpx
+    from tiled.client import from_uri
+
+    try:
+        return from_uri(uri, api_key=api_key)
+    except httpx.HTTPStatusError as err:
+        if err.response.status_code in (401, 403):
+            raise ValueError(_refused(uri, api_key)) from None
+        raise ValueError(f"the Tiled server at {uri} answered {err.response.status_code}: {err}") from None
+    except httpx.TransportError as err:
+        raise ValueError(f"cannot reach a Tiled server at {uri} ({err}): is it running, and is the URL right?") \
+            from None
+
+
+def _refused(uri: str, api_key: str | None) -> str:
+    if api_key:
+        return f"the Tiled server at {uri} refused the API key given: check --api-key or $TILED_API_KEY"
+    return (f"the Tiled server at {uri} needs an API key: pass --api-key KEY or set TILED_API_KEY "
+            "(the key the server was started with, e.g. tiled serve ... --api-key KEY)")
+

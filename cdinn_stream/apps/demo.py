@@ -1,0 +1,281 @@
+"""``cdinn-stream demo``: the whole pipeline on one machine, on 127.0.0.1 only.
+
+Starts an embedded Tiled server (temporary SQLite catalog, random API key), the EPICS IOC and a
+ZeroMQ listener; runs a simulated operando Bragg CDI scan (the strain evolves and the Bragg peak
+moves across the detector) with a RunEngine that stores raw data with ``TiledWriter`` and
+reconstructs live; then replays the stored run from Tiled through the same callback and checks
+that the results match. Prints a summary table (``--json``: JSON) and writes a PNG montage of
+truth vs reconstruction over the scan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DemoConfig", "run_demo", "loopback_epics_env", "summary_table", "clean_chi2_median"]
+
+
+@dataclass
+class DemoConfig:
+    """Options of :func:`run_demo`.
+
+    Attributes:
+        frames: frames in the scan.
+        model: shipped model name or weights path.
+        photons: photons per frame (Poisson noise).
+        background: mean background counts per pixel.
+        out_dir: where the summary JSON and the montage PNG go.
+        seed: seed of the crystal and the noise.
+        batch_size: most frames per model call.
+        max_latency: seconds a frame waits for a batch to fill.
+        frame_shape: detector size (rows, columns).
+        prefix: EPICS PV prefix.
+        recipe: the sample: a paper-recipe crystal (``"paper"``) or a crystal of the realistic
+            recipe with the Bragg peak off the window's centre (``"crystal"``,
+            :class:`~cdinn_stream.lab.sim.OperandoCrystal`).
+    """
+
+    frames: int = 300
+    model: str = "cdinn-32"
+    photons: float = 1e6
+    background: float = 0.5
+    out_dir: str = "demo-output"
+    seed: int = 1
+    batch_size: int = 64
+    max_latency: float = 0.02
+    frame_shape: tuple[int, int] = (128, 128)
+    prefix: str = "CDINNDEMO:"
+    recipe: str = "paper"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_epics_env(port: int | None = None) -> int:
+    """Point Channel Access (server and client) at 127.0.0.1 on a free port; returns the port.
+    Must run before pyepics is first used in the process."""
+    port = port or _free_port()
+    os.environ.update(EPICS_CA_ADDR_LIST="127.0.0.1", EPICS_CA_AUTO_ADDR_LIST="NO",
+                      EPICS_CA_SERVER_PORT=str(port), EPICS_CAS_SERVER_PORT=str(port),
+                      EPICS_CAS_INTF_ADDR_LIST="127.0.0.1", EPICS_CAS_AUTO_BEACON_ADDR_LIST="NO",
+                      EPICS_CAS_BEACON_ADDR_LIST="127.0.0.1")
+    return port
+
+
+def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
+    """Run the demo; returns the summary (also written to ``out_dir/summary.json``)."""
+    if os.environ.get("EPICS_CA_ADDR_LIST") != "127.0.0.1" or "EPICS_CAS_SERVER_PORT" not in os.environ:
+        loopback_epics_env()  # keep the demo's Channel Access on this machine
+    import torch
+    from bluesky import RunEngine
+    from bluesky.plans import scan
+    from bluesky_tiled_plugins import TiledWriter
+    from tiled.client import from_uri
+    from tiled.server import SimpleTiledServer
+    from tqdm.auto import tqdm
+
+    from ..core.metrics import score
+    from ..core.physics import ramp, wrap
+    from ..lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+    from ..live.callback import ReconstructionCallback
+    from ..nn.reconstruct import load_model
+    from ..sinks import EpicsSink, TiledSink, ZmqPublisherSink, read_frame_info
+    from .ioc import IOCThread
+    from .listen import listen
+    from .replay import replay_documents, run_documents
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="cdinn-demo-"))
+    model = load_model(cfg.model)
+    summary: dict = {"config": asdict(cfg), "model": model.name, "device": str(model.device),
+                     "precision": model.precision}
+    with SimpleTiledServer(directory=tmp / "tiled", api_key=secrets.token_hex(16)) as server:
+        client = from_uri(server.uri)
+        ioc = IOCThread(cfg.prefix).start()
+        zmq_sink = ZmqPublisherSink("tcp://127.0.0.1:0")
+        heard: dict = {}
+        listener = threading.Thread(target=lambda: heard.update(listen(zmq_sink.address, timeout=10, quiet=True)),
+                                    daemon=True)
+        listener.start()
+        time.sleep(0.3)  # let the subscriber connect before the first message
+        epics_sink = EpicsSink(cfg.prefix)
+        cb = ReconstructionCallback(model=model, batch_size=cfg.batch_size, max_latency=cfg.max_latency,
+                                    sinks=[zmq_sink, TiledSink(client, model_card=model.card), epics_sink])
+        peak, strain = make_motors()
+        crystal = OperandoCrystal(model.size, seed=cfg.seed, recipe=cfg.recipe)
+        source = BCDIFrameSource(crystal, frame_shape=cfg.frame_shape, photons=cfg.photons,
+                                 background=cfg.background, peak_motor=peak, strain_motor=strain, seed=cfg.seed)
+        detector = make_detector(source)
+        RE = RunEngine({})
+        RE.subscribe(TiledWriter(client))
+        RE.subscribe(cb)
+        bar = tqdm(total=cfg.frames, desc="live scan", unit="frame", disable=not progress)
+        RE.subscribe(lambda name, doc: bar.update(1) if name == "event" else None)
+        w = cfg.frame_shape[1]
+        t0 = time.monotonic()
+        (uid,) = RE(scan([detector], strain, 0.0, 1.0, peak, w * 0.25, w * 0.75, cfg.frames), purpose="cdinn demo")
+        scan_s = time.monotonic() - t0
+        cb.flush(timeout=120)
+        live_s = time.monotonic() - t0
+        bar.close()
+        listener.join(15)
+        import epics
+
+        pv_frames = epics.caget(cfg.prefix + "FRAMES", timeout=2.0)
+        live = client["cdinn"][uid]
+        amp, phase = live["amplitude"].read(), live["phase"].read()
+        info = read_frame_info(live)
+        seq, crop_peaks = info["seq_num"], np.asarray(info["peak"]).reshape(-1, 2)
+        stats = cb.stats()
+        cb.close()
+
+        # replay the stored run through the same pipeline
+        rcb = ReconstructionCallback(model=model, batch_size=cfg.batch_size, max_latency=cfg.max_latency,
+                                     sinks=[TiledSink(client, parent="cdinn-replay", model_card=model.card)])
+        t1 = time.monotonic()
+        with tqdm(desc="replay", unit="doc", disable=not progress) as rbar:
+            replay_documents(run_documents(client, uid), lambda n, d: (rcb(n, d), rbar.update(1)))
+        rcb.flush(timeout=120)
+        replay_s = time.monotonic() - t1
+        rcb.close()
+        replayed = client["cdinn-replay"][uid]
+        r_amp = replayed["amplitude"].read()
+        r_phase = replayed["phase"].read()
+        ioc.stop()
+        zmq_sink.close()
+
+    truth = [source.truth[i - 1] for i in seq]
+    true_amp = np.stack([t.amplitude for t in truth])
+    true_phase = np.stack([t.phase for t in truth])
+    clean = np.stack([t.intensity for t in truth])
+    # the clean pattern as the pipeline cropped it: its window centred where the crop put the
+    # peak, which for an off-centre Bragg peak is not where the simulator centred its window
+    moved = crop_peaks - np.array([t.peak for t in truth])
+    seen = np.stack([np.roll(c, tuple(-d), axis=(0, 1)) for c, d in zip(clean, moved, strict=True)])
+    undo = ramp(torch.from_numpy(moved), true_amp.shape[-1]).numpy()  # the crop's ramp, for the truth too
+    true_seen = np.where(true_amp > 0.1, wrap(true_phase - undo), 0)
+    m = score(amp, phase, true_amp, true_seen, seen)
+    ref = model.predict(clean)  # the same crystal states, noise-free, as the simulator centred them
+    same_chi2 = float(np.median(score(ref.amplitude, ref.phase, true_amp, true_phase, clean)["chi2"]))
+    card_chi2 = clean_chi2_median(model, cfg.recipe)
+    e2e_chi2 = float(np.median(m["chi2"]))
+    summary.update({
+        "run_uid": uid,
+        "frames": {"events": cfg.frames, "in": stats["frames_in"], "out": stats["frames_out"],
+                   "dropped": stats["frames_dropped"], "rejected": sum(stats["rejected"].values()),
+                   "in_tiled": int(len(amp)), "over_zeromq": heard.get("frames", 0), "epics_frames_pv": pv_frames},
+        "frames_per_s": cfg.frames / live_s,
+        "scan_seconds": scan_s,
+        "live_seconds": live_s,
+        "latency_ms": {"model": {"p50": stats["latency_p50_ms"], "p99": stats["latency_p99_ms"]},
+                       **{name: {"p50": v["latency_p50_ms"], "p99": v["latency_p99_ms"]}
+                          for name, v in (("zeromq", stats["sinks"].get("ZmqPublisherSink")),
+                                          ("tiled", stats["sinks"].get("TiledSink"))) if v}},
+        "recipe": cfg.recipe,
+        "crop_moved_px": {"median": float(np.median(np.abs(moved).max(axis=1))),
+                          "max": int(np.abs(moved).max()) if len(moved) else 0},
+        "accuracy": {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90))} for k, v in m.items()},
+        "model_clean_chi2_median": card_chi2,
+        "same_states_clean_chi2_median": same_chi2,
+        "chi2_ratio": {"vs_model_clean": e2e_chi2 / card_chi2 if card_chi2 else None,
+                       "vs_same_states_clean": e2e_chi2 / same_chi2},
+        "replay": {"seconds": replay_s, "frames": int(len(r_amp)),
+                   "max_abs_diff_amplitude": float(np.abs(r_amp - amp).max()) if r_amp.shape == amp.shape else None,
+                   "max_abs_diff_phase": float(np.abs(wrap(r_phase - phase)).max())
+                                         if r_phase.shape == phase.shape else None},
+        "tiled": {"raw": f"<server>/{uid}", "live": f"<server>/cdinn/{uid}", "replay": f"<server>/cdinn-replay/{uid}"},
+    })
+    if cfg.recipe == "crystal":  # show the strain: the off-centre peak's ramp would hide it
+        from ..core.physics import strain as strain_view
+
+        true_phase, phase = strain_view(true_amp, true_phase), strain_view(amp, phase)
+    _montage(out / "montage.png", true_amp, true_phase, amp, phase, seq, [t.strain for t in truth],
+             phase_label="strain" if cfg.recipe == "crystal" else "phase")
+    summary["montage"] = str(out / "montage.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def summary_table(s: dict) -> str:
+    """The demo summary as a text table."""
+    f, a = s["frames"], s["accuracy"]
+    rows = [("run uid", s["run_uid"]),
+            ("model / device / precision", f"{s['model']} / {s['device']} / {s['precision']}"),
+            ("frames: events / in / out", f"{f['events']} / {f['in']} / {f['out']}"),
+            ("frames: dropped / rejected", f"{f['dropped']} / {f['rejected']}"),
+            ("frames: in Tiled / over ZeroMQ / EPICS PV",
+             f"{f['in_tiled']} / {f['over_zeromq']} / {f['epics_frames_pv']}"),
+            ("throughput (frames/s, scan included)", f"{s['frames_per_s']:.1f}"),
+            *((f"latency p50 / p99 (ms), frame in to {k}", f"{v['p50']:.1f} / {v['p99']:.1f}")
+              for k, v in s["latency_ms"].items() if v["p50"] is not None),
+            ("support IoU median", f"{a['support_iou']['median']:.3f}"),
+            ("sample", s.get("recipe", "paper") + " recipe"),
+            ("phase RMSE median (rad)", f"{a['phase_rmse']['median']:.3f}"),
+            ("phase RMSE, ramp removed, median (rad)", f"{a['strain_rmse']['median']:.3f}"
+             if "strain_rmse" in a else "-"),
+            ("chi2 median (vs clean truth)", f"{a['chi2']['median']:.4f}"),
+            ("  model on its clean evaluation set", _ratio(s["model_clean_chi2_median"],
+                                                            s["chi2_ratio"]["vs_model_clean"])),
+            ("  model on these states, clean + centred", _ratio(s["same_states_clean_chi2_median"],
+                                                                 s["chi2_ratio"]["vs_same_states_clean"])),
+            ("replay: frames / max |diff|", f"{s['replay']['frames']} / amplitude "
+                                            f"{s['replay']['max_abs_diff_amplitude']}, phase "
+                                            f"{s['replay']['max_abs_diff_phase']}"),
+            ("montage", s["montage"])]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _ratio(reference: float | None, ratio: float | None) -> str:
+    if reference is None or ratio is None:
+        return "n/a (the model card has no evaluation)"
+    return f"{reference:.4f}  (live / this = {ratio:.2f}x; target <= 1.5x)"
+
+
+def clean_chi2_median(model, recipe: str = "paper") -> float | None:
+    """The model card's median chi^2 on its clean evaluation set of ``recipe`` (``None`` when it has none)."""
+    key = "evaluation_crystal" if recipe == "crystal" else "evaluation"
+    nn = model.card.get(key, {}).get("methods", {}).get("nn", {})
+    return nn.get("metrics", {}).get("chi2", {}).get("median")
+
+
+def _montage(path: Path, true_amp, true_phase, amp, phase, seq, strain, k: int = 8, phase_label: str = "phase"
+             ) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..core.physics import masked_phase
+
+    idx = np.linspace(0, len(amp) - 1, min(k, len(amp))).astype(int)
+    fig, ax = plt.subplots(4, len(idx), figsize=(1.7 * len(idx), 7), dpi=100, squeeze=False)
+    rows = [("true shape", true_amp, "gray", 0, 1), ("NN shape", amp, "gray", 0, 1),
+            (f"true {phase_label}", true_phase, "twilight_shifted", -np.pi, np.pi),
+            (f"NN {phase_label}", masked_phase(amp, phase), "twilight_shifted", -np.pi, np.pi)]
+    for r, (label, arr, cmap, vmin, vmax) in enumerate(rows):
+        for j, i in enumerate(idx):
+            ax[r, j].imshow(arr[i], cmap=cmap, vmin=vmin, vmax=vmax)
+            ax[r, j].set_xticks([])
+            ax[r, j].set_yticks([])
+            if r == 0:
+                ax[r, j].set_title(f"seq {seq[i]}\nstrain {strain[i]:.2f}", fontsize=8)
+        ax[r, 0].set_ylabel(label, fontsize=9)
+    fig.suptitle("Operando scan: truth vs live reconstruction (twins and shifts are equivalent)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,135 @@
+"""Replay stored runs from Tiled into the live callback.
+
+``cdinn-stream replay UID --tiled URL`` reads a bluesky run stored by ``TiledWriter`` through the
+Tiled client -- the start document, each stream's descriptors and, page by page, its events --
+and feeds them to a :class:`~cdinn_stream.live.callback.ReconstructionCallback`, as fast as
+possible or at the recorded pace. It needs nothing configured on the server: a stock ``tiled
+serve catalog ... --api-key KEY`` holding the run is enough.
+
+Frames stored in Tiled are read from Tiled; frames in the detector's own files (external data:
+HDF5, one ``.npy`` per frame) are read from those files with the readers the live path uses
+(:mod:`cdinn_stream.live.frames`), so the files must be readable on this machine, as they must be
+for the live callback. Results go where live ones go, under the Tiled container
+``cdinn-replay`` by default so the live ones are kept.
+
+A replay that reconstructs no frame fails: :func:`replay_run` raises, the command exits non-zero,
+and the result container is not marked complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..live.frames import read_frames
+
+__all__ = ["run_documents", "replay_documents", "replay_run", "ReplayError"]
+
+logger = logging.getLogger(__name__)
+
+#: events per ``event_page`` document (and per read from Tiled)
+PAGE = 256
+
+
+class ReplayError(ValueError):
+    """A replay that could not reconstruct anything."""
+
+
+def run_documents(client, uid: str, *, page: int = PAGE) -> Iterator[tuple[str, dict]]:
+    """``(name, doc)`` of a stored run: start, per stream its descriptors and event pages, stop."""
+    try:
+        run = client[uid]
+    except KeyError:
+        raise ValueError(f"no run {uid!r} in the Tiled catalog at {getattr(client, 'uri', client)}") from None
+    start = run.metadata.get("start")
+    if not isinstance(start, dict) or "uid" not in start:
+        raise ValueError(f"{uid!r} in Tiled is not a bluesky run (no start document in its metadata)")
+    yield "start", dict(start)
+    for name in run:
+        yield from _stream_documents(run[name], name, start["uid"], page)
+    stop = run.metadata.get("stop")
+    if stop:
+        yield "stop", dict(stop)
+    else:
+        logger.warning("run %s has no stop document (it was interrupted, or is still running)", uid)
+
+
+def _stream_documents(stream, name: str, run_uid: str, page: int) -> Iterator[tuple[str, dict]]:
+    from bluesky_tiled_plugins.exporters import build_descriptor_docs
+
+    descriptors = build_descriptor_docs(dict(stream.metadata), stream_name=name, run_start_uid=run_uid)
+    for desc in descriptors:
+        yield "descriptor", desc
+    data_keys = descriptors[0].get("data_keys", {})
+    columns = set(stream)
+    if "seq_num" not in columns:
+        logger.warning("stream %s of run %s has no events", name, run_uid)
+        return
+    seq_nums = np.asarray(stream["seq_num"].read())
+    times = np.asarray(stream["time"].read(), float)
+    desc_times = np.array([d["time"] for d in descriptors])
+    # an event belongs to the latest descriptor (configuration update) made before it
+    owner = np.clip(np.searchsorted(desc_times, times, side="right") - 1, 0, len(descriptors) - 1)
+    for lo in range(0, len(seq_nums), page):
+        hi = min(lo + page, len(seq_nums))
+        for d in np.unique(owner[lo:hi]):
+            rows = np.flatnonzero(owner[lo:hi] == d) + lo
+            a, b = int(rows[0]), int(rows[-1]) + 1
+            data, stamps = {}, {}
+            for key, info in data_keys.items():
+                data[key] = _read_column(stream, key, info, a, b)
+                ts = f"ts_{key}"
+                stamps[key] = np.asarray(stream[ts][a:b]) if ts in columns else times[a:b]
+            uid = descriptors[d]["uid"]
+            yield "event_page", {"descriptor": uid, "uid": [f"event-{uid}-{s}" for s in seq_nums[a:b]],
+                                 "seq_num": seq_nums[a:b].tolist(), "time": times[a:b].tolist(),
+                                 "data": data, "timestamps": stamps, "filled": {}}
+
+
+def _read_column(stream, key: str, info: dict, start: int, stop: int) -> np.ndarray:
+    """Values ``start..stop-1`` of one data key: from Tiled, or from the detector's own files."""
+    if info.get("external"):
+        (source,) = stream[key].data_sources()
+        uris = [a.data_uri for a in sorted(source.assets, key=lambda a: a.num or 0)
+                if a.parameter in ("data_uri", "data_uris")]
+        return read_frames(source.mimetype, uris, dict(source.parameters), start, stop)
+    return np.asarray(stream[key][start:stop])
+
+
+def replay_documents(docs: Iterable[tuple[str, dict]], callback: Callable[[str, dict], None], *,
+                     pace: str = "fast") -> int:
+    """Feed documents to ``callback``; ``pace="recorded"`` sleeps to reproduce the event times.
+    Returns the number of documents."""
+    n = 0
+    t_first = wall_first = None
+    for name, doc in docs:
+        if pace == "recorded" and name in ("event", "event_page"):
+            t = doc["time"][0] if name == "event_page" else doc["time"]
+            if t_first is None:
+                t_first, wall_first = t, time.monotonic()
+            else:
+                delay = (t - t_first) - (time.monotonic() - wall_first)
+                if delay > 0:
+                    time.sleep(delay)
+        callback(name, doc)
+        n += 1
+    return n
+
+
+def replay_run(client, uid: str, callback, *, pace: str = "fast", timeout: float | None = None) -> dict:
+    """Replay run ``uid`` from ``client`` into ``callback`` (a ReconstructionCallback), wait for its
+    results to be published and close it. Returns its statistics plus ``documents``; raises
+    :class:`ReplayError` when no frame was reconstructed (the reasons are in ``rejected``)."""
+    try:
+        n = replay_documents(run_documents(client, uid), callback, pace=pace)
+        callback.flush(timeout=timeout)
+    finally:
+        callback.close()
+    stats = {"documents": n, **callback.stats()}
+    if not stats.get("frames_out"):
+        raise ReplayError(f"replay of run {uid} reconstructed no frame (rejected: {stats.get('rejected') or 'none'}; "
+                          f"{n} documents read)")
+    return stats

@@ -1,0 +1,1 @@
+"""Core physics and maths: pure numpy/torch functions, no I/O, no pipeline."""

@@ -1,0 +1,149 @@
+"""Accuracy metrics of a reconstruction (pure torch; numpy arrays are accepted).
+
+* :func:`chi2` -- the paper's reciprocal-space error
+  ``sum (s*sqrt(I_p) - sqrt(I_t))**2 / sum I_t`` with the best overall scale ``s`` of the
+  prediction, ``I_p = |far_field(amplitude * exp(i*phase))|**2``.
+* :func:`align` -- moves a predicted object onto the truth through what ``|F|`` cannot see:
+  a circular shift, the twin image (inversion + conjugation) and a global phase offset.
+* :func:`support_iou` and :func:`phase_rmse` (inside the true support) are computed after
+  :func:`align`, so both are invariant to those three operations.
+* :func:`strain_rmse` is :func:`phase_rmse` after the linear ramp of the phase error is removed
+  (as :func:`cdinn_stream.core.physics.strain` removes it): blind to where the Bragg peak sits, it
+  scores the strain map a BCDI user reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .physics import SUPPORT_THRESHOLD, far_field_torch, strain, twin_torch
+
+__all__ = ["chi2", "align", "support_iou", "phase_rmse", "strain_rmse", "score"]
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _t(x: ArrayLike) -> torch.Tensor:
+    return torch.as_tensor(x)
+
+
+def _complex(amplitude: ArrayLike, phase: ArrayLike) -> torch.Tensor:
+    return torch.polar(_t(amplitude).double(), _t(phase).double())
+
+
+def chi2(amplitude: ArrayLike, phase: ArrayLike, intensity: ArrayLike) -> torch.Tensor:
+    """Per-frame chi^2 ``(B,)`` of predicted objects against measured intensities.
+
+    ``amplitude`` and ``phase`` are ``(B, n, n)``; ``intensity`` is ``(B, M, M)`` with ``M >= n``
+    (the object is zero-padded to ``M`` before the transform, as for oversampled data).
+    """
+    obj = _complex(amplitude, phase)
+    measured = torch.sqrt(_t(intensity).double().clamp_min(0))
+    m, n = measured.shape[-1], obj.shape[-1]
+    if m != n:
+        before = (m - n) // 2
+        obj = torch.nn.functional.pad(obj, (before, m - n - before, before, m - n - before))
+    predicted = far_field_torch(obj).abs()
+    scale = (predicted * measured).sum(dim=(-2, -1)) / (predicted**2).sum(dim=(-2, -1)).clamp_min(1e-300)
+    err = ((scale[:, None, None] * predicted - measured) ** 2).sum(dim=(-2, -1))
+    return err / (measured**2).sum(dim=(-2, -1)).clamp_min(1e-300)
+
+
+def align(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """The copy of complex ``pred`` ``(B, n, n)`` (shifted, possibly twinned, phase-offset) that
+    best matches ``truth``: the maximum of the complex cross-correlation over both twins.
+
+    Computed in ``pred``'s complex precision (complex128 for real or complex128 input, complex64
+    for complex64 input), on its device, without a loop over the batch.
+    """
+    pred, truth = _t(pred), _t(truth)
+    ctype = torch.complex64 if pred.dtype == torch.complex64 else torch.complex128
+    pred, truth = pred.to(ctype), truth.to(device=pred.device, dtype=ctype)
+    b, n = pred.shape[0], pred.shape[-1]
+    ft = torch.fft.fft2(truth)
+    rows = torch.arange(n, device=pred.device)
+    batch = torch.arange(b, device=pred.device)[:, None, None]
+    best_val = out = None
+    for cand in (pred, twin_torch(pred.conj())):
+        xc = torch.fft.ifft2(ft * torch.fft.fft2(cand).conj())  # xc[s] = sum_n truth[n] conj(cand[n-s])
+        flat = xc.flatten(1)
+        idx = flat.abs().argmax(dim=1)
+        val = flat.gather(1, idx[:, None])[:, 0]
+        sy, sx = idx // n, idx % n
+        iy = (rows[None, :] - sy[:, None]) % n  # roll(cand, (sy, sx))[y, x] = cand[y - sy, x - sx]
+        ix = (rows[None, :] - sx[:, None]) % n
+        shifted = cand[batch, iy[:, :, None], ix[:, None, :]] * torch.exp(1j * torch.angle(val))[:, None, None]
+        if best_val is None:
+            out, best_val = shifted, val.abs()
+        else:
+            better = val.abs() > best_val
+            out = torch.where(better[:, None, None], shifted, out)
+            best_val = torch.maximum(best_val, val.abs())
+    return out
+
+
+def _support(amplitude: torch.Tensor) -> torch.Tensor:
+    peak = amplitude.flatten(1).amax(dim=1).clamp_min(1e-300)[:, None, None]
+    return amplitude / peak > SUPPORT_THRESHOLD
+
+
+def support_iou(aligned: torch.Tensor, true_amplitude: ArrayLike) -> torch.Tensor:
+    """Intersection over union ``(B,)`` of the supports (amplitude > 0.1 of each frame's maximum)."""
+    p, t = _support(aligned.abs()), _support(_t(true_amplitude).double())
+    inter = (p & t).sum(dim=(-2, -1)).double()
+    union = (p | t).sum(dim=(-2, -1)).double().clamp_min(1)
+    return inter / union
+
+
+def phase_rmse(aligned: torch.Tensor, true_amplitude: ArrayLike, true_phase: ArrayLike) -> torch.Tensor:
+    """RMS phase error ``(B,)`` in radians inside the true support, after removing the mean offset."""
+    t = _t(true_amplitude).double()
+    mask = _support(t)
+    diff = torch.angle(aligned * torch.polar(torch.ones_like(t), _t(true_phase).double()).conj())
+    w = mask.double()
+    offset = torch.angle((torch.polar(torch.ones_like(diff), diff) * w).sum(dim=(-2, -1)))
+    diff = torch.angle(torch.polar(torch.ones_like(diff), diff - offset[:, None, None]))
+    return torch.sqrt((diff**2 * w).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp_min(1))
+
+
+def strain_rmse(amplitude: ArrayLike, phase: ArrayLike, true_amplitude: ArrayLike, true_phase: ArrayLike
+                ) -> torch.Tensor:
+    """RMS phase error ``(B,)`` in radians of the strain map: the strain views of prediction and
+    truth (:func:`cdinn_stream.core.physics.strain`: each phase less its linear ramp) are aligned
+    (:func:`align`), and the linear ramp and offset left in their difference are removed
+    (weighted by the true amplitude) before the RMS inside the true support. Blind to where the
+    Bragg peak sits, it scores the strain map a BCDI user reads."""
+    a, t = _t(amplitude).double(), _t(true_amplitude).double()
+    predicted = torch.polar(a, torch.from_numpy(strain(a, _t(phase))).double())
+    true_strain = torch.from_numpy(strain(t, _t(true_phase))).double()
+    aligned = align(predicted, torch.polar(t, true_strain))
+    error = torch.angle(aligned * torch.polar(torch.ones_like(t), true_strain).conj())
+    residual = torch.from_numpy(strain(t, error)).double()
+    return phase_rmse(torch.polar(torch.ones_like(t), residual), t, torch.zeros_like(t))
+
+
+def score(
+    amplitude: ArrayLike, phase: ArrayLike, true_amplitude: ArrayLike, true_phase: ArrayLike,
+    intensity: ArrayLike,
+) -> dict[str, np.ndarray]:
+    """chi^2, support IoU, phase RMSE and strain RMSE (phase RMSE after ramp removal) per frame,
+    as numpy arrays under those names.
+
+    A prediction on a larger grid than the truth (ER/HIO on oversampled data) is compared with
+    the truth zero-padded to that grid.
+    """
+    amplitude, phase = _t(amplitude).double(), _t(phase).double()
+    ta, tp = _t(true_amplitude).double(), _t(true_phase).double()
+    m, n = amplitude.shape[-1], ta.shape[-1]
+    if m != n:
+        b = (m - n) // 2
+        pad = (b, m - n - b, b, m - n - b)
+        ta, tp = torch.nn.functional.pad(ta, pad), torch.nn.functional.pad(tp, pad)
+    aligned = align(torch.polar(amplitude, phase), torch.polar(ta, tp))
+    return {
+        "chi2": chi2(amplitude, phase, intensity).numpy(),
+        "support_iou": support_iou(aligned, ta).numpy(),
+        "phase_rmse": phase_rmse(aligned, ta, tp).numpy(),
+        "strain_rmse": strain_rmse(amplitude, phase, ta, tp).numpy(),
+    }

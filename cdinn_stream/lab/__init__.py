@@ -1,0 +1,1 @@
+"""The lab: training, evaluation, model cards, plots and the simulated beamline."""

@@ -1,0 +1,153 @@
+"""A simulated Bragg CDI area detector for ``ophyd.sim`` (demos, tests, end-to-end accuracy).
+
+:class:`OperandoCrystal` is the sample: one paper-recipe crystal whose strain phase evolves
+from one smooth field to another as ``strain`` goes from 0 to 1 (an operando experiment).
+:class:`BCDIFrameSource` makes detector frames: the crystal's diffraction intensity ``|F|**2``
+placed with its Bragg peak at a position set by a motor, scaled to ``photons``, plus a constant
+``background``, with Poisson noise. It records the ground truth of every frame it makes
+(:attr:`BCDIFrameSource.truth`), so accuracy can be measured end to end.
+
+:func:`make_detector` wraps a source as ``ophyd.sim.DirectImage`` (frames inline in events) or
+``ophyd.sim.SynSignalWithRegistry`` (frames in ``.npy`` files, resource/datum documents).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.crystal import MAX_OFFSET, crystal_objects, phase_ramp
+from ..core.physics import wrap
+from ..core.simulate import diffraction_intensity, simulate_objects, strain_phase
+
+__all__ = ["OperandoCrystal", "BCDIFrameSource", "FrameTruth", "make_detector", "make_motors"]
+
+
+class OperandoCrystal:
+    """A crystal (``size x size`` object) whose phase blends from field 0 to field 1 with strain.
+
+    ``recipe="paper"``: a paper-recipe crystal; both fields are strain relative to the crystal's
+    mean lattice (their linear phase ramp over the crystal is removed), so the Bragg peak sits on
+    the window's centre; every state's phase stays within 2*pi peak to peak.
+
+    ``recipe="crystal"``: a crystal of the realistic recipe (:mod:`cdinn_stream.core.crystal`: a
+    sectioned faceted crystal, textured amplitude, displacement-field strain, possibly a
+    dislocation) whose strain grows by a smooth field as ``strain`` goes from 0 to 1, with the
+    Bragg peak off the window's centre by a fixed random integer-plus-sub-pixel amount: the ramp
+    is kept in the phase, as a real detector sees it.
+    """
+
+    def __init__(self, size: int = 32, *, seed: int = 0, recipe: str = "paper"):
+        rng = np.random.default_rng(seed)
+        self.size = size
+        self.recipe = recipe
+        if recipe == "crystal":
+            amp, phase = crystal_objects(rng, 1, size, offset=False)
+            offset = rng.integers(-MAX_OFFSET, MAX_OFFSET + 1, (1, 2)) + rng.uniform(-0.5, 0.5, (1, 2))
+            self._ramp = phase_ramp(offset, size)[0]
+        elif recipe == "paper":
+            amp, phase = simulate_objects(rng, 1, size, remove_ramp=True)
+            self._ramp = np.zeros((size, size))
+        else:
+            raise ValueError(f"recipe must be 'paper' or 'crystal', not {recipe!r}")
+        self.amplitude = amp[0]
+        self._phases = (phase[0], strain_phase(rng, amp, remove_ramp=True)[0])
+
+    def state(self, strain: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(amplitude, phase)`` at ``strain`` in [0, 1] (clipped)."""
+        s = float(np.clip(strain, 0.0, 1.0))
+        support = self.amplitude > 0.1
+        if self.recipe == "crystal":  # the wrapped field 0 (dislocations allowed) plus a growing smooth field
+            phase = wrap(self._phases[0] + s * self._phases[1] + self._ramp)
+            return self.amplitude, np.where(support, phase, 0).astype(np.float32)
+        phase = (1 - s) * self._phases[0] + s * self._phases[1]
+        phase = np.where(support, phase - (phase[support].max() + phase[support].min()) / 2, 0)
+        return self.amplitude, phase.astype(np.float32)
+
+
+@dataclass
+class FrameTruth:
+    """What the simulator used for one frame."""
+
+    amplitude: np.ndarray
+    phase: np.ndarray
+    intensity: np.ndarray  # noise-free, centred, size x size
+    peak: tuple[int, int]
+    strain: float
+
+
+class BCDIFrameSource:
+    """Callable that returns a detector frame (see the module docstring).
+
+    Args:
+        crystal: the sample.
+        frame_shape: detector shape (rows, columns).
+        photons: total photons in a frame's Bragg peak (``None``: noise-free).
+        background: mean background counts per pixel.
+        peak_motor: motor whose position is the peak's column (an ``ophyd.sim.SynAxis``), or None.
+        strain_motor: motor whose position (0..1) is the crystal's strain state, or None.
+        peak_row: the peak's row.
+        seed: seed of the Poisson noise.
+    """
+
+    def __init__(self, crystal: OperandoCrystal, *, frame_shape: tuple[int, int] = (256, 256),
+                 photons: float | None = 1e6, background: float = 0.5, peak_motor=None, strain_motor=None,
+                 peak_row: int | None = None, seed: int = 0):
+        self.crystal = crystal
+        self.frame_shape = frame_shape
+        self.photons = photons
+        self.background = background
+        self.peak_motor = peak_motor
+        self.strain_motor = strain_motor
+        self.peak_row = frame_shape[0] // 2 if peak_row is None else peak_row
+        self.rng = np.random.default_rng(seed)
+        self.truth: list[FrameTruth] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _position(motor, default: float) -> float:
+        if motor is None:
+            return default
+        return float(motor.readback.get()) if hasattr(motor, "readback") else float(motor.position)
+
+    def __call__(self) -> np.ndarray:
+        strain = self._position(self.strain_motor, 0.0)
+        col = int(round(self._position(self.peak_motor, self.frame_shape[1] / 2)))
+        amp, phase = self.crystal.state(strain)
+        clean = diffraction_intensity(amp[None], phase[None])[0]
+        n = self.crystal.size
+        frame = np.zeros(self.frame_shape, np.float64)
+        r0, c0 = self.peak_row - n // 2, col - n // 2
+        rows = slice(max(r0, 0), min(r0 + n, self.frame_shape[0]))
+        cols = slice(max(c0, 0), min(c0 + n, self.frame_shape[1]))
+        scale = 1.0 if self.photons is None else self.photons / clean.sum()
+        if rows.stop <= rows.start or cols.stop <= cols.start:  # the peak is off the detector
+            rows = cols = slice(0, 0)
+        frame[rows, cols] = clean[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0] * scale
+        frame += self.background
+        if self.photons is not None:
+            frame = self.rng.poisson(frame).astype(np.float32)
+        with self._lock:
+            self.truth.append(FrameTruth(amp, phase, clean, (self.peak_row, col), strain))
+        return frame.astype(np.float32)
+
+
+def make_motors(peak_start: float = 128.0):
+    """``(peak, strain)`` simulated motors (``ophyd.sim.SynAxis``): the peak's column, the strain."""
+    from ophyd.sim import SynAxis
+
+    return SynAxis(name="peak_x", value=peak_start), SynAxis(name="strain", value=0.0)
+
+
+def make_detector(source: BCDIFrameSource, *, name: str = "bcdi", external: bool = False,
+                  save_path: str | None = None):
+    """The source as an ophyd.sim detector: ``DirectImage`` (inline frames; data key
+    ``f"{name}_img"``) or, with ``external=True``, ``SynSignalWithRegistry`` (``.npy`` files
+    under ``save_path``; data key ``name``)."""
+    from ophyd.sim import DirectImage, SynSignalWithRegistry
+
+    if external:
+        return SynSignalWithRegistry(source, name=name, save_path=save_path)
+    return DirectImage(name=name, func=source)

@@ -1,0 +1,125 @@
+"""What travels through the pipeline: frame blocks, run markers, results, and the sink protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["FrameBlock", "RunMarker", "ResultBlock", "RefinedBlock", "Sink"]
+
+
+@dataclass
+class FrameBlock:
+    """Cropped frames of one run and stream, ready for the model.
+
+    Attributes:
+        run_uid: uid of the run's start document.
+        stream: stream name (e.g. ``"primary"``).
+        seq_nums: ``(n,)`` event sequence numbers.
+        times: ``(n,)`` event timestamps (s since the epoch).
+        frames: ``(n, size, size)`` float32 intensities, peak at ``size // 2``.
+        origins: ``(n, 2)`` crop origin (row, column) in the detector frame.
+        peaks: ``(n, 2)`` Bragg peak (row, column) in the detector frame.
+        received: ``(n,)`` ``time.monotonic()`` when the frames entered the pipeline.
+    """
+
+    run_uid: str
+    stream: str
+    seq_nums: np.ndarray
+    times: np.ndarray
+    frames: np.ndarray
+    origins: np.ndarray
+    peaks: np.ndarray
+    received: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.seq_nums)
+
+    def split(self, n: int) -> tuple[FrameBlock, FrameBlock]:
+        """The first ``n`` frames and the rest."""
+        head = FrameBlock(self.run_uid, self.stream, *(a[:n] for a in self.arrays()))
+        tail = FrameBlock(self.run_uid, self.stream, *(a[n:] for a in self.arrays()))
+        return head, tail
+
+    @staticmethod
+    def concat(blocks: list[FrameBlock]) -> FrameBlock:
+        """One block from consecutive blocks of the same run and stream."""
+        if len(blocks) == 1:
+            return blocks[0]
+        arrays = zip(*(b.arrays() for b in blocks), strict=True)
+        return FrameBlock(blocks[0].run_uid, blocks[0].stream, *(np.concatenate(a) for a in arrays))
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The per-frame arrays, in field order (for splitting and joining blocks)."""
+        return self.seq_nums, self.times, self.frames, self.origins, self.peaks, self.received
+
+
+@dataclass
+class RunMarker:
+    """Start or end of a run in the queue; sinks get ``open_run`` / ``close_run`` in order."""
+
+    kind: str  # "open" or "close"
+    run_uid: str
+    document: dict
+
+
+@dataclass
+class ResultBlock:
+    """Reconstructions of a :class:`FrameBlock`, in the same order.
+
+    Attributes:
+        frames: the input block (identity, crop origins, peaks).
+        amplitude: ``(n, size, size)`` float32 in [0, 1].
+        phase: ``(n, size, size)`` float32 radians at every pixel (meaningful where amplitude > 0.1).
+        latency: ``(n,)`` seconds from entering the pipeline to the model's output.
+    """
+
+    frames: FrameBlock
+    amplitude: np.ndarray
+    phase: np.ndarray
+    latency: np.ndarray
+
+    @property
+    def run_uid(self) -> str:
+        return self.frames.run_uid
+
+
+class Sink(Protocol):
+    """Where results go (ZeroMQ, Tiled, EPICS, a list in a test). Each sink is called from its own
+    thread (:class:`~cdinn_stream.live.publish.SinkThread`), never from two at once."""
+
+    def open_run(self, run_uid: str, start: dict) -> None:
+        """A run begins; ``start`` is its start document."""
+
+    def write(self, result: ResultBlock) -> None:
+        """Results of some frames of a run, in frame order."""
+
+    def close_run(self, run_uid: str, summary: dict) -> None:
+        """Every frame of the run has been written; ``summary`` holds the stop document and counts."""
+
+
+@dataclass
+class RefinedBlock:
+    """NN-seeded ER/HIO refinements of some frames of one run (the pipeline's second result type).
+
+    Attributes:
+        frames: identity and measured crops of the refined frames (a subset of a run's frames).
+        amplitude: ``(n, size, size)`` float32, scaled to a maximum of 1.
+        phase: ``(n, size, size)`` float32 radians, 0 outside the support.
+        chi2_nn: ``(n,)`` chi^2 of the network's result against the measured crop.
+        chi2_refined: ``(n,)`` chi^2 of the refined result against the measured crop.
+        iterations: ER/HIO iterations run from the network's result.
+    """
+
+    frames: FrameBlock
+    amplitude: np.ndarray
+    phase: np.ndarray
+    chi2_nn: np.ndarray
+    chi2_refined: np.ndarray
+    iterations: int
+
+    @property
+    def run_uid(self) -> str:
+        return self.frames.run_uid

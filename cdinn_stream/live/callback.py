@@ -1,0 +1,269 @@
+"""The bluesky callback: RunEngine documents in, cropped frames queued for the model.
+
+:class:`ReconstructionCallback` is a small front object around an ``event_model.RunRouter``
+that makes one :class:`RunReconstructor` (a ``DocumentRouter``) per run. Use it as
+``RE.subscribe(cb)`` or ``RemoteDispatcher(...).subscribe(cb)``.
+
+Frames arrive three ways, all handled:
+
+* inline arrays in ``event`` / ``event_page`` documents (e.g. ``ophyd.sim.DirectImage``);
+* external files through ``resource`` / ``datum`` (e.g. ``ophyd.sim.SynSignalWithRegistry``):
+  the RunRouter fills them with the handlers of ``handler_registry`` (events and pages with
+  nothing to fill pass through untouched, :class:`PassThroughFiller`);
+* files named by ``stream_resource`` / ``stream_datum`` (HDF5 of ``ophyd_async.sim.SimBlobDetector``,
+  or one ``.npy`` per frame): read when the stream_datum arrives, by the readers of
+  :mod:`cdinn_stream.live.frames` (which ``replay`` uses too).
+
+The callback only crops (vectorised over an event page) and queues; the
+:class:`~cdinn_stream.live.engine.InferenceEngine`'s worker batches, infers and publishes. Nothing
+here raises into the RunEngine: a malformed document or a bad frame is logged with the run uid
+and seq_num and counted in :attr:`ReconstructionCallback.rejected`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import numpy as np
+from event_model import DocumentRouter, Filler, RunRouter
+
+from ..nn.reconstruct import CDIModel, load_model
+from .crop import clean_frames, crop_frames, find_peaks
+from .engine import FrameBlock, InferenceEngine, Sink
+from .frames import read_frames
+
+__all__ = ["ReconstructionCallback", "RunReconstructor", "PassThroughFiller", "default_handler_registry"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_handler_registry() -> dict:
+    """Handlers for external (resource/datum) frames: ``NPY_SEQ`` of ``ophyd.sim`` (none
+    without ophyd: frames written to such files are then rejected as unfilled, with a warning)."""
+    try:
+        from ophyd.sim import NumpySeqHandler
+    except ImportError:
+        logger.warning("ophyd is not installed: frames in external files (NPY_SEQ) cannot be read")
+        return {}
+    return {"NPY_SEQ": NumpySeqHandler}
+
+
+def _unfilled(values) -> bool:
+    """Whether a ``filled`` entry (a bool or datum id for an event, a sequence for a page) holds ``False``."""
+    return any(v is False for v in (values if isinstance(values, list | tuple) else [values]))
+
+
+def _needs_filling(doc: dict) -> bool:
+    """Whether an event or event page says that any of its data are unfilled references; a
+    document without ``filled`` is left to event-model's own rules."""
+    filled = doc.get("filled")
+    if not isinstance(filled, dict):
+        return True
+    return any(_unfilled(values) for values in filled.values())
+
+
+class PassThroughFiller(Filler):
+    """event-model's ``Filler``, except that an event or event page with nothing to fill is
+    passed on as it is. (The RunRouter hands it pages, events packed as pages of one.) The stock
+    ``Filler`` unpacks every page into events, fills each and packs a new page even when no key is
+    external: per frame, that cost the RunEngine's thread about as much as the peak search
+    (``docs/design.md`` section 15)."""
+
+    def event(self, doc):
+        return super().event(doc) if _needs_filling(doc) else doc
+
+    def event_page(self, doc):
+        return super().event_page(doc) if _needs_filling(doc) else doc
+
+
+class ReconstructionCallback:
+    """Live CDI NN reconstruction of a detector's frames, run after run.
+
+    Args:
+        model: a :class:`~cdinn_stream.nn.reconstruct.CDIModel`; default: the shipped model.
+        image_key: the detector's data key; default: the one 2-D image field of each descriptor.
+        bin: bin a ``bin * model.size`` window around the peak down to the model's size.
+        mask: ``(H, W)`` bool, True for good detector pixels (gaps and dead pixels False).
+        sinks: where results go (``ZmqPublisherSink``, ``TiledSink``, ``EpicsSink``, ...).
+        batch_size: most frames per model call.
+        max_latency: seconds a frame may wait for a batch to fill.
+        max_queued_frames: bound of the queue (see :mod:`cdinn_stream.live.engine` for the policy).
+        handler_registry: handlers to fill resource/datum frames (default: ``NPY_SEQ``).
+        refine_every: also refine every ``refine_every``-th frame (by seq_num) with NN-seeded
+            ER/HIO, published as a second result type (0: only frames asked for with
+            :meth:`refine`); see :mod:`cdinn_stream.live.refine`.
+        refine_iterations: ER/HIO iterations of a refinement.
+    """
+
+    def __init__(self, *, model: CDIModel | None = None, image_key: str | None = None, bin: int = 1,
+                 mask: np.ndarray | None = None, sinks: list[Sink] | None = None, batch_size: int = 256,
+                 max_latency: float = 0.01, max_queued_frames: int = 20_000,
+                 handler_registry: dict | None = None, refine_every: int = 0, refine_iterations: int = 50):
+        self.model = model if model is not None else load_model()
+        self.image_key = image_key
+        self.bin = bin
+        self.mask = mask
+        self.engine = InferenceEngine(self.model, sinks, batch_size=batch_size, max_latency=max_latency,
+                                      max_queued_frames=max_queued_frames, refine_every=refine_every,
+                                      refine_iterations=refine_iterations)
+        self.rejected: Counter[str] = Counter()
+        registry = default_handler_registry() if handler_registry is None else handler_registry
+        self._router = RunRouter([self._factory], handler_registry=registry, filler_class=PassThroughFiller)
+
+    @property
+    def size(self) -> int:
+        """Side of the model's window in detector pixels (before binning)."""
+        return self.model.size
+
+    def _factory(self, name: str, start: dict):
+        return [RunReconstructor(self, start)], []
+
+    def __call__(self, name: str, doc: dict) -> None:
+        try:
+            self._router(name, doc)
+        except Exception as err:  # never into the RunEngine
+            self.rejected["document"] += 1
+            uid = (doc.get("run_start") or doc.get("uid")) if isinstance(doc, dict) else None
+            logger.warning("cannot handle %s document (run %s): %s", name, uid, err)
+
+    def stats(self) -> dict:
+        """Counters of the engine plus the rejected frames and documents."""
+        r = self.engine.refiner
+        return {**self.engine.stats.summary(), "sinks": self.engine.sink_summary(), "rejected": dict(self.rejected),
+                "refined": {"frames": r.frames_refined, "dropped": r.frames_dropped}}
+
+    def refine(self, run_uid: str, seq_nums) -> None:
+        """Ask for an NN-seeded ER/HIO refinement of these frames of ``run_uid`` (published as
+        ``cdinn.refined`` / Tiled ``refined_*``) when their network results arrive."""
+        self.engine.request_refine(run_uid, seq_nums)
+
+    def flush(self, timeout: float | None = 60.0) -> bool:
+        """Wait until every queued frame and run end is published."""
+        return self.engine.flush(timeout=timeout)
+
+    def close(self) -> None:
+        """Publish what is queued and stop the worker thread."""
+        self.engine.close()
+
+    # -- shared by the per-run routers ----------------------------------------------------
+    def reject(self, run_uid: str, seq_nums, reason: str) -> None:
+        """Count frames as rejected under the reason's category (its text before the first colon:
+        bad shape, bad dtype, empty frame, unreadable, unfilled, unknown descriptor) and log why."""
+        seq = list(np.atleast_1d(seq_nums))
+        self.rejected[reason.split(":")[0]] += len(seq)
+        logger.warning("run %s seq_num %s: %s", run_uid, seq if len(seq) > 1 else seq[0], reason)
+
+    def crop_block(self, run_uid: str, stream: str, frames: np.ndarray, seq_nums: np.ndarray,
+                   times: np.ndarray) -> FrameBlock | None:
+        """Check, clean and crop a stack of detector frames into a block for the engine."""
+        received = time.monotonic()
+        frames = np.asarray(frames)
+        if frames.dtype.kind not in "biuf":
+            self.reject(run_uid, seq_nums, f"bad dtype: frame dtype {frames.dtype} is not numeric")
+            return None
+        while frames.ndim > 3 and frames.shape[1] == 1:  # (n, 1, H, W) from ophyd-async
+            frames = frames[:, 0]
+        if frames.ndim != 3:
+            self.reject(run_uid, seq_nums, f"bad shape: frames of shape {frames.shape[1:]} are not 2-D images")
+            return None
+        if self.mask is not None and self.mask.shape != frames.shape[1:]:
+            self.reject(run_uid, seq_nums,
+                        f"bad shape: frame shape {frames.shape[1:]} does not match the mask {self.mask.shape}")
+            return None
+        clean = clean_frames(frames, self.mask)
+        empty = clean.reshape(len(clean), -1).max(axis=1) <= 0
+        if empty.any():
+            self.reject(run_uid, seq_nums[empty], "empty frame: no positive counts")
+            keep = ~empty
+            clean, seq_nums, times = clean[keep], seq_nums[keep], times[keep]
+            if not len(clean):
+                return None
+        # centre as the model does: the centre of mass for a network trained centred, else the brightest pixel
+        crops = crop_frames(clean, find_peaks(clean, centre=getattr(self.model, "centre", True)), self.size,
+                            bin=self.bin)
+        return FrameBlock(run_uid, stream, np.asarray(seq_nums, np.int64), np.asarray(times, np.float64),
+                          crops.frames, crops.origins, crops.peaks, np.full(len(clean), received))
+
+
+class RunReconstructor(DocumentRouter):
+    """One run: finds the image field, turns events into frame blocks, closes the run."""
+
+    def __init__(self, owner: ReconstructionCallback, start: dict):
+        super().__init__()
+        self.owner = owner
+        self.uid = start["uid"]
+        self.streams: dict[str, tuple[str, str | None]] = {}  # descriptor uid -> (stream, image key)
+        self.stream_resources: dict[str, dict] = {}
+        self.frames_seen = 0
+        owner.engine.open_run(self.uid, start)
+
+    def _image_key(self, doc: dict) -> str | None:
+        keys = doc.get("data_keys", {})
+        if self.owner.image_key is not None:
+            return self.owner.image_key if self.owner.image_key in keys else None
+        images = [k for k, dk in keys.items() if len(dk.get("shape") or []) >= 2]
+        if len(images) > 1:
+            logger.warning("run %s stream %s has several images %s: pass image_key=...", self.uid,
+                           doc.get("name"), images)
+            return None
+        return images[0] if images else None
+
+    def descriptor(self, doc):
+        self.streams[doc["uid"]] = (doc.get("name", "primary"), self._image_key(doc))
+
+    def event_page(self, doc):
+        stream, key = self.streams.get(doc["descriptor"], (None, None))
+        if stream is None:
+            self.owner.reject(self.uid, doc.get("seq_num", [-1]), "unknown descriptor: event for an unknown descriptor")
+            return doc
+        if key is None or key not in doc["data"]:
+            return doc  # not our detector, or its frames come through stream_datum
+        seq = np.asarray(doc["seq_num"])
+        if _unfilled(doc.get("filled", {}).get(key)):
+            self.owner.reject(self.uid, seq, "unfilled: frames are unfilled references (no handler for their spec)")
+            return doc
+        try:
+            frames = np.asarray(doc["data"][key])
+        except Exception as err:
+            self.owner.reject(self.uid, seq, f"unreadable: frames: {err}")
+            return doc
+        if frames.ndim < 2 or (frames.dtype == object):
+            self.owner.reject(self.uid, seq, f"bad shape: frames of shape {frames.shape} are not 2-D images")
+            return doc
+        self._submit(stream, frames, seq, np.asarray(doc["time"], float))
+        return doc
+
+    def stream_resource(self, doc):
+        self.stream_resources[doc["uid"]] = doc
+        return doc
+
+    def stream_datum(self, doc):
+        resource = self.stream_resources.get(doc.get("stream_resource"))
+        stream, key = self.streams.get(doc.get("descriptor"), (None, None))
+        if resource is None or key is None or resource.get("data_key") != key:
+            return doc
+        start, stop = doc["indices"]["start"], doc["indices"]["stop"]
+        seq = np.arange(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])
+        try:
+            frames = read_frames(resource.get("mimetype"), [resource["uri"]], resource.get("parameters") or {},
+                                 start, stop)
+        except Exception as err:
+            self.owner.reject(self.uid, seq, f"unreadable: cannot read frames from {resource.get('uri')}: {err}")
+            return doc
+        self._submit(stream, frames, seq, np.full(len(seq), time.time()))
+        return doc
+
+    def _submit(self, stream: str, frames: np.ndarray, seq: np.ndarray, times: np.ndarray) -> None:
+        if len(frames) != len(seq):
+            self.owner.reject(self.uid, seq, f"bad shape: {len(frames)} frames for {len(seq)} events")
+            return
+        block = self.owner.crop_block(self.uid, stream, frames, seq, times)
+        if block is not None:
+            self.frames_seen += len(block)
+            self.owner.engine.submit(block)
+
+    def stop(self, doc):
+        self.owner.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen})
+        return doc

@@ -1,0 +1,296 @@
+"""The inference engine: a bounded queue, a worker thread that batches, infers and publishes.
+
+Producers (the callback, in the RunEngine's thread) call :meth:`InferenceEngine.submit` with a
+:class:`FrameBlock` -- the cropped frames of one event page with their identity -- and return at
+once. A single worker thread gathers blocks until it has ``batch_size`` frames or the oldest
+frame has waited ``max_latency`` seconds, runs the model once on the batch (pinned host memory
+and a non-blocking copy when the model is on a GPU, ``torch.inference_mode``), and hands each
+run's results, in frame order, to every sink's thread (:mod:`cdinn_stream.live.publish`): a slow sink
+holds up neither the model nor the other sinks.
+
+Back-pressure: the queue holds at most ``max_queued_frames`` frames. When it is full,
+``submit`` waits up to ``block_timeout`` seconds for room (the RunEngine slows down a little
+rather than data being lost); if there is still no room the block is dropped, counted in
+``frames_dropped`` and logged as a warning with the run uid and seq_nums. Nothing is dropped
+silently. Counters: ``frames_in``, ``frames_out``, ``frames_dropped``, ``frames_failed``; each sink
+has its own (:meth:`InferenceEngine.sink_summary`).
+
+Run boundaries travel through the same queue (:meth:`InferenceEngine.open_run`,
+:meth:`InferenceEngine.close_run`), so a sink sees ``open_run``, then the run's results in order,
+then ``close_run`` -- each from its own sink thread, and without the producer waiting for the model.
+
+An exception in the model or a sink is logged with its run uid and seq_nums and counted; the
+worker goes on. A failing batch on a GPU is retried in halves, then on the CPU (frames are not
+lost to an out-of-memory error).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..core.physics import normalized_amplitude
+from ..core.timing import LatencyWindow, latency_ms
+from ..nn.reconstruct import CDIModel
+from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker, Sink
+from .publish import SinkThread
+from .refine import Refiner
+
+__all__ = ["FrameBlock", "ResultBlock", "Sink", "InferenceEngine", "EngineStats"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counters of an :class:`InferenceEngine` (frames unless said)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_dropped: int = 0
+    frames_failed: int = 0
+    batches: int = 0
+    latencies: LatencyWindow = field(default_factory=LatencyWindow, repr=False)
+
+    def summary(self) -> dict:
+        """Counters and latency percentiles (milliseconds, frame in to model output)."""
+        return {"frames_in": self.frames_in, "frames_out": self.frames_out, "frames_dropped": self.frames_dropped,
+                "frames_failed": self.frames_failed, "batches": self.batches, **latency_ms(self.latencies)}
+
+
+class InferenceEngine:
+    """Bounded queue + one worker thread: batch, infer, publish (see the module docstring)."""
+
+    def __init__(self, model: CDIModel, sinks: list[Sink] | None = None, *, batch_size: int = 256,
+                 max_latency: float = 0.01, max_queued_frames: int = 20_000, block_timeout: float = 1.0,
+                 refine_every: int = 0, refine_iterations: int = 50):
+        self.model = model
+        self.sinks: list[Sink] = list(sinks or [])
+        self.sink_threads = [SinkThread(s) for s in self.sinks]
+        self.refiner = Refiner(self._publish_refined, self._publish_marker, every=refine_every,
+                               iterations=refine_iterations)
+        self.batch_size = batch_size
+        self.max_latency = max_latency
+        self.max_queued_frames = max_queued_frames
+        self.block_timeout = block_timeout
+        self.stats = EngineStats()
+        self._queue: deque[FrameBlock | RunMarker] = deque()
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._pending: dict[str, int] = {}  # frames submitted but not finished, per run
+        self._closed = False
+        self._pin = self.model.device.type == "cuda"
+        self._worker = threading.Thread(target=self._run, name="cdinn-inference", daemon=True)
+        self._worker.start()
+
+    # -- producer side -------------------------------------------------------------------
+    def submit(self, block: FrameBlock) -> bool:
+        """Queue a block; returns False (and counts and logs the drop) if there is no room."""
+        n = len(block)
+        if n == 0:
+            return True
+        deadline = time.monotonic() + self.block_timeout
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the inference engine is closed")
+            self.stats.frames_in += n
+            while self._queued + n > self.max_queued_frames and self._queued > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stats.frames_dropped += n
+                    logger.warning("queue full (%d frames): dropped %d frames of run %s, seq_nums %s..%s",
+                                   self._queued, n, block.run_uid, block.seq_nums[0], block.seq_nums[-1])
+                    return False
+                self._cond.wait(left)
+            self._queue.append(block)
+            self._queued += n
+            self._pending[block.run_uid] = self._pending.get(block.run_uid, 0) + n
+            self._cond.notify_all()
+        return True
+
+    def open_run(self, run_uid: str, start: dict) -> None:
+        """Queue the start of a run (sinks' ``open_run``), behind anything queued before."""
+        self._put_marker(RunMarker("open", run_uid, start))
+
+    def close_run(self, run_uid: str, summary: dict) -> None:
+        """Queue the end of a run: sinks' ``close_run`` comes after the run's last result."""
+        self._put_marker(RunMarker("close", run_uid, summary))
+
+    def _put_marker(self, marker: RunMarker) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the inference engine is closed")
+            self._queue.append(marker)
+            self._pending[marker.run_uid] = self._pending.get(marker.run_uid, 0) + 1
+            self._cond.notify_all()
+
+    def flush(self, run_uid: str | None = None, timeout: float | None = None) -> bool:
+        """Wait until every frame submitted so far (of ``run_uid``, or of all runs) is inferred and
+        handed to every sink."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (self._pending.get(run_uid, 0) if run_uid else sum(self._pending.values())) > 0:
+                if not self._worker.is_alive():
+                    return False
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.05 if left is None else min(left, 0.05))
+        if not self.refiner.drain(run_uid, None if end is None else max(end - time.monotonic(), 0)):
+            return False
+        return all(t.drain(None if end is None else max(end - time.monotonic(), 0)) for t in self.sink_threads)
+
+    def request_refine(self, run_uid: str, seq_nums) -> None:
+        """Refine these frames (NN-seeded ER/HIO) when their network results arrive."""
+        self.refiner.request(run_uid, seq_nums)
+
+    def _publish_refined(self, block: RefinedBlock) -> None:
+        for t in self.sink_threads:
+            t.put(block)
+
+    def _publish_marker(self, marker: RunMarker) -> None:
+        for t in self.sink_threads:
+            t.put(marker)
+
+    @property
+    def queued_frames(self) -> int:
+        """Frames waiting for the model."""
+        return self._queued
+
+    def sink_summary(self) -> dict:
+        """Per-sink counters and latency (frame in to the end of the sink's write), by sink class."""
+        return {t.name: {**t.stats.summary(), "queued_frames": t.queued_frames} for t in self.sink_threads}
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Publish what is queued, then stop the worker (a warning says what was left)."""
+        if not self.flush(timeout=timeout):
+            logger.warning("closing with work left after %s s: %d frames queued for the model, %s for the sinks",
+                           timeout, self._queued, {t.name: t.queued_frames for t in self.sink_threads})
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._worker.join(timeout)
+        self.refiner.close(timeout)
+        for t in self.sink_threads:
+            t.close(timeout)
+
+    # -- worker side ---------------------------------------------------------------------
+    def _take_batch(self) -> list[FrameBlock] | RunMarker | None:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait(0.1)
+            if isinstance(self._queue[0], RunMarker):
+                return self._queue.popleft()
+            oldest = self._queue[0].received[0]
+            while (self._queued < self.batch_size and not self._closed
+                   and not any(isinstance(item, RunMarker) for item in self._queue)):
+                left = oldest + self.max_latency - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            blocks, count = [], 0
+            while self._queue and count < self.batch_size and isinstance(self._queue[0], FrameBlock):
+                block = self._queue.popleft()
+                if count + len(block) > self.batch_size:
+                    block, rest = block.split(self.batch_size - count)
+                    self._queue.appendleft(rest)
+                blocks.append(block)
+                count += len(block)
+            self._queued -= count
+            self._cond.notify_all()
+            return blocks
+
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(frames)
+        if self._pin:
+            x = x.pin_memory()
+        try:
+            x = x.to(self.model.device, non_blocking=True)
+            amp, phase = self.model.predict_tensor(normalized_amplitude(x))
+            return amp.float().cpu().numpy(), phase.float().cpu().numpy()
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+            if len(frames) > 1:
+                logger.warning("model failed on %d frames (%s); retrying in halves", len(frames), err)
+                h = len(frames) // 2
+                a1, p1 = self._infer(frames[:h])
+                a2, p2 = self._infer(frames[h:])
+                return np.concatenate([a1, a2]), np.concatenate([p1, p2])
+            if self.model.device.type != "cpu":
+                logger.warning("model failed on %s (%s); falling back to the CPU", self.model.device, err)
+                self.model = CDIModel(self.model.network.cpu(), name=self.model.name, card=self.model.card,
+                                      device="cpu", views=self.model.views, centre=self.model.centre,
+                                      precision="auto" if self.model.precision == "fp16" else self.model.precision)
+                self._pin = False
+                return self._infer(frames)
+            raise
+
+    def _run(self) -> None:
+        while True:
+            blocks = self._take_batch()
+            if blocks is None:
+                return
+            if isinstance(blocks, RunMarker):
+                self._marker(blocks)
+                continue
+            frames = np.concatenate([b.frames for b in blocks]).astype(np.float32, copy=False)
+            try:
+                amp, phase = self._infer(frames)
+            except Exception:
+                logger.exception("inference failed for %d frames (runs %s)", len(frames),
+                                 sorted({b.run_uid for b in blocks}))
+                self._finish(blocks, failed=True)
+                continue
+            done = time.monotonic()
+            self.stats.batches += 1
+            i = 0
+            for b in self._by_run(blocks):
+                n = len(b)
+                result = ResultBlock(b, amp[i : i + n], phase[i : i + n], done - b.received)
+                i += n
+                self.stats.latencies.extend(result.latency)
+                for t in self.sink_threads:
+                    t.put(result)
+                self.refiner.offer(result)
+            self._finish(blocks)
+
+    @staticmethod
+    def _by_run(blocks: list[FrameBlock]) -> list[FrameBlock]:
+        """Merge consecutive blocks of the same run and stream: one sink write per run per batch."""
+        groups: list[list[FrameBlock]] = []
+        for b in blocks:
+            if groups and (groups[-1][0].run_uid, groups[-1][0].stream) == (b.run_uid, b.stream):
+                groups[-1].append(b)
+            else:
+                groups.append([b])
+        return [FrameBlock.concat(g) for g in groups]
+
+    def _marker(self, marker: RunMarker) -> None:
+        if marker.kind == "close":
+            self.refiner.forward(marker)  # after the run's refinements; the model does not wait
+        else:
+            self._publish_marker(marker)
+        with self._cond:
+            self._pending[marker.run_uid] -= 1
+            if self._pending[marker.run_uid] == 0:
+                del self._pending[marker.run_uid]
+            self._cond.notify_all()
+
+    def _finish(self, blocks: list[FrameBlock], failed: bool = False) -> None:
+        with self._cond:
+            for b in blocks:
+                if failed:
+                    self.stats.frames_failed += len(b)
+                else:
+                    self.stats.frames_out += len(b)
+                self._pending[b.run_uid] -= len(b)
+                if self._pending[b.run_uid] == 0:
+                    del self._pending[b.run_uid]
+            self._cond.notify_all()

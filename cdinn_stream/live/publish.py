@@ -1,0 +1,276 @@
+"""Publishing stage: each sink runs in its own thread behind its own bounded queue.
+
+The inference worker hands every :class:`~cdinn_stream.live.engine.ResultBlock` and run marker to
+each :class:`SinkThread` and goes straight back to the model, so a slow sink (Tiled over HTTP)
+holds up neither the model nor a fast sink (ZeroMQ). A sink thread takes what is waiting in
+its queue (up to a write's worth) and merges consecutive results of the same run and stream into writes of up
+to ``max_write_frames`` frames and ``max_write_bytes`` of reconstructions (8,192 frames at
+32x32, 4,096 at 64x64 by default): the slower a sink is, the larger its writes and the fewer of them
+(one Tiled request per array per write, however many frames it holds), while no write holds
+more than a bounded amount of memory.
+
+Back-pressure: a sink that can park results cheaply (a ``spill`` method: the Tiled sink's on-disk
+spool) gets them parked instead of written while its backlog is past ``spill_frames`` (half the
+queue bound), so a server that cannot keep up with a burst loses nothing: the sink writes
+the parked results back, in order, as it catches up (parking happens between writes, so the
+queue bound must hold what arrives during one write; a sink with a ``behind`` attribute gets a
+function that says whether the backlog is past ``spill_frames``, so that its catch-up writes
+stop early and the thread gets back to parking). A sink's queue holds at most
+``max_queued_frames`` frames. Past that, results for that sink are dropped, counted in its
+``frames_dropped`` and logged as a warning with the run uid and seq_nums -- the other sinks
+still get them. Run markers are never dropped, so a sink always
+sees ``open_run`` ... ``close_run`` in order. A sink's exception is logged with context and
+counted in ``errors``; its thread goes on. Refined results (:mod:`cdinn_stream.live.refine`) go to
+sinks that have a ``write_refined`` method. A sink with an ``idle()`` method has it called about
+once a second while nothing comes (the ZeroMQ sink sends a heartbeat).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core.timing import LatencyWindow, latency_ms
+from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker, Sink
+
+__all__ = ["SinkThread", "SinkStats", "wait_while"]
+
+logger = logging.getLogger(__name__)
+
+IDLE_INTERVAL = 1.0  # seconds without results before a sink's idle() is called
+
+
+def wait_while(cond: threading.Condition, busy, worker: threading.Thread, timeout: float | None) -> bool:
+    """Wait on ``cond`` while ``busy()``; False if ``timeout`` s pass or ``worker`` died first."""
+    end = None if timeout is None else time.monotonic() + timeout
+    with cond:
+        while busy():
+            left = None if end is None else end - time.monotonic()
+            if (left is not None and left <= 0) or not worker.is_alive():
+                return False
+            cond.wait(0.05 if left is None else min(left, 0.05))
+    return True
+
+
+@dataclass
+class SinkStats:
+    """Counters of one sink (frames unless said); ``frames_spilled`` went to the sink's ``spill``
+    (parked, written back by the sink later) instead of ``write``; ``latencies``: seconds from a
+    frame entering the pipeline to the end of the sink's write that held it."""
+
+    frames_written: int = 0
+    frames_dropped: int = 0
+    frames_spilled: int = 0
+    writes: int = 0
+    errors: int = 0
+    latencies: LatencyWindow = field(default_factory=LatencyWindow, repr=False)
+
+    def summary(self) -> dict:
+        return {"frames_written": self.frames_written, "frames_dropped": self.frames_dropped,
+                "frames_spilled": self.frames_spilled, "writes": self.writes, "errors": self.errors,
+                **latency_ms(self.latencies)}
+
+
+def merge_results(results: list[ResultBlock]) -> ResultBlock:
+    """One result from consecutive results of the same run and stream."""
+    if len(results) == 1:
+        return results[0]
+    return ResultBlock(FrameBlock.concat([r.frames for r in results]),
+                       np.concatenate([r.amplitude for r in results]),
+                       np.concatenate([r.phase for r in results]),
+                       np.concatenate([r.latency for r in results]))
+
+
+class SinkThread:
+    """One sink, its queue and its thread (see the module docstring)."""
+
+    def __init__(self, sink: Sink, *, max_queued_frames: int = 50_000, max_write_frames: int = 8192,
+                 max_write_bytes: int = 128 * 2**20, spill_frames: int | None = None):
+        self.sink = sink
+        self.name = type(sink).__name__
+        self.max_queued_frames = max_queued_frames
+        #: backlog (frames) past which results go to the sink's ``spill`` instead of ``write``
+        self.spill_frames = max_queued_frames // 2 if spill_frames is None else spill_frames
+        self._spill = getattr(sink, "spill", None)
+        if self._spill is not None and hasattr(sink, "behind"):  # the sink's catch-up yields to new results
+            sink.behind = lambda: self._queued > self.spill_frames
+        self._spilling = False
+        self.max_write_frames = max_write_frames
+        self.max_write_bytes = max_write_bytes
+        self.stats = SinkStats()
+        self._queue: deque[ResultBlock | RunMarker] = deque()
+        self._queued = 0
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"cdinn-sink-{self.name}", daemon=True)
+        self._thread.start()
+
+    def put(self, item: ResultBlock | RunMarker | RefinedBlock) -> None:
+        """Queue a result, a refined result or a run marker; never blocks."""
+        with self._cond:
+            if isinstance(item, ResultBlock):
+                n = len(item.frames)
+                if self._queued + n > self.max_queued_frames:
+                    self.stats.frames_dropped += n
+                    f = item.frames
+                    logger.warning("%s is %d frames behind: dropped %d results of run %s, seq_nums %s..%s",
+                                   self.name, self._queued, n, f.run_uid, f.seq_nums[0], f.seq_nums[-1])
+                    return
+                self._queued += n
+            self._queue.append(item)
+            self._cond.notify_all()
+
+    @property
+    def queued_frames(self) -> int:
+        """Frames waiting for this sink."""
+        return self._queued
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far has been handed to the sink."""
+        return wait_while(self._cond, lambda: bool(self._queue or self._busy), self._thread, timeout)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Hand over what is queued, then stop the thread (a warning says what was left)."""
+        if not self.drain(timeout):
+            logger.warning("%s did not take everything within %s s: %d frames left unwritten", self.name, timeout,
+                           self._queued)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _take(self) -> list[ResultBlock | RunMarker] | None:
+        with self._cond:
+            quiet_since = time.monotonic()
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait(0.1)
+                if time.monotonic() - quiet_since >= IDLE_INTERVAL and not self._queue:
+                    self._idle()
+                    quiet_since = time.monotonic()
+            items, frames = [], 0  # at most about one write's worth: the queue count stays honest
+            limit = self._write_limit()
+            while self._queue and frames < limit:
+                item = self._queue.popleft()
+                items.append(item)
+                if isinstance(item, ResultBlock):
+                    frames += len(item.frames)
+            self._queued -= frames
+            self._busy = True
+            return items
+
+    def _write_limit(self, items=None) -> int:
+        """Frames per write: ``max_write_frames``, fewer where the frames' reconstructions would
+        pass ``max_write_bytes`` (sized from the first result waiting)."""
+        first = next((i for i in (self._queue if items is None else items) if isinstance(i, ResultBlock)
+                      and len(i.frames)), None)
+        if first is None:
+            return self.max_write_frames
+        per_frame = first.amplitude[0].nbytes + first.phase[0].nbytes
+        return max(1, min(self.max_write_frames, self.max_write_bytes // max(per_frame, 1)))
+
+    def _run(self) -> None:
+        while (items := self._take()) is not None:
+            try:
+                for group in _groups(items, self._write_limit(items)):
+                    if isinstance(group, RunMarker):
+                        self._marker(group)
+                    elif isinstance(group, RefinedBlock):
+                        self._refined(group)
+                    elif self._spill is not None and self._queued > self.spill_frames:
+                        self._park(merge_results(group))
+                    else:
+                        self._write(merge_results(group))
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _idle(self) -> None:
+        idle = getattr(self.sink, "idle", None)
+        if idle is None:
+            return
+        try:
+            idle()
+        except Exception:
+            logger.exception("sink %s failed while idle", self.name)
+
+    def _write(self, result: ResultBlock) -> None:
+        f = result.frames
+        try:
+            self.sink.write(result)
+        except Exception:
+            self.stats.errors += 1
+            logger.exception("sink %s failed on run %s seq_nums %s..%s", self.name, f.run_uid,
+                             f.seq_nums[0], f.seq_nums[-1])
+            return
+        self.stats.writes += 1
+        self.stats.frames_written += len(f)
+        if self._spilling and self._queued <= self.spill_frames // 2:
+            logger.info("%s caught up (%d frames behind)", self.name, self._queued)
+            self._spilling = False
+        self.stats.latencies.extend(time.monotonic() - f.received)
+
+    def _park(self, result: ResultBlock) -> None:
+        f = result.frames
+        if not self._spilling:
+            logger.warning("%s is %d frames behind: parking results on local disk from run %s seq_num %s on; "
+                           "they are written back in order as it catches up", self.name, self._queued, f.run_uid,
+                           f.seq_nums[0])
+            self._spilling = True
+        try:
+            self._spill(result)
+        except Exception:
+            logger.exception("sink %s could not park run %s seq_nums %s..%s; writing them instead", self.name,
+                             f.run_uid, f.seq_nums[0], f.seq_nums[-1])
+            self._write(result)
+            return
+        self.stats.frames_spilled += len(f)
+
+    def _refined(self, block: RefinedBlock) -> None:
+        write = getattr(self.sink, "write_refined", None)
+        if write is None:
+            return
+        try:
+            write(block)
+        except Exception:
+            self.stats.errors += 1
+            logger.exception("sink %s failed on refined frames of run %s seq_nums %s", self.name, block.run_uid,
+                             block.frames.seq_nums.tolist())
+
+    def _marker(self, marker: RunMarker) -> None:
+        try:
+            if marker.kind == "open":
+                self.sink.open_run(marker.run_uid, marker.document)
+            else:
+                self.sink.close_run(marker.run_uid, marker.document)
+        except Exception:
+            self.stats.errors += 1
+            logger.exception("sink %s failed to %s run %s", self.name, marker.kind, marker.run_uid)
+
+
+def _groups(items: list, max_frames: int) -> list:
+    """Markers alone; consecutive results of the same run and stream together, up to
+    ``max_frames`` frames a group (a single larger result stays whole)."""
+    out: list = []
+    count = 0
+    for item in items:
+        if not isinstance(item, ResultBlock):  # markers and refined results stand alone
+            out.append(item)
+            continue
+        n = len(item.frames)
+        if (out and isinstance(out[-1], list) and count + n <= max_frames
+                and (out[-1][0].frames.run_uid, out[-1][0].frames.stream) == (item.frames.run_uid, item.frames.stream)):
+            out[-1].append(item)
+            count += n
+        else:
+            out.append([item])
+            count = n
+    return out

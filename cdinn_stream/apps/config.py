@@ -168,6 +168,10 @@ def connect_tiled(uri: str, api_key: str | None = None):
         if err.response.status_code in (401, 403):
             raise ValueError(_refused(uri, api_key)) from None
         raise ValueError(f"the Tiled server at {uri} answered {err.response.status_code}: {err}") from None
+    except RuntimeError as err:  # tiled: "This server requires API key authentication."
+        if "api key" in str(err).lower() or "api_key" in str(err):
+            raise ValueError(_refused(uri, api_key)) from None
+        raise
     except httpx.TransportError as err:
         raise ValueError(f"cannot reach a Tiled server at {uri} ({err}): is it running, and is the URL right?") \
             from None

@@ -7,9 +7,10 @@ possible or at the recorded pace. It needs nothing configured on the server: a s
 serve catalog ... --api-key KEY`` holding the run is enough.
 
 Frames stored in Tiled are read from Tiled; frames in the detector's own files (external data:
-HDF5, one ``.npy`` per frame) are read from those files with the readers the live path uses
-(:mod:`cdinn_stream.live.frames`), so the files must be readable on this machine, as they must be
-for the live callback. Results go where live ones go, under the Tiled container
+HDF5, one ``.npy`` per frame) become ``stream_resource``/``stream_datum`` documents, read by the
+live path's readers (:mod:`cdinn_stream.live.frames`), so the files must be readable on this
+machine, as they must be for the live callback; a frame that cannot be read is rejected and
+counted as in a live run. Results go where live ones go, under the Tiled container
 ``cdinn-replay`` by default so the live ones are kept.
 
 A replay that reconstructs no frame fails: :func:`replay_run` raises, the command exits non-zero,
@@ -23,8 +24,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-
-from ..live.frames import read_frames
 
 __all__ = ["run_documents", "replay_documents", "replay_run", "ReplayError"]
 
@@ -68,6 +67,10 @@ def _stream_documents(stream, name: str, run_uid: str, page: int) -> Iterator[tu
     if "seq_num" not in columns:
         logger.warning("stream %s of run %s has no events", name, run_uid)
         return
+    external = {key: _stream_resource(stream, key, run_uid) for key, info in data_keys.items()
+                if info.get("external") and key in columns}
+    for resource in external.values():
+        yield "stream_resource", resource
     seq_nums = np.asarray(stream["seq_num"].read())
     times = np.asarray(stream["time"].read(), float)
     desc_times = np.array([d["time"] for d in descriptors])
@@ -78,25 +81,28 @@ def _stream_documents(stream, name: str, run_uid: str, page: int) -> Iterator[tu
         for d in np.unique(owner[lo:hi]):
             rows = np.flatnonzero(owner[lo:hi] == d) + lo
             a, b = int(rows[0]), int(rows[-1]) + 1
-            data, stamps = {}, {}
-            for key, info in data_keys.items():
-                data[key] = _read_column(stream, key, info, a, b)
-                ts = f"ts_{key}"
-                stamps[key] = np.asarray(stream[ts][a:b]) if ts in columns else times[a:b]
             uid = descriptors[d]["uid"]
+            data = {key: np.asarray(stream[key][a:b]) for key in data_keys if key not in external and key in columns}
+            stamps = {key: np.asarray(stream[f"ts_{key}"][a:b]) if f"ts_{key}" in columns else times[a:b]
+                      for key in data}
             yield "event_page", {"descriptor": uid, "uid": [f"event-{uid}-{s}" for s in seq_nums[a:b]],
                                  "seq_num": seq_nums[a:b].tolist(), "time": times[a:b].tolist(),
                                  "data": data, "timestamps": stamps, "filled": {}}
+            # frames in the detector's own files: the live path's stream_datum reading (live/frames.py)
+            for resource in external.values():
+                yield "stream_datum", {"uid": f"{resource['uid']}-{a}", "stream_resource": resource["uid"],
+                                       "descriptor": uid, "indices": {"start": a, "stop": b},
+                                       "seq_nums": {"start": int(seq_nums[a]), "stop": int(seq_nums[b - 1]) + 1}}
 
 
-def _read_column(stream, key: str, info: dict, start: int, stop: int) -> np.ndarray:
-    """Values ``start..stop-1`` of one data key: from Tiled, or from the detector's own files."""
-    if info.get("external"):
-        (source,) = stream[key].data_sources()
-        uris = [a.data_uri for a in sorted(source.assets, key=lambda a: a.num or 0)
-                if a.parameter in ("data_uri", "data_uris")]
-        return read_frames(source.mimetype, uris, dict(source.parameters), start, stop)
-    return np.asarray(stream[key][start:stop])
+def _stream_resource(stream, key: str, run_uid: str) -> dict:
+    """A ``stream_resource`` document for a data key whose values live in the detector's files."""
+    (source,) = stream[key].data_sources()
+    uris = [a.data_uri for a in sorted(source.assets, key=lambda a: a.num or 0)
+            if a.parameter in ("data_uri", "data_uris")]
+    return {"uid": f"sr-{stream.metadata.get('uid')}-{key}", "run_start": run_uid, "data_key": key,
+            "mimetype": source.mimetype, "uri": uris[0] if uris else "",
+            "parameters": {**dict(source.parameters), "data_uris": uris}}
 
 
 def replay_documents(docs: Iterable[tuple[str, dict]], callback: Callable[[str, dict], None], *,

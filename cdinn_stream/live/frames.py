@@ -6,7 +6,8 @@ Formats, by the mimetype bluesky and Tiled give them:
 * ``application/x-hdf5``: one file, the frames in ``parameters["dataset"]`` (ophyd-async's
   HDF writers; read with h5py in SWMR mode, so a file still being written can be read);
 * ``multipart/related;type=application/x-npy``: one ``.npy`` file per frame (``ophyd.sim``'s
-  ``NPY_SEQ`` detectors, as TiledWriter stores them).
+  ``NPY_SEQ`` detectors, as TiledWriter stores them): the files are ``parameters["data_uris"]``,
+  or ``uri`` and a ``parameters["template"]`` such as ``"%s_%d.npy"``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def _read_hdf5(uris: Sequence[str], parameters: dict, start: int, stop: int) -> 
 
 
 def _npy_paths(uris: Sequence[str], parameters: dict, stop: int) -> list[str]:
+    uris = parameters.get("data_uris") or uris  # every file, as Tiled lists a multipart data source
     template = parameters.get("template")
     if len(uris) >= stop or not template:
         return [local_path(u) for u in uris]

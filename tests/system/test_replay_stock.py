@@ -1,0 +1,105 @@
+"""Replay against a stock Tiled server started the documented way (``tiled serve catalog --temp
+--api-key KEY``): inline frames and ``.npy`` frames replay; a replay that reconstructs nothing
+fails loudly; a missing API key is one line naming ``--api-key``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bluesky import RunEngine
+from bluesky.plans import count
+
+from cdinn_stream.lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+
+FRAMES = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stock_tiled(tmp_path_factory):
+    """``tiled serve catalog --temp --api-key KEY`` on 127.0.0.1, as README.md says to start it."""
+    from tiled.client import from_uri
+
+    key, port = secrets.token_hex(8), _free_port()
+    log = tmp_path_factory.mktemp("tiled-log") / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(["tiled", "serve", "catalog", "--temp", "--api-key", key, "--host", "127.0.0.1",
+                                   "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client = from_uri(uri, api_key=key)
+            break
+        except Exception:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"tiled serve did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield uri, key, client
+    server.terminate()
+    server.wait(30)
+
+
+def _store_run(client, tmp_path: Path, *, external: bool) -> str:
+    from bluesky_tiled_plugins import TiledWriter
+
+    peak, strain = make_motors(64)
+    source = BCDIFrameSource(OperandoCrystal(32, seed=2), frame_shape=(128, 128), peak_motor=peak,
+                             strain_motor=strain, seed=2)
+    detector = make_detector(source, external=external, save_path=str(tmp_path) if external else None)
+    RE = RunEngine({})
+    RE.subscribe(TiledWriter(client))
+    (uid,) = RE(count([detector], FRAMES))
+    return uid
+
+
+def _replay(uri: str, uid: str, *args: str, key: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TILED_API_KEY"}
+    if key:
+        env["TILED_API_KEY"] = key
+    return subprocess.run([sys.executable, "-m", "cdinn_stream", "replay", uid, "--tiled", uri, "--device", "cpu",
+                           *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline-frames", "npy-files"])
+def test_replay_from_a_stock_tiled_server(stock_tiled, tmp_path, external):
+    uri, key, client = stock_tiled
+    uid = _store_run(client, tmp_path, external=external)
+    done = _replay(uri, uid, key=key)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = client["cdinn-replay"][uid]
+    assert result.metadata["complete"] is True
+    assert result["amplitude"].shape[0] == FRAMES
+
+
+def test_replay_that_reconstructs_nothing_fails(stock_tiled, tmp_path):
+    uri, key, client = stock_tiled
+    uid = _store_run(client, tmp_path, external=True)
+    for f in tmp_path.glob("*.npy"):  # the detector's files are gone: no frame can be read
+        f.unlink()
+    done = _replay(uri, uid, key=key)
+    assert done.returncode != 0
+    assert "reconstructed no frame" in done.stderr and "unreadable" in done.stderr
+    assert client["cdinn-replay"][uid].metadata["complete"] is False
+
+
+def test_replay_without_an_api_key_says_how_to_give_one(stock_tiled, tmp_path):
+    uri, key, client = stock_tiled
+    uid = _store_run(client, tmp_path, external=False)
+    done = _replay(uri, uid, key=None)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "--api-key" in done.stderr and "TILED_API_KEY" in done.stderr

@@ -90,9 +90,9 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     from ..core.metrics import score
     from ..core.physics import ramp, wrap
     from ..lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
-    from ..live.callback import ReconstructionCallback
     from ..nn.reconstruct import load_model
-    from ..sinks import EpicsSink, TiledSink, ZmqPublisherSink, read_frame_info
+    from ..sinks import ZmqPublisherSink, read_frame_info
+    from .config import PipelineConfig
     from .ioc import IOCThread
     from .listen import listen
     from .replay import replay_documents, run_documents
@@ -106,15 +106,14 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     with SimpleTiledServer(directory=tmp / "tiled", api_key=secrets.token_hex(16)) as server:
         client = from_uri(server.uri)
         ioc = IOCThread(cfg.prefix).start()
-        zmq_sink = ZmqPublisherSink("tcp://127.0.0.1:0")
+        pipeline = PipelineConfig(model=cfg.model, batch_size=cfg.batch_size, max_latency=cfg.max_latency,
+                                  zmq_out=f"tcp://127.0.0.1:{_free_port()}", epics_prefix=cfg.prefix)
+        cb = pipeline.build(model=model, tiled_client=client)
         heard: dict = {}
-        listener = threading.Thread(target=lambda: heard.update(listen(zmq_sink.address, timeout=10, quiet=True)),
+        listener = threading.Thread(target=lambda: heard.update(listen(pipeline.zmq_out, timeout=10, quiet=True)),
                                     daemon=True)
         listener.start()
         time.sleep(0.3)  # let the subscriber connect before the first message
-        epics_sink = EpicsSink(cfg.prefix)
-        cb = ReconstructionCallback(model=model, batch_size=cfg.batch_size, max_latency=cfg.max_latency,
-                                    sinks=[zmq_sink, TiledSink(client, model_card=model.card), epics_sink])
         peak, strain = make_motors()
         crystal = OperandoCrystal(model.size, seed=cfg.seed, recipe=cfg.recipe)
         source = BCDIFrameSource(crystal, frame_shape=cfg.frame_shape, photons=cfg.photons,
@@ -144,8 +143,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
         cb.close()
 
         # replay the stored run through the same pipeline
-        rcb = ReconstructionCallback(model=model, batch_size=cfg.batch_size, max_latency=cfg.max_latency,
-                                     sinks=[TiledSink(client, parent="cdinn-replay", model_card=model.card)])
+        rcb = PipelineConfig(model=cfg.model, batch_size=cfg.batch_size, max_latency=cfg.max_latency,
+                             tiled_parent="cdinn-replay").build(model=model, tiled_client=client)
         t1 = time.monotonic()
         with tqdm(desc="replay", unit="doc", disable=not progress) as rbar:
             replay_documents(run_documents(client, uid), lambda n, d: (rcb(n, d), rbar.update(1)))
@@ -156,7 +155,9 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
         r_amp = replayed["amplitude"].read()
         r_phase = replayed["phase"].read()
         ioc.stop()
-        zmq_sink.close()
+        for sink in cb.sinks:
+            if isinstance(sink, ZmqPublisherSink):
+                sink.close()
 
     truth = [source.truth[i - 1] for i in seq]
     true_amp = np.stack([t.amplitude for t in truth])

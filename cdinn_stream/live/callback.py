@@ -25,16 +25,26 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 from event_model import DocumentRouter, Filler, RunRouter
+from event_model.documents import (
+    EventDescriptor,
+    EventPage,
+    RunStart,
+    RunStop,
+    StreamDatum,
+    StreamResource,
+)
 
 from ..nn.reconstruct import CDIModel, load_model
 from .crop import clean_frames, crop_frames, find_peaks
 from .engine import FrameBlock, InferenceEngine, Sink
 from .frames import read_frames
 
-__all__ = ["ReconstructionCallback", "RunReconstructor", "PassThroughFiller", "default_handler_registry"]
+__all__ = ["ReconstructionCallback", "RunReconstructor", "FrameCropper", "Rejections", "PassThroughFiller",
+           "default_handler_registry"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +88,69 @@ class PassThroughFiller(Filler):
         return super().event_page(doc) if _needs_filling(doc) else doc
 
 
+class Rejections:
+    """Frames and documents turned away, counted by category (the reason's text before the first
+    colon: bad shape, bad dtype, empty frame, unreadable, unfilled, unknown descriptor, document)
+    and logged with the run uid and seq_nums."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, run_uid: str | None, seq_nums, reason: str) -> None:
+        seq = list(np.atleast_1d(seq_nums))
+        self.counts[reason.split(":")[0]] += len(seq)
+        logger.warning("run %s seq_num %s: %s", run_uid, seq if len(seq) > 1 else seq[0], reason)
+
+    def document(self, name: str, run_uid: str | None, err: BaseException) -> None:
+        """A document that could not be handled at all."""
+        self.counts["document"] += 1
+        logger.warning("cannot handle %s document (run %s): %s", name, run_uid, err)
+
+
+@dataclass(frozen=True, eq=False)
+class FrameCropper:
+    """Checks, cleans and crops detector frames into blocks for the engine (the crop of
+    :mod:`cdinn_stream.live.crop`): ``size`` is the model's window, ``bin`` the binning of a
+    ``bin * size`` window, ``mask`` the good detector pixels, ``centre`` the model's peak rule."""
+
+    size: int
+    bin: int = 1
+    mask: np.ndarray | None = None
+    centre: bool = True
+    rejections: Rejections = field(default_factory=Rejections)
+
+    def block(self, run_uid: str, stream: str, frames: np.ndarray, seq_nums: np.ndarray,
+              times: np.ndarray) -> FrameBlock | None:
+        """A block of cropped frames, or ``None`` (the frames rejected and counted)."""
+        reject = self.rejections
+        received = time.monotonic()
+        frames = np.asarray(frames)
+        if frames.dtype.kind not in "biuf":
+            reject(run_uid, seq_nums, f"bad dtype: frame dtype {frames.dtype} is not numeric")
+            return None
+        while frames.ndim > 3 and frames.shape[1] == 1:  # (n, 1, H, W) from ophyd-async
+            frames = frames[:, 0]
+        if frames.ndim != 3:
+            reject(run_uid, seq_nums, f"bad shape: frames of shape {frames.shape[1:]} are not 2-D images")
+            return None
+        if self.mask is not None and self.mask.shape != frames.shape[1:]:
+            reject(run_uid, seq_nums, f"bad shape: frame shape {frames.shape[1:]} does not match the mask "
+                                      f"{self.mask.shape}")
+            return None
+        clean = clean_frames(frames, self.mask)
+        empty = clean.reshape(len(clean), -1).max(axis=1) <= 0
+        if empty.any():
+            reject(run_uid, seq_nums[empty], "empty frame: no positive counts")
+            keep = ~empty
+            clean, seq_nums, times = clean[keep], seq_nums[keep], times[keep]
+            if not len(clean):
+                return None
+        # centre as the model does: the centre of mass for a network trained centred, else the brightest pixel
+        crops = crop_frames(clean, find_peaks(clean, centre=self.centre), self.size, bin=self.bin)
+        return FrameBlock(run_uid, stream, np.asarray(seq_nums, np.int64), np.asarray(times, np.float64),
+                          crops.frames, crops.origins, crops.peaks, np.full(len(clean), received))
+
+
 class ReconstructionCallback:
     """Live CDI NN reconstruction of a detector's frames, run after run.
 
@@ -103,30 +176,38 @@ class ReconstructionCallback:
                  handler_registry: dict | None = None, refine_every: int = 0, refine_iterations: int = 50):
         self.model = model if model is not None else load_model()
         self.image_key = image_key
-        self.bin = bin
-        self.mask = mask
         self.engine = InferenceEngine(self.model, sinks, batch_size=batch_size, max_latency=max_latency,
                                       max_queued_frames=max_queued_frames, refine_every=refine_every,
                                       refine_iterations=refine_iterations)
-        self.rejected: Counter[str] = Counter()
+        self.rejections = Rejections()
+        self.cropper = FrameCropper(self.model.size, bin, mask, getattr(self.model, "centre", True), self.rejections)
         registry = default_handler_registry() if handler_registry is None else handler_registry
         self._router = RunRouter([self._factory], handler_registry=registry, filler_class=PassThroughFiller)
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """Frames (and documents) rejected, by category."""
+        return self.rejections.counts
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """The sinks results go to, in the order given."""
+        return [t.sink for t in self.engine.sink_threads]
 
     @property
     def size(self) -> int:
         """Side of the model's window in detector pixels (before binning)."""
         return self.model.size
 
-    def _factory(self, name: str, start: dict):
-        return [RunReconstructor(self, start)], []
+    def _factory(self, name: str, start: RunStart):
+        return [RunReconstructor(start, cropper=self.cropper, engine=self.engine, image_key=self.image_key)], []
 
     def __call__(self, name: str, doc: dict) -> None:
         try:
             self._router(name, doc)
         except Exception as err:  # never into the RunEngine
-            self.rejected["document"] += 1
             uid = (doc.get("run_start") or doc.get("uid")) if isinstance(doc, dict) else None
-            logger.warning("cannot handle %s document (run %s): %s", name, uid, err)
+            self.rejections.document(name, uid, err)
 
     def stats(self) -> dict:
         """Counters of the engine plus the rejected frames and documents."""
@@ -147,62 +228,27 @@ class ReconstructionCallback:
         """Publish what is queued and stop the worker thread."""
         self.engine.close()
 
-    # -- shared by the per-run routers ----------------------------------------------------
-    def reject(self, run_uid: str, seq_nums, reason: str) -> None:
-        """Count frames as rejected under the reason's category (its text before the first colon:
-        bad shape, bad dtype, empty frame, unreadable, unfilled, unknown descriptor) and log why."""
-        seq = list(np.atleast_1d(seq_nums))
-        self.rejected[reason.split(":")[0]] += len(seq)
-        logger.warning("run %s seq_num %s: %s", run_uid, seq if len(seq) > 1 else seq[0], reason)
-
-    def crop_block(self, run_uid: str, stream: str, frames: np.ndarray, seq_nums: np.ndarray,
-                   times: np.ndarray) -> FrameBlock | None:
-        """Check, clean and crop a stack of detector frames into a block for the engine."""
-        received = time.monotonic()
-        frames = np.asarray(frames)
-        if frames.dtype.kind not in "biuf":
-            self.reject(run_uid, seq_nums, f"bad dtype: frame dtype {frames.dtype} is not numeric")
-            return None
-        while frames.ndim > 3 and frames.shape[1] == 1:  # (n, 1, H, W) from ophyd-async
-            frames = frames[:, 0]
-        if frames.ndim != 3:
-            self.reject(run_uid, seq_nums, f"bad shape: frames of shape {frames.shape[1:]} are not 2-D images")
-            return None
-        if self.mask is not None and self.mask.shape != frames.shape[1:]:
-            self.reject(run_uid, seq_nums,
-                        f"bad shape: frame shape {frames.shape[1:]} does not match the mask {self.mask.shape}")
-            return None
-        clean = clean_frames(frames, self.mask)
-        empty = clean.reshape(len(clean), -1).max(axis=1) <= 0
-        if empty.any():
-            self.reject(run_uid, seq_nums[empty], "empty frame: no positive counts")
-            keep = ~empty
-            clean, seq_nums, times = clean[keep], seq_nums[keep], times[keep]
-            if not len(clean):
-                return None
-        # centre as the model does: the centre of mass for a network trained centred, else the brightest pixel
-        crops = crop_frames(clean, find_peaks(clean, centre=getattr(self.model, "centre", True)), self.size,
-                            bin=self.bin)
-        return FrameBlock(run_uid, stream, np.asarray(seq_nums, np.int64), np.asarray(times, np.float64),
-                          crops.frames, crops.origins, crops.peaks, np.full(len(clean), received))
-
 
 class RunReconstructor(DocumentRouter):
     """One run: finds the image field, turns events into frame blocks, closes the run."""
 
-    def __init__(self, owner: ReconstructionCallback, start: dict):
+    def __init__(self, start: RunStart, *, cropper: FrameCropper, engine: InferenceEngine,
+                 image_key: str | None = None):
         super().__init__()
-        self.owner = owner
         self.uid = start["uid"]
+        self.cropper = cropper
+        self.reject = cropper.rejections
+        self.engine = engine
+        self.image_key = image_key
         self.streams: dict[str, tuple[str, str | None]] = {}  # descriptor uid -> (stream, image key)
-        self.stream_resources: dict[str, dict] = {}
+        self.stream_resources: dict[str, StreamResource] = {}
         self.frames_seen = 0
-        owner.engine.open_run(self.uid, start)
+        engine.open_run(self.uid, start)
 
-    def _image_key(self, doc: dict) -> str | None:
+    def _image_key(self, doc: EventDescriptor) -> str | None:
         keys = doc.get("data_keys", {})
-        if self.owner.image_key is not None:
-            return self.owner.image_key if self.owner.image_key in keys else None
+        if self.image_key is not None:
+            return self.image_key if self.image_key in keys else None
         images = [k for k, dk in keys.items() if len(dk.get("shape") or []) >= 2]
         if len(images) > 1:
             logger.warning("run %s stream %s has several images %s: pass image_key=...", self.uid,
@@ -210,36 +256,36 @@ class RunReconstructor(DocumentRouter):
             return None
         return images[0] if images else None
 
-    def descriptor(self, doc):
+    def descriptor(self, doc: EventDescriptor) -> EventDescriptor:
         self.streams[doc["uid"]] = (doc.get("name", "primary"), self._image_key(doc))
 
-    def event_page(self, doc):
+    def event_page(self, doc: EventPage) -> EventPage:
         stream, key = self.streams.get(doc["descriptor"], (None, None))
         if stream is None:
-            self.owner.reject(self.uid, doc.get("seq_num", [-1]), "unknown descriptor: event for an unknown descriptor")
+            self.reject(self.uid, doc.get("seq_num", [-1]), "unknown descriptor: event for an unknown descriptor")
             return doc
         if key is None or key not in doc["data"]:
             return doc  # not our detector, or its frames come through stream_datum
         seq = np.asarray(doc["seq_num"])
         if _unfilled(doc.get("filled", {}).get(key)):
-            self.owner.reject(self.uid, seq, "unfilled: frames are unfilled references (no handler for their spec)")
+            self.reject(self.uid, seq, "unfilled: frames are unfilled references (no handler for their spec)")
             return doc
         try:
             frames = np.asarray(doc["data"][key])
         except Exception as err:
-            self.owner.reject(self.uid, seq, f"unreadable: frames: {err}")
+            self.reject(self.uid, seq, f"unreadable: frames: {err}")
             return doc
         if frames.ndim < 2 or (frames.dtype == object):
-            self.owner.reject(self.uid, seq, f"bad shape: frames of shape {frames.shape} are not 2-D images")
+            self.reject(self.uid, seq, f"bad shape: frames of shape {frames.shape} are not 2-D images")
             return doc
         self._submit(stream, frames, seq, np.asarray(doc["time"], float))
         return doc
 
-    def stream_resource(self, doc):
+    def stream_resource(self, doc: StreamResource) -> StreamResource:
         self.stream_resources[doc["uid"]] = doc
         return doc
 
-    def stream_datum(self, doc):
+    def stream_datum(self, doc: StreamDatum) -> StreamDatum:
         resource = self.stream_resources.get(doc.get("stream_resource"))
         stream, key = self.streams.get(doc.get("descriptor"), (None, None))
         if resource is None or key is None or resource.get("data_key") != key:
@@ -250,20 +296,20 @@ class RunReconstructor(DocumentRouter):
             frames = read_frames(resource.get("mimetype"), [resource["uri"]], resource.get("parameters") or {},
                                  start, stop)
         except Exception as err:
-            self.owner.reject(self.uid, seq, f"unreadable: cannot read frames from {resource.get('uri')}: {err}")
+            self.reject(self.uid, seq, f"unreadable: cannot read frames from {resource.get('uri')}: {err}")
             return doc
         self._submit(stream, frames, seq, np.full(len(seq), time.time()))
         return doc
 
     def _submit(self, stream: str, frames: np.ndarray, seq: np.ndarray, times: np.ndarray) -> None:
         if len(frames) != len(seq):
-            self.owner.reject(self.uid, seq, f"bad shape: {len(frames)} frames for {len(seq)} events")
+            self.reject(self.uid, seq, f"bad shape: {len(frames)} frames for {len(seq)} events")
             return
-        block = self.owner.crop_block(self.uid, stream, frames, seq, times)
+        block = self.cropper.block(self.uid, stream, frames, seq, times)
         if block is not None:
             self.frames_seen += len(block)
-            self.owner.engine.submit(block)
+            self.engine.submit(block)
 
-    def stop(self, doc):
-        self.owner.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen})
+    def stop(self, doc: RunStop) -> RunStop:
+        self.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen})
         return doc

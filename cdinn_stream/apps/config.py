@@ -64,7 +64,8 @@ class PipelineConfig:
         epics_prefix: write the PVs of ``cdinn-stream ioc`` with this prefix (e.g. ``CDINN:``).
         spool_dir: where Tiled results wait while the server is away (default: ``$CDINN_SPOOL``
             or ``~/.cache/cdinn-stream/spool``).
-        refine_every: refine every n-th frame with NN-seeded ER/HIO (0: off).
+        refine_every: refine every n-th frame with NN-seeded ER/HIO (0: only frames asked for with
+            ``callback.refine``; ``None``: refinement off, no refiner thread).
         refine_iterations: ER/HIO iterations of a refinement.
     """
 
@@ -81,7 +82,7 @@ class PipelineConfig:
     tiled_parent: str = "cdinn"
     epics_prefix: str | None = None
     spool_dir: str | None = None
-    refine_every: int = 0
+    refine_every: int | None = None
     refine_iterations: int = 50
 
     def __post_init__(self) -> None:
@@ -92,7 +93,7 @@ class PipelineConfig:
         for name in ("batch_size", "bin"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.max_latency < 0 or self.refine_every < 0 or self.refine_iterations < 0:
+        if self.max_latency < 0 or (self.refine_every or 0) < 0 or self.refine_iterations < 0:
             raise ValueError("max_latency, refine_every and refine_iterations must not be negative")
 
     @classmethod
@@ -106,7 +107,8 @@ class PipelineConfig:
                 continue
             kind = types[name]
             try:
-                values[name] = int(text) if kind == "int" else float(text) if kind == "float" else text
+                number = kind.split(" | ")[0]
+                values[name] = int(text) if number == "int" else float(text) if number == "float" else text
             except ValueError:
                 raise ValueError(f"${var}={text!r} is not a number") from None
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["FrameBlock", "RunMarker", "ResultBlock", "RefinedBlock", "Sink"]
+__all__ = ["FrameBlock", "RunMarker", "ResultBlock", "RefinedBlock", "Sink", "Idles", "Spills", "WritesRefined",
+           "CountsUndelivered"]
 
 
 @dataclass
@@ -98,6 +99,37 @@ class Sink(Protocol):
 
     def close_run(self, run_uid: str, summary: dict) -> None:
         """Every frame of the run has been written; ``summary`` holds the stop document and counts."""
+
+
+@runtime_checkable
+class Idles(Protocol):
+    """A sink that does something while no results come (called about once a second)."""
+
+    def idle(self) -> None: ...
+
+
+@runtime_checkable
+class Spills(Protocol):
+    """A sink that can park results cheaply (local disk) while it is behind and write them back
+    later. The sink thread sets the sink's ``behind`` attribute to a function saying whether its
+    backlog is past the parking threshold, so that the sink's write-back can stop early."""
+
+    def spill(self, result: ResultBlock) -> None: ...
+
+
+@runtime_checkable
+class WritesRefined(Protocol):
+    """A sink that stores refined results (:class:`RefinedBlock`) too."""
+
+    def write_refined(self, block: RefinedBlock) -> None: ...
+
+
+@runtime_checkable
+class CountsUndelivered(Protocol):
+    """A sink whose ``write`` can take frames it cannot deliver (the EPICS sink without its IOC):
+    it counts them, and the sink thread counts them as dropped, not written."""
+
+    frames_undelivered: int
 
 
 @dataclass

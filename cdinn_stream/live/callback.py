@@ -42,6 +42,8 @@ from ..nn.reconstruct import CDIModel, load_model
 from .crop import clean_frames, crop_frames, find_peaks
 from .engine import FrameBlock, InferenceEngine, Sink
 from .frames import read_frames
+from .publish import SinkThread, to_all
+from .refine import Refiner
 
 __all__ = ["ReconstructionCallback", "RunReconstructor", "FrameCropper", "Rejections", "PassThroughFiller",
            "default_handler_registry"]
@@ -166,19 +168,23 @@ class ReconstructionCallback:
         handler_registry: handlers to fill resource/datum frames (default: ``NPY_SEQ``).
         refine_every: also refine every ``refine_every``-th frame (by seq_num) with NN-seeded
             ER/HIO, published as a second result type (0: only frames asked for with
-            :meth:`refine`); see :mod:`cdinn_stream.live.refine`.
+            :meth:`refine`; ``None``, the default: refinement off, no refiner thread); see
+            :mod:`cdinn_stream.live.refine`.
         refine_iterations: ER/HIO iterations of a refinement.
     """
 
     def __init__(self, *, model: CDIModel | None = None, image_key: str | None = None, bin: int = 1,
                  mask: np.ndarray | None = None, sinks: list[Sink] | None = None, batch_size: int = 256,
                  max_latency: float = 0.01, max_queued_frames: int = 20_000,
-                 handler_registry: dict | None = None, refine_every: int = 0, refine_iterations: int = 50):
+                 handler_registry: dict | None = None, refine_every: int | None = None,
+                 refine_iterations: int = 50):
         self.model = model if model is not None else load_model()
         self.image_key = image_key
-        self.engine = InferenceEngine(self.model, sinks, batch_size=batch_size, max_latency=max_latency,
-                                      max_queued_frames=max_queued_frames, refine_every=refine_every,
-                                      refine_iterations=refine_iterations)
+        threads = [SinkThread(s) for s in sinks or []]
+        refiner = None if refine_every is None else Refiner(to_all(threads), every=refine_every,
+                                                            iterations=refine_iterations)
+        self.engine = InferenceEngine(self.model, threads, refiner=refiner, batch_size=batch_size,
+                                      max_latency=max_latency, max_queued_frames=max_queued_frames)
         self.rejections = Rejections()
         self.cropper = FrameCropper(self.model.size, bin, mask, getattr(self.model, "centre", True), self.rejections)
         registry = default_handler_registry() if handler_registry is None else handler_registry
@@ -212,8 +218,9 @@ class ReconstructionCallback:
     def stats(self) -> dict:
         """Counters of the engine plus the rejected frames and documents."""
         r = self.engine.refiner
+        refined = {"frames": r.frames_refined, "dropped": r.frames_dropped} if r is not None else None
         return {**self.engine.stats.summary(), "sinks": self.engine.sink_summary(), "rejected": dict(self.rejected),
-                "refined": {"frames": r.frames_refined, "dropped": r.frames_dropped}}
+                "refined": refined}
 
     def refine(self, run_uid: str, seq_nums) -> None:
         """Ask for an NN-seeded ER/HIO refinement of these frames of ``run_uid`` (published as

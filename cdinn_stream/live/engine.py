@@ -27,9 +27,7 @@ lost to an out-of-memory error).
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,9 +36,10 @@ import torch
 from ..core.physics import normalized_amplitude
 from ..core.timing import LatencyWindow, latency_ms
 from ..nn.reconstruct import CDIModel
-from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker, Sink
-from .publish import SinkThread
+from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
+from .publish import SinkThread, to_all
 from .refine import Refiner
+from .worker import Worker
 
 __all__ = ["FrameBlock", "ResultBlock", "Sink", "InferenceEngine", "EngineStats"]
 
@@ -64,30 +63,26 @@ class EngineStats:
                 "frames_failed": self.frames_failed, "batches": self.batches, **latency_ms(self.latencies)}
 
 
-class InferenceEngine:
+class InferenceEngine(Worker):
     """Bounded queue + one worker thread: batch, infer, publish (see the module docstring)."""
 
-    def __init__(self, model: CDIModel, sinks: list[Sink] | None = None, *, batch_size: int = 256,
-                 max_latency: float = 0.01, max_queued_frames: int = 20_000, block_timeout: float = 1.0,
-                 refine_every: int = 0, refine_iterations: int = 50):
+    def __init__(self, model: CDIModel, sink_threads: list[SinkThread] | None = None, *,
+                 refiner: Refiner | None = None, batch_size: int = 256, max_latency: float = 0.01,
+                 max_queued_frames: int = 20_000, block_timeout: float = 1.0):
+        super().__init__("cdinn-inference")
         self.model = model
-        self.sinks: list[Sink] = list(sinks or [])
-        self.sink_threads = [SinkThread(s) for s in self.sinks]
-        self.refiner = Refiner(self._publish_refined, self._publish_marker, every=refine_every,
-                               iterations=refine_iterations)
+        self.sink_threads = list(sink_threads or [])
+        self.refiner = refiner
+        self.publish = to_all(self.sink_threads)
         self.batch_size = batch_size
         self.max_latency = max_latency
         self.max_queued_frames = max_queued_frames
         self.block_timeout = block_timeout
         self.stats = EngineStats()
-        self._queue: deque[FrameBlock | RunMarker] = deque()
         self._queued = 0
-        self._cond = threading.Condition()
         self._pending: dict[str, int] = {}  # frames submitted but not finished, per run
-        self._closed = False
         self._pin = self.model.device.type == "cuda"
-        self._worker = threading.Thread(target=self._run, name="cdinn-inference", daemon=True)
-        self._worker.start()
+        self._start()
 
     # -- producer side -------------------------------------------------------------------
     def submit(self, block: FrameBlock) -> bool:
@@ -134,29 +129,23 @@ class InferenceEngine:
         """Wait until every frame submitted so far (of ``run_uid``, or of all runs) is inferred and
         handed to every sink."""
         end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while (self._pending.get(run_uid, 0) if run_uid else sum(self._pending.values())) > 0:
-                if not self._worker.is_alive():
-                    return False
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cond.wait(0.05 if left is None else min(left, 0.05))
-        if not self.refiner.drain(run_uid, None if end is None else max(end - time.monotonic(), 0)):
+
+        def left() -> float | None:
+            return None if end is None else max(end - time.monotonic(), 0)
+
+        if not self.wait_while(lambda: (self._pending.get(run_uid, 0) if run_uid else sum(self._pending.values())) > 0,
+                               timeout):
             return False
-        return all(t.drain(None if end is None else max(end - time.monotonic(), 0)) for t in self.sink_threads)
+        if self.refiner is not None and not self.refiner.drain(run_uid, left()):
+            return False
+        return all(t.drain(left()) for t in self.sink_threads)
 
     def request_refine(self, run_uid: str, seq_nums) -> None:
         """Refine these frames (NN-seeded ER/HIO) when their network results arrive."""
+        if self.refiner is None:
+            raise ValueError("refinement is off in this pipeline: build it with refine_every=0 (on request) or "
+                             "refine_every=N (every N-th frame)")
         self.refiner.request(run_uid, seq_nums)
-
-    def _publish_refined(self, block: RefinedBlock) -> None:
-        for t in self.sink_threads:
-            t.put(block)
-
-    def _publish_marker(self, marker: RunMarker) -> None:
-        for t in self.sink_threads:
-            t.put(marker)
 
     @property
     def queued_frames(self) -> int:
@@ -167,46 +156,44 @@ class InferenceEngine:
         """Per-sink counters and latency (frame in to the end of the sink's write), by sink class."""
         return {t.name: {**t.stats.summary(), "queued_frames": t.queued_frames} for t in self.sink_threads}
 
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Publish what is queued, then stop the worker (a warning says what was left)."""
-        if not self.flush(timeout=timeout):
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Publish what is queued, then stop the worker, the refiner and the sink threads (a
+        warning says what was left)."""
+        done = self.flush(timeout=timeout)
+        if not done:
             logger.warning("closing with work left after %s s: %d frames queued for the model, %s for the sinks",
                            timeout, self._queued, {t.name: t.queued_frames for t in self.sink_threads})
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._worker.join(timeout)
-        self.refiner.close(timeout)
+        super().close(timeout)
+        if self.refiner is not None:
+            self.refiner.close(timeout)
         for t in self.sink_threads:
             t.close(timeout)
+        return done
 
     # -- worker side ---------------------------------------------------------------------
-    def _take_batch(self) -> list[FrameBlock] | RunMarker | None:
-        with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait(0.1)
-            if isinstance(self._queue[0], RunMarker):
-                return self._queue.popleft()
-            oldest = self._queue[0].received[0]
-            while (self._queued < self.batch_size and not self._closed
-                   and not any(isinstance(item, RunMarker) for item in self._queue)):
-                left = oldest + self.max_latency - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            blocks, count = [], 0
-            while self._queue and count < self.batch_size and isinstance(self._queue[0], FrameBlock):
-                block = self._queue.popleft()
-                if count + len(block) > self.batch_size:
-                    block, rest = block.split(self.batch_size - count)
-                    self._queue.appendleft(rest)
-                blocks.append(block)
-                count += len(block)
-            self._queued -= count
-            self._cond.notify_all()
-            return blocks
+    def _take(self) -> list:
+        """A run marker alone, or frame blocks: up to ``batch_size`` frames, waiting at most until
+        the oldest has waited ``max_latency`` (lock held)."""
+        if isinstance(self._queue[0], RunMarker):
+            return [self._queue.popleft()]
+        oldest = self._queue[0].received[0]
+        while (self._queued < self.batch_size and not self._closed
+               and not any(isinstance(item, RunMarker) for item in self._queue)):
+            left = oldest + self.max_latency - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        blocks, count = [], 0
+        while self._queue and count < self.batch_size and isinstance(self._queue[0], FrameBlock):
+            block = self._queue.popleft()
+            if count + len(block) > self.batch_size:
+                block, rest = block.split(self.batch_size - count)
+                self._queue.appendleft(rest)
+            blocks.append(block)
+            count += len(block)
+        self._queued -= count
+        self._cond.notify_all()
+        return blocks
 
     def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(frames)
@@ -232,34 +219,31 @@ class InferenceEngine:
                 return self._infer(frames)
             raise
 
-    def _run(self) -> None:
-        while True:
-            blocks = self._take_batch()
-            if blocks is None:
-                return
-            if isinstance(blocks, RunMarker):
-                self._marker(blocks)
-                continue
-            frames = np.concatenate([b.frames for b in blocks]).astype(np.float32, copy=False)
-            try:
-                amp, phase = self._infer(frames)
-            except Exception:
-                logger.exception("inference failed for %d frames (runs %s)", len(frames),
-                                 sorted({b.run_uid for b in blocks}))
-                self._finish(blocks, failed=True)
-                continue
-            done = time.monotonic()
-            self.stats.batches += 1
-            i = 0
-            for b in self._by_run(blocks):
-                n = len(b)
-                result = ResultBlock(b, amp[i : i + n], phase[i : i + n], done - b.received)
-                i += n
-                self.stats.latencies.extend(result.latency)
-                for t in self.sink_threads:
-                    t.put(result)
+    def _handle(self, items: list) -> None:
+        if isinstance(items[0], RunMarker):
+            self._marker(items[0])
+            return
+        blocks: list[FrameBlock] = items
+        frames = np.concatenate([b.frames for b in blocks]).astype(np.float32, copy=False)
+        try:
+            amp, phase = self._infer(frames)
+        except Exception:
+            logger.exception("inference failed for %d frames (runs %s)", len(frames),
+                             sorted({b.run_uid for b in blocks}))
+            self._finish(blocks, failed=True)
+            return
+        done = time.monotonic()
+        self.stats.batches += 1
+        i = 0
+        for b in self._by_run(blocks):
+            n = len(b)
+            result = ResultBlock(b, amp[i : i + n], phase[i : i + n], done - b.received)
+            i += n
+            self.stats.latencies.extend(result.latency)
+            self.publish(result)
+            if self.refiner is not None:
                 self.refiner.offer(result)
-            self._finish(blocks)
+        self._finish(blocks)
 
     @staticmethod
     def _by_run(blocks: list[FrameBlock]) -> list[FrameBlock]:
@@ -273,10 +257,10 @@ class InferenceEngine:
         return [FrameBlock.concat(g) for g in groups]
 
     def _marker(self, marker: RunMarker) -> None:
-        if marker.kind == "close":
+        if marker.kind == "close" and self.refiner is not None:
             self.refiner.forward(marker)  # after the run's refinements; the model does not wait
         else:
-            self._publish_marker(marker)
+            self.publish(marker)
         with self._cond:
             self._pending[marker.run_uid] -= 1
             if self._pending[marker.run_uid] == 0:

@@ -9,59 +9,70 @@ to ``max_write_frames`` frames and ``max_write_bytes`` of reconstructions (8,192
 (one Tiled request per array per write, however many frames it holds), while no write holds
 more than a bounded amount of memory.
 
-Back-pressure: a sink that can park results cheaply (a ``spill`` method: the Tiled sink's on-disk
-spool) gets them parked instead of written while its backlog is past ``spill_frames`` (half the
-queue bound), so a server that cannot keep up with a burst loses nothing: the sink writes
-the parked results back, in order, as it catches up (parking happens between writes, so the
-queue bound must hold what arrives during one write; a sink with a ``behind`` attribute gets a
-function that says whether the backlog is past ``spill_frames``, so that its catch-up writes
-stop early and the thread gets back to parking). A sink's queue holds at most
+Back-pressure: a sink that can park results cheaply (:class:`~cdinn_stream.live.blocks.Spills`:
+the Tiled sink's on-disk spool) gets them parked instead of written while its backlog is past
+``spill_frames`` (half the queue bound), so a server that cannot keep up with a burst loses
+nothing: the sink writes the parked results back, in order, as it catches up (parking happens
+between writes, so the queue bound must hold what arrives during one write; the thread sets the
+sink's ``behind`` to a function saying whether the backlog is past ``spill_frames``, so that its
+catch-up writes stop early and the thread gets back to parking). A sink's queue holds at most
 ``max_queued_frames`` frames. Past that, results for that sink are dropped, counted in its
 ``frames_dropped`` and logged as a warning with the run uid and seq_nums -- the other sinks
 still get them. Run markers are never dropped, so a sink always
 sees ``open_run`` ... ``close_run`` in order. A sink's exception is logged with context and
 counted in ``errors``; its thread goes on. Refined results (:mod:`cdinn_stream.live.refine`) go to
-sinks that have a ``write_refined`` method. A sink with an ``idle()`` method has it called about
-once a second while nothing comes (the ZeroMQ sink sends a heartbeat).
+sinks that store them (:class:`~cdinn_stream.live.blocks.WritesRefined`). A sink that
+:class:`~cdinn_stream.live.blocks.Idles` is called about once a second while nothing comes (the
+ZeroMQ sink sends a heartbeat). The sink abilities are Protocols in
+:mod:`cdinn_stream.live.blocks`; the thread is a :class:`~cdinn_stream.live.worker.Worker`.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..core.timing import LatencyWindow, latency_ms
-from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker, Sink
+from .blocks import (
+    CountsUndelivered,
+    FrameBlock,
+    Idles,
+    RefinedBlock,
+    ResultBlock,
+    RunMarker,
+    Sink,
+    Spills,
+    WritesRefined,
+)
+from .worker import Worker
 
-__all__ = ["SinkThread", "SinkStats", "wait_while"]
+__all__ = ["SinkThread", "SinkStats", "to_all"]
 
 logger = logging.getLogger(__name__)
 
 IDLE_INTERVAL = 1.0  # seconds without results before a sink's idle() is called
 
 
-def wait_while(cond: threading.Condition, busy, worker: threading.Thread, timeout: float | None) -> bool:
-    """Wait on ``cond`` while ``busy()``; False if ``timeout`` s pass or ``worker`` died first."""
-    end = None if timeout is None else time.monotonic() + timeout
-    with cond:
-        while busy():
-            left = None if end is None else end - time.monotonic()
-            if (left is not None and left <= 0) or not worker.is_alive():
-                return False
-            cond.wait(0.05 if left is None else min(left, 0.05))
-    return True
+def to_all(threads: list[SinkThread]) -> Callable[[object], None]:
+    """A function that queues an item (result, refined result, run marker) for every sink thread."""
+    def put(item) -> None:
+        for t in threads:
+            t.put(item)
+
+    return put
 
 
 @dataclass
 class SinkStats:
     """Counters of one sink (frames unless said); ``frames_spilled`` went to the sink's ``spill``
     (parked, written back by the sink later) instead of ``write``; ``latencies``: seconds from a
-    frame entering the pipeline to the end of the sink's write that held it."""
+    frame entering the pipeline to the end of the sink's write that held it. A sink that counts
+    the frames its ``write`` took but could not deliver in a ``frames_undelivered`` attribute (the
+    EPICS sink without its IOC) has them counted as dropped and the write as an error, not as written."""
 
     frames_written: int = 0
     frames_dropped: int = 0
@@ -86,30 +97,27 @@ def merge_results(results: list[ResultBlock]) -> ResultBlock:
                        np.concatenate([r.latency for r in results]))
 
 
-class SinkThread:
+class SinkThread(Worker):
     """One sink, its queue and its thread (see the module docstring)."""
+
+    idle_interval = IDLE_INTERVAL
 
     def __init__(self, sink: Sink, *, max_queued_frames: int = 50_000, max_write_frames: int = 8192,
                  max_write_bytes: int = 128 * 2**20, spill_frames: int | None = None):
+        super().__init__(f"cdinn-sink-{type(sink).__name__}")
         self.sink = sink
         self.name = type(sink).__name__
         self.max_queued_frames = max_queued_frames
         #: backlog (frames) past which results go to the sink's ``spill`` instead of ``write``
         self.spill_frames = max_queued_frames // 2 if spill_frames is None else spill_frames
-        self._spill = getattr(sink, "spill", None)
-        if self._spill is not None and hasattr(sink, "behind"):  # the sink's catch-up yields to new results
+        if isinstance(sink, Spills):  # the sink's catch-up yields to new results
             sink.behind = lambda: self._queued > self.spill_frames
         self._spilling = False
         self.max_write_frames = max_write_frames
         self.max_write_bytes = max_write_bytes
         self.stats = SinkStats()
-        self._queue: deque[ResultBlock | RunMarker] = deque()
         self._queued = 0
-        self._busy = False
-        self._closed = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=f"cdinn-sink-{self.name}", daemon=True)
-        self._thread.start()
+        self._start()
 
     def put(self, item: ResultBlock | RunMarker | RefinedBlock) -> None:
         """Queue a result, a refined result or a run marker; never blocks."""
@@ -131,40 +139,24 @@ class SinkThread:
         """Frames waiting for this sink."""
         return self._queued
 
-    def drain(self, timeout: float | None = None) -> bool:
-        """Wait until everything queued so far has been handed to the sink."""
-        return wait_while(self._cond, lambda: bool(self._queue or self._busy), self._thread, timeout)
-
-    def close(self, timeout: float | None = 30.0) -> None:
+    def close(self, timeout: float | None = 30.0) -> bool:
         """Hand over what is queued, then stop the thread (a warning says what was left)."""
-        if not self.drain(timeout):
+        done = super().close(timeout)
+        if not done:
             logger.warning("%s did not take everything within %s s: %d frames left unwritten", self.name, timeout,
                            self._queued)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
+        return done
 
-    def _take(self) -> list[ResultBlock | RunMarker] | None:
-        with self._cond:
-            quiet_since = time.monotonic()
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait(0.1)
-                if time.monotonic() - quiet_since >= IDLE_INTERVAL and not self._queue:
-                    self._idle()
-                    quiet_since = time.monotonic()
-            items, frames = [], 0  # at most about one write's worth: the queue count stays honest
-            limit = self._write_limit()
-            while self._queue and frames < limit:
-                item = self._queue.popleft()
-                items.append(item)
-                if isinstance(item, ResultBlock):
-                    frames += len(item.frames)
-            self._queued -= frames
-            self._busy = True
-            return items
+    def _take(self) -> list:
+        items, frames = [], 0  # at most about one write's worth: the queue count stays honest
+        limit = self._write_limit()
+        while self._queue and frames < limit:
+            item = self._queue.popleft()
+            items.append(item)
+            if isinstance(item, ResultBlock):
+                frames += len(item.frames)
+        self._queued -= frames
+        return items
 
     def _write_limit(self, items=None) -> int:
         """Frames per write: ``max_write_frames``, fewer where the frames' reconstructions would
@@ -176,34 +168,25 @@ class SinkThread:
         per_frame = first.amplitude[0].nbytes + first.phase[0].nbytes
         return max(1, min(self.max_write_frames, self.max_write_bytes // max(per_frame, 1)))
 
-    def _run(self) -> None:
-        while (items := self._take()) is not None:
-            try:
-                for group in _groups(items, self._write_limit(items)):
-                    if isinstance(group, RunMarker):
-                        self._marker(group)
-                    elif isinstance(group, RefinedBlock):
-                        self._refined(group)
-                    elif self._spill is not None and self._queued > self.spill_frames:
-                        self._park(merge_results(group))
-                    else:
-                        self._write(merge_results(group))
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+    def _handle(self, items: list) -> None:
+        for group in _groups(items, self._write_limit(items)):
+            if isinstance(group, RunMarker):
+                self._marker(group)
+            elif isinstance(group, RefinedBlock):
+                self._refined(group)
+            elif isinstance(self.sink, Spills) and self._queued > self.spill_frames:
+                self._park(merge_results(group))
+            else:
+                self._write(merge_results(group))
 
     def _idle(self) -> None:
-        idle = getattr(self.sink, "idle", None)
-        if idle is None:
-            return
-        try:
-            idle()
-        except Exception:
-            logger.exception("sink %s failed while idle", self.name)
+        if isinstance(self.sink, Idles):
+            self.sink.idle()
 
     def _write(self, result: ResultBlock) -> None:
         f = result.frames
+        counts = isinstance(self.sink, CountsUndelivered)
+        undelivered = self.sink.frames_undelivered if counts else 0
         try:
             self.sink.write(result)
         except Exception:
@@ -211,8 +194,14 @@ class SinkThread:
             logger.exception("sink %s failed on run %s seq_nums %s..%s", self.name, f.run_uid,
                              f.seq_nums[0], f.seq_nums[-1])
             return
+        lost = self.sink.frames_undelivered - undelivered if counts else 0  # taken, not delivered (the sink warns)
+        if lost:
+            self.stats.errors += 1
+            self.stats.frames_dropped += lost
+            if lost >= len(f):
+                return
         self.stats.writes += 1
-        self.stats.frames_written += len(f)
+        self.stats.frames_written += len(f) - lost
         if self._spilling and self._queued <= self.spill_frames // 2:
             logger.info("%s caught up (%d frames behind)", self.name, self._queued)
             self._spilling = False
@@ -226,7 +215,7 @@ class SinkThread:
                            f.seq_nums[0])
             self._spilling = True
         try:
-            self._spill(result)
+            self.sink.spill(result)
         except Exception:
             logger.exception("sink %s could not park run %s seq_nums %s..%s; writing them instead", self.name,
                              f.run_uid, f.seq_nums[0], f.seq_nums[-1])
@@ -235,11 +224,10 @@ class SinkThread:
         self.stats.frames_spilled += len(f)
 
     def _refined(self, block: RefinedBlock) -> None:
-        write = getattr(self.sink, "write_refined", None)
-        if write is None:
+        if not isinstance(self.sink, WritesRefined):
             return
         try:
-            write(block)
+            self.sink.write_refined(block)
         except Exception:
             self.stats.errors += 1
             logger.exception("sink %s failed on refined frames of run %s seq_nums %s", self.name, block.run_uid,

@@ -15,8 +15,6 @@ logged. Requests for frames that never came are reported at the run's end and fo
 from __future__ import annotations
 
 import logging
-import threading
-from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -26,7 +24,7 @@ from ..core.metrics import chi2
 from ..core.phase_retrieval import er_hio
 from ..core.physics import SUPPORT_THRESHOLD
 from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker
-from .publish import wait_while
+from .worker import Worker
 
 __all__ = ["Refiner", "refine"]
 
@@ -47,26 +45,22 @@ def refine(intensity: np.ndarray, amplitude: np.ndarray, phase: np.ndarray, *, i
     return amp.numpy().astype(np.float32), ph.numpy().astype(np.float32)
 
 
-class Refiner:
-    """Selected frames -> batched NN-seeded ER/HIO in a thread -> ``publish(RefinedBlock)``."""
+class Refiner(Worker):
+    """Selected frames -> batched NN-seeded ER/HIO in a thread -> ``publish(RefinedBlock)``; run
+    markers pass through after the frames queued before them (``publish(RunMarker)``)."""
 
-    def __init__(self, publish: Callable[[RefinedBlock], None], forward_marker: Callable[[RunMarker], None], *,
-                 every: int = 0, iterations: int = 50, max_queued_frames: int = 1024):
+    def __init__(self, publish: Callable[[RefinedBlock | RunMarker], None], *, every: int = 0,
+                 iterations: int = 50, max_queued_frames: int = 1024):
+        super().__init__("cdinn-refine")
         self.publish = publish
-        self.forward_marker = forward_marker
         self.every = every
         self.iterations = iterations
         self.max_queued_frames = max_queued_frames
         self.frames_refined = 0
         self.frames_dropped = 0
         self._requested: dict[str, set[int]] = {}  # run uid -> seq_nums asked for
-        self._queue: deque[ResultBlock | RunMarker] = deque()
         self._queued = 0
-        self._busy: set[str] = set()
-        self._closed = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="cdinn-refine", daemon=True)
-        self._thread.start()
+        self._start()
 
     def request(self, run_uid: str, seq_nums) -> None:
         """Refine these frames of ``run_uid`` when their network results arrive."""
@@ -106,45 +100,26 @@ class Refiner:
 
     def drain(self, run_uid: str | None = None, timeout: float | None = None) -> bool:
         """Wait until the queued frames (of ``run_uid``, or all) are refined and published."""
-        def busy() -> bool:
-            return any(run_uid in (None, r.run_uid) for r in self._queue) or bool(
-                self._busy if run_uid is None else run_uid in self._busy)
+        if run_uid is None:
+            return super().drain(timeout)
+        return self.wait_while(lambda: any(item.run_uid == run_uid for item in (*self._queue, *self._working)),
+                               timeout)
 
-        return wait_while(self._cond, busy, self._thread, timeout)
+    def _take(self) -> list:
+        self._queued = 0
+        return super()._take()
 
-    def close(self, timeout: float | None = 30.0) -> None:
-        self.drain(timeout=timeout)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue:
-                    if self._closed:
-                        return
-                    self._cond.wait(0.1)
-                items = list(self._queue)
-                self._queue.clear()
-                self._queued = 0
-                self._busy = {r.run_uid for r in items}
-            try:
-                batch: list[ResultBlock] = []
-                for item in items + [None]:
-                    if isinstance(item, ResultBlock):
-                        batch.append(item)
-                        continue
-                    if batch:  # everything before a marker (or the end) at once
-                        self._refine_safely(batch)
-                        batch = []
-                    if isinstance(item, RunMarker):
-                        self._end_of_run(item)
-            finally:
-                with self._cond:
-                    self._busy = set()
-                    self._cond.notify_all()
+    def _handle(self, items: list) -> None:
+        batch: list[ResultBlock] = []
+        for item in items + [None]:
+            if isinstance(item, ResultBlock):
+                batch.append(item)
+                continue
+            if batch:  # everything before a marker (or the end) at once
+                self._refine_safely(batch)
+                batch = []
+            if isinstance(item, RunMarker):
+                self._end_of_run(item)
 
     def _end_of_run(self, marker: RunMarker) -> None:
         with self._cond:
@@ -152,7 +127,7 @@ class Refiner:
         if missing:
             logger.warning("run %s ended before frames %s asked for refinement arrived (not refined)",
                            marker.run_uid, sorted(missing))
-        self.forward_marker(marker)
+        self.publish(marker)
 
     def _refine_safely(self, batch: list[ResultBlock]) -> None:
         try:

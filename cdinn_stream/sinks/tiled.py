@@ -43,12 +43,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..live.blocks import RefinedBlock, ResultBlock
 from .spool import Spool
+from .tiled_layout import ARRAYS, FRAME_INFO_COLUMNS, frame_count, read_frame_info, read_run, result_columns
 
 __all__ = ["TiledSink", "FRAME_INFO_COLUMNS", "read_frame_info", "read_run"]
 
@@ -59,69 +62,17 @@ logger = logging.getLogger(__name__)
 BACKFILL_CHUNKS_PER_WRITE = 2
 BACKFILL_CHUNKS_IDLE = 8
 
-#: columns of the ``frame_info`` array, one row per frame
-FRAME_INFO_COLUMNS = ("seq_num", "time", "crop_origin_row", "crop_origin_col", "peak_row", "peak_col", "latency_s")
-_ARRAYS = ("amplitude", "phase", "frame_info")
+@dataclass
+class RunState:
+    """What the sink holds for one open run."""
 
-
-def _frame_info(seq_nums, times, origins, peaks, latency) -> np.ndarray:
-    """``(N, 7)`` float64 rows in the order of :data:`FRAME_INFO_COLUMNS`."""
-    n = len(seq_nums)
-    info = np.empty((n, len(FRAME_INFO_COLUMNS)))
-    info[:, 0], info[:, 1], info[:, 6] = seq_nums, times, latency
-    info[:, 2:4], info[:, 4:6] = np.reshape(origins, (n, 2)), np.reshape(peaks, (n, 2))
-    return info
-
-
-def _columns(result: ResultBlock) -> dict[str, np.ndarray]:
-    f = result.frames
-    return {"amplitude": np.ascontiguousarray(result.amplitude, np.float32),
-            "phase": np.ascontiguousarray(result.phase, np.float32),
-            "frame_info": _frame_info(f.seq_nums, f.times, f.origins, f.peaks, result.latency)}
-
-
-def frame_info_columns(info: np.ndarray) -> dict[str, np.ndarray]:
-    """Named per-frame arrays from ``(N, 7)`` ``frame_info`` rows: ``seq_num`` ``(N,)`` int64,
-    ``time`` ``(N,)`` float64, ``crop_origin`` and ``peak`` ``(N, 2)`` int64, ``latency_s`` ``(N,)``."""
-    info = np.asarray(info, np.float64).reshape(-1, len(FRAME_INFO_COLUMNS))
-    return {"seq_num": info[:, 0].astype(np.int64), "time": info[:, 1].copy(),
-            "crop_origin": info[:, 2:4].astype(np.int64), "peak": info[:, 4:6].astype(np.int64),
-            "latency_s": info[:, 6].copy()}
-
-
-def read_frame_info(container) -> dict[str, np.ndarray]:
-    """A stored run's per-frame metadata (see :func:`frame_info_columns`), without its images
-    (also from a run stored by an earlier version, with five per-frame arrays)."""
-    if "frame_info" not in container and "seq_num" in container:
-        return frame_info_columns(_frame_info_from_old({k: container[k].read() for k in _OLD_COLUMNS}))
-    return frame_info_columns(container["frame_info"].read())
-
-
-def read_run(container) -> dict[str, np.ndarray]:
-    """A stored run's reconstructions: ``amplitude`` and ``phase`` ``(N, h, w)`` and the named
-    per-frame metadata of :func:`read_frame_info`, all in the same order."""
-    return {"amplitude": container["amplitude"].read(), "phase": container["phase"].read(),
-            **read_frame_info(container)}
-
-
-def _frame_count(cols: dict[str, np.ndarray]) -> int:
-    return len(cols["amplitude"])
-
-
-_OLD_COLUMNS = ("seq_num", "time", "crop_origin", "peak", "latency_s")  # separate arrays until 2026-11-26
-
-
-def _frame_info_from_old(old: dict[str, np.ndarray]) -> np.ndarray:
-    """``frame_info`` rows from the five per-frame arrays of the earlier layout (spool chunks and
-    Tiled containers written by cdinn-stream before ``frame_info``)."""
-    return _frame_info(*(old[k] for k in _OLD_COLUMNS))
-
-
-def _current_layout(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Spooled columns in the current layout (a spool left by an earlier version has the old one)."""
-    if "frame_info" in cols:
-        return cols
-    return {"amplitude": cols["amplitude"], "phase": cols["phase"], "frame_info": _frame_info_from_old(cols)}
+    start: dict
+    container: Any = None  #: the run's Tiled container (None while only the spool has the run)
+    arrays: dict = field(default_factory=dict)  #: key -> Tiled array client, once written
+    n: int = 0  #: frames in Tiled
+    stale: bool = False  #: a failed write may have left partial arrays: reopen before writing
+    refined: dict = field(default_factory=dict)  #: refined_* key -> Tiled array client
+    n_refined: int = 0
 
 
 def _unreachable(err: BaseException) -> bool:
@@ -154,7 +105,7 @@ class TiledSink:
         self.online = True
         self.frames_spooled = 0
         self._next_probe = 0.0
-        self._runs: dict[str, dict] = {}
+        self._runs: dict[str, RunState] = {}
         self._parent = None
         #: set by the :class:`~cdinn_stream.live.publish.SinkThread`: whether results are piling up
         #: (past its parking threshold); writing parked results back then stops early
@@ -214,10 +165,10 @@ class TiledSink:
 
     # -- sink protocol -------------------------------------------------------------------
     def open_run(self, run_uid: str, start: dict) -> None:
-        run = self._runs[run_uid] = {"start": start, "container": None, "arrays": {}, "n": 0}
+        run = self._runs[run_uid] = RunState(start)
         if self._probe():
             try:
-                run["container"] = self._create(run_uid, start)
+                run.container = self._create(run_uid, start)
                 return
             except Exception as err:
                 if not _unreachable(err):
@@ -229,7 +180,7 @@ class TiledSink:
         run = self._runs.get(result.run_uid)
         if run is None:
             raise RuntimeError(f"results for run {result.run_uid} before its start")
-        cols = _columns(result)
+        cols = result_columns(result)
         if not self.spool.has(result.run_uid) and self._probe():
             try:
                 self._extend(run, cols)
@@ -237,7 +188,7 @@ class TiledSink:
             except Exception as err:
                 if not _unreachable(err):
                     raise
-                run["stale"] = True  # the failed write may have left partial arrays: reopen them
+                run.stale = True  # the failed write may have left partial arrays: reopen them
                 self._went_away(err, f"writing run {result.run_uid}")
         self._to_spool(result.run_uid, run, cols)
         if self._probe():  # catch up a bounded amount per write, so the sink thread keeps taking results
@@ -249,13 +200,13 @@ class TiledSink:
         run = self._runs.get(result.run_uid)
         if run is None:
             raise RuntimeError(f"results for run {result.run_uid} before its start")
-        self._to_spool(result.run_uid, run, _columns(result))
+        self._to_spool(result.run_uid, run, result_columns(result))
 
-    def _to_spool(self, run_uid: str, run: dict, cols: dict[str, np.ndarray]) -> None:
-        self.spool.begin(run_uid, parent=self.parent_name, start=run["start"], model_card=self.model_card,
-                         written=run["n"])
+    def _to_spool(self, run_uid: str, run: RunState, cols: dict[str, np.ndarray]) -> None:
+        self.spool.begin(run_uid, parent=self.parent_name, start=run.start, model_card=self.model_card,
+                         written=run.n)
         self.spool.append(run_uid, cols)
-        self.frames_spooled += _frame_count(cols)
+        self.frames_spooled += frame_count(cols)
 
     def close_run(self, run_uid: str, summary: dict) -> None:
         run = self._runs.pop(run_uid, None)
@@ -263,20 +214,20 @@ class TiledSink:
             return
         stop = summary.get("stop", {})
         # a run of which no frame was reconstructed is not complete: a reader must not take it for results
-        done = bool(run["n"] or self.spool.has(run_uid))
+        done = bool(run.n or self.spool.has(run_uid))
         end = {"complete": done, "exit_status": stop.get("exit_status"), "stop": stop}
         if not done:
             end["status"] = "no frame reconstructed"
         if not self.spool.has(run_uid):
             try:
-                run["container"].update_metadata({**end, "frames": run["n"]})
+                run.container.update_metadata({**end, "frames": run.n})
                 return
             except Exception as err:
                 if not _unreachable(err):
                     raise
                 self._went_away(err, f"closing run {run_uid}")
-                self.spool.begin(run_uid, parent=self.parent_name, start=run["start"], model_card=self.model_card,
-                                 written=run["n"])
+                self.spool.begin(run_uid, parent=self.parent_name, start=run.start, model_card=self.model_card,
+                                 written=run.n)
         self.spool.update(run_uid, close=end)
         if self._probe():
             self.backfill()
@@ -299,7 +250,7 @@ class TiledSink:
         ``refined_seq_num``, ``refined_chi2_nn``, ``refined_chi2`` (grown like the others). While
         the server is away they are not spooled: the error is logged and counted."""
         run = self._runs.get(block.run_uid)
-        if run is None or run["container"] is None or self.spool.has(block.run_uid):
+        if run is None or run.container is None or self.spool.has(block.run_uid):
             raise ConnectionError(f"no Tiled container for run {block.run_uid} now: refined frames "
                                   f"{block.frames.seq_nums.tolist()} not stored")
         cols = {"refined_amplitude": np.ascontiguousarray(block.amplitude, np.float32),
@@ -307,15 +258,13 @@ class TiledSink:
                 "refined_seq_num": block.frames.seq_nums.astype(np.int64),
                 "refined_chi2_nn": np.asarray(block.chi2_nn, np.float64),
                 "refined_chi2": np.asarray(block.chi2_refined, np.float64)}
-        arrays = run.setdefault("refined", {})
-        if not arrays:
+        if not run.refined:
             for key, value in cols.items():
-                arrays[key] = run["container"].write_array(value, key=key)
-            run["n_refined"] = len(block.frames)
+                run.refined[key] = run.container.write_array(value, key=key)
         else:
             for key, value in cols.items():
-                arrays[key].patch(value, offset=(run["n_refined"],), extend=True)
-            run["n_refined"] += len(block.frames)
+                run.refined[key].patch(value, offset=(run.n_refined,), extend=True)
+        run.n_refined += len(block.frames)
 
     # -- writing -------------------------------------------------------------------------
     def _create(self, run_uid: str, start: dict):
@@ -327,15 +276,15 @@ class TiledSink:
             "raw_run_uid": run_uid, "start": start, "model_card": self.model_card, "complete": False})
 
     @staticmethod
-    def _extend(run: dict, cols: dict[str, np.ndarray]) -> None:
-        if not run["arrays"]:
-            for key in _ARRAYS:
+    def _extend(run: RunState, cols: dict[str, np.ndarray]) -> None:
+        if not run.arrays:
+            for key in ARRAYS:
                 meta = {"columns": list(FRAME_INFO_COLUMNS)} if key == "frame_info" else None
-                run["arrays"][key] = run["container"].write_array(cols[key], key=key, metadata=meta)
+                run.arrays[key] = run.container.write_array(cols[key], key=key, metadata=meta)
         else:
-            for key in _ARRAYS:
-                run["arrays"][key].patch(cols[key], offset=(run["n"],), extend=True)
-        run["n"] += _frame_count(cols)
+            for key in ARRAYS:
+                run.arrays[key].patch(cols[key], offset=(run.n,), extend=True)
+        run.n += frame_count(cols)
 
     def backfill(self, max_chunks: int | None = None) -> int:
         """Write spooled runs back to the server, in order; returns the frames written. Stops
@@ -348,8 +297,8 @@ class TiledSink:
             live = self._runs.get(run_uid)
             finished = True
             try:
-                if (live is not None and live["container"] is not None and not live.get("stale")
-                        and live["n"] == manifest["written"]):
+                if (live is not None and live.container is not None and not live.stale
+                        and live.n == manifest["written"]):
                     run = live  # parked while the server was up: the live handles are good
                 else:
                     run = self._reopen(manifest)  # fresh handles: a failed write may have left partial arrays
@@ -357,19 +306,19 @@ class TiledSink:
                     if (max_chunks is not None and chunks_done >= max_chunks) or (chunks_done and self.behind()):
                         finished = False
                         break
-                    cols = _current_layout(Spool.read(chunk))
+                    cols = Spool.read(chunk)
                     self._extend(run, cols)
-                    self.spool.update(run_uid, written=run["n"])
+                    self.spool.update(run_uid, written=run.n)
                     chunk.unlink()
-                    total += _frame_count(cols)
+                    total += frame_count(cols)
                     chunks_done += 1
                 if live is not None and run is not live:
-                    live.update(container=run["container"], arrays=run["arrays"], n=run["n"], stale=False)
+                    live.container, live.arrays, live.n, live.stale = run.container, run.arrays, run.n, False
                 if not finished:
                     break
                 if "close" in manifest or "close" in self.spool.manifest(run_uid):
                     end = self.spool.manifest(run_uid)["close"]
-                    run["container"].update_metadata({**end, "frames": run["n"]})
+                    run.container.update_metadata({**end, "frames": run.n})
                     self.spool.remove(run_uid)
                 elif live is not None:
                     self.spool.remove(run_uid)  # the run goes on, straight to the server again
@@ -377,12 +326,12 @@ class TiledSink:
                 if not _unreachable(err):
                     raise
                 if live is not None:
-                    live["stale"] = True  # a write may have stopped half-way: reopen the handles next time
+                    live.stale = True  # a write may have stopped half-way: reopen the handles next time
                 self._went_away(err, f"writing spooled run {run_uid}")
                 break
         return total
 
-    def _reopen(self, manifest: dict) -> dict:
+    def _reopen(self, manifest: dict) -> RunState:
         """The run's container and arrays as the spool left them (``written`` frames in Tiled)."""
         run_uid = manifest["run_uid"]
         parent = self._parent_container() if manifest["parent"] == self.parent_name else self._container(
@@ -393,13 +342,6 @@ class TiledSink:
             container = parent.create_container(run_uid, metadata={
                 "raw_run_uid": run_uid, "start": manifest["start"], "model_card": manifest["model_card"],
                 "complete": False})
-            return {"container": container, "arrays": {}, "n": 0}
+            return RunState(manifest["start"], container)
         container = parent[run_uid]
-        if "frame_info" not in container and "seq_num" in container:  # written by an earlier version
-            logger.warning("%s/%s holds the earlier per-frame layout: adding frame_info from its seq_num, time, "
-                           "crop_origin, peak and latency_s arrays, which stay at their %d frames",
-                           manifest["parent"], run_uid, manifest["written"])
-            written = manifest["written"]  # a failed write may have left the arrays longer, and uneven
-            info = _frame_info_from_old({k: container[k].read()[:written] for k in _OLD_COLUMNS})
-            container.write_array(info, key="frame_info", metadata={"columns": list(FRAME_INFO_COLUMNS)})
-        return {"container": container, "arrays": {k: container[k] for k in _ARRAYS}, "n": manifest["written"]}
+        return RunState(manifest["start"], container, {k: container[k] for k in ARRAYS}, manifest["written"])

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 from bluesky.plans import scan
+from conftest import wait_for
 
 from cdinn_stream.apps.cli import main
 from cdinn_stream.core.physics import wrap
@@ -15,6 +16,8 @@ from cdinn_stream.lab.sim import BCDIFrameSource, OperandoCrystal, make_detector
 from cdinn_stream.live.callback import ReconstructionCallback
 from cdinn_stream.nn.model import CDINN
 from cdinn_stream.sinks import TiledSink, read_frame_info
+
+from .conftest import wait_for_serve
 
 
 class FaultAt:
@@ -69,10 +72,8 @@ def test_tiled_server_restarted_mid_run_loses_nothing(RE, model, tiled_process, 
     uid = _scan(RE, cb, 30, {8: tiled_process.stop, 20: tiled_process.start})
     assert cb.flush(120)
     assert sink.frames_spooled > 0, "the outage should have sent results to the spool"
-    end = time.monotonic() + 30
-    while sink.spool.runs() and time.monotonic() < end:  # the sink's idle probe writes what is left
-        time.sleep(0.2)
-    assert not sink.spool.runs(), "the spool is empty once the server is back"
+    # the spool is empty once the server is back: the sink's idle probe writes what is left
+    wait_for(lambda: not sink.spool.runs(), timeout=30, interval=0.2, what="the sink writing its spool back")
     cb.close()
     _check_complete(tiled_process.client(), uid, 30)
     assert cb.stats()["sinks"]["TiledSink"]["errors"] == 0
@@ -96,8 +97,6 @@ def test_tiled_server_gone_for_good_then_backfill(RE, model, tiled_process, quic
 
 
 def test_a_stalled_zeromq_subscriber_costs_the_pipeline_nothing_and_knows_what_it_missed(RE, model):
-    import time
-
     import zmq
 
     from cdinn_stream.apps.listen import Tally
@@ -108,19 +107,29 @@ def test_a_stalled_zeromq_subscriber_costs_the_pipeline_nothing_and_knows_what_i
     for opt, value in ((zmq.RCVHWM, 2), (zmq.RCVBUF, 4096), (zmq.SUBSCRIBE, b"cdinn.")):
         stalled.setsockopt(opt, value)
     stalled.connect(sink.address)
-    while not stalled.poll(50):  # the subscription is in place once a heartbeat gets through
-        sink.heartbeat()
+    # the subscription is in place once a heartbeat gets through
+    wait_for(lambda: sink.heartbeat() or stalled.poll(50), timeout=10, interval=0,
+             what="the subscription reaching the ZeroMQ sink")
     stalled.recv_multipart()
     cb = ReconstructionCallback(model=model, sinks=[sink], batch_size=1, max_latency=0.0)
     t0 = time.monotonic()
-    _scan(RE, cb, 120, {})
+    uid = _scan(RE, cb, 120, {})
     assert cb.flush(30), "the pipeline keeps its pace while the subscriber sleeps"
     elapsed = time.monotonic() - t0
-    time.sleep(1.5)  # idle: the sink's thread sends a heartbeat with the run's frame count
     tally = Tally()
-    while stalled.poll(1000):
-        topic, header, amp, _ = decode_message(stalled.recv_multipart())
-        tally.add(topic, header, amp)
+
+    def told_the_total() -> bool:
+        """Read what is queued; true once the run's frame count came in: its stop message, or else
+        (that was dropped) a heartbeat the sink's thread sends about once a second while idle."""
+        while stalled.poll(0):
+            topic, header, amp, _ = decode_message(stalled.recv_multipart())
+            tally.add(topic, header, amp)
+            if (topic == "cdinn.stop" and header["run_uid"] == uid) or (
+                    topic == "cdinn.heartbeat" and (header.get("runs") or {}).get(uid) == 120):
+                return True
+        return False
+
+    wait_for(told_the_total, timeout=15, interval=0.05, what="a stop message or heartbeat with the run's frame count")
     cb.close()
     stalled.close()
     sink.close()
@@ -238,8 +247,6 @@ def test_killed_mid_run_then_replayed_from_tiled_gives_complete_identical_result
     """`cdinn-stream serve` (its own process, behind a bluesky-0MQ-proxy) is killed mid-run; the raw run
     is safe in Tiled, and `cdinn-stream replay` re-processes it: complete, and identical to an
     uninterrupted pipeline that watched the same run."""
-    import time
-
     from bluesky.callbacks.zmq import Publisher
     from bluesky_tiled_plugins import TiledWriter
 
@@ -250,9 +257,8 @@ def test_killed_mid_run_then_replayed_from_tiled_gives_complete_identical_result
     publisher = None
     try:
         assert "reconstructing documents" in serve.stdout.readline()
-        time.sleep(1.0)  # the dispatcher's subscription reaches the proxy
         publisher = Publisher(f"tcp://127.0.0.1:{pin}")
-        time.sleep(0.3)
+        wait_for_serve(publisher, tiled_client)  # the proxy, and both connections to it (slow joiners)
         RE.subscribe(publisher)
         RE.subscribe(TiledWriter(tiled_client))
         reference = ReconstructionCallback(model=load_model("cdinn-32", device="cpu", precision="fp32"),
@@ -262,15 +268,14 @@ def test_killed_mid_run_then_replayed_from_tiled_gives_complete_identical_result
         started = []
         RE.subscribe(lambda name, doc: started.append(doc["uid"]) if name == "start" else None)
 
+        def stored() -> int:
+            """Frames of this run the served pipeline has stored (the array's shape, not its data:
+            a read races with the server growing the array)."""
+            run = tiled_client["cdinn"].get(started[-1]) if "cdinn" in tiled_client else None
+            return run["frame_info"].shape[0] if run is not None and "frame_info" in run else 0
+
         def kill():  # once the served pipeline has stored some frames of this run
-            end = time.monotonic() + 30
-            while time.monotonic() < end:
-                run = tiled_client["cdinn"].get(started[-1]) if "cdinn" in tiled_client else None
-                # the array's shape, not its data: a read races with the server growing the array
-                if run is not None and "frame_info" in run and run["frame_info"].shape[0]:
-                    break
-                time.sleep(0.1)
-            partial.append(run["frame_info"].shape[0] if run is not None and "frame_info" in run else 0)
+            partial.append(wait_for(stored, timeout=30, interval=0.1, what="serve storing frames of the run"))
             serve.kill()
             serve.wait()
 
@@ -299,7 +304,6 @@ def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client)
     row; `cdinn-stream serve` reconstructs all three runs into their own containers, each equal
     to a pipeline that saw only that run."""
     import threading
-    import time
 
     from bluesky import RunEngine
     from bluesky.callbacks.zmq import Publisher
@@ -316,7 +320,7 @@ def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client)
         try:
             RE = RunEngine({}, context_managers=[])
             publisher = Publisher(f"tcp://127.0.0.1:{pin}")
-            time.sleep(0.3)
+            wait_for_serve(publisher, tiled_client)  # the proxy, serve's and this publisher's connections
             RE.subscribe(publisher)
             ref = ReconstructionCallback(model=model, sinks=[TiledSink(tiled_client, parent="cdinn-reference")])
             RE.subscribe(ref)
@@ -334,7 +338,6 @@ def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client)
 
     try:
         assert "reconstructing documents" in serve.stdout.readline()
-        time.sleep(1.0)
         threads = [threading.Thread(target=beamline, args=(11, 2, 15)),
                    threading.Thread(target=beamline, args=(12, 1, 25))]
         for t in threads:
@@ -342,10 +345,8 @@ def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client)
         for t in threads:
             t.join(120)
         assert not errors, errors
-        end = time.monotonic() + 60
-        while time.monotonic() < end and not all(
-                u in tiled_client["cdinn"] and tiled_client["cdinn"][u].metadata.get("complete") for u in uids):
-            time.sleep(0.2)
+        wait_for(lambda: all(u in tiled_client["cdinn"] and tiled_client["cdinn"][u].metadata.get("complete")
+                             for u in uids), timeout=60, interval=0.2, what="serve completing the three runs")
     finally:
         serve.terminate()
         serve.wait(10)
@@ -432,48 +433,3 @@ def test_writing_parked_results_back_yields_to_new_results(tiled_client, tmp_pat
     np.testing.assert_array_equal(info["peak"], np.ones((40, 2), int))
     np.testing.assert_allclose(info["time"], np.arange(1, 41) * 0.1)
     assert not sink.spool.runs()
-
-
-def test_a_spool_left_by_the_earlier_layout_is_written_back_as_frame_info(tiled_client, tmp_path, caplog):
-    """Spool chunks and a half-written container from the version with five per-frame arrays
-    (seq_num, time, crop_origin, peak, latency_s) are written back in the current layout."""
-    import uuid
-
-    from cdinn_stream.sinks.spool import Spool
-
-    def old_columns(seq):
-        n = len(seq)
-        return {"amplitude": np.full((n, 4, 4), 0.5, np.float32), "phase": np.zeros((n, 4, 4), np.float32),
-                "seq_num": seq.astype(np.int64), "time": seq * 0.1, "crop_origin": np.zeros((n, 2), np.int64),
-                "peak": np.tile([7, 9], (n, 1)), "latency_s": np.full(n, 0.01)}
-
-    spool = Spool(tmp_path / "spool")
-    fresh, half = f"old-fresh-{uuid.uuid4()}", f"old-half-{uuid.uuid4()}"
-    # a run the earlier version never reached Tiled with, and one it had written 5 frames of
-    spool.begin(fresh, parent="cdinn", start={"uid": fresh}, model_card={}, written=0)
-    spool.append(fresh, old_columns(np.arange(1, 6)))
-    spool.update(fresh, close={"complete": True, "exit_status": "success", "stop": {}})
-    parent = tiled_client["cdinn"] if "cdinn" in tiled_client else tiled_client.create_container("cdinn")
-    container = parent.create_container(half, metadata={"raw_run_uid": half, "complete": False})
-    for key, value in old_columns(np.arange(1, 7)).items():  # a failed 6th frame: some arrays got it
-        container.write_array(value if key in ("seq_num", "amplitude") else value[:5], key=key)
-    spool.begin(half, parent="cdinn", start={"uid": half}, model_card={}, written=5)
-    spool.append(half, old_columns(np.arange(6, 11)))
-    spool.update(half, close={"complete": True, "exit_status": "success", "stop": {}})
-    assert spool.frames(fresh) == 5 and spool.frames(half) == 5
-
-    sink = TiledSink(tiled_client, spool_dir=tmp_path / "spool")
-    assert sink.backfill() == 10
-    for uid, n in ((fresh, 5), (half, 10)):
-        rec = tiled_client["cdinn"][uid]
-        info = read_frame_info(rec)
-        np.testing.assert_array_equal(info["seq_num"], np.arange(1, n + 1))
-        np.testing.assert_array_equal(info["peak"], np.tile([7, 9], (n, 1)))
-        assert rec["amplitude"].read().shape == (n, 4, 4) and rec.metadata["complete"]
-    assert "earlier per-frame layout" in caplog.text
-    assert not sink.spool.runs()
-    done = f"old-done-{uuid.uuid4()}"  # a finished run of the earlier version reads the same way
-    container = parent.create_container(done, metadata={"raw_run_uid": done, "complete": True})
-    for key, value in old_columns(np.arange(1, 4)).items():
-        container.write_array(value, key=key)
-    np.testing.assert_array_equal(read_frame_info(tiled_client["cdinn"][done])["seq_num"], [1, 2, 3])

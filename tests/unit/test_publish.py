@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+from conftest import wait_for
 
 from cdinn_stream.live.blocks import FrameBlock, ResultBlock, RunMarker
 from cdinn_stream.live.publish import SinkThread
@@ -22,9 +23,7 @@ def _result(run: str, start: int, n: int) -> ResultBlock:
 def _first_write_blocked(t: SinkThread) -> None:
     """Put frames 1-3 and wait until the thread has taken them and is blocked in the write."""
     t.put(_result("r", 1, 3))
-    end = time.monotonic() + 10
-    while not (t._busy and t.queued_frames == 0) and time.monotonic() < end:
-        time.sleep(0.01)
+    wait_for(lambda: t.busy and t.queued_frames == 0, timeout=10, what="the sink thread blocked in its first write")
 
 
 class ListSink:

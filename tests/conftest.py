@@ -1,6 +1,10 @@
-"""Shared fixtures: small simulated sets and a tiny random model (CPU, seconds)."""
+"""Shared fixtures: small simulated sets and a tiny random model (CPU, seconds); ``wait_for``,
+the tests' way to wait for something to happen (``from conftest import wait_for``)."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -8,6 +12,20 @@ import torch
 from cdinn_stream.core.simulate import simulate
 from cdinn_stream.nn.model import CDINN, ModelConfig
 from cdinn_stream.nn.reconstruct import CDIModel
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:
+    """Poll ``predicate()`` until it returns something true, and return that; raise AssertionError
+    naming ``what`` when ``timeout`` seconds pass first. Tests wait with this, not with fixed
+    sleeps: as long as needed on a loaded machine, no longer than needed on an idle one."""
+    end = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate!r}")
+        time.sleep(interval)
 
 
 @pytest.fixture(autouse=True)

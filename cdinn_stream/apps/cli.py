@@ -8,10 +8,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..nn.options import DEFAULT_MODEL, PRECISION_HELP, PRECISIONS
 
 __all__ = ["main"]
+
+if TYPE_CHECKING:
+    from .config import PipelineConfig
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -39,40 +43,74 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ..lab.train import TrainConfig, train
+    import shlex
 
-    cfg = TrainConfig(out_dir=Path(args.out), size=args.size, widths=args.widths,
-                      convs_per_stage=args.convs_per_stage, space_to_depth=args.space_to_depth,
-                      patterson=args.patterson, n_train=args.n_train,
-                      n_val=args.n_val,
-                      batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, lr=args.lr,
-                      seed=args.seed, max_minutes=args.max_minutes, threads=args.threads,
-                      photons=None if args.photons is None else (args.photons[0] if len(args.photons) == 1
-                                                                 else tuple(args.photons[:2])),
-                      background=args.background, fourier_weight=args.fourier_weight,
-                      remove_ramp=args.remove_ramp,
-                      init_weights=args.init_weights, phase_weight=args.phase_weight,
-                      offset_invariant=not args.absolute_phase, support_weight=args.support_weight,
-                      support_pos_weight=args.support_pos_weight, device=args.device, amp=not args.no_amp,
-                      fresh_noise=args.fresh_noise, data=args.data, workers=args.workers, schedule=args.schedule,
-                      data_recipe=args.recipe, crystal_fraction=args.crystal_fraction, centre=args.centre)
-    result = train(cfg, resume=args.resume)
+    from ..lab.train import RUNTIME_FIELDS, TrainConfig, resume_config, train
+
+    if args.photons is not None and len(args.photons) > 2:
+        raise ValueError("--photons takes one number (photons per frame) or two (LOW HIGH)")
+    # TrainConfig field: (its flag, the value given, None when not given); the defaults are TrainConfig's,
+    # or with --resume the stored recipe's
+    options = {
+        "size": ("--size", args.size), "widths": ("--widths", args.widths),
+        "convs_per_stage": ("--convs-per-stage", args.convs_per_stage),
+        "space_to_depth": ("--space-to-depth", args.space_to_depth), "patterson": ("--patterson", args.patterson),
+        "n_train": ("--n-train", args.n_train), "n_val": ("--n-val", args.n_val),
+        "batch_size": ("--batch-size", args.batch_size), "epochs": ("--epochs", args.epochs),
+        "patience": ("--patience", args.patience), "lr": ("--lr", args.lr), "seed": ("--seed", args.seed),
+        "max_minutes": ("--max-minutes", args.max_minutes), "threads": ("--threads", args.threads),
+        "photons": ("--photons", None if args.photons is None else (
+            args.photons[0] if len(args.photons) == 1 else tuple(args.photons))),
+        "background": ("--background", args.background), "fourier_weight": ("--fourier-weight", args.fourier_weight),
+        "remove_ramp": ("--remove-ramp", args.remove_ramp), "init_weights": ("--init-weights", args.init_weights),
+        "phase_weight": ("--phase-weight", args.phase_weight),
+        "offset_invariant": ("--absolute-phase", None if args.absolute_phase is None else False),
+        "support_weight": ("--support-weight", args.support_weight),
+        "support_pos_weight": ("--support-pos-weight", args.support_pos_weight),
+        "device": ("--device", args.device), "amp": ("--no-amp", None if args.no_amp is None else False),
+        "fresh_noise": ("--fresh-noise", args.fresh_noise), "data": ("--data", args.data),
+        "workers": ("--workers", args.workers), "schedule": ("--schedule", args.schedule),
+        "data_recipe": ("--recipe", args.recipe), "crystal_fraction": ("--crystal-fraction", args.crystal_fraction),
+        "centre": ("--centre", args.centre),
+    }
+    given = {field: value for field, (_, value) in options.items() if value is not None}
+    out = Path(args.out)
+    if args.resume:
+        cfg = resume_config(out, given, flags={field: flag for field, (flag, _) in options.items()})
+    else:
+        cfg = TrainConfig(out_dir=out, **given)
+    try:
+        result = train(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        ckpt = out / "checkpoint.pt"
+        if ckpt.is_file():
+            again = ["cdinn-stream", "train", "--out", str(out), "--resume"]
+            for field in RUNTIME_FIELDS:  # where and how it ran, as given: the recipe is in the checkpoint
+                flag, value = options.get(field, (None, None))
+                if value is not None:
+                    again += [flag] if isinstance(value, bool) else [flag, str(value)]
+            print(f"\ninterrupted: the last checkpoint, {ckpt}, is safe (saved at the end of the last epoch); "
+                  f"resume with:\n  {shlex.join(again)}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first epoch ended: nothing was saved", file=sys.stderr)
+        return 130
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
-    print(f"training curve: {Path(args.out) / 'training_curve.png'}")
+    print(f"training curve: {out / 'training_curve.png'}")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..lab.evaluate import CRYSTAL_PHOTON_DECADES, OFFSETS, PHOTON_DECADES, evaluate, report_table
-    from ..nn.reconstruct import load_model
+    from ..nn.reconstruct import load_model, resolve_weights
 
-    model = load_model(args.model, device=args.device, precision=args.precision, views=args.views)
+    weights = resolve_weights(args.model, precision=args.precision)  # its sha256 goes into the report
+    model = load_model(weights, device=args.device, precision=args.precision, views=args.views)
     decades = CRYSTAL_PHOTON_DECADES if args.recipe == "crystal" else PHOTON_DECADES
     offsets = None if args.offsets is None else tuple(args.offsets or OFFSETS)
     report = evaluate(model, args.out, n=args.n, seed=args.seed, photons=args.photons, erhio=not args.no_erhio,
                       erhio_iterations=args.iterations, refine_iterations=args.refine_iterations,
                       noise=None if args.noise is None else tuple(args.noise or decades), recipe=args.recipe,
-                      offsets=offsets)
+                      offsets=offsets, weights=weights, data=args.data)
     print(report_table(report))
     print(f"report and figures in {args.out}/ (report.json, report.md, examples.png, best.png, worst.png)")
     return 0
@@ -93,15 +131,15 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
     if args.attach:
         if not args.crystal_evaluation:
-            raise SystemExit("--attach needs --crystal-evaluation DIR")
-        card = attach_crystal_evaluation(args.attach, args.crystal_evaluation, args.models)
+            raise ValueError("--attach needs --crystal-evaluation DIR")
+        card = attach_crystal_evaluation(args.attach, args.crystal_evaluation, args.models, force=args.force)
         print(f"added the crystal-recipe evaluation in {args.crystal_evaluation} to {card}")
         return 0
     if not (args.run and args.evaluation and args.name):
-        raise SystemExit("publish needs RUN, EVALUATION and --name (or --attach NAME --crystal-evaluation DIR)")
+        raise ValueError("publish needs RUN, EVALUATION and --name (or --attach NAME --crystal-evaluation DIR)")
 
     card = publish(args.run, args.evaluation, args.name, args.models, lineage=args.lineage, after_card=args.after,
-                   also=args.also, crystal_evaluation=args.crystal_evaluation)
+                   also=args.also, crystal_evaluation=args.crystal_evaluation, force=args.force)
     print(f"wrote {card} and its weights beside it")
     return 0
 
@@ -124,7 +162,7 @@ def _load_benchmarks():
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.out is None:
-        args.out = "benchmarks/results" if args.device == "cpu" else "benchmarks/results/gpu"
+        args.out = "bench-output" if args.device == "cpu" else "bench-output/gpu"
     bench = _load_benchmarks()
     results = bench.run_benchmarks(args.out, model_name=args.model, models=tuple(args.models),
                                    suites=tuple(args.suite), n=args.n, quick=args.quick, device=args.device)
@@ -134,10 +172,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_ioc(args: argparse.Namespace) -> int:
-    from .ioc import run_ioc
+    try:
+        from .ioc import client_environment, run_ioc, server_port
+    except ImportError as err:
+        raise SystemExit(f"cdinn-stream ioc: {err}") from None
 
-    print(f"serving {args.prefix}AMPLITUDE, {args.prefix}PHASE, ... on {args.interfaces} (Ctrl-C to stop)")
-    run_ioc(args.prefix, interfaces=tuple(args.interfaces), max_size=args.max_size)
+    port = server_port(args.port)
+    print(f"serving {args.prefix}AMPLITUDE, {args.prefix}PHASE, ... on {' '.join(args.interfaces)}, port {port} "
+          "(Ctrl-C to stop)")
+    print("Channel Access clients (EpicsSink, --epics-prefix, caget) find this IOC with, before they start:")
+    print(f"export {client_environment(tuple(args.interfaces), port)}", flush=True)
+    run_ioc(args.prefix, interfaces=tuple(args.interfaces), max_size=args.max_size, port=port)
     return 0
 
 
@@ -145,16 +190,24 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..lab.train import FinetuneConfig, finetune
-    from ..nn.reconstruct import model_path
+    from ..nn.reconstruct import resolve_weights
 
-    with np.load(args.frames) as data:
+    if not Path(args.frames).is_file():
+        raise ValueError(f"no frames file {args.frames} (an .npz with an 'intensity' array)")
+    try:
+        data = np.load(args.frames)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {args.frames} as an .npz file ({err})") from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{args.frames} holds one array: give an .npz with an 'intensity' array")
+    with data:
         if "intensity" not in data.files:
             raise ValueError(f"{args.frames} has no 'intensity' array (it has {data.files})")
         intensity = data["intensity"]
-    weights = args.init_weights if Path(args.init_weights).suffix == ".pt" else str(model_path(args.init_weights))
+    weights = str(resolve_weights(args.init_weights))
     result = finetune(FinetuneConfig(intensity=intensity, init_weights=weights, out_dir=Path(args.out),
                                      kind=args.kind, epochs=args.epochs, patience=args.patience, lr=args.lr,
-                                     threads=args.threads))
+                                     threads=args.threads, source=str(args.frames)))
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
     return 0
 
@@ -238,7 +291,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_sink_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--zmq-out", default=None, help="publish results on this ZeroMQ address (e.g. tcp://127.0.0.1:5578)")
+    p.add_argument("--zmq-out", default=None, help="publish results on this ZeroMQ address (e.g. tcp://127.0.0.1:5579)")
     p.add_argument("--tiled-out", default=None, help="write results to this Tiled server")
     p.add_argument("--api-key", default=os.environ.get("TILED_API_KEY"),
                    help="Tiled API key (default: $TILED_API_KEY; keep keys out of profiles and shell history)")
@@ -246,7 +299,7 @@ def _add_sink_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or .pt path (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="most frames per model call (default %(default)s)")
     p.add_argument("--views", type=int, default=1, choices=range(1, 9), metavar="{1..8}",
                    help="symmetric copies of each pattern the network sees, combined (default 1; 8: more accurate, "
                         "8x the network's time)")
@@ -285,73 +338,93 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a CDI NN on simulated data (checkpoints, resume, curve PNG)",
                        description="Adam, batch 256, 180k/20k train/validation split, early stopping on the "
-                                   "validation loss, a checkpoint each epoch (--resume continues), fixed seed.")
+                                   "validation loss, a checkpoint each epoch (--resume continues), fixed seed.",
+                       epilog="--resume continues the run in OUT with the recipe stored in its checkpoint: options "
+                              "left out take the stored values, options given must match them (--device, "
+                              "--threads, --workers and --no-amp may change). Ctrl-C keeps the last checkpoint.")
+    # the recipe's options default to None ("not given"): _cmd_train fills in TrainConfig's defaults, named in
+    # the help, or with --resume the stored recipe's values
     t.add_argument("--out", default="runs/cdinn-32", help="output folder (default runs/cdinn-32)")
-    t.add_argument("--size", type=int, default=32, choices=(32, 64, 128))
-    t.add_argument("--widths", type=_widths, default=(32, 64, 128),
+    t.add_argument("--size", type=int, default=None, choices=(32, 64, 128), help="frame size N (default 32)")
+    t.add_argument("--widths", type=_widths, default=None,
                    help="encoder widths, comma-separated (default 32,64,128, as the paper)")
-    t.add_argument("--convs-per-stage", type=int, default=1,
+    t.add_argument("--convs-per-stage", type=int, default=None,
                    help="3x3 convolutions per stage (default 1; the paper: 2)")
-    t.add_argument("--space-to-depth", type=int, default=4,
+    t.add_argument("--space-to-depth", type=int, default=None,
                    help="fold r x r pixel blocks into channels at input and output (default 4, the shipped "
                         "models; 1 for the paper's network: --widths 32,64,128 --convs-per-stage 2 "
                         "--space-to-depth 1)")
-    t.add_argument("--patterson", action="store_true",
+    t.add_argument("--patterson", action="store_true", default=None,
                    help="add the autocorrelation (inverse FFT of the intensity, the Patterson map) as two "
                         "more input channels")
-    t.add_argument("--n-train", type=int, default=180_000)
-    t.add_argument("--n-val", type=int, default=20_000)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping may end sooner)")
-    t.add_argument("--patience", type=int, default=4, help="epochs without improvement before stopping")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--n-train", type=int, default=None, help="training samples (default 180000, the paper's)")
+    t.add_argument("--n-val", type=int, default=None,
+                   help="validation samples (default 20000, the paper's); with --data, the ones after the training "
+                        "samples")
+    t.add_argument("--batch-size", type=int, default=None, help="samples per Adam step (default 256)")
+    t.add_argument("--epochs", type=int, default=None, help="most epochs (default 30; early stopping may end sooner)")
+    t.add_argument("--patience", type=int, default=None,
+                   help="epochs without improvement before stopping (default 4)")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.001)")
+    t.add_argument("--seed", type=int, default=None, help="seed of data, initial weights, shuffling (default 0)")
     t.add_argument("--photons", type=float, nargs="+", default=None, metavar="N",
                    help="train on Poisson-noisy patterns: photons per frame, or LOW HIGH for a log-uniform range "
-                        "(e.g. --photons 1e4 1e7)")
-    t.add_argument("--background", type=float, default=0.0, help="background counts per pixel with --photons")
-    t.add_argument("--fourier-weight", type=float, default=0.0,
+                        "(e.g. --photons 1e4 1e7; default: noise-free)")
+    t.add_argument("--background", type=float, default=None,
+                   help="background counts per pixel with --photons (default 0)")
+    t.add_argument("--fourier-weight", type=float, default=None,
                    help="add the physics-aware |FT| loss with this weight (default 0)")
-    t.add_argument("--remove-ramp", action="store_true",
+    t.add_argument("--remove-ramp", action="store_true", default=None,
                    help="simulate strain relative to the mean lattice (linear phase ramp removed)")
-    t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch past this budget")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after the epoch past this budget (default: no limit)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     t.add_argument("--init-weights", default=None, help="start from these weights (fine-tuning)")
-    t.add_argument("--phase-weight", type=float, default=1.0, help="weight of the phase loss (default 1)")
-    t.add_argument("--absolute-phase", action="store_true",
+    t.add_argument("--phase-weight", type=float, default=None, help="weight of the phase loss (default 1)")
+    t.add_argument("--absolute-phase", action="store_true", default=None,
                    help="score the absolute phase (default: up to a global offset, which |F| cannot see)")
-    t.add_argument("--support-weight", type=float, default=1.0,
+    t.add_argument("--support-weight", type=float, default=None,
                    help="weight of the support-edge cross-entropy at the 0.1 threshold (default 1)")
-    t.add_argument("--support-pos-weight", type=float, default=8.0,
+    t.add_argument("--support-pos-weight", type=float, default=None,
                    help="extra cost of a missed support pixel (default 8)")
-    t.add_argument("--recipe", default="paper", choices=("paper", "crystal", "mixed"),
+    t.add_argument("--recipe", default=None, choices=("paper", "crystal", "mixed"),
                    help="simulated data: the paper's recipe, the realistic crystal recipe, or both (default paper)")
-    t.add_argument("--crystal-fraction", type=float, default=0.5,
+    t.add_argument("--crystal-fraction", type=float, default=None,
                    help="share of crystal-recipe samples with --recipe mixed (default 0.5)")
-    t.add_argument("--centre", action="store_true",
+    t.add_argument("--centre", action="store_true", default=None,
                    help="centre each pattern on its Bragg peak as inference does and train on the matching phase "
                         "(the shipped cdinn-32 is trained so)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    t.add_argument("--device", default="cpu",
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from OUT/checkpoint.pt, with its stored recipe")
+    t.add_argument("--device", default=None,
                    help="cpu, cuda, or auto (CUDA when available); the data set is moved there (default cpu)")
-    t.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA (default: bf16 autocast)")
-    t.add_argument("--fresh-noise", action="store_true",
+    t.add_argument("--no-amp", action="store_true", default=None,
+                   help="train in fp32 on CUDA (default: bf16 autocast)")
+    t.add_argument("--fresh-noise", action="store_true", default=None,
                    help="draw new Poisson noise (--photons, --background) for every batch, on the device")
     t.add_argument("--data", default=None,
                    help="train on this folder of intensity/amplitude/phase .npy (or .npz) instead of simulating")
-    t.add_argument("--workers", type=int, default=1, help="processes simulating the data (same samples for any number)")
-    t.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
+    t.add_argument("--workers", type=int, default=None,
+                   help="processes simulating the data (default 1; same samples for any number)")
+    t.add_argument("--schedule", choices=("plateau", "cosine"), default=None,
                    help="plateau: halve the rate when validation stalls, with early stopping; cosine: decay to "
-                        "lr/100 over --max-minutes (or --epochs)")
+                        "lr/100 over --max-minutes (or --epochs) (default plateau)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="score a model on fresh samples against ER/HIO; JSON + figures",
                        description="Simulate fresh samples, reconstruct them with the network and with "
                                    "620-iteration ER/HIO (and NN-seeded refinement), and write report.json, "
-                                   "report.md and the figures examples.png, best.png, worst.png.")
-    e.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or path to a .pt (default %(default)s)")
+                                   "report.md and the figures examples.png, best.png, worst.png. The report "
+                                   "records the sha256 of the weights evaluated, which publish checks.")
+    e.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model name (on the model search path) or path to a .pt (default %(default)s)")
     e.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
-    e.add_argument("-n", type=int, default=1000, help="number of fresh samples (default 1000)")
+    e.add_argument("-n", type=int, default=None,
+                   help="number of samples (default 1000; with --data the file's first 1000, or all if fewer)")
+    e.add_argument("--data", default=None,
+                   help="score the samples of this labelled .npz or folder of intensity/amplitude/phase .npy (as "
+                        "train --data) instead of simulating them; ER/HIO gets their objects' noise-free 2x "
+                        "oversampled patterns")
     e.add_argument("--views", type=int, default=1, choices=range(1, 9), metavar="{1..8}",
                    help="symmetric copies of each pattern the network sees, combined (default 1; 8: all the "
                         "square's symmetries, 8x the network's time, more accurate)")
@@ -391,7 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--name", help="model name, e.g. cdinn-32")
     pb.add_argument("--attach", default=None, metavar="NAME",
                     help="only add --crystal-evaluation to the card of the shipped model NAME, keeping the rest")
-    pb.add_argument("--models", default="models", help="models folder (default ./models)")
+    pb.add_argument("--models", default="models",
+                    help="models folder (default ./models, on the model search path: load_model(NAME) finds it)")
+    pb.add_argument("--force", action="store_true",
+                    help="replace an existing model NAME (a shipped one too, with a warning)")
     pb.add_argument("--lineage", nargs="*", default=[],
                     help="earlier training folders this run was fine-tuned from, oldest first")
     pb.add_argument("--after", default=None, metavar="CARD",
@@ -408,9 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole live pipeline on this machine: Tiled, IOC, ZeroMQ, scan, replay",
                        description="Start an embedded Tiled server, the EPICS IOC and a ZeroMQ listener (127.0.0.1 "
                                    "only), run a simulated operando scan with live reconstruction, replay it from "
-                                   "Tiled, and print a summary; writes OUT/summary.json and OUT/montage.png.")
+                                   "Tiled, and print a summary; writes OUT/summary.json and OUT/montage.png. Needs "
+                                   "the Tiled server and caproto: pip install 'cdinn-stream[all]'.")
     d.add_argument("--frames", type=int, default=300, help="frames in the scan (default 300)")
-    d.add_argument("--model", default=DEFAULT_MODEL)
+    d.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or .pt path (default %(default)s)")
     d.add_argument("--photons", type=float, default=1e6, help="photons per frame (default 1e6)")
     d.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
     d.add_argument("--recipe", choices=("paper", "crystal"), default="paper",
@@ -420,10 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     i = sub.add_parser("ioc", help="serve the EPICS PVs (caproto) that the pipeline writes",
-                       description="Serve P:AMPLITUDE, P:PHASE, P:SHAPE, P:SUPPORT_SIZE, P:PHASE_RMS, P:FRAME_RATE, "
-                                   "P:FRAMES, P:SEQ_NUM, P:RUN_UID, P:STATUS with caproto.")
+                       description="Serve P:AMPLITUDE, P:PHASE, P:SHAPE, P:SUPPORT_SIZE, P:PHASE_RMS (the standard "
+                                   "deviation of the phase inside the support, about its circular mean, rad), "
+                                   "P:FRAME_RATE, P:FRAMES, P:SEQ_NUM, P:RUN_UID, P:STATUS with caproto "
+                                   "(pip install 'cdinn-stream[epics]').",
+                       epilog="Channel Access clients find IOCs by UDP broadcast, which usually does not reach an "
+                              "IOC on 127.0.0.1: start each client (EpicsSink, --epics-prefix, caget) with "
+                              "EPICS_CA_ADDR_LIST=<an address given to --interfaces> EPICS_CA_AUTO_ADDR_LIST=NO "
+                              "EPICS_CA_SERVER_PORT=<--port>. The IOC prints the line to export when it starts.")
     i.add_argument("--prefix", default="CDINN:", help="PV prefix (default CDINN:)")
     i.add_argument("--interfaces", nargs="+", default=["127.0.0.1"], help="addresses to bind (default 127.0.0.1)")
+    i.add_argument("--port", type=int, default=None,
+                   help="UDP port for Channel Access searches (default $EPICS_CA_SERVER_PORT, else 5064)")
     i.add_argument("--max-size", type=int, default=128, help="largest frame side the waveforms hold")
     i.set_defaults(func=_cmd_ioc)
 
@@ -433,12 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "amplitudes (normalised squared error, 1 - Pearson correlation, or Poisson "
                                     "likelihood at low counts). Writes OUT/best.pt, history.json and a curve PNG.")
     ft.add_argument("frames", help=".npz with an 'intensity' array (n, N, N), Bragg peak at N//2")
-    ft.add_argument("--init-weights", default=DEFAULT_MODEL, help="shipped model name or .pt (default %(default)s)")
+    ft.add_argument("--init-weights", default=DEFAULT_MODEL,
+                    help="model name (on the model search path) or .pt (default %(default)s)")
     ft.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     ft.add_argument("--kind", choices=("nse", "pearson", "poisson"), default="nse", help="the |FT| loss (default nse)")
-    ft.add_argument("--epochs", type=int, default=10)
-    ft.add_argument("--patience", type=int, default=2)
-    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--epochs", type=int, default=10, help="most epochs (default %(default)s)")
+    ft.add_argument("--patience", type=int, default=2,
+                    help="epochs without a better held-out loss before stopping (default %(default)s)")
+    ft.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default %(default)s)")
     ft.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ft.set_defaults(func=_cmd_finetune)
 
@@ -460,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     lsn.add_argument("--plot", default=None, help="save the latest amplitude/phase to this PNG at each run end")
     lsn.set_defaults(func=_cmd_listen)
 
-    r = sub.add_parser("replay", help="reconstruct a stored run from Tiled (databroker 2)",
+    r = sub.add_parser("replay", help="reconstruct a stored run from Tiled (as bluesky's TiledWriter stores it)",
                        description="Read the run's documents from Tiled and feed them to the live callback; "
                                    "results go to the sinks given (Tiled: container cdinn-replay/UID).")
     r.add_argument("uid", help="uid of the raw run")
@@ -471,8 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_replay)
 
     sv = sub.add_parser("serve", help="reconstruct documents from a bluesky-0MQ-proxy (out of process)",
-                        description="Subscribe a RemoteDispatcher to the proxy's output and run the callback.")
-    sv.add_argument("--zmq", required=True, help="the proxy's output address, e.g. tcp://127.0.0.1:5578")
+                        description="Subscribe a RemoteDispatcher to the proxy's output and run the callback. "
+                                    "E.g. with `bluesky-0MQ-proxy 5577 5578`: cdinn-stream serve --zmq "
+                                    "tcp://127.0.0.1:5578 --zmq-out tcp://127.0.0.1:5579, then cdinn-stream listen "
+                                    "tcp://127.0.0.1:5579 (the results need an address of their own).")
+    sv.add_argument("--zmq", required=True,
+                    help="the proxy's output address, where documents come from, e.g. tcp://127.0.0.1:5578")
     _add_sink_options(sv)
     sv.set_defaults(func=_cmd_serve)
 
@@ -484,8 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Needs a source checkout (benchmarks/); the full run takes about 10 minutes "
                                    "on 2 cores.")
     b.add_argument("--out", default=None,
-                   help="output folder (default benchmarks/results, or benchmarks/results/gpu with --device cuda)")
-    b.add_argument("--model", default=DEFAULT_MODEL, help="model of the ER/HIO and pipeline suites (default %(default)s)")
+                   help="output folder (default ./bench-output, git-ignored, or bench-output/gpu with --device cuda; "
+                        "the committed results are made with --out benchmarks/results)")
+    b.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model of the ER/HIO and pipeline suites (default %(default)s)")
     b.add_argument("--models", nargs="+", default=["cdinn-32", "cdinn-64"],
                    help="models of the model suite (default cdinn-32 cdinn-64)")
     b.add_argument("--suite", nargs="+", default=["simulate", "model", "erhio", "pipeline"],
@@ -507,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as err:
+        print(f"cdinn-stream {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:
+        if "cdinn-stream[" not in str(err):  # not a missing extra: a real bug, keep the traceback
+            raise
         print(f"cdinn-stream {args.command}: error: {err}", file=sys.stderr)
         return 2
 

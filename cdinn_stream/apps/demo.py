@@ -84,8 +84,15 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     from bluesky.plans import scan
     from bluesky_tiled_plugins import TiledWriter
     from tiled.client import from_uri
-    from tiled.server import SimpleTiledServer
     from tqdm.auto import tqdm
+
+    try:
+        import caproto  # noqa: F401  (the IOC)
+        import epics  # noqa: F401  (pyepics, read back)
+        from tiled.server import SimpleTiledServer
+    except ImportError as err:
+        raise ImportError(f"cdinn-stream demo runs a Tiled server and an EPICS IOC ({err}): "
+                          "pip install 'cdinn-stream[all]'") from err
 
     from ..core.metrics import score
     from ..core.physics import ramp, wrap

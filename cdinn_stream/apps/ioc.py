@@ -9,7 +9,8 @@ PV                        meaning
 ``P:PHASE``               latest phase (rad), row-major waveform
 ``P:SHAPE``               ``[h, w]`` of the two waveforms
 ``P:SUPPORT_SIZE``        pixels in the latest support (amplitude > 0.1)
-``P:PHASE_RMS``           RMS phase inside the support (rad)
+``P:PHASE_RMS``           standard deviation of the phase inside the support, about its
+                          circular mean (rad)
 ``P:FRAME_RATE``          reconstructed frames per second
 ``P:FRAMES``              frames reconstructed in the current run
 ``P:SEQ_NUM``             seq_num of the latest frame
@@ -17,7 +18,15 @@ PV                        meaning
 ``P:STATUS``              ``idle``, ``running`` or ``done <exit_status>``
 ========================  =================================================================
 
-The server binds 127.0.0.1 unless ``--interfaces`` says otherwise.
+The server binds 127.0.0.1 unless ``--interfaces`` says otherwise, and answers searches on UDP port
+``--port`` (default ``$EPICS_CA_SERVER_PORT``, else 5064). Channel Access clients find IOCs by UDP
+broadcast, which usually does not reach an IOC bound to 127.0.0.1: a client (``EpicsSink``, ``caget``,
+``--epics-prefix``) needs, before its process first uses EPICS, the settings that
+:func:`client_environment` gives and ``cdinn-stream ioc`` prints when it starts, e.g.::
+
+    export EPICS_CA_ADDR_LIST=127.0.0.1 EPICS_CA_AUTO_ADDR_LIST=NO EPICS_CA_SERVER_PORT=5064
+
+Needs caproto: ``pip install 'cdinn-stream[epics]'``.
 """
 
 from __future__ import annotations
@@ -25,13 +34,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 
 import numpy as np
-from caproto import ChannelType
-from caproto.server import PVGroup, pvproperty
 
-__all__ = ["ReconstructionIOC", "run_ioc", "IOCThread"]
+try:
+    from caproto import ChannelType
+    from caproto.server import PVGroup, pvproperty
+except ImportError as err:
+    raise ImportError(f"the cdinn-stream IOC needs caproto ({err}): pip install 'cdinn-stream[epics]'") from err
+
+__all__ = ["ReconstructionIOC", "run_ioc", "IOCThread", "client_environment", "server_port"]
+
+DEFAULT_PORT = 5064  # Channel Access's
+
+
+def server_port(port: int | None = None) -> int:
+    """The UDP port the IOC answers searches on: ``port``, else ``$EPICS_CA_SERVER_PORT``, else 5064."""
+    return int(port) if port else int(os.environ.get("EPICS_CA_SERVER_PORT") or DEFAULT_PORT)
+
+
+def client_environment(interfaces: tuple[str, ...] = ("127.0.0.1",), port: int | None = None) -> str:
+    """The Channel Access settings a client needs to find this IOC, as ``VAR=value`` words
+    (for ``export``): its addresses (``127.0.0.1`` for an IOC on every interface: from another
+    machine, use this machine's address), no broadcast, and its port."""
+    addresses = " ".join(dict.fromkeys("127.0.0.1" if a in ("0.0.0.0", "") else a for a in interfaces))
+    if " " in addresses:
+        addresses = f'"{addresses}"'
+    return f"EPICS_CA_ADDR_LIST={addresses} EPICS_CA_AUTO_ADDR_LIST=NO EPICS_CA_SERVER_PORT={server_port(port)}"
 
 
 def _quiet_beacons() -> None:
@@ -52,7 +83,8 @@ def make_ioc_class(max_size: int = 128) -> type[PVGroup]:
                            doc="latest phase in radians, row-major")
         SHAPE = pvproperty(value=[0, 0], dtype=ChannelType.LONG, max_length=2, doc="h, w of the waveforms")
         SUPPORT_SIZE = pvproperty(value=0, dtype=int, doc="pixels in the support")
-        PHASE_RMS = pvproperty(value=0.0, dtype=float, precision=4, units="rad", doc="RMS phase in the support")
+        PHASE_RMS = pvproperty(value=0.0, dtype=float, precision=4, units="rad",
+                               doc="standard deviation of the phase in the support, about its circular mean")
         FRAME_RATE = pvproperty(value=0.0, dtype=float, precision=1, units="Hz", doc="frames per second")
         FRAMES = pvproperty(value=0, dtype=int, doc="frames reconstructed in this run")
         SEQ_NUM = pvproperty(value=0, dtype=int, doc="seq_num of the latest frame")
@@ -65,10 +97,12 @@ def make_ioc_class(max_size: int = 128) -> type[PVGroup]:
 ReconstructionIOC = make_ioc_class()
 
 
-def run_ioc(prefix: str = "CDINN:", *, interfaces: tuple[str, ...] = ("127.0.0.1",), max_size: int = 128) -> None:
-    """Serve the PVs until interrupted (blocking)."""
+def run_ioc(prefix: str = "CDINN:", *, interfaces: tuple[str, ...] = ("127.0.0.1",), max_size: int = 128,
+            port: int | None = None) -> None:
+    """Serve the PVs until interrupted (blocking); on UDP port ``port`` (default: :func:`server_port`)."""
     from caproto.server import run
 
+    os.environ["EPICS_CA_SERVER_PORT"] = str(server_port(port))  # caproto's server reads it when it starts
     _quiet_beacons()
     ioc = make_ioc_class(max_size)(prefix=prefix)
     run(ioc.pvdb, interfaces=list(interfaces), log_pv_names=True)

@@ -1,18 +1,23 @@
 """Factories for beamline IPython profiles (``profiles/``): the profile only imports and calls.
 
-Settings come from the environment so that no secret lives in a profile:
-``TILED_URL`` and ``TILED_API_KEY`` (raw data via ``TiledWriter`` and results via
-:class:`~cdinn_stream.sinks.TiledSink`), ``CDINN_ZMQ_OUT`` (ZeroMQ publisher address),
-``CDINN_EPICS_PREFIX`` (PVs of ``cdinn-stream ioc``), ``CDINN_MODEL`` (model name or path) and
-``CDINN_VIEWS`` (symmetry views per pattern, 1-8; default 1).
+The pipeline is built by :class:`~cdinn_stream.apps.config.PipelineConfig` from the environment
+(:meth:`~cdinn_stream.apps.config.PipelineConfig.from_env`), so that a setting means what it means
+for ``cdinn-stream serve`` and no secret lives in a profile: ``CDINN_MODEL`` (model name or path),
+``CDINN_VIEWS`` (symmetry views per pattern, 1-8), ``CDINN_ZMQ_OUT`` (ZeroMQ publisher address),
+``CDINN_EPICS_PREFIX`` (PVs of ``cdinn-stream ioc``), ``TILED_URL`` and ``TILED_API_KEY`` (raw data
+via ``TiledWriter`` and results via :class:`~cdinn_stream.sinks.TiledSink`), and the other
+variables of :data:`~cdinn_stream.apps.config.ENVIRONMENT`.
+
+Running the profile needs IPython: ``pip install 'cdinn-stream[profile]'``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["SimulatedBeamline", "setup_simulated_beamline", "sinks_from_environment"]
+__all__ = ["SimulatedBeamline", "setup_simulated_beamline"]
 
 
 @dataclass
@@ -26,41 +31,25 @@ class SimulatedBeamline:
     callback: object
 
 
-def sinks_from_environment(model_card: dict | None = None, environ=os.environ) -> tuple[list, object | None]:
-    """Sinks configured by environment variables, and the Tiled client (or None)."""
-    from ..sinks import EpicsSink, TiledSink, ZmqPublisherSink
-
-    sinks: list = []
-    client = None
-    if environ.get("TILED_URL"):
-        from tiled.client import from_uri
-
-        client = from_uri(environ["TILED_URL"], api_key=environ.get("TILED_API_KEY"))
-        sinks.append(TiledSink(client, model_card=model_card))
-    if environ.get("CDINN_ZMQ_OUT"):
-        sinks.append(ZmqPublisherSink(environ["CDINN_ZMQ_OUT"]))
-    if environ.get("CDINN_EPICS_PREFIX"):
-        sinks.append(EpicsSink(environ["CDINN_EPICS_PREFIX"]))
-    return sinks, client
-
-
-def setup_simulated_beamline(*, frame_shape: tuple[int, int] = (256, 256), seed: int = 0) -> SimulatedBeamline:
+def setup_simulated_beamline(*, frame_shape: tuple[int, int] = (256, 256), seed: int = 0,
+                             environ: Mapping[str, str] = os.environ) -> SimulatedBeamline:
     """A RunEngine, the simulated BCDI detector and motors, and the reconstruction callback
-    (subscribed), with ``TiledWriter`` for raw data when ``TILED_URL`` is set."""
+    (subscribed) built by ``PipelineConfig.from_env(environ)``, with ``TiledWriter`` for raw data
+    when ``TILED_URL`` is set."""
     from bluesky import RunEngine
 
     from ..lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
-    from ..live.callback import ReconstructionCallback
-    from ..nn.reconstruct import load_model
+    from .config import PipelineConfig
 
-    model = load_model(os.environ.get("CDINN_MODEL", "cdinn-32"), views=int(os.environ.get("CDINN_VIEWS", "1")))
-    sinks, client = sinks_from_environment(model.card)
+    config = PipelineConfig.from_env(environ)
+    client = config.tiled_client()  # connect_tiled: one line saying what to do if the server is not there
+    model = config.load_model()
     RE = RunEngine({})
     if client is not None:
         from bluesky_tiled_plugins import TiledWriter
 
         RE.subscribe(TiledWriter(client))
-    callback = ReconstructionCallback(model=model, sinks=sinks)
+    callback = config.build(model=model, tiled_client=client)
     RE.subscribe(callback)
     peak, strain = make_motors(frame_shape[1] / 2)
     source = BCDIFrameSource(OperandoCrystal(model.size, seed=seed), frame_shape=frame_shape, peak_motor=peak,

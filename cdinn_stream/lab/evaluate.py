@@ -1,14 +1,17 @@
 """Evaluation of a model on fresh simulated samples, against 620-iteration ER/HIO.
 
-:func:`evaluate` simulates ``n`` new samples (a seed not used in training), reconstructs them
-with the network and with ER/HIO (on the 2x oversampled patterns of the same objects, as in the
-paper), optionally with NN-seeded ER/HIO refinement, and writes ``report.json``, ``report.md``
-and the figures ``examples.png`` (Fig. 3), ``best.png`` (Fig. 4) and ``worst.png`` (Fig. 5).
-Timings of both methods are measured in the same run on the same machine.
+:func:`evaluate` simulates ``n`` new samples (a seed not used in training), or reads them from a
+labelled data file, reconstructs them with the network and with ER/HIO (on the 2x oversampled
+patterns of the same objects, as in the paper), optionally with NN-seeded ER/HIO refinement, and
+writes ``report.json``, ``report.md`` and the figures ``examples.png`` (Fig. 3), ``best.png``
+(Fig. 4) and ``worst.png`` (Fig. 5). Timings of both methods are measured in the same run on the
+same machine. The report records the sha256 of the weights file evaluated (``weights_sha256``):
+``cdinn-stream publish`` checks it against the weights it publishes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,13 +24,14 @@ from ..core.metrics import chi2, score
 from ..core.phase_retrieval import CHUNK as ERHIO_CHUNK
 from ..core.phase_retrieval import ITERATIONS, er_hio
 from ..core.physics import far_field, strain
-from ..core.simulate import simulate
+from ..core.simulate import SimulatedSet, diffraction_intensity, simulate
 from ..core.timing import machine_info, time_call
 from ..nn.reconstruct import CDIModel
 from .plots import plot_chi2_extremes, plot_examples
+from .train import output_folder, read_labelled
 
-__all__ = ["evaluate", "noise_sweep", "offset_sweep", "summarize", "report_table", "eval_seed", "EVAL_SEED",
-           "CRYSTAL_EVAL_SEED",
+__all__ = ["evaluate", "weights_sha256", "noise_sweep", "offset_sweep", "summarize", "report_table", "eval_seed",
+           "EVAL_SEED", "CRYSTAL_EVAL_SEED",
            "PHOTON_DECADES", "CRYSTAL_PHOTON_DECADES", "OFFSETS"]
 
 #: Photons per frame of the noise sweep (one per decade).
@@ -42,6 +46,27 @@ EVAL_SEED = 31_415_926
 #: Seed of the crystal recipe's evaluation set: never trained on or used to choose a model (training
 #: seeds draw crystals with ``seed + 7919``; selection uses 20261128).
 CRYSTAL_EVAL_SEED = 27_182_818
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The sha256 (hex) of a weights file: what an evaluation report says it evaluated."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _labelled(path: str | Path, n: int | None, size: int) -> SimulatedSet:
+    """The first ``n`` samples (default: up to 1,000) of a labelled data file, checked against the model's size."""
+    arrays = read_labelled(path, purpose="evaluation")
+    count, shape = len(arrays["intensity"]), tuple(arrays["intensity"].shape[1:])
+    if shape != (size, size):
+        raise ValueError(f"{path} holds {shape} frames, but the model takes {size}x{size}")
+    n = min(count, 1000) if n is None else n
+    if not 0 < n <= count:
+        raise ValueError(f"{path} holds {count} samples; -n (n) asks for {n}")
+    return SimulatedSet(*(np.array(arrays[k][:n], dtype=np.float32) for k in ("intensity", "amplitude", "phase")))
 
 
 def eval_seed(recipe: str) -> int:
@@ -103,23 +128,49 @@ def offset_sweep(model: CDIModel, offsets: tuple[float, ...] = OFFSETS, *, n: in
     return out
 
 
-def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int | None = None,
+def evaluate(model: CDIModel, out_dir: str | Path, *, n: int | None = None, seed: int | None = None,
              photons: float | None = None, erhio: bool = True, erhio_iterations: int = ITERATIONS,
              refine_iterations: int = 100, noise: tuple[float, ...] | None = None, recipe: str = "paper",
-             offsets: tuple[float, ...] | None = None) -> dict:
+             offsets: tuple[float, ...] | None = None, weights: str | Path | None = None,
+             data: str | Path | None = None) -> dict:
     """Evaluate ``model`` on ``n`` fresh samples of ``recipe``; write the report and figures to ``out_dir``.
 
-    ``seed``: default the recipe's evaluation seed (:data:`EVAL_SEED`, :data:`CRYSTAL_EVAL_SEED`).
-    ``noise``: photon counts per frame for a :func:`noise_sweep` of the NN (in the report under
-    ``"noise"``); ``offsets``: Bragg-peak offsets for an :func:`offset_sweep` (under ``"offsets"``)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ``n``: default 1,000. ``seed``: default the recipe's evaluation seed (:data:`EVAL_SEED`,
+    :data:`CRYSTAL_EVAL_SEED`). ``noise``: photon counts per frame for a :func:`noise_sweep` of the
+    NN (in the report under ``"noise"``); ``offsets``: Bragg-peak offsets for an :func:`offset_sweep`
+    (under ``"offsets"``); both simulate their samples. ``weights``: the file ``model`` was loaded
+    from; its sha256 goes into the report (``weights_sha256``), which ``publish`` requires.
+    ``data``: score the first ``n`` samples (default: up to 1,000) of this labelled data set (an
+    ``.npz`` or a folder of ``intensity``/``amplitude``/``phase`` ``.npy``, as ``train`` reads)
+    instead of simulating them; ER/HIO then gets the noise-free 2x oversampled patterns of its
+    labelled objects. A run that fails before writing leaves no empty ``out_dir``."""
+    if data is not None and photons is not None:
+        raise ValueError("photons adds simulated noise: with data the patterns are scored as the file has them")
     size = model.size
     seed = eval_seed(recipe) if seed is None else seed
-    data = simulate(n, size, seed=seed, photons=photons, recipe=recipe)
+    if data is not None:
+        samples = _labelled(data, n, size)
+        n = len(samples)
+    else:
+        n = 1000 if n is None else n
+        samples = simulate(n, size, seed=seed, photons=photons, recipe=recipe)
+    with output_folder(out_dir) as out:
+        return _evaluate(model, out, samples, seed=seed, photons=photons, erhio=erhio,
+                         erhio_iterations=erhio_iterations, refine_iterations=refine_iterations, noise=noise,
+                         recipe=recipe, offsets=offsets, weights=weights, data_path=data)
+
+
+def _evaluate(model: CDIModel, out: Path, data: SimulatedSet, *, seed: int, photons: float | None, erhio: bool,
+              erhio_iterations: int, refine_iterations: int, noise: tuple[float, ...] | None, recipe: str,
+              offsets: tuple[float, ...] | None, weights: str | Path | None, data_path: str | Path | None) -> dict:
+    n, size = len(data), model.size
     report: dict = {"model": model.name, "precision": model.precision, "views": model.views, "n": n, "seed": seed,
                     "size": size, "recipe": recipe, "centre": getattr(model, "centre", False),
                     "photons": photons, "machine": machine_info(), "methods": {}}
+    if weights is not None:
+        report.update(weights=str(weights), weights_sha256=weights_sha256(weights))
+    if data_path is not None:
+        report["data"] = str(data_path)
 
     rec, nn_batched, nn_single = _time_nn(model, data.intensity)
     nn = score(rec.amplitude, rec.phase, data.amplitude, data.phase, data.intensity)
@@ -129,7 +180,11 @@ def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int |
 
     pr = None
     if erhio:
-        padded = simulate(n, size, seed=seed, photons=photons, pad=2, recipe=recipe).intensity
+        if data_path is None:
+            padded = simulate(n, size, seed=seed, photons=photons, pad=2, recipe=recipe).intensity
+        else:  # the labelled objects' oversampled patterns (noise-free)
+            padded = diffraction_intensity(data.amplitude, data.phase, pad=2)
+            report["erhio_input"] = "noise-free 2x oversampled patterns of the data's labelled objects"
         chunks = -(-n // ERHIO_CHUNK)  # er_hio reports each chunk's iterations
         with tqdm(total=erhio_iterations * chunks, desc=f"ER/HIO x{n}", unit="it", leave=False) as bar:
             t = time.perf_counter()
@@ -188,9 +243,12 @@ def evaluate(model: CDIModel, out_dir: str | Path, *, n: int = 1000, seed: int |
 
 def report_table(report: dict) -> str:
     """The NN vs ER/HIO table of a report, as markdown."""
-    lines = [f"Model `{report['model']}` on {report['n']} fresh {report['size']}x{report['size']} samples of the "
-             f"{report.get('recipe', 'paper')} recipe "
-             f"(seed {report['seed']}, photons {report['photons']}, precision {report.get('precision', 'fp32')}, "
+    if report.get("data"):
+        source = f"{report['size']}x{report['size']} samples of {report['data']} ("
+    else:
+        source = (f"fresh {report['size']}x{report['size']} samples of the {report.get('recipe', 'paper')} recipe "
+                  f"(seed {report['seed']}, photons {report['photons']}, ")
+    lines = [f"Model `{report['model']}` on {report['n']} {source}precision {report.get('precision', 'fp32')}, "
              f"{report.get('views', 1)} symmetry view(s) per pattern); "
              f"machine: {report['machine']['cpu']}, "
              f"{report['machine']['torch_threads']} torch threads.", "",

@@ -2,8 +2,8 @@
 
 Adam, batch 256, the paper's 180k / 20k train / validation split, validation after every epoch,
 early stopping on the validation loss, a checkpoint after every epoch (``resume=True`` goes on
-from it), a fixed seed for data, initial weights and shuffling, a progress bar, and a
-training-curve PNG (the paper's Fig. 2).
+from it, with the recipe stored in it: :func:`resume_config`), a fixed seed for data, initial
+weights and shuffling, a progress bar, and a training-curve PNG (the paper's Fig. 2).
 """
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +27,12 @@ from ..core.physics import SUPPORT_THRESHOLD, normalized_amplitude, peak_offsets
 from ..core.simulate import add_noise_torch, simulate
 from ..core.timing import machine_info
 from ..nn.model import CDINN, ModelConfig, with_patterson
+from ..nn.reconstruct import check_device
 from ..nn.weights import read_weights, save_weights
 from .losses import fourier_loss, twin_aware_loss
 
-__all__ = ["TrainConfig", "train", "FinetuneConfig", "finetune", "plot_training_curve"]
+__all__ = ["TrainConfig", "train", "FinetuneConfig", "finetune", "plot_training_curve", "RUNTIME_FIELDS",
+           "stored_recipe", "resume_config", "read_labelled", "output_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +135,153 @@ class TrainConfig:
         return d
 
 
+#: :class:`TrainConfig` fields a resumed run may change: where and how fast it runs, not what it learns.
+RUNTIME_FIELDS = ("out_dir", "threads", "device", "workers", "amp")
+
+
+@contextmanager
+def output_folder(path: str | Path) -> Iterator[Path]:
+    """Create ``path`` (and its missing parents) for a command's output; when the command fails
+    (or is interrupted) before writing anything there, remove the folders it created."""
+    path = Path(path)
+    created, p = [], path
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for d in created:  # the deepest first; stop at the first one that holds something
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: an interruption never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(text: str, path: Path) -> None:
+    path.write_text(text)
+
+
+def _plain(value: object) -> object:
+    """``value`` as JSON has it (tuples as lists, paths as strings), to compare recipes."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def stored_recipe(out_dir: str | Path) -> dict:
+    """The recipe of the run in ``out_dir``: its checkpoint's (else its ``history.json``'s).
+    Raises ``ValueError`` when there is no checkpoint to resume."""
+    out = Path(out_dir)
+    ckpt = out / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise ValueError(f"no checkpoint {ckpt} to resume: start the run without --resume")
+    try:
+        recipe = torch.load(ckpt, weights_only=True, map_location="cpu").get("recipe")
+    except Exception as err:  # a truncated or foreign file: torch raises many kinds
+        raise ValueError(f"cannot read the checkpoint {ckpt} ({err})") from err
+    if recipe is not None:
+        return json.loads(recipe)
+    hist = out / "history.json"
+    if hist.is_file():
+        return json.loads(hist.read_text())["recipe"]
+    raise ValueError(f"{ckpt} has no recipe and there is no {hist}: cannot tell how the run was made")
+
+
+def _config(values: dict) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)} - {"history"}
+    values = {k: v for k, v in values.items() if k in names}
+    if "widths" in values:
+        values["widths"] = tuple(values["widths"])
+    if isinstance(values.get("photons"), list):
+        values["photons"] = tuple(values["photons"])
+    if "out_dir" in values:
+        values["out_dir"] = Path(values["out_dir"])
+    return TrainConfig(**values)
+
+
+def resume_config(out_dir: str | Path, given: dict | None = None, *, flags: dict[str, str] | None = None
+                  ) -> TrainConfig:
+    """The configuration that resumes the run in ``out_dir``: its stored recipe
+    (:func:`stored_recipe`), with ``given`` (``TrainConfig`` field -> value) checked against it.
+    A recipe field given with another value is refused (``ValueError`` naming it as ``flags``
+    spells it, e.g. ``{"n_train": "--n-train"}``); :data:`RUNTIME_FIELDS` given replace the stored ones."""
+    out = Path(out_dir)
+    values = stored_recipe(out)
+    for key, value in (given or {}).items():
+        if key in values and key not in RUNTIME_FIELDS and _plain(value) != _plain(values[key]):
+            flag = (flags or {}).get(key, key)
+            raise ValueError(f"{flag} does not match the run being resumed in {out}: it was made with "
+                             f"{key}={values[key]!r}, not {value!r}; a resumed run keeps its recipe: leave {flag} "
+                             f"out, or train a new run (another --out) with --init-weights {out / 'best.pt'}")
+        values[key] = value
+    values["out_dir"] = out
+    return _config(values)
+
+
+def _check_resume(cfg: TrainConfig, stored: dict) -> None:
+    """Refuse to resume a run with another recipe than the one it was made with."""
+    mine = _plain(cfg.recipe())
+    for key, value in _plain(stored).items():
+        if key in RUNTIME_FIELDS or key not in mine or mine[key] == value:
+            continue
+        if key == "centre" and value and cfg.init_weights:  # centred because its initial weights were
+            cfg.centre = True
+            continue
+        raise ValueError(f"{key}={mine[key]!r} does not match the run being resumed in {cfg.out_dir} "
+                         f"({key}={value!r}): a resumed run keeps its recipe (resume_config reads it)")
+
+
 def _photons(cfg: TrainConfig) -> float | tuple[float, float] | None:
     return tuple(cfg.photons) if isinstance(cfg.photons, list | tuple) else cfg.photons
+
+
+_LABELLED = ("intensity", "amplitude", "phase")
+
+
+def read_labelled(path: str | Path, *, purpose: str = "training") -> dict[str, np.ndarray]:
+    """The ``intensity``, ``amplitude`` and ``phase`` arrays of a data set: a folder of ``.npy``
+    files (memory-mapped) or an ``.npz`` file, as ``cdinn-stream simulate`` writes them. Raises
+    ``ValueError`` for a missing or unreadable path, missing arrays or arrays of different lengths;
+    ``purpose`` names what needs the labels, in the message."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no data at {path} (--data): give an .npz file or a folder of intensity.npy, "
+                         "amplitude.npy and phase.npy (cdinn-stream simulate writes either)")
+    unlabelled = (f"{purpose} needs labelled data: intensity, amplitude and phase arrays (frames without labels: "
+                  "cdinn-stream finetune)")
+    if path.is_dir():
+        missing = [f"{k}.npy" for k in _LABELLED if not (path / f"{k}.npy").is_file()]
+        if missing:
+            raise ValueError(f"{path} has no {', '.join(missing)}: {unlabelled}")
+        arrays = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in _LABELLED}
+    else:
+        try:
+            blob = np.load(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {path} as an .npz file ({err})") from err
+        if not isinstance(blob, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} holds one array: give an .npz with intensity, amplitude and phase arrays, "
+                             "or a folder of their .npy files")
+        with blob:
+            missing = [k for k in _LABELLED if k not in blob.files]
+            if missing:
+                raise ValueError(f"{path} has no {', '.join(missing)} array(s) (it has {blob.files}): {unlabelled}")
+            arrays = {k: blob[k] for k in _LABELLED}
+    shapes = {k: a.shape for k, a in arrays.items()}
+    if len(set(shapes.values())) != 1 or len(shapes["intensity"]) != 3:
+        raise ValueError(f"{path}: intensity, amplitude and phase must be (n, N, N) arrays of one shape, not {shapes}")
+    return arrays
 
 
 def _data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
@@ -141,13 +292,13 @@ def _data(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
         raise ValueError("data_recipe simulates the data; with data= the samples come from the folder")
     if cfg.data:
         path = Path(cfg.data)
-        if path.is_dir():
-            arrays = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in ("intensity", "amplitude", "phase")}
-        else:
-            arrays = dict(np.load(path))
-        if len(arrays["intensity"]) < n or arrays["intensity"].shape[-1] != cfg.size:
-            raise ValueError(f"{path} holds {len(arrays['intensity'])} samples of {arrays['intensity'].shape[1:]}; "
-                             f"training needs {n} of {cfg.size}x{cfg.size}")
+        arrays = read_labelled(path)
+        count, shape = len(arrays["intensity"]), tuple(arrays["intensity"].shape[1:])
+        if shape != (cfg.size, cfg.size):
+            raise ValueError(f"{path} holds {count} samples of {shape}, not {cfg.size}x{cfg.size} (size, --size)")
+        if count < n:
+            raise ValueError(f"{path} holds {count} samples of {shape}; n_train + n_val (--n-train {cfg.n_train} "
+                             f"+ --n-val {cfg.n_val}) need {n}")
         return tuple(torch.from_numpy(np.array(arrays[k][:n], dtype=np.float32))  # a writable copy
                      for k in ("intensity", "amplitude", "phase"))
     if cfg.data_recipe not in ("paper", "crystal", "mixed"):
@@ -200,6 +351,7 @@ def _inputs(intensity: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tenso
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(name)
     return torch.device(name)
 
 
@@ -232,18 +384,30 @@ def _cosine_lr(cfg: TrainConfig, progress: float) -> float:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Train, checkpointing every epoch; returns the history (list of per-epoch dicts) and paths."""
+    """Train, checkpointing every epoch; returns the history (list of per-epoch dicts) and paths.
+
+    ``resume=True`` goes on from ``out_dir/checkpoint.pt`` (``ValueError`` when there is none) with
+    the same recipe: ``cfg`` must match the stored one but for :data:`RUNTIME_FIELDS`
+    (:func:`resume_config` makes such a ``cfg``). A run that fails before its first checkpoint
+    leaves no empty ``out_dir``; checkpoint, ``best.pt`` and ``history.json`` are replaced whole,
+    so an interrupted run can always be resumed from its last epoch."""
     if cfg.schedule not in ("plateau", "cosine"):
         raise ValueError(f"schedule must be 'plateau' or 'cosine', not {cfg.schedule!r}")
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _check_resume(cfg, stored_recipe(out))
+    device = _device(cfg.device)
+    with output_folder(out):
+        return _train(cfg, out, device, resume)
+
+
+def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = CDINN(ModelConfig(cfg.size, tuple(cfg.widths), cfg.convs_per_stage, cfg.space_to_depth,
                               cfg.patterson, centred_input=cfg.centre))
-    if cfg.init_weights:
+    if cfg.init_weights and not resume:  # a resumed run's weights come from its checkpoint
         init = read_weights(cfg.init_weights)
         if init.config.centred_input and not cfg.centre:
             logger.warning("%s was trained on centred patterns: training on, centred too", cfg.init_weights)
@@ -259,7 +423,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     history: list[dict] = []
     best, best_epoch, start = math.inf, -1, 0
     ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.exists():
+    if resume:
         ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -327,12 +491,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         tqdm.write(f"epoch {epoch + 1}: train loss {train_loss:.5f}, validation loss {val:.5f}")
         if val < best:
             best, best_epoch = val, epoch
-            save_weights(model, out / "best.pt", meta={"epoch": epoch + 1, "val_loss": val})
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "history": json.dumps(history), "best": best, "best_epoch": best_epoch, "epoch": epoch},
-                   ckpt_path)
-        (out / "history.json").write_text(json.dumps({"recipe": cfg.recipe(), "machine": machine_info(),
-                                                      "history": history}, indent=1))
+            _write_atomic(out / "best.pt", partial(save_weights, model, meta={"epoch": epoch + 1, "val_loss": val}))
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "history": json.dumps(history), "best": best, "best_epoch": best_epoch, "epoch": epoch,
+                 "recipe": json.dumps(cfg.recipe())}
+        _write_atomic(ckpt_path, partial(torch.save, state))
+        record = json.dumps({"recipe": cfg.recipe(), "machine": machine_info(), "history": history}, indent=1)
+        _write_atomic(out / "history.json", partial(_write_text, record))
         plot_training_curve(history, out / "training_curve.png")
         if done or (cfg.max_minutes is not None and (time.monotonic() - t0) / 60 > cfg.max_minutes):
             logger.info("stopping: wall-clock budget of %.1f min used", cfg.max_minutes)
@@ -351,6 +516,7 @@ class FinetuneConfig:
         out_dir: where ``best.pt``, ``history.json`` and the curve PNG go.
         kind: the :func:`~cdinn_stream.lab.losses.fourier_loss` (``"nse"``, ``"pearson"``, ``"poisson"``).
         val_fraction: frames held out to pick the best epoch and stop early.
+        source: where the frames came from (their file), recorded in ``history.json``.
     """
 
     intensity: object
@@ -364,13 +530,18 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     seed: int = 0
     threads: int | None = None
+    source: str | None = None
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune on frames without ground truth: only ``|FT|`` of the prediction against the
-    measured amplitudes is scored. Returns the history and the best weights' path."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    measured amplitudes is scored. Returns the history and the best weights' path. A run that
+    fails before writing leaves no empty ``out_dir``."""
+    with output_folder(cfg.out_dir) as out:
+        return _finetune(cfg, out)
+
+
+def _finetune(cfg: FinetuneConfig, out: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -424,8 +595,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
             best, best_epoch = val, epoch
             save_weights(model, out / "best.pt", meta={"epoch": epoch, "val_loss": val, "finetune": cfg.kind})
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "intensity"}
-    (out / "history.json").write_text(json.dumps({"recipe": {**recipe, "frames": len(x)}, "history": history},
-                                                 indent=1))
+    (out / "history.json").write_text(json.dumps({"recipe": {"stage": "finetune", **recipe, "frames": len(x),
+                                                             "validation_frames": n_val},
+                                                  "machine": machine_info(), "history": history}, indent=1))
     plot_training_curve([h for h in history if h["train_loss"] is not None], out / "training_curve.png")
     return {"history": history, "best_epoch": best_epoch, "best_val_loss": best, "weights": str(out / "best.pt")}
 

@@ -29,17 +29,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..core.physics import normalized_amplitude
 from ..core.timing import LatencyWindow, latency_ms
-from ..nn.reconstruct import CDIModel
 from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
 from .publish import SinkThread, to_all
 from .refine import Refiner
 from .worker import Worker
+
+if TYPE_CHECKING:  # the engine runs any model with predict_tensor; the type is for readers
+    from ..nn.reconstruct import CDIModel
 
 __all__ = ["FrameBlock", "ResultBlock", "Sink", "InferenceEngine", "EngineStats"]
 
@@ -212,9 +215,7 @@ class InferenceEngine(Worker):
                 return np.concatenate([a1, a2]), np.concatenate([p1, p2])
             if self.model.device.type != "cpu":
                 logger.warning("model failed on %s (%s); falling back to the CPU", self.model.device, err)
-                self.model = CDIModel(self.model.network.cpu(), name=self.model.name, card=self.model.card,
-                                      device="cpu", views=self.model.views, centre=self.model.centre,
-                                      precision="auto" if self.model.precision == "fp16" else self.model.precision)
+                self.model = self.model.on_cpu()
                 self._pin = False
                 return self._infer(frames)
             raise

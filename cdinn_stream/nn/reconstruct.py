@@ -30,14 +30,16 @@ from ..core.physics import (
     roll_frames,
     strain,
 )
+from . import int8
 from .ensemble import symmetry_ensemble
 from .folding import fold
 from .int8 import Int8CDINN
 from .model import CDINN
 from .options import DEFAULT_MODEL, PRECISIONS
-from .weights import read_network
+from .weights import FORMAT, WeightsError, float_network, load_blob
 
-__all__ = ["Reconstruction", "CDIModel", "load_model", "model_path", "DEFAULT_MODEL", "validate_frames",
+__all__ = ["Reconstruction", "CDIModel", "load_model", "read_network", "model_path", "model_search_path",
+           "shipped_model_dirs", "user_models_dir", "resolve_weights", "DEFAULT_MODEL", "validate_frames",
            "keep_freed_memory"]
 
 logger = logging.getLogger(__name__)
@@ -207,6 +209,8 @@ class CDIModel:
                  views: int = 1, fold_small_steps: bool | None = None, centre: bool | None = None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() and not isinstance(network, Int8CDINN) else "cpu"
+        if not isinstance(network, Int8CDINN):  # an int8 one says it runs on a CPU only (resolve_precision)
+            check_device(device)
         self.device = torch.device(device)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
@@ -319,6 +323,11 @@ class CDIModel:
             logits = self.network.forward_logits(x)
         return self.network.outputs(*logits)
 
+    def on_cpu(self) -> CDIModel:
+        """The same model on the CPU (fp16, which the CPU lacks, becomes the CPU's default)."""
+        return CDIModel(self.network.cpu(), name=self.name, card=self.card, device="cpu", views=self.views,
+                        centre=self.centre, precision="auto" if self.precision == "fp16" else self.precision)
+
     def predict(self, intensity: np.ndarray | torch.Tensor, *, batch_size: int = 1024) -> Reconstruction:
         """Shape and phase of ``(H, W)`` or ``(N, H, W)`` diffraction intensities.
 
@@ -338,26 +347,115 @@ class CDIModel:
         return Reconstruction(torch.cat(amps).numpy(), torch.cat(phases).numpy())
 
 
-def _model_dirs() -> list[Path]:
-    dirs = [Path(str(resources.files("cdinn_stream") / "_models"))]
-    dirs.append(Path(__file__).resolve().parents[2] / "models")  # source checkout
+#: Environment variable of the folders searched first for a model name (``os.pathsep``-separated).
+MODELS_ENV = "CDINN_MODELS"
+
+
+def shipped_model_dirs() -> list[Path]:
+    """The package's own models folders: ``cdinn_stream/_models`` of an installed wheel, and
+    ``models/`` of the source checkout it runs from (where they exist)."""
+    dirs = [Path(str(resources.files("cdinn_stream") / "_models")),
+            Path(__file__).resolve().parents[2] / "models"]  # source checkout
     return [d for d in dirs if d.is_dir()]
 
 
+def user_models_dir() -> Path:
+    """The user's models folder: ``$XDG_DATA_HOME/cdinn-stream/models`` (default
+    ``~/.local/share/cdinn-stream/models``)."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "cdinn-stream" / "models"
+
+
+def _search_path() -> list[tuple[str, Path]]:
+    """:func:`model_search_path` with where each folder comes from."""
+    env = [("$" + MODELS_ENV, Path(d)) for d in os.environ.get(MODELS_ENV, "").split(os.pathsep) if d]
+    labelled, seen = [], set()
+    for label, d in (*env, ("./models", Path("models")), ("user", user_models_dir()),
+                     *(("shipped", d) for d in shipped_model_dirs())):
+        key = d.resolve()
+        if key not in seen:
+            seen.add(key)
+            labelled.append((label, d))
+    return labelled
+
+
+def model_search_path() -> list[Path]:
+    """Folders searched for a model name, in order, whether they exist or not: each folder of
+    ``$CDINN_MODELS`` (``os.pathsep``-separated), ``./models`` of the current directory, the
+    user's folder (:func:`user_models_dir`), then the shipped models (:func:`shipped_model_dirs`)."""
+    return [d for _, d in _search_path()]
+
+
+def _model_dirs() -> list[Path]:
+    return [d for d in model_search_path() if d.is_dir()]
+
+
 def model_path(name: str) -> Path:
-    """Path of a shipped model's weights (``models/<name>.pt``)."""
+    """Path of the weights of the model ``name`` (``<folder>/<name>.pt``), from the first folder of
+    :func:`model_search_path` that has it. Raises ``ValueError`` naming the folders searched."""
     for d in _model_dirs():
         p = d / f"{name}.pt"
         if p.is_file():
             return p
     known = sorted({p.stem for d in _model_dirs() for p in d.glob("*.pt")})
-    raise ValueError(f"no shipped model named {name!r}; known: {known} (or give a path to a .pt file)")
+    looked = ", ".join(f"{label} {d.absolute()}" for label, d in _search_path())
+    raise ValueError(f"no model named {name!r}: no shipped model named so, and none on the model search path "
+                     f"({looked}; ${MODELS_ENV} puts folders first); known: {known} (or give a path to a .pt file)")
+
+
+def resolve_weights(name_or_path: str | Path, *, precision: str = "auto") -> Path:
+    """The weights file :func:`load_model` reads for ``name_or_path``: a path as it is, a name
+    through :func:`model_path` (its int8 sibling with ``precision="int8"``)."""
+    p = Path(name_or_path)
+    if p.suffix == ".pt" or p.exists():
+        return p
+    name = str(name_or_path)
+    if precision == "int8" and not name.endswith("-int8"):
+        name += "-int8"
+    return model_path(name)
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Raise ``ValueError`` (not torch's bare ``AssertionError``) for a CUDA device torch cannot use."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available in this torch build/machine: use device='cpu'")
+
+
+def read_network(path: str | Path) -> CDINN | Int8CDINN:
+    """The network in a weights file: a :class:`CDINN` (float, :data:`~cdinn_stream.nn.weights.FORMAT`)
+    or an :class:`~cdinn_stream.nn.int8.Int8CDINN` (:data:`cdinn_stream.nn.int8.FORMAT`); raises
+    :class:`~cdinn_stream.nn.weights.WeightsError` on a bad file (and ``RuntimeError`` for an int8
+    file on a torch without oneDNN's int8 operators)."""
+    blob = load_blob(path, "cpu", (FORMAT, int8.FORMAT))
+    if blob["format"] == FORMAT:
+        return float_network(blob, path)
+    if not int8.int8_available():
+        raise RuntimeError(f"{path} is an int8 network, and this torch build has no oneDNN int8 operators "
+                           "(x86 CPU builds do): use the float model")
+    try:
+        return int8.read_int8_weights(blob)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise WeightsError(f"int8 weights in {path} do not match their configuration: {err}") from err
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device | None = None,
                precision: str = "auto", cuda_graphs: bool | None = None, views: int = 1,
                fold_small_steps: bool | None = None, centre: bool | None = None) -> CDIModel:
-    """Load a shipped model by name (``"cdinn-32"``, ``"cdinn-64"``) or a weights file by path.
+    """Load a model by name (``"cdinn-32"``, ``"cdinn-64"``, or one you published) or a weights file by path.
+
+    A name is looked up on the model search path (:func:`model_search_path`), first match wins:
+
+    1. the folders in ``$CDINN_MODELS`` (``os.pathsep``-separated, e.g. ``/data/models:/lab/models``);
+    2. ``./models`` of the current directory (where ``cdinn-stream publish`` writes by default);
+    3. the user's folder ``$XDG_DATA_HOME/cdinn-stream/models`` (default ``~/.local/share/cdinn-stream/models``);
+    4. the shipped models (the package's own ``models/``).
+
+    An unknown name raises ``ValueError`` listing the folders searched.
 
     The model goes to ``device`` (default: CUDA when available, else CPU) and computes in
     ``precision`` (see :func:`resolve_precision`); ``cuda_graphs`` replays captured CUDA graphs
@@ -369,14 +467,9 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.
     sibling (``cdinn-32`` -> ``cdinn-32-int8``). ``centre`` centres each pattern on its Bragg peak
     (:meth:`CDIModel.predict_tensor`); default: as the network was trained (its card's recipe).
     Weights are read with ``weights_only=True``; the model card (``<name>.json`` beside the
-    weights) is attached.
+    weights) is attached. ``device="cuda"`` on a torch or machine without CUDA raises ``ValueError``.
     """
-    p = Path(name_or_path)
-    if not (p.suffix == ".pt" or p.exists()):
-        name = str(name_or_path)
-        if precision == "int8" and not name.endswith("-int8"):
-            name += "-int8"
-        p = model_path(name)
+    p = resolve_weights(name_or_path, precision=precision)
     network = read_network(p)
     card_path = p.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
-from . import int8
 from .model import CDINN, ModelConfig
 
-__all__ = ["FORMAT", "save_weights", "read_weights", "read_network", "WeightsError"]
+__all__ = ["FORMAT", "save_weights", "read_weights", "load_blob", "float_network", "WeightsError"]
 
 #: Version tag of the weights file format.
 FORMAT = "cdinn-stream/1"
@@ -31,7 +30,8 @@ def save_weights(model: CDINN, path: str | Path, *, meta: dict | None = None) ->
                Path(path))
 
 
-def _load(path: str | Path, map_location: str | torch.device, formats: tuple[str, ...]) -> dict:
+def load_blob(path: str | Path, map_location: str | torch.device, formats: tuple[str, ...]) -> dict:
+    """The plain-data contents of a weights file of one of ``formats`` (:class:`WeightsError` otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"no weights file at {path}")
@@ -45,24 +45,8 @@ def _load(path: str | Path, map_location: str | torch.device, formats: tuple[str
     return blob
 
 
-def read_network(path: str | Path) -> CDINN | int8.Int8CDINN:
-    """The network in a weights file: a :class:`CDINN` (float, :data:`FORMAT`) or an
-    :class:`~cdinn_stream.nn.int8.Int8CDINN` (:data:`cdinn_stream.nn.int8.FORMAT`); raises
-    :class:`WeightsError` on a bad file (and ``RuntimeError`` for an int8 file on a torch
-    without oneDNN's int8 operators)."""
-    blob = _load(path, "cpu", (FORMAT, int8.FORMAT))
-    if blob["format"] == FORMAT:
-        return _float_network(blob, path)
-    if not int8.int8_available():
-        raise RuntimeError(f"{path} is an int8 network, and this torch build has no oneDNN int8 operators "
-                           "(x86 CPU builds do): use the float model")
-    try:
-        return int8.read_int8_weights(blob)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise WeightsError(f"int8 weights in {path} do not match their configuration: {err}") from err
-
-
-def _float_network(blob: dict, path: str | Path) -> CDINN:
+def float_network(blob: dict, path: str | Path) -> CDINN:
+    """The float network of a :data:`FORMAT` blob (from :func:`load_blob`)."""
     try:
         model = CDINN(ModelConfig.from_dict(blob["config"]))
         model.load_state_dict(blob["state_dict"])
@@ -73,4 +57,4 @@ def _float_network(blob: dict, path: str | Path) -> CDINN:
 
 def read_weights(path: str | Path, *, map_location: str | torch.device = "cpu") -> CDINN:
     """Build a :class:`CDINN` from a weights file; raises :class:`WeightsError` on a bad file."""
-    return _float_network(_load(path, map_location, (FORMAT,)), path)
+    return float_network(load_blob(path, map_location, (FORMAT,)), path)

@@ -2,43 +2,75 @@
 
 PVs (served by ``cdinn-stream ioc --prefix P``, see :mod:`cdinn_stream.apps.ioc`): ``P:AMPLITUDE``
 and ``P:PHASE`` (waveforms of ``h*w`` values, row-major), ``P:SHAPE`` (``[h, w]``),
-``P:SUPPORT_SIZE`` (pixels), ``P:PHASE_RMS`` (rad, inside the support, about the circular mean), ``P:FRAME_RATE``
-(frames/s), ``P:FRAMES`` (count), ``P:SEQ_NUM``, ``P:RUN_UID`` and ``P:STATUS``.
+``P:SUPPORT_SIZE`` (pixels), ``P:PHASE_RMS`` (rad: the standard deviation of the phase inside the
+support, about its circular mean), ``P:FRAME_RATE`` (frames/s), ``P:FRAMES`` (count), ``P:SEQ_NUM``,
+``P:RUN_UID`` and ``P:STATUS``.
 
-Without an IOC the sink warns once and goes on (it tries to reconnect every ``retry`` seconds).
+Channel Access finds an IOC by UDP broadcast, which usually does not reach an IOC bound to
+127.0.0.1 (``cdinn-stream ioc``'s default): point the client at it before the process first uses
+EPICS, with ``EPICS_CA_ADDR_LIST=127.0.0.1 EPICS_CA_AUTO_ADDR_LIST=NO EPICS_CA_SERVER_PORT=<the IOC's port>``
+(``cdinn-stream ioc`` prints the line to export when it starts).
+
+A write counts as delivered only when the IOC has confirmed every put of it (put with completion
+callback; the write waits up to ``timeout`` s for them all): ``frames_delivered``.
+Frames of a write that did not reach the IOC count in ``frames_undelivered``, which the sink's
+thread (:class:`~cdinn_stream.live.publish.SinkThread`) reports as dropped, the write as an error.
+Without an IOC the sink warns once, saying how to point Channel Access at it, and goes on (it
+tries to reconnect every ``retry`` seconds).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import time
 
 import numpy as np
 
 from ..live.blocks import ResultBlock
 
-__all__ = ["EpicsSink", "PV_NAMES"]
+__all__ = ["EpicsSink", "PV_NAMES", "CA_HINT"]
 
 logger = logging.getLogger(__name__)
 
 PV_NAMES = ("AMPLITUDE", "PHASE", "SHAPE", "SUPPORT_SIZE", "PHASE_RMS", "FRAME_RATE", "FRAMES", "SEQ_NUM",
             "RUN_UID", "STATUS")
 
+#: how to point Channel Access at the IOC (in the sink's warning)
+CA_HINT = ("Channel Access finds IOCs by UDP broadcast, which usually does not reach an IOC on 127.0.0.1: "
+           "before this process first uses EPICS, set EPICS_CA_ADDR_LIST=<the IOC's address, 127.0.0.1 for "
+           "`cdinn-stream ioc`> EPICS_CA_AUTO_ADDR_LIST=NO EPICS_CA_SERVER_PORT=<its port, 5064 by default> "
+           "(`cdinn-stream ioc` prints the line to export); here they are ")
+
+
+def _ca_settings() -> str:
+    return ", ".join(f"{v}={os.environ.get(v, '(unset)')}" for v in
+                     ("EPICS_CA_ADDR_LIST", "EPICS_CA_AUTO_ADDR_LIST", "EPICS_CA_SERVER_PORT"))
+
 
 class EpicsSink:
-    """Writes the latest result of each batch to the IOC's PVs (see the module docstring)."""
+    """Writes the latest result of each batch to the IOC's PVs (see the module docstring).
+
+    Counters: ``writes`` (writes the IOC confirmed), ``frames_delivered`` (frames of those writes)
+    and ``frames_undelivered`` (frames of writes that did not reach the IOC)."""
 
     def __init__(self, prefix: str = "CDINN:", *, timeout: float = 1.0, retry: float = 10.0):
+        if importlib.util.find_spec("epics") is None:
+            raise ImportError("EpicsSink needs pyepics: pip install 'cdinn-stream[epics]'")
         self.prefix = prefix
         self.timeout = timeout
         self.retry = retry
         self._pvs: dict | None = None
+        self._sent: list = []  # PVs put since the last _confirm
         self._warned = False
         self._next_try = 0.0
         self._frames = 0
         self._rate_t0: float | None = None
         self._rate_n = 0
         self.writes = 0
+        self.frames_delivered = 0
+        self.frames_undelivered = 0
 
     def _connect(self) -> bool:
         if self._pvs is not None:
@@ -58,21 +90,38 @@ class EpicsSink:
             pv.disconnect()
         self._next_try = time.monotonic() + self.retry
         if not self._warned:
-            logger.warning("no EPICS IOC answers for %s*: going on without EPICS feedback", self.prefix)
+            logger.warning("no EPICS IOC answers for %s*: going on without EPICS feedback (results count as "
+                           "dropped in the sink's stats until it answers). %s%s", self.prefix, CA_HINT,
+                           _ca_settings())
             self._warned = True
         return False
 
     def _put(self, name: str, value) -> None:
+        """Send a put that the IOC confirms (:meth:`_confirm` waits for it)."""
         pv = self._pvs[name]
         if not pv.connected:
             self._pvs = None
             raise ConnectionError(f"{self.prefix}{name} disconnected")
-        pv.put(value, wait=False)
+        self._sent.append(pv)
+        if pv.put(value, use_complete=True) is None:
+            raise ConnectionError(f"{self.prefix}{name} disconnected")
+
+    def _confirm(self) -> None:
+        """Wait until the IOC has confirmed every put sent since the last call (``timeout`` s at most)."""
+        import epics
+
+        sent, self._sent = self._sent, []
+        end = time.monotonic() + self.timeout
+        while not all(pv.put_complete for pv in sent):
+            if time.monotonic() > end:
+                late = ", ".join(pv.pvname for pv in sent if not pv.put_complete)
+                raise ConnectionError(f"the IOC did not confirm the puts to {late} within {self.timeout} s")
+            epics.ca.pend_event(1e-3)  # runs callbacks where CA does not do so by itself
 
     def open_run(self, run_uid: str, start: dict) -> None:
         self._frames = 0
         if self._connect():
-            self._safe(lambda: (self._put("RUN_UID", run_uid), self._put("STATUS", "running")))
+            self._safe(lambda: (self._put("RUN_UID", run_uid), self._put("STATUS", "running"), self._confirm()))
 
     def write(self, result: ResultBlock) -> None:
         now = time.monotonic()
@@ -82,14 +131,15 @@ class EpicsSink:
             self._rate_t0, self._rate_n = now, 0
         self._rate_n += n
         if not self._connect():
+            self.frames_undelivered += n
             return
         amp, phase = result.amplitude[-1], result.phase[-1]
         support = amp > 0.1
-        rms = 0.0
-        if support.any():  # about the circular mean, modulo 2 pi: the phase is wrapped to [-pi, pi)
+        spread = 0.0  # standard deviation of the phase inside the support, about its circular mean
+        if support.any():  # modulo 2 pi: the phase is wrapped to [-pi, pi)
             inside = phase[support].astype(np.float64)
-            spread = np.angle(np.exp(1j * (inside - np.angle(np.exp(1j * inside).sum()))))
-            rms = float(np.sqrt(np.mean(spread**2)))
+            deviation = np.angle(np.exp(1j * (inside - np.angle(np.exp(1j * inside).sum()))))
+            spread = float(np.sqrt(np.mean(deviation**2)))
         elapsed = now - self._rate_t0
         rate = self._rate_n / elapsed if elapsed > 0 else 0.0
         if elapsed > 2.0:
@@ -100,26 +150,32 @@ class EpicsSink:
             self._put("PHASE", phase.ravel())
             self._put("SHAPE", np.array(amp.shape, np.int32))
             self._put("SUPPORT_SIZE", int(support.sum()))
-            self._put("PHASE_RMS", rms)
+            self._put("PHASE_RMS", spread)
             self._put("FRAME_RATE", rate)
             self._put("FRAMES", self._frames)
             self._put("SEQ_NUM", int(result.frames.seq_nums[-1]))
+            self._confirm()
 
         if self._safe(put_all):
             self.writes += 1
+            self.frames_delivered += n
+        else:
+            self.frames_undelivered += n
 
     def close_run(self, run_uid: str, summary: dict) -> None:
         if self._connect():
-            self._safe(lambda: self._put("STATUS", f"done {summary.get('stop', {}).get('exit_status', '')}".strip()))
+            status = f"done {summary.get('stop', {}).get('exit_status', '')}".strip()
+            self._safe(lambda: (self._put("STATUS", status), self._confirm()))
 
     def _safe(self, fn) -> bool:
         try:
             fn()
             return True
         except Exception as err:
-            self._pvs = None
+            self._pvs, self._sent = None, []
             if not self._warned:
-                logger.warning("EPICS IOC %s went away (%s): going on without EPICS feedback", self.prefix, err)
+                logger.warning("EPICS IOC %s went away (%s): going on without EPICS feedback (results count as "
+                               "dropped in the sink's stats until it is back)", self.prefix, err)
                 self._warned = True
             self._next_try = time.monotonic() + self.retry
             return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -10,10 +11,34 @@ import uuid
 import pytest
 import torch
 import zmq
+from conftest import wait_for
 
 from cdinn_stream.apps.demo import loopback_epics_env
 
-loopback_epics_env()  # before pyepics is first used in this process
+
+def _loopback_epics_settings() -> dict[str, str]:
+    """The environment variables ``loopback_epics_env`` sets (Channel Access on 127.0.0.1, a free
+    port), without leaving them set."""
+    before = dict(os.environ)
+    loopback_epics_env()
+    settings = {k: v for k, v in os.environ.items() if before.get(k) != v}
+    for key in settings:
+        if key in before:
+            os.environ[key] = before[key]
+        else:
+            del os.environ[key]
+    return settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_epics():
+    """Channel Access (the caproto IOC and the pyepics client) on 127.0.0.1 and a port of its own,
+    for the whole session, set before pyepics is first used (its client library reads them once)
+    and restored at the end."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in _loopback_epics_settings().items():
+            mp.setenv(key, value)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +60,7 @@ def tiled_client(tiled_server):
 
 
 @pytest.fixture(scope="session")
-def ioc():
+def ioc(loopback_epics):
     from cdinn_stream.apps.ioc import IOCThread
 
     prefix = f"T{uuid.uuid4().hex[:6]}:"
@@ -88,16 +113,43 @@ def zmq_pair():
 
     sink = ZmqPublisherSink("tcp://127.0.0.1:0")
     collector = ZmqCollector(sink.address)
-    # slow joiner: wait until the subscription reaches the publisher
-    end = time.monotonic() + 5
-    while time.monotonic() < end:
+
+    def subscribed():  # slow joiner: messages sent before the subscription reaches the publisher are lost
         sink._socket.send_multipart([b"cdinn.ping", b"{}"])
         if collector.sock.poll(50):
             collector.sock.recv_multipart()
-            break
+            return True
+        return False
+
+    wait_for(subscribed, timeout=10, interval=0, what="the collector's subscription reaching the ZeroMQ sink")
     yield sink, collector
     collector.close()
     sink.close()
+
+
+def publish_probe(publisher, uid: str | None = None) -> str:
+    """Publish an empty run (a start and a stop document, no events; ``uid`` or a new one) with
+    ``publisher`` (a bluesky 0MQ ``Publisher``); returns its uid. ZeroMQ drops what is published
+    before its connections are made (the slow joiner): once a probe arrives at the far end, so do
+    the documents published after it."""
+    from event_model import compose_run
+
+    run = compose_run(uid=uid, metadata={"purpose": "cdinn-stream test probe"})
+    publisher("start", run.start_doc)
+    publisher("stop", run.compose_stop())
+    return run.start_doc["uid"]
+
+
+def wait_for_serve(publisher, tiled_client, timeout: float = 30.0) -> None:
+    """Publish probe runs until `cdinn-stream serve`, behind a bluesky-0MQ-proxy, has stored one in
+    Tiled (as an empty container in ``cdinn``): the path publisher -> proxy -> serve -> Tiled is up."""
+    probes: list[str] = []
+
+    def stored() -> bool:
+        probes.append(publish_probe(publisher))
+        return "cdinn" in tiled_client and not set(probes).isdisjoint(tiled_client["cdinn"])
+
+    wait_for(stored, timeout=timeout, interval=0.2, what="a probe run published through the proxy stored by serve")
 
 
 @pytest.fixture(autouse=True)
@@ -134,15 +186,18 @@ class TiledServerProcess:
             cmd.append("--init")
             self._initialised = True
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + timeout
-        while True:
+
+        def answers() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tiled serve exited with status {self.proc.returncode}")
             try:
                 httpx.get(f"{self.uri}/api/v1/", timeout=1).raise_for_status()
-                return self
+                return True
             except Exception:
-                if time.monotonic() > end or self.proc.poll() is not None:
-                    raise RuntimeError("tiled serve did not start") from None
-                time.sleep(0.2)
+                return False
+
+        wait_for(answers, timeout=timeout, interval=0.2, what=f"tiled serve answering on {self.uri}")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -286,6 +286,8 @@ def test_killed_mid_run_then_replayed_from_tiled_gives_complete_identical_result
         if publisher is not None:
             publisher.close()
         serve.kill()
+        serve.wait(10)
+        serve.stdout.close()
         proxy.terminate()
         proxy.wait(5)
     assert 0 < partial[0] < 24, "the served pipeline was killed with part of the run stored"
@@ -350,6 +352,7 @@ def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client)
     finally:
         serve.terminate()
         serve.wait(10)
+        serve.stdout.close()
         proxy.terminate()
         proxy.wait(5)
     assert len(uids) == 3

@@ -65,7 +65,7 @@ def test_evaluate_then_publish(tmp_path, tiny_weights, capsys):
     before = tmp_path / "tiny-32.before.json"
     before.write_text((models / "tiny-32.json").read_text())
     assert main(["publish", str(run), str(ev), "--name", "tiny-32", "--models", str(models),
-                 "--after", str(before), "--also", str(ev)]) == 0
+                 "--after", str(before), "--also", str(ev), "--force"]) == 0  # it replaces the first tiny-32
     card = json.loads((models / "tiny-32.json").read_text())
     assert card["other_evaluations"][0]["n"] == 12 and card["evaluation"]["views"] == 1
     assert [s["recipe"]["n_train"] for s in card["lineage"]] == [10]
@@ -87,6 +87,7 @@ def test_crystal_evaluation_with_sweeps_goes_into_the_card(tmp_path, tiny_weight
     models = tmp_path / "models"
     models.mkdir()
     (models / "tiny.json").write_text(json.dumps({"name": "tiny", "evaluation": {"n": 1}}))
+    (models / "tiny.pt").write_bytes(tiny_weights.read_bytes())  # the weights evaluated
     # the report is of another model: refused, with the reason
     assert main(["publish", "--attach", "other", "--crystal-evaluation", str(ev), "--models", str(models)]) == 2
     assert "evaluates 'tiny'" in capsys.readouterr().err

@@ -20,8 +20,8 @@ from cdinn_stream.nn.int8 import (
     save_int8_weights,
 )
 from cdinn_stream.nn.model import CDINN, ModelConfig
-from cdinn_stream.nn.reconstruct import CDIModel, load_model
-from cdinn_stream.nn.weights import WeightsError, read_network, save_weights
+from cdinn_stream.nn.reconstruct import CDIModel, load_model, read_network
+from cdinn_stream.nn.weights import WeightsError, save_weights
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 operators in this torch build")
 

@@ -48,9 +48,32 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_old_flat_import_paths_still_work():
     """Code written against the flat layout (``cdinn_stream.physics``, ...) keeps working."""
-    import cdinn_stream.core.physics
     import cdinn_stream.physics
     from cdinn_stream.reconstruct import load_model
 
+    import cdinn_stream.core.physics
+
     assert cdinn_stream.physics is cdinn_stream.core.physics
     assert load_model is cdinn_stream.load_model
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports at run time (typing-only imports left out)."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("cdinn_stream", exclude_type_checking_imports=True)
+    return {m: graph.find_modules_directly_imported_by(m) - {"cdinn_stream"} for m in graph.modules}
+
+
+def test_the_import_graph_has_no_cycles_and_at_most_nine_floors():
+    """Fewer floors than the flat package's 11 (modules importing modules importing ...), no cycles."""
+    deps = _import_graph()
+    floors: dict[str, int] = {}
+
+    def floor(module: str, path: tuple[str, ...] = ()) -> int:
+        assert module not in path, f"import cycle: {' -> '.join(path + (module,))}"
+        if module not in floors:
+            floors[module] = 1 + max((floor(d, path + (module,)) for d in deps[module]), default=0)
+        return floors[module]
+
+    deepest = max(deps, key=floor)
+    assert floor(deepest) <= 9, f"{deepest} sits on floor {floor(deepest)}"

@@ -135,7 +135,7 @@ def test_without_onednn_int8_the_error_says_what_to_do(monkeypatch, tmp_path):
     import cdinn_stream.nn.int8 as int8_module
     from cdinn_stream.nn.int8 import FORMAT, Int8CDINN
     from cdinn_stream.nn.model import ModelConfig
-    from cdinn_stream.nn.weights import read_network
+    from cdinn_stream.nn.reconstruct import read_network
 
     config = ModelConfig(32, (8, 16, 32), 2, 4)
 

@@ -9,14 +9,27 @@ from cdinn_stream.lab.train import TrainConfig, train
 from cdinn_stream.nn.reconstruct import load_model
 
 
-def test_train_checkpoint_resume_and_outputs(tmp_path):
+def test_train_checkpoint_resume_and_outputs(tmp_path, monkeypatch):
+    import cdinn_stream.lab.train as train_module
+
     cfg = TrainConfig(out_dir=tmp_path, widths=(4, 8, 16), convs_per_stage=1, n_train=512, n_val=128,
-                      batch_size=128, epochs=2, seed=3)
-    first = train(cfg)
+                      batch_size=128, epochs=3, seed=3)
+    real_plot, plots = train_module.plot_training_curve, []
+
+    def plot_then_stop_after_two(history, path):  # the run is interrupted after its second epoch's checkpoint
+        real_plot(history, path)
+        plots.append(path)
+        if len(plots) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "plot_training_curve", plot_then_stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(train_module, "plot_training_curve", real_plot)
+    first = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in first["history"]] == [1, 2]
     for name in ("checkpoint.pt", "best.pt", "training_curve.png", "history.json"):
         assert (tmp_path / name).is_file(), name
-    cfg.epochs = 3
     resumed = train(cfg, resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][:2] == first["history"]

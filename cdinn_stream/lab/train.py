@@ -396,6 +396,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     out = Path(cfg.out_dir)
     if resume:
         _check_resume(cfg, stored_recipe(out))
+    elif (out / "checkpoint.pt").exists():
+        raise ValueError(f"{out} already holds a training run (checkpoint.pt): --resume continues it; choose "
+                         "another --out for a new run")
     device = _device(cfg.device)
     with output_folder(out):
         return _train(cfg, out, device, resume)

@@ -4,11 +4,13 @@ One folder per run under the spool root::
 
     <root>/<run_uid>/manifest.json       parent, start document, model card, frames already in
                                          Tiled ("written"), and the run's end ("close") once known
-    <root>/<run_uid>/chunk-000001.npz    the columns of one write, in order
+    <root>/<run_uid>/chunk-000001.npz    the columns of one write (one row per frame each), in order
 
-:class:`~cdinn_stream.sinks.TiledSink` appends here while its server is unreachable and writes the
-chunks back in order when it returns; ``cdinn-stream backfill`` does the same later for a spool
-left behind (the server never came back before the process ended).
+The wrapper :class:`~cdinn_stream.sinks.spooled.SpooledSink` (as :class:`~cdinn_stream.sinks.TiledSink`)
+appends here while its store is unreachable or behind and writes the chunks back in order when it
+answers; ``cdinn-stream backfill`` does the same later for a spool left behind (the server never
+came back before the process ended). Nothing here knows Tiled: a manifest records where its run
+goes (``parent``) for the store that writes it back.
 """
 
 from __future__ import annotations
@@ -96,11 +98,11 @@ class Spool:
             return {k: data[k] for k in data.files}
 
     def frames(self, run_uid: str) -> int:
-        """Frames waiting for ``run_uid``."""
+        """Frames waiting for ``run_uid`` (each column of a chunk has one row per frame)."""
         total = 0
         for chunk in self.chunks(run_uid):
-            with np.load(chunk) as data:  # an earlier version's chunks have seq_num, not frame_info
-                total += len(data["frame_info" if "frame_info" in data.files else "seq_num"])
+            with np.load(chunk) as data:
+                total += len(data[data.files[0]]) if data.files else 0
         return total
 
     def remove(self, run_uid: str) -> None:

@@ -426,3 +426,14 @@ def test_publish_int8_checks_the_evaluated_weights_and_the_name(tmp_path, tiny_w
     with pytest.raises(ValueError, match="--force"):
         publish_int8(weights, ev, "tiny-int8", models, source="tiny", stages=[stage])
     publish_int8(weights, ev, "tiny-int8", models, source="tiny", stages=[stage], force=True)
+
+
+def test_train_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    from cdinn_stream.lab.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"an earlier run's checkpoint")
+    with pytest.raises(ValueError, match="--resume"):
+        train(TrainConfig(out_dir=out, size=32, widths=(4, 8, 16), n_train=8, n_val=8, epochs=1))
+    assert (out / "checkpoint.pt").read_bytes() == b"an earlier run's checkpoint"

@@ -212,7 +212,7 @@ class _NullModel:
 
     def __init__(self, model):
         self.network, self.name, self.card, self.size = model.network, "null", {}, model.size
-        self.device, self.precision = model.device, "none"
+        self.device, self.precision, self.centre = model.device, "none", model.centre
 
     def predict_tensor(self, amplitude):
         return amplitude, amplitude

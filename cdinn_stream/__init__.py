@@ -72,6 +72,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
         globals()[name] = value
         return value
+    if name in _MOVED:  # ``cdinn_stream.physics`` as an attribute, as the flat layout allowed
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'cdinn_stream' has no attribute {name!r}")
 
 

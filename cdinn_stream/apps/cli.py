@@ -213,8 +213,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
-    from tiled.client import from_uri
-
     from ..sinks import TiledSink
     from ..sinks.spool import Spool
 
@@ -225,9 +223,14 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         return 0
     frames = sum(spool.frames(uid) for uid in runs)
     print(f"{len(runs)} runs, {frames} frames waiting in {spool.root}")
-    sink = TiledSink(from_uri(args.tiled, api_key=args.api_key), spool_dir=spool.root)
+    sink = TiledSink.from_uri(args.tiled, api_key=args.api_key or os.environ.get("TILED_API_KEY"),
+                              spool_dir=spool.root)
     written = sink.backfill()
     left = spool.runs()
+    for uid in left:
+        server = spool.manifest(uid).get("server")
+        if server and server != sink.store.location:
+            print(f"run {uid} was spooled for {server}, not {sink.store.location}: give that server's URL")
     print(json.dumps({"frames_written": written, "runs_left": left}))
     return 0 if not left else 1
 
@@ -240,13 +243,12 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pipeline(args: argparse.Namespace, *, parent: str) -> PipelineConfig:
+def _pipeline(args: argparse.Namespace, *, parent: str | None = None) -> PipelineConfig:
     """The pipeline settings: the environment (``PipelineConfig.from_env``), then the options given."""
     from .config import PipelineConfig
 
     return PipelineConfig.from_env(model=args.model, device=args.device, precision=args.precision, views=args.views,
-                                   batch_size=args.batch_size, zmq_out=args.zmq_out,
-                                   tiled_uri=args.tiled_out or getattr(args, "tiled", None),
+                                   batch_size=args.batch_size, zmq_out=args.zmq_out, tiled_uri=args.tiled_out,
                                    tiled_api_key=args.api_key, tiled_parent=parent, epics_prefix=args.epics_prefix)
 
 
@@ -255,8 +257,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from .replay import replay_run
 
     config = _pipeline(args, parent=args.parent)
-    source = connect_tiled(args.tiled, args.api_key)
-    cb = config.build(tiled_client=source if not args.tiled_out else None)
+    source = connect_tiled(args.tiled, config.tiled_api_key)
+    # results go to --tiled-out, else to the server the run came from (never to $TILED_URL unasked)
+    cb = config.build(tiled_client=None if args.tiled_out else source)
     print(json.dumps(replay_run(source, args.uid, cb, pace=args.pace)))
     return 0
 
@@ -266,7 +269,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from bluesky.callbacks.zmq import RemoteDispatcher
 
-    cb = _pipeline(args, parent="cdinn").build()
+    cb = _pipeline(args).build()
     dispatcher = RemoteDispatcher(args.zmq)
     dispatcher.subscribe(cb)
     print(f"reconstructing documents from {args.zmq} (Ctrl-C to stop)", flush=True)
@@ -291,18 +294,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_sink_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--zmq-out", default=None, help="publish results on this ZeroMQ address (e.g. tcp://127.0.0.1:5579)")
-    p.add_argument("--tiled-out", default=None, help="write results to this Tiled server")
-    p.add_argument("--api-key", default=os.environ.get("TILED_API_KEY"),
+    """The pipeline's options; each left out takes its environment variable, then the default
+    (``PipelineConfig.from_env``, docs/pipeline.md "Configuration")."""
+    p.add_argument("--zmq-out", default=None,
+                   help="publish results on this ZeroMQ address (e.g. tcp://127.0.0.1:5579; default $CDINN_ZMQ_OUT)")
+    p.add_argument("--tiled-out", default=None, help="write results to this Tiled server (default $TILED_URL)")
+    p.add_argument("--api-key", default=None,
                    help="Tiled API key (default: $TILED_API_KEY; keep keys out of profiles and shell history)")
-    p.add_argument("--epics-prefix", default=None, help="write the IOC's PVs with this prefix (e.g. CDINN:)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or .pt path (default %(default)s)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    p.add_argument("--batch-size", type=int, default=256, help="most frames per model call (default %(default)s)")
-    p.add_argument("--views", type=int, default=1, choices=range(1, 9), metavar="{1..8}",
-                   help="symmetric copies of each pattern the network sees, combined (default 1; 8: more accurate, "
-                        "8x the network's time)")
+    p.add_argument("--epics-prefix", default=None,
+                   help="write the IOC's PVs with this prefix (e.g. CDINN:; default $CDINN_EPICS_PREFIX)")
+    p.add_argument("--model", default=None,
+                   help=f"model name (on the model search path) or .pt path (default $CDINN_MODEL or {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="cpu or cuda (default $CDINN_DEVICE, else cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help=PRECISION_HELP.replace("(default auto:", "(default $CDINN_PRECISION or auto:"))
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="most frames per model call (default $CDINN_BATCH_SIZE or 256)")
+    p.add_argument("--views", type=int, default=None, choices=range(1, 9), metavar="{1..8}",
+                   help="symmetric copies of each pattern the network sees, combined (default $CDINN_VIEWS or 1; "
+                        "8: more accurate, 8x the network's time)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -534,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "spool (default $CDINN_SPOOL or ~/.cache/cdinn-stream/spool). This writes "
                                     "them to the server, in order, and marks their runs complete.")
     bf.add_argument("--tiled", required=True, help="Tiled server URL")
-    bf.add_argument("--api-key", default=os.environ.get("TILED_API_KEY"),
+    bf.add_argument("--api-key", default=None,
                     help="Tiled API key (default: $TILED_API_KEY)")
     bf.add_argument("--spool", default=None, help="spool folder (default $CDINN_SPOOL or ~/.cache/cdinn-stream/spool)")
     bf.set_defaults(func=_cmd_backfill)

@@ -20,7 +20,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
+from ..live.blocks import Closes
 from ..nn.options import DEFAULT_MODEL, PRECISIONS
+from ..sinks.tiled import connect_tiled
 
 __all__ = ["PipelineConfig", "connect_tiled", "ENVIRONMENT"]
 
@@ -133,18 +135,26 @@ class PipelineConfig:
         from ..sinks import EpicsSink, TiledSink, ZmqPublisherSink
 
         sinks: list = []
-        if self.zmq_out:
-            sinks.append(ZmqPublisherSink(self.zmq_out))
-        client = tiled_client if tiled_client is not None else self.tiled_client()
-        if client is not None:
-            sinks.append(TiledSink(client, parent=self.tiled_parent, model_card=model_card, spool_dir=self.spool_dir))
-        if self.epics_prefix:
-            sinks.append(EpicsSink(self.epics_prefix))
+        try:
+            if self.zmq_out:
+                sinks.append(ZmqPublisherSink(self.zmq_out))
+            client = tiled_client if tiled_client is not None else self.tiled_client()
+            if client is not None:
+                sinks.append(TiledSink(client, parent=self.tiled_parent, model_card=model_card,
+                                       spool_dir=self.spool_dir))
+            if self.epics_prefix:
+                sinks.append(EpicsSink(self.epics_prefix))
+        except BaseException:
+            for sink in sinks:  # a socket bound for nothing would hold its address
+                if isinstance(sink, Closes):
+                    sink.close()
+            raise
         return sinks
 
     def build(self, *, model=None, tiled_client=None, mask=None, image_key: str | None = None,
               handler_registry: dict | None = None):
-        """The :class:`~cdinn_stream.live.callback.ReconstructionCallback` with its sinks.
+        """The :class:`~cdinn_stream.live.callback.ReconstructionCallback` with its sinks (closing
+        the callback closes them).
 
         ``model`` (a loaded :class:`~cdinn_stream.nn.reconstruct.CDIModel`) and ``tiled_client``
         replace the ones these settings would make; ``mask``, ``image_key`` and
@@ -156,32 +166,4 @@ class PipelineConfig:
         return ReconstructionCallback(model=model, sinks=sinks, bin=self.bin, mask=mask, image_key=image_key,
                                       batch_size=self.batch_size, max_latency=self.max_latency,
                                       handler_registry=handler_registry, refine_every=self.refine_every,
-                                      refine_iterations=self.refine_iterations)
-
-
-def connect_tiled(uri: str, api_key: str | None = None):
-    """A Tiled client, or a ``ValueError`` that says what to do (start the server, pass a key)."""
-    import httpx
-    from tiled.client import from_uri
-
-    try:
-        return from_uri(uri, api_key=api_key)
-    except httpx.HTTPStatusError as err:
-        if err.response.status_code in (401, 403):
-            raise ValueError(_refused(uri, api_key)) from None
-        raise ValueError(f"the Tiled server at {uri} answered {err.response.status_code}: {err}") from None
-    except RuntimeError as err:  # tiled: "This server requires API key authentication."
-        if "api key" in str(err).lower() or "api_key" in str(err):
-            raise ValueError(_refused(uri, api_key)) from None
-        raise
-    except httpx.TransportError as err:
-        raise ValueError(f"cannot reach a Tiled server at {uri} ({err}): is it running, and is the URL right?") \
-            from None
-
-
-def _refused(uri: str, api_key: str | None) -> str:
-    if api_key:
-        return f"the Tiled server at {uri} refused the API key given: check --api-key or $TILED_API_KEY"
-    return (f"the Tiled server at {uri} needs an API key: pass --api-key KEY or set TILED_API_KEY "
-            "(the key the server was started with, e.g. tiled serve ... --api-key KEY)")
-
+                                      refine_iterations=self.refine_iterations, close_sinks=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import threading
@@ -98,7 +99,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     from ..core.physics import ramp, wrap
     from ..lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
     from ..nn.reconstruct import load_model
-    from ..sinks import ZmqPublisherSink, read_frame_info
+    from ..sinks import read_frame_info
     from .config import PipelineConfig
     from .ioc import IOCThread
     from .listen import listen
@@ -114,7 +115,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
         client = from_uri(server.uri)
         ioc = IOCThread(cfg.prefix).start()
         pipeline = PipelineConfig(model=cfg.model, batch_size=cfg.batch_size, max_latency=cfg.max_latency,
-                                  zmq_out=f"tcp://127.0.0.1:{_free_port()}", epics_prefix=cfg.prefix)
+                                  zmq_out=f"tcp://127.0.0.1:{_free_port()}", epics_prefix=cfg.prefix,
+                                  spool_dir=str(tmp / "spool"))  # never the user's own spool
         cb = pipeline.build(model=model, tiled_client=client)
         heard: dict = {}
         listener = threading.Thread(target=lambda: heard.update(listen(pipeline.zmq_out, timeout=10, quiet=True)),
@@ -151,7 +153,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
 
         # replay the stored run through the same pipeline
         rcb = PipelineConfig(model=cfg.model, batch_size=cfg.batch_size, max_latency=cfg.max_latency,
-                             tiled_parent="cdinn-replay").build(model=model, tiled_client=client)
+                             tiled_parent="cdinn-replay", spool_dir=str(tmp / "spool")).build(model=model,
+                                                                                             tiled_client=client)
         t1 = time.monotonic()
         with tqdm(desc="replay", unit="doc", disable=not progress) as rbar:
             replay_documents(run_documents(client, uid), lambda n, d: (rcb(n, d), rbar.update(1)))
@@ -162,9 +165,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
         r_amp = replayed["amplitude"].read()
         r_phase = replayed["phase"].read()
         ioc.stop()
-        for sink in cb.sinks:
-            if isinstance(sink, ZmqPublisherSink):
-                sink.close()
+    shutil.rmtree(tmp, ignore_errors=True)  # the embedded server's files and the demo's spool
 
     truth = [source.truth[i - 1] for i in seq]
     true_amp = np.stack([t.amplitude for t in truth])

@@ -13,8 +13,12 @@ machine, as they must be for the live callback; a frame that cannot be read is r
 counted as in a live run. Results go where live ones go, under the Tiled container
 ``cdinn-replay`` by default so the live ones are kept.
 
-A replay that reconstructs no frame fails: :func:`replay_run` raises, the command exits non-zero,
-and the result container is not marked complete.
+A replay that reconstructs no frame, or whose results a sink did not take, fails:
+:func:`replay_run` raises, the command exits non-zero (and a run of which no frame was
+reconstructed is not marked complete). A stored run without a stop document (an interrupted
+scan) is replayed with a stop of exit status ``abort``. Streams are replayed one after another
+(``--pace recorded`` keeps each stream's own pace); events are read in pages of
+:data:`PAGE`, with seq_nums as stored.
 """
 
 from __future__ import annotations
@@ -52,8 +56,11 @@ def run_documents(client, uid: str, *, page: int = PAGE) -> Iterator[tuple[str, 
     stop = run.metadata.get("stop")
     if stop:
         yield "stop", dict(stop)
-    else:
-        logger.warning("run %s has no stop document (it was interrupted, or is still running)", uid)
+    else:  # the sinks still get the run's end; its exit status says what was missing
+        logger.warning("run %s has no stop document (it was interrupted, or is still running): replayed as "
+                       "aborted", uid)
+        yield "stop", {"uid": f"replay-stop-{uid}", "run_start": start["uid"], "time": time.time(),
+                       "exit_status": "abort", "reason": "the stored run has no stop document", "num_events": {}}
 
 
 def _stream_documents(stream, name: str, run_uid: str, page: int) -> Iterator[tuple[str, dict]]:
@@ -131,11 +138,18 @@ def replay_run(client, uid: str, callback, *, pace: str = "fast", timeout: float
     :class:`ReplayError` when no frame was reconstructed (the reasons are in ``rejected``)."""
     try:
         n = replay_documents(run_documents(client, uid), callback, pace=pace)
-        callback.flush(timeout=timeout)
+        flushed = callback.flush(timeout=timeout)
     finally:
-        callback.close()
+        closed = callback.close()
     stats = {"documents": n, **callback.stats()}
     if not stats.get("frames_out"):
         raise ReplayError(f"replay of run {uid} reconstructed no frame (rejected: {stats.get('rejected') or 'none'}; "
                           f"{n} documents read)")
+    if not (flushed and closed):
+        raise ReplayError(f"replay of run {uid}: results were still queued when the pipeline closed ({stats})")
+    short = {name: s for name, s in stats["sinks"].items()
+             if s["errors"] or s["frames_written"] + s.get("frames_spilled", 0) < stats["frames_out"]}
+    if short:
+        raise ReplayError(f"replay of run {uid}: {stats['frames_out']} frames reconstructed, but not all were "
+                          f"stored: {short}")
     return stats

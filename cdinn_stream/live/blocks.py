@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 __all__ = ["FrameBlock", "RunMarker", "ResultBlock", "RefinedBlock", "Sink", "Idles", "Spills", "WritesRefined",
-           "CountsUndelivered"]
+           "CountsUndelivered", "Closes"]
 
 
 @dataclass
@@ -122,6 +122,13 @@ class WritesRefined(Protocol):
     """A sink that stores refined results (:class:`RefinedBlock`) too."""
 
     def write_refined(self, block: RefinedBlock) -> None: ...
+
+
+@runtime_checkable
+class Closes(Protocol):
+    """A sink holding a resource (a socket) to release when the pipeline that owns it closes."""
+
+    def close(self) -> None: ...
 
 
 @runtime_checkable

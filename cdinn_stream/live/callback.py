@@ -39,8 +39,9 @@ from event_model.documents import (
 )
 
 from ..nn.reconstruct import CDIModel, load_model
+from .blocks import Closes, FrameBlock, Sink
 from .crop import clean_frames, crop_frames, find_peaks
-from .engine import FrameBlock, InferenceEngine, Sink
+from .engine import InferenceEngine
 from .frames import read_frames
 from .publish import SinkThread, to_all
 from .refine import Refiner
@@ -171,22 +172,25 @@ class ReconstructionCallback:
             :meth:`refine`; ``None``, the default: refinement off, no refiner thread); see
             :mod:`cdinn_stream.live.refine`.
         refine_iterations: ER/HIO iterations of a refinement.
+        close_sinks: :meth:`close` closes the sinks too (their sockets): for sinks made for this
+            callback alone, as :meth:`~cdinn_stream.apps.config.PipelineConfig.build` makes them.
     """
 
     def __init__(self, *, model: CDIModel | None = None, image_key: str | None = None, bin: int = 1,
                  mask: np.ndarray | None = None, sinks: list[Sink] | None = None, batch_size: int = 256,
                  max_latency: float = 0.01, max_queued_frames: int = 20_000,
                  handler_registry: dict | None = None, refine_every: int | None = None,
-                 refine_iterations: int = 50):
+                 refine_iterations: int = 50, close_sinks: bool = False):
         self.model = model if model is not None else load_model()
         self.image_key = image_key
+        self.close_sinks = close_sinks
         threads = [SinkThread(s) for s in sinks or []]
         refiner = None if refine_every is None else Refiner(to_all(threads), every=refine_every,
                                                             iterations=refine_iterations)
         self.engine = InferenceEngine(self.model, threads, refiner=refiner, batch_size=batch_size,
                                       max_latency=max_latency, max_queued_frames=max_queued_frames)
         self.rejections = Rejections()
-        self.cropper = FrameCropper(self.model.size, bin, mask, getattr(self.model, "centre", True), self.rejections)
+        self.cropper = FrameCropper(self.model.size, bin, mask, self.model.centre, self.rejections)
         registry = default_handler_registry() if handler_registry is None else handler_registry
         self._router = RunRouter([self._factory], handler_registry=registry, filler_class=PassThroughFiller)
 
@@ -231,9 +235,18 @@ class ReconstructionCallback:
         """Wait until every queued frame and run end is published."""
         return self.engine.flush(timeout=timeout)
 
-    def close(self) -> None:
-        """Publish what is queued and stop the worker thread."""
-        self.engine.close()
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Publish what is queued and stop the threads; with ``close_sinks``, close the sinks too.
+        False (and a warning) if work was left after ``timeout`` s."""
+        done = self.engine.close(timeout)
+        if self.close_sinks:
+            for sink in self.sinks:
+                if isinstance(sink, Closes):
+                    try:
+                        sink.close()
+                    except Exception:
+                        logger.exception("closing sink %s failed", type(sink).__name__)
+        return done
 
 
 class RunReconstructor(DocumentRouter):
@@ -265,6 +278,7 @@ class RunReconstructor(DocumentRouter):
 
     def descriptor(self, doc: EventDescriptor) -> EventDescriptor:
         self.streams[doc["uid"]] = (doc.get("name", "primary"), self._image_key(doc))
+        return doc
 
     def event_page(self, doc: EventPage) -> EventPage:
         stream, key = self.streams.get(doc["descriptor"], (None, None))

@@ -99,6 +99,8 @@ class InferenceEngine(Worker):
                 raise RuntimeError("the inference engine is closed")
             self.stats.frames_in += n
             while self._queued + n > self.max_queued_frames and self._queued > 0:
+                if self._closed:
+                    raise RuntimeError("the inference engine is closed")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.stats.frames_dropped += n
@@ -225,26 +227,29 @@ class InferenceEngine(Worker):
             self._marker(items[0])
             return
         blocks: list[FrameBlock] = items
-        frames = np.concatenate([b.frames for b in blocks]).astype(np.float32, copy=False)
-        try:
-            amp, phase = self._infer(frames)
-        except Exception:
-            logger.exception("inference failed for %d frames (runs %s)", len(frames),
-                             sorted({b.run_uid for b in blocks}))
-            self._finish(blocks, failed=True)
-            return
-        done = time.monotonic()
-        self.stats.batches += 1
-        i = 0
-        for b in self._by_run(blocks):
-            n = len(b)
-            result = ResultBlock(b, amp[i : i + n], phase[i : i + n], done - b.received)
-            i += n
-            self.stats.latencies.extend(result.latency)
-            self.publish(result)
-            if self.refiner is not None:
-                self.refiner.offer(result)
-        self._finish(blocks)
+        failed = True
+        try:  # whatever happens, the blocks are finished: flush() must never wait for them forever
+            frames = np.concatenate([b.frames for b in blocks]).astype(np.float32, copy=False)
+            try:
+                amp, phase = self._infer(frames)
+            except Exception:
+                logger.exception("inference failed for %d frames (runs %s)", len(frames),
+                                 sorted({b.run_uid for b in blocks}))
+                return
+            done = time.monotonic()
+            self.stats.batches += 1
+            i = 0
+            for b in self._by_run(blocks):
+                n = len(b)
+                result = ResultBlock(b, amp[i : i + n], phase[i : i + n], done - b.received)
+                i += n
+                self.stats.latencies.extend(result.latency)
+                self.publish(result)
+                if self.refiner is not None:
+                    self.refiner.offer(result)
+            failed = False
+        finally:
+            self._finish(blocks, failed=failed)
 
     @staticmethod
     def _by_run(blocks: list[FrameBlock]) -> list[FrameBlock]:

@@ -64,12 +64,13 @@ class Spool:
         tmp.write_text(json.dumps(manifest, default=str))
         os.replace(tmp, path)  # atomic: a crash leaves the old or the new manifest
 
-    def begin(self, run_uid: str, *, parent: str, start: dict, model_card: dict, written: int) -> None:
-        """Start spooling ``run_uid`` (no-op if it already has a spool)."""
+    def begin(self, run_uid: str, *, parent: str, start: dict, model_card: dict, written: int,
+              server: str | None = None) -> None:
+        """Start spooling ``run_uid`` for ``server`` (its address; no-op if the run has a spool)."""
         if self.has(run_uid):
             return
         self._dir(run_uid).mkdir(parents=True, exist_ok=True)
-        self._write_manifest(run_uid, {"run_uid": run_uid, "parent": parent, "start": start,
+        self._write_manifest(run_uid, {"run_uid": run_uid, "server": server, "parent": parent, "start": start,
                                        "model_card": model_card, "written": written, "created": time.time()})
 
     def update(self, run_uid: str, **changes) -> None:

@@ -63,6 +63,9 @@ class Store(Protocol):
     #: that a write-back (in this process or a later one) writes where this one would have
     parent: str
     model_card: dict
+    #: which server (its address): a write-back writes only the runs spooled for this one, so a
+    #: sink pointed at another server (a test server, a replay) never takes a beamline's backlog
+    location: str
 
     def columns(self, result: ResultBlock) -> dict[str, np.ndarray]:
         """The rows ``result`` adds to the run, as :meth:`extend` takes them and the spool keeps them."""
@@ -166,6 +169,10 @@ class SpooledSink:
 
     # -- sink protocol -------------------------------------------------------------------
     def open_run(self, run_uid: str, start: dict) -> None:
+        if self.spool.has(run_uid):  # left by an earlier attempt at this run (a killed process): replaced
+            logger.warning("run %s starts again: the %d frames spooled for it earlier are dropped (the new run "
+                           "replaces them)", run_uid, self.spool.frames(run_uid))
+            self.spool.remove(run_uid)
         run = self._runs[run_uid] = OpenRun(start)
         if self._probe():
             try:
@@ -173,6 +180,7 @@ class SpooledSink:
                 return
             except Exception as err:
                 if not self.store.unreachable(err):
+                    del self._runs[run_uid]  # not open: its results are refused (and counted) as before a start
                     raise
                 self._went_away(err, f"opening run {run_uid}")
         self._begin_spool(run_uid, run)
@@ -201,7 +209,7 @@ class SpooledSink:
 
     def _begin_spool(self, run_uid: str, run: OpenRun) -> None:
         self.spool.begin(run_uid, parent=self.store.parent, start=run.start, model_card=self.store.model_card,
-                         written=run.n)
+                         written=run.n, server=self.store.location)
 
     def _to_spool(self, run_uid: str, run: OpenRun, cols: dict[str, np.ndarray], frames: int) -> None:
         self._begin_spool(run_uid, run)
@@ -214,7 +222,7 @@ class SpooledSink:
             return
         stop = summary.get("stop", {})
         # a run of which no frame was reconstructed is not complete: a reader must not take it for results
-        done = bool(run.n or self.spool.has(run_uid))
+        done = bool(run.n or (self.spool.has(run_uid) and self.spool.frames(run_uid)))
         end = {"complete": done, "exit_status": stop.get("exit_status"), "stop": stop}
         if not done:
             end["status"] = "no frame reconstructed"
@@ -263,6 +271,8 @@ class SpooledSink:
         total = chunks_done = 0
         for run_uid in self.spool.runs():
             manifest = self.spool.manifest(run_uid)
+            if manifest.get("server", self.store.location) != self.store.location:
+                continue  # spooled for another server: left for a sink pointed at that one
             live = self._runs.get(run_uid)
             finished = True
             try:

@@ -57,7 +57,7 @@ from ..live.blocks import RefinedBlock, ResultBlock
 from .spooled import SpooledSink
 from .tiled_layout import ARRAYS, FRAME_INFO_COLUMNS, frame_count, read_frame_info, read_run, result_columns
 
-__all__ = ["TiledSink", "TiledStore", "RunState", "FRAME_INFO_COLUMNS", "read_frame_info", "read_run"]
+__all__ = ["connect_tiled", "TiledSink", "TiledStore", "RunState", "FRAME_INFO_COLUMNS", "read_frame_info", "read_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class TiledStore:
         self.client = client
         self.parent = parent
         self.model_card = model_card or {}
+        #: the server's address, recorded with spooled runs (see SpooledSink.backfill)
+        self.location = str(getattr(client, "uri", None) or getattr(getattr(client, "context", None), "api_uri", ""))
         self._parent = None
         try:  # tiled's write_array imports dask.array on first use: about 0.8 s of imports under the
             import dask.array  # noqa: F401  GIL, which would stall the scan's thread at a run's first write
@@ -224,9 +226,7 @@ class TiledSink(SpooledSink):
     @classmethod
     def from_uri(cls, uri: str, *, api_key: str | None = None, **kwargs) -> TiledSink:
         """Connect to a Tiled server (``api_key`` or ``TILED_API_KEY`` from the environment)."""
-        from tiled.client import from_uri
-
-        return cls(from_uri(uri, api_key=api_key), **kwargs)
+        return cls(connect_tiled(uri, api_key), **kwargs)
 
     @property
     def client(self):
@@ -245,3 +245,31 @@ class TiledSink(SpooledSink):
     def _extend(run: RunState, cols: dict[str, np.ndarray]) -> None:
         # a static method, as before the split, so that a subclass may wrap ``TiledSink._extend(run, cols)``
         TiledStore.extend(run, cols)
+
+
+def connect_tiled(uri: str, api_key: str | None = None):
+    """A Tiled client, or a ``ValueError`` that says what to do (start the server, pass a key)."""
+    import httpx
+    from tiled.client import from_uri
+
+    try:
+        return from_uri(uri, api_key=api_key)
+    except httpx.HTTPStatusError as err:
+        if err.response.status_code in (401, 403):
+            raise ValueError(_refused(uri, api_key)) from None
+        raise ValueError(f"the Tiled server at {uri} answered {err.response.status_code}: {err}") from None
+    except RuntimeError as err:  # tiled: "This server requires API key authentication."
+        if "api key" in str(err).lower() or "api_key" in str(err):
+            raise ValueError(_refused(uri, api_key)) from None
+        raise
+    except httpx.TransportError as err:
+        raise ValueError(f"cannot reach a Tiled server at {uri} ({err}): is it running, and is the URL right?") \
+            from None
+
+
+def _refused(uri: str, api_key: str | None) -> str:
+    if api_key:
+        return f"the Tiled server at {uri} refused the API key given: check --api-key or $TILED_API_KEY"
+    return (f"the Tiled server at {uri} needs an API key: pass --api-key KEY or set TILED_API_KEY "
+            "(the key the server was started with, e.g. tiled serve ... --api-key KEY)")
+

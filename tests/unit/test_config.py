@@ -69,3 +69,17 @@ def test_build_with_refinement_has_a_refiner(tiny):
     finally:
         cb.close()
     assert not cb.engine.refiner.alive and not cb.engine.alive
+
+
+def test_serve_and_replay_take_the_environment_for_options_not_given(monkeypatch):
+    from cdinn_stream.apps.cli import _pipeline, build_parser
+
+    monkeypatch.setenv("CDINN_MODEL", "cdinn-64")
+    monkeypatch.setenv("CDINN_BATCH_SIZE", "32")
+    monkeypatch.setenv("CDINN_TILED_PARENT", "beamline")
+    args = build_parser().parse_args(["serve", "--zmq", "tcp://127.0.0.1:5578", "--views", "2"])
+    c = _pipeline(args)
+    assert (c.model, c.batch_size, c.views, c.tiled_parent) == ("cdinn-64", 32, 2, "beamline")
+    args = build_parser().parse_args(["replay", "uid", "--tiled", "http://127.0.0.1:8000", "--batch-size", "8"])
+    c = _pipeline(args, parent=args.parent)
+    assert (c.batch_size, c.tiled_parent) == (8, "cdinn-replay")  # a replay never writes over live results

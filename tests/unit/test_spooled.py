@@ -37,6 +37,7 @@ class FakeStore:
     request; ``partial = True``: the next extend stores two rows, then fails as unreachable."""
 
     parent = "fake"
+    location = "memory://fake"
 
     def __init__(self):
         self.model_card = {"name": "tiny"}
@@ -277,3 +278,47 @@ def test_the_tiled_store_keeps_the_refined_arrays_of_the_handles_it_replaces():
     assert fresh.container is not run.container and fresh.n == 0
     assert fresh.refined is run.refined and fresh.n_refined == 2
     assert store.reopen(manifest).refined == {}
+
+
+def test_a_spool_made_for_another_server_is_left_alone(store, tmp_path):
+    first = SpooledSink(store, spool_dir=tmp_path / "spool")
+    store.away = True
+    first.open_run("r1", {"uid": "r1"})
+    first.write(_result("r1", 1))
+    first.close_run("r1", {"stop": {"exit_status": "success"}})
+    other = FakeStore()
+    other.location = "memory://a-test-server"  # e.g. a replay pointed at a throwaway server
+    elsewhere = SpooledSink(other, spool_dir=tmp_path / "spool")
+    assert elsewhere.backfill() == 0 and other.runs == {} and elsewhere.spool.runs() == ["r1"]
+    store.away = False
+    assert SpooledSink(store, spool_dir=tmp_path / "spool").backfill() == 5
+
+
+def test_a_run_opened_and_ended_while_away_with_no_frame_is_not_complete(sink, store):
+    store.away = True
+    sink.open_run("r1", {"uid": "r1"})
+    sink.close_run("r1", {"stop": {"exit_status": "abort"}})
+    store.away = False
+    sink.idle()
+    assert store.runs["r1"].end["complete"] is False
+
+
+def test_a_run_started_again_replaces_what_was_spooled_for_it(sink, store):
+    store.away = True
+    sink.open_run("r1", {"uid": "r1"})
+    sink.write(_result("r1", 1))  # a first attempt, killed: its results wait in the spool
+    sink._runs.clear()
+    store.away = False
+    sink.open_run("r1", {"uid": "r1"})  # e.g. `cdinn-stream replay` of the same run
+    sink.write(_result("r1", 1, n=8))
+    sink.close_run("r1", {"stop": {"exit_status": "success"}})
+    assert store.runs["r1"].seq == list(range(1, 9)) and not sink.spool.runs()
+
+
+def test_a_run_whose_open_was_refused_takes_no_results(sink, store):
+    store.bad = True
+    with pytest.raises(ValueError):
+        sink.open_run("r1", {"uid": "r1"})
+    store.bad = False
+    with pytest.raises(RuntimeError, match="before its start"):
+        sink.write(_result("r1", 1))

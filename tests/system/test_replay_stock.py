@@ -53,8 +53,21 @@ def stock_tiled(tmp_path_factory):
     server.wait(30)
 
 
-def _store_run(client, tmp_path: Path, *, external: bool) -> str:
+def _store_run(client, tmp_path: Path, *, external: bool | str) -> str:
+    """A run of the simulated detector stored by TiledWriter: frames inline (``external=False``), one
+    ``.npy`` per frame (``True``), or HDF5 of ophyd-async's SimBlobDetector (``"hdf5"``)."""
     from bluesky_tiled_plugins import TiledWriter
+
+    if external == "hdf5":
+        from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
+        from ophyd_async.sim import SimBlobDetector
+
+        RE = RunEngine({})  # first: its event loop connects the device
+        with init_devices():
+            blob = SimBlobDetector(StaticPathProvider(UUIDFilenameProvider(), tmp_path))
+        RE.subscribe(TiledWriter(client))
+        (uid,) = RE(count([blob], FRAMES))
+        return uid
 
     peak, strain = make_motors(64)
     source = BCDIFrameSource(OperandoCrystal(32, seed=2), frame_shape=(128, 128), peak_motor=peak,
@@ -74,7 +87,7 @@ def _replay(uri: str, uid: str, *args: str, key: str | None) -> subprocess.Compl
                            *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("external", [False, True], ids=["inline-frames", "npy-files"])
+@pytest.mark.parametrize("external", [False, True, "hdf5"], ids=["inline-frames", "npy-files", "hdf5-files"])
 def test_replay_from_a_stock_tiled_server(stock_tiled, tmp_path, external):
     uri, key, client = stock_tiled
     uid = _store_run(client, tmp_path, external=external)

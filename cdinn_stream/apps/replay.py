@@ -16,13 +16,15 @@ counted as in a live run. Results go where live ones go, under the Tiled contain
 A replay that reconstructs no frame, or whose results a sink did not take, fails:
 :func:`replay_run` raises, the command exits non-zero (and a run of which no frame was
 reconstructed is not marked complete). A stored run without a stop document (an interrupted
-scan) is replayed with a stop of exit status ``abort``. Streams are replayed one after another
-(``--pace recorded`` keeps each stream's own pace); events are read in pages of
-:data:`PAGE`, with seq_nums as stored.
+scan) is replayed with a stop of exit status ``abort``. The pages of all streams come in the order
+of their first event's time (``--pace recorded`` keeps the run's pace across streams); events are
+read in pages of :data:`PAGE`, with seq_nums as stored. A stream without events (a fly scan whose
+frames come only as stream_datum) is not replayed, with a warning.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -51,8 +53,13 @@ def run_documents(client, uid: str, *, page: int = PAGE) -> Iterator[tuple[str, 
     if not isinstance(start, dict) or "uid" not in start:
         raise ValueError(f"{uid!r} in Tiled is not a bluesky run (no start document in its metadata)")
     yield "start", dict(start)
-    for name in run:
-        yield from _stream_documents(run[name], name, start["uid"], page)
+    pages = []
+    for name in run:  # every stream's descriptors first, then the pages of all streams in time order
+        header, stream_pages = _stream_documents(run[name], name, start["uid"], page)
+        yield from header
+        pages.append(stream_pages)
+    for _, _, docs in heapq.merge(*pages, key=lambda p: (p[0], p[1])):
+        yield from docs
     stop = run.metadata.get("stop")
     if stop:
         yield "stop", dict(stop)
@@ -63,21 +70,27 @@ def run_documents(client, uid: str, *, page: int = PAGE) -> Iterator[tuple[str, 
                        "exit_status": "abort", "reason": "the stored run has no stop document", "num_events": {}}
 
 
-def _stream_documents(stream, name: str, run_uid: str, page: int) -> Iterator[tuple[str, dict]]:
+def _stream_documents(stream, name: str, run_uid: str, page: int
+                      ) -> tuple[list[tuple[str, dict]], Iterator[tuple[float, int, list[tuple[str, dict]]]]]:
+    """A stream's descriptors and stream resources, and its pages as ``(time of the first event,
+    index, documents)``: an event page, then the stream_datum of its frames in files."""
     from bluesky_tiled_plugins.exporters import build_descriptor_docs
 
     descriptors = build_descriptor_docs(dict(stream.metadata), stream_name=name, run_start_uid=run_uid)
-    for desc in descriptors:
-        yield "descriptor", desc
+    header: list[tuple[str, dict]] = [("descriptor", desc) for desc in descriptors]
     data_keys = descriptors[0].get("data_keys", {})
     columns = set(stream)
     if "seq_num" not in columns:
-        logger.warning("stream %s of run %s has no events", name, run_uid)
-        return
+        logger.warning("stream %s of run %s has no events: not replayed", name, run_uid)
+        return header, iter(())
     external = {key: _stream_resource(stream, key, run_uid) for key, info in data_keys.items()
                 if info.get("external") and key in columns}
-    for resource in external.values():
-        yield "stream_resource", resource
+    header += [("stream_resource", resource) for resource in external.values()]
+    return header, _pages(stream, descriptors, data_keys, columns, external, page)
+
+
+def _pages(stream, descriptors: list[dict], data_keys: dict, columns: set, external: dict, page: int
+           ) -> Iterator[tuple[float, int, list[tuple[str, dict]]]]:
     seq_nums = np.asarray(stream["seq_num"].read())
     times = np.asarray(stream["time"].read(), float)
     desc_times = np.array([d["time"] for d in descriptors])
@@ -92,14 +105,15 @@ def _stream_documents(stream, name: str, run_uid: str, page: int) -> Iterator[tu
             data = {key: np.asarray(stream[key][a:b]) for key in data_keys if key not in external and key in columns}
             stamps = {key: np.asarray(stream[f"ts_{key}"][a:b]) if f"ts_{key}" in columns else times[a:b]
                       for key in data}
-            yield "event_page", {"descriptor": uid, "uid": [f"event-{uid}-{s}" for s in seq_nums[a:b]],
-                                 "seq_num": seq_nums[a:b].tolist(), "time": times[a:b].tolist(),
-                                 "data": data, "timestamps": stamps, "filled": {}}
+            docs = [("event_page", {"descriptor": uid, "uid": [f"event-{uid}-{s}" for s in seq_nums[a:b]],
+                                    "seq_num": seq_nums[a:b].tolist(), "time": times[a:b].tolist(),
+                                    "data": data, "timestamps": stamps, "filled": {}})]
             # frames in the detector's own files: the live path's stream_datum reading (live/frames.py)
-            for resource in external.values():
-                yield "stream_datum", {"uid": f"{resource['uid']}-{a}", "stream_resource": resource["uid"],
+            docs += [("stream_datum", {"uid": f"{resource['uid']}-{a}", "stream_resource": resource["uid"],
                                        "descriptor": uid, "indices": {"start": a, "stop": b},
-                                       "seq_nums": {"start": int(seq_nums[a]), "stop": int(seq_nums[b - 1]) + 1}}
+                                       "seq_nums": {"start": int(seq_nums[a]), "stop": int(seq_nums[b - 1]) + 1}})
+                     for resource in external.values()]
+            yield float(times[a]), a, docs
 
 
 def _stream_resource(stream, key: str, run_uid: str) -> dict:

@@ -158,8 +158,16 @@ class InferenceEngine(Worker):
         return self._queued
 
     def sink_summary(self) -> dict:
-        """Per-sink counters and latency (frame in to the end of the sink's write), by sink class."""
-        return {t.name: {**t.stats.summary(), "queued_frames": t.queued_frames} for t in self.sink_threads}
+        """Per-sink counters and latency (frame in to the end of the sink's write), by sink class
+        (``TiledSink``; a second sink of the same class is ``TiledSink#2``)."""
+        summary: dict = {}
+        for t in self.sink_threads:
+            name, k = t.name, 1
+            while name in summary:
+                k += 1
+                name = f"{t.name}#{k}"
+            summary[name] = {**t.stats.summary(), "queued_frames": t.queued_frames}
+        return summary
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Publish what is queued, then stop the worker, the refiner and the sink threads (a

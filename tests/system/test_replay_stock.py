@@ -116,3 +116,30 @@ def test_replay_without_an_api_key_says_how_to_give_one(stock_tiled, tmp_path):
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert "--api-key" in done.stderr and "TILED_API_KEY" in done.stderr
+
+
+def test_a_run_with_a_baseline_stream_replays_in_time_order(stock_tiled, tmp_path):
+    """Several streams: every descriptor first, then the pages of all streams by time."""
+    from bluesky.preprocessors import SupplementalData
+    from bluesky_tiled_plugins import TiledWriter
+
+    from cdinn_stream.apps.replay import run_documents
+
+    uri, key, client = stock_tiled
+    peak, strain = make_motors(64)
+    source = BCDIFrameSource(OperandoCrystal(32, seed=3), frame_shape=(128, 128), peak_motor=peak,
+                             strain_motor=strain, seed=3)
+    RE = RunEngine({})
+    RE.preprocessors.append(SupplementalData(baseline=[peak, strain]))
+    RE.subscribe(TiledWriter(client))
+    (uid,) = RE(count([make_detector(source)], FRAMES))
+    docs = list(run_documents(client, uid))
+    names = [n for n, _ in docs]
+    assert names[0] == "start" and names[-1] == "stop"
+    assert names.count("descriptor") == 2 and max(i for i, n in enumerate(names) if n == "descriptor") < \
+        min(i for i, n in enumerate(names) if n == "event_page")
+    first_times = [d["time"][0] for n, d in docs if n == "event_page"]
+    assert first_times == sorted(first_times) and len(first_times) == 2  # a page per stream
+    done = _replay(uri, uid, key=key)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert client["cdinn-replay"][uid]["amplitude"].shape[0] == FRAMES

@@ -166,13 +166,19 @@ def test_a_run_ended_while_the_store_is_away_completes_at_write_back(sink, store
     assert store.runs["r1"].end["complete"] and store.runs["r1"].end["frames"] == 10
 
 
-def test_a_spool_left_behind_is_written_by_another_wrapper(store, tmp_path):
-    first = SpooledSink(store, spool_dir=tmp_path / "spool")
+def _run_ended_while_away(store, spool_dir) -> SpooledSink:
+    """A wrapper that spooled a whole run of 5 frames while ``store`` was away (it is back now)."""
+    first = SpooledSink(store, spool_dir=spool_dir)
     store.away = True
     first.open_run("r1", {"uid": "r1"})
     first.write(_result("r1", 1))
     first.close_run("r1", {"stop": {"exit_status": "success"}})
     store.away = False
+    return first
+
+
+def test_a_spool_left_behind_is_written_by_another_wrapper(store, tmp_path):
+    first = _run_ended_while_away(store, tmp_path / "spool")
     later = SpooledSink(store, spool_dir=tmp_path / "spool")  # e.g. `cdinn-stream backfill`
     assert later.backfill() == 5 and not later.spool.runs()
     assert store.runs["r1"].seq == list(range(1, 6)) and store.runs["r1"].end["complete"]
@@ -281,16 +287,11 @@ def test_the_tiled_store_keeps_the_refined_arrays_of_the_handles_it_replaces():
 
 
 def test_a_spool_made_for_another_server_is_left_alone(store, tmp_path):
-    first = SpooledSink(store, spool_dir=tmp_path / "spool")
-    store.away = True
-    first.open_run("r1", {"uid": "r1"})
-    first.write(_result("r1", 1))
-    first.close_run("r1", {"stop": {"exit_status": "success"}})
+    _run_ended_while_away(store, tmp_path / "spool")
     other = FakeStore()
     other.location = "memory://a-test-server"  # e.g. a replay pointed at a throwaway server
     elsewhere = SpooledSink(other, spool_dir=tmp_path / "spool")
     assert elsewhere.backfill() == 0 and other.runs == {} and elsewhere.spool.runs() == ["r1"]
-    store.away = False
     assert SpooledSink(store, spool_dir=tmp_path / "spool").backfill() == 5
 
 

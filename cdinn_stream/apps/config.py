@@ -16,7 +16,9 @@ an unreachable server or a refused key into one line saying what to do.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
@@ -44,6 +46,12 @@ ENVIRONMENT = {
     "CDINN_REFINE_EVERY": "refine_every",
     "CDINN_REFINE_ITERATIONS": "refine_iterations",
 }
+
+
+#: other ``CDINN_*`` variables the package reads (not pipeline settings)
+OTHER_VARIABLES = {"CDINN_MODELS", "CDINN_MALLOC_TUNING"}  # model search path; CPU allocator (nn.reconstruct)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,8 @@ class PipelineConfig:
     refine_iterations: int = 50
 
     def __post_init__(self) -> None:
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if not 1 <= self.views <= 8:
@@ -102,6 +112,10 @@ class PipelineConfig:
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> PipelineConfig:
         """Settings from the environment (:data:`ENVIRONMENT`), then ``overrides``."""
         types = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(k for k in environ
+                         if k.startswith("CDINN_") and k not in ENVIRONMENT and k not in OTHER_VARIABLES)
+        if unknown:
+            logger.warning("ignoring unknown setting(s) %s (the pipeline reads %s)", unknown, sorted(ENVIRONMENT))
         values: dict = {}
         for var, name in ENVIRONMENT.items():
             text = environ.get(var)

@@ -83,3 +83,11 @@ def test_serve_and_replay_take_the_environment_for_options_not_given(monkeypatch
     args = build_parser().parse_args(["replay", "uid", "--tiled", "http://127.0.0.1:8000", "--batch-size", "8"])
     c = _pipeline(args, parent=args.parent)
     assert (c.batch_size, c.tiled_parent) == (8, "cdinn-replay")  # a replay never writes over live results
+
+
+def test_a_misspelled_variable_is_named_and_a_bad_device_refused(caplog):
+    PipelineConfig.from_env({"CDINN_MODLE": "lab-net", "CDINN_MODELS": "/somewhere"})
+    assert "CDINN_MODLE" in caplog.text and "CDINN_MODELS" not in caplog.text.split("ignoring")[1].split("(")[0]
+    with pytest.raises(ValueError, match="device"):
+        PipelineConfig(device="gpu")
+    assert PipelineConfig(device="cuda:1").device == "cuda:1"

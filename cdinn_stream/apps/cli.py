@@ -293,12 +293,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sink_options(p: argparse.ArgumentParser) -> None:
+def _add_sink_options(p: argparse.ArgumentParser, *, tiled_out: str = "default $TILED_URL") -> None:
     """The pipeline's options; each left out takes its environment variable, then the default
     (``PipelineConfig.from_env``, docs/pipeline.md "Configuration")."""
     p.add_argument("--zmq-out", default=None,
                    help="publish results on this ZeroMQ address (e.g. tcp://127.0.0.1:5579; default $CDINN_ZMQ_OUT)")
-    p.add_argument("--tiled-out", default=None, help="write results to this Tiled server (default $TILED_URL)")
+    p.add_argument("--tiled-out", default=None, help=f"write results to this Tiled server ({tiled_out})")
     p.add_argument("--api-key", default=None,
                    help="Tiled API key (default: $TILED_API_KEY; keep keys out of profiles and shell history)")
     p.add_argument("--epics-prefix", default=None,
@@ -563,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("uid", help="uid of the raw run")
     r.add_argument("--tiled", required=True, help="Tiled server URL holding the raw run")
     r.add_argument("--pace", choices=("fast", "recorded"), default="fast", help="as fast as possible or as recorded")
-    r.add_argument("--parent", default="cdinn-replay", help="Tiled container for the results")
-    _add_sink_options(r)
+    r.add_argument("--parent", default="cdinn-replay",
+                   help="Tiled container for the results (default %(default)s: the live results stay)")
+    _add_sink_options(r, tiled_out="default: the server the run is read from")
     r.set_defaults(func=_cmd_replay)
 
     sv = sub.add_parser("serve", help="reconstruct documents from a bluesky-0MQ-proxy (out of process)",

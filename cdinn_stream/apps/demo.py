@@ -119,7 +119,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
                                   spool_dir=str(tmp / "spool"))  # never the user's own spool
         cb = pipeline.build(model=model, tiled_client=client)
         heard: dict = {}
-        listener = threading.Thread(target=lambda: heard.update(listen(pipeline.zmq_out, timeout=10, quiet=True)),
+        listener = threading.Thread(target=lambda: heard.update(listen(pipeline.zmq_out, count=cfg.frames, timeout=10,
+                                                                    quiet=True)),
                                     daemon=True)
         listener.start()
         time.sleep(0.3)  # let the subscriber connect before the first message
@@ -164,6 +165,9 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
         replayed = client["cdinn-replay"][uid]
         r_amp = replayed["amplitude"].read()
         r_phase = replayed["phase"].read()
+        # end Channel Access while the IOC still answers: against a stopped IOC, pyepics' exit
+        # waits out the connection timeout (about 30 s)
+        epics.ca.finalize_libca()
         ioc.stop()
     shutil.rmtree(tmp, ignore_errors=True)  # the embedded server's files and the demo's spool
 

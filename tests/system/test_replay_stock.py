@@ -4,11 +4,9 @@ fails loudly; a missing API key is one line naming ``--api-key``."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -79,46 +77,52 @@ def _store_run(client, tmp_path: Path, *, external: bool | str) -> str:
     return uid
 
 
-def _replay(uri: str, uid: str, *args: str, key: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TILED_API_KEY"}
+def _replay(uri: str, uid: str, *args: str, key: str | None, monkeypatch, capsys) -> tuple[int, str]:
+    """``cdinn-stream replay UID --tiled URI`` as a user runs it (the key from ``TILED_API_KEY``, if
+    any): its exit status and what it wrote to stderr."""
+    from cdinn_stream.apps.cli import main
+
     if key:
-        env["TILED_API_KEY"] = key
-    return subprocess.run([sys.executable, "-m", "cdinn_stream", "replay", uid, "--tiled", uri, "--device", "cpu",
-                           *args], capture_output=True, text=True, env=env, timeout=300)
+        monkeypatch.setenv("TILED_API_KEY", key)
+    else:
+        monkeypatch.delenv("TILED_API_KEY", raising=False)
+    capsys.readouterr()
+    status = main(["replay", uid, "--tiled", uri, "--device", "cpu", *args])
+    return status, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("external", [False, True, "hdf5"], ids=["inline-frames", "npy-files", "hdf5-files"])
-def test_replay_from_a_stock_tiled_server(stock_tiled, tmp_path, external):
+def test_replay_from_a_stock_tiled_server(stock_tiled, tmp_path, external, monkeypatch, capsys):
     uri, key, client = stock_tiled
     uid = _store_run(client, tmp_path, external=external)
-    done = _replay(uri, uid, key=key)
-    assert done.returncode == 0, done.stderr[-3000:]
+    status, err = _replay(uri, uid, key=key, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 0, err[-3000:]
     result = client["cdinn-replay"][uid]
     assert result.metadata["complete"] is True
     assert result["amplitude"].shape[0] == FRAMES
 
 
-def test_replay_that_reconstructs_nothing_fails(stock_tiled, tmp_path):
+def test_replay_that_reconstructs_nothing_fails(stock_tiled, tmp_path, monkeypatch, capsys):
     uri, key, client = stock_tiled
     uid = _store_run(client, tmp_path, external=True)
     for f in tmp_path.glob("*.npy"):  # the detector's files are gone: no frame can be read
         f.unlink()
-    done = _replay(uri, uid, key=key)
-    assert done.returncode != 0
-    assert "reconstructed no frame" in done.stderr and "unreadable" in done.stderr
+    status, err = _replay(uri, uid, key=key, monkeypatch=monkeypatch, capsys=capsys)
+    assert status != 0
+    assert "reconstructed no frame" in err and "unreadable" in err
     assert client["cdinn-replay"][uid].metadata["complete"] is False
 
 
-def test_replay_without_an_api_key_says_how_to_give_one(stock_tiled, tmp_path):
+def test_replay_without_an_api_key_says_how_to_give_one(stock_tiled, tmp_path, monkeypatch, capsys):
     uri, key, client = stock_tiled
     uid = _store_run(client, tmp_path, external=False)
-    done = _replay(uri, uid, key=None)
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr
-    assert "--api-key" in done.stderr and "TILED_API_KEY" in done.stderr
+    status, err = _replay(uri, uid, key=None, monkeypatch=monkeypatch, capsys=capsys)  # main() raised nothing
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
+    assert "--api-key" in err and "TILED_API_KEY" in err
 
 
-def test_a_run_with_a_baseline_stream_replays_in_time_order(stock_tiled, tmp_path):
+def test_a_run_with_a_baseline_stream_replays_in_time_order(stock_tiled, tmp_path, monkeypatch, capsys):
     """Several streams: every descriptor first, then the pages of all streams by time."""
     from bluesky.preprocessors import SupplementalData
     from bluesky_tiled_plugins import TiledWriter
@@ -140,6 +144,6 @@ def test_a_run_with_a_baseline_stream_replays_in_time_order(stock_tiled, tmp_pat
         min(i for i, n in enumerate(names) if n == "event_page")
     first_times = [d["time"][0] for n, d in docs if n == "event_page"]
     assert first_times == sorted(first_times) and len(first_times) == 2  # a page per stream
-    done = _replay(uri, uid, key=key)
-    assert done.returncode == 0, done.stderr[-3000:]
+    status, err = _replay(uri, uid, key=key, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 0, err[-3000:]
     assert client["cdinn-replay"][uid]["amplitude"].shape[0] == FRAMES

@@ -1,8 +1,9 @@
 """Shared fixtures: small simulated sets and a tiny random model (CPU, seconds); ``wait_for``,
-the tests' way to wait for something to happen (``from conftest import wait_for``)."""
+the tests' way to wait for something to happen, and ``free_port`` (``from conftest import ...``)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 
@@ -12,6 +13,13 @@ import torch
 from cdinn_stream.core.simulate import simulate
 from cdinn_stream.nn.model import CDINN, ModelConfig
 from cdinn_stream.nn.reconstruct import CDIModel
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 from ..live.blocks import Closes
 from ..nn.options import DEFAULT_MODEL, PRECISIONS
@@ -47,6 +47,10 @@ ENVIRONMENT = {
     "CDINN_REFINE_ITERATIONS": "refine_iterations",
 }
 
+
+#: fields read from the environment as numbers (the others are text)
+_NUMBERS = {"views": int, "batch_size": int, "bin": int, "refine_every": int, "refine_iterations": int,
+            "max_latency": float}
 
 #: other ``CDINN_*`` variables the package reads (not pipeline settings)
 OTHER_VARIABLES = {"CDINN_MODELS", "CDINN_MALLOC_TUNING"}  # model search path; CPU allocator (nn.reconstruct)
@@ -111,7 +115,6 @@ class PipelineConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> PipelineConfig:
         """Settings from the environment (:data:`ENVIRONMENT`), then ``overrides``."""
-        types = {f.name: f.type for f in fields(cls)}
         unknown = sorted(k for k in environ
                          if k.startswith("CDINN_") and k not in ENVIRONMENT and k not in OTHER_VARIABLES)
         if unknown:
@@ -121,12 +124,12 @@ class PipelineConfig:
             text = environ.get(var)
             if text is None or text == "":
                 continue
-            kind = types[name]
+            number = _NUMBERS.get(name)
             try:
-                number = kind.split(" | ")[0]
-                values[name] = int(text) if number == "int" else float(text) if number == "float" else text
+                values[name] = number(text) if number else text
             except ValueError:
-                raise ValueError(f"${var}={text!r} is not a number") from None
+                kind = "an integer" if number is int else "a number"
+                raise ValueError(f"${var}={text!r} is not {kind}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -90,7 +90,8 @@ class Worker:
         return items
 
     def _handle(self, items: list) -> None:
-        raise NotImplementedError
+        """Handle one round (lock not held); each subclass says what handling means."""
+        raise NotImplementedError(f"{type(self).__name__} must say how it handles a round")
 
     def _idle(self) -> None:
         """Called after ``idle_interval`` s of an empty queue (lock not held)."""

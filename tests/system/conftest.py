@@ -11,7 +11,7 @@ import uuid
 import pytest
 import torch
 import zmq
-from conftest import wait_for
+from conftest import free_port, wait_for
 
 from cdinn_stream.apps.demo import loopback_epics_env
 
@@ -159,16 +159,13 @@ def _quiet_caproto():
 
 class TiledServerProcess:
     """``tiled serve catalog`` in a child process with a catalog on disk: stop and start it again
-    on the same port and the data are still there."""
+    on the same port and the data are still there. With ``directory=None``: a stock
+    ``tiled serve catalog --temp --api-key KEY``, as README.md says to start one."""
 
-    def __init__(self, directory):
-        import socket
-
+    def __init__(self, directory=None):
         self.directory = directory
         self.api_key = secrets.token_hex(8)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
         self._initialised = False
@@ -179,12 +176,16 @@ class TiledServerProcess:
 
         import httpx
 
-        (self.directory / "data").mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "tiled", "serve", "catalog", str(self.directory / "catalog.db"), "-w",
-               str(self.directory / "data"), "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key]
-        if not self._initialised:
-            cmd.append("--init")
-            self._initialised = True
+        cmd = [sys.executable, "-m", "tiled", "serve", "catalog", "--host", "127.0.0.1", "--port", str(self.port),
+               "--api-key", self.api_key]
+        if self.directory is None:
+            cmd.append("--temp")
+        else:
+            (self.directory / "data").mkdir(parents=True, exist_ok=True)
+            cmd += [str(self.directory / "catalog.db"), "-w", str(self.directory / "data")]
+            if not self._initialised:
+                cmd.append("--init")
+                self._initialised = True
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def answers() -> bool:
@@ -208,6 +209,15 @@ class TiledServerProcess:
         from tiled.client import from_uri
 
         return from_uri(self.uri, api_key=self.api_key)
+
+
+@pytest.fixture(scope="module")
+def stock_tiled():
+    """``tiled serve catalog --temp --api-key KEY`` on 127.0.0.1, as README.md says to start it:
+    its URI, key and a client."""
+    server = TiledServerProcess().start()
+    yield server.uri, server.api_key, server.client()
+    server.stop()
 
 
 @pytest.fixture

@@ -67,9 +67,9 @@ def test_with_the_ioc_every_frame_counts_as_delivered(ioc):
 def test_the_ioc_command_prints_what_a_client_needs(tmp_path):
     """Start ``cdinn-stream ioc`` on a port of its own, take the ``export`` line it prints, and
     read a PV from a fresh process with exactly those settings."""
-    from cdinn_stream.apps.demo import _free_port
+    from conftest import free_port
 
-    port, prefix = _free_port(), f"P{uuid.uuid4().hex[:6]}:"
+    port, prefix = free_port(), f"P{uuid.uuid4().hex[:6]}:"
     bare = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
     ioc = subprocess.Popen([sys.executable, "-m", "cdinn_stream", "ioc", "--prefix", prefix, "--port", str(port)],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=bare, cwd=tmp_path)

@@ -111,10 +111,9 @@ def test_serve_from_a_0mq_proxy(RE, model):
     import asyncio
 
     from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
+    from conftest import free_port
 
-    from cdinn_stream.apps.demo import _free_port
-
-    pin, pout = _free_port(), _free_port()
+    pin, pout = free_port(), free_port()
     proxy = subprocess.Popen([sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--in-address",
                               f"tcp://127.0.0.1:{pin}", "--out-address", f"tcp://127.0.0.1:{pout}"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -47,9 +47,9 @@ def _proxy_and_serve(url: str, key: str, *, batch_size: int):
     import subprocess
     import sys
 
-    from cdinn_stream.apps.demo import _free_port
+    from conftest import free_port
 
-    pin, pout = _free_port(), _free_port()
+    pin, pout = free_port(), free_port()
     proxy = subprocess.Popen([sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--in-address",
                               f"tcp://127.0.0.1:{pin}", "--out-address", f"tcp://127.0.0.1:{pout}"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -4,10 +4,6 @@ fails loudly; a missing API key is one line naming ``--api-key``."""
 
 from __future__ import annotations
 
-import secrets
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -17,38 +13,6 @@ from bluesky.plans import count
 from cdinn_stream.lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
 
 FRAMES = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def stock_tiled(tmp_path_factory):
-    """``tiled serve catalog --temp --api-key KEY`` on 127.0.0.1, as README.md says to start it."""
-    from tiled.client import from_uri
-
-    key, port = secrets.token_hex(8), _free_port()
-    log = tmp_path_factory.mktemp("tiled-log") / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(["tiled", "serve", "catalog", "--temp", "--api-key", key, "--host", "127.0.0.1",
-                                   "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client = from_uri(uri, api_key=key)
-            break
-        except Exception:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"tiled serve did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-    yield uri, key, client
-    server.terminate()
-    server.wait(30)
 
 
 def _store_run(client, tmp_path: Path, *, external: bool | str) -> str:

@@ -10,6 +10,9 @@ shared machines. Suites (``--suite``):
   and cohere-core's ER/HIO side by side on the same patterns (time and accuracy).
 * ``pipeline`` (:mod:`benchmarks.pipeline`): documents in -> ZeroMQ and Tiled out: frames/s
   against the bare model, latency at 100 frames/s offered, memory over 100,000 frames.
+* ``trust`` (:mod:`benchmarks.trust`): the per-frame chi^2's cost against the network's,
+  refinement on the model's window and on a window twice as wide against 620-iteration ER/HIO,
+  automatic refinement of doubtful frames in a live run, live adaptation to an unseen crystal type.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from tqdm.auto import tqdm
 from cdinn_stream.core.simulate import simulate
 from cdinn_stream.core.timing import machine_info
 
-from . import erhio, model, pipeline
+from . import erhio, model, pipeline, trust
 
-SUITES = ("simulate", "model", "erhio", "pipeline")
+SUITES = ("simulate", "model", "erhio", "pipeline", "trust")
 
 __all__ = ["SUITES", "run_benchmarks", "bench_table"]
 
@@ -56,6 +59,8 @@ def run_benchmarks(out_dir: str | Path, *, model_name: str = "cdinn-32",
         results["erhio"] = erhio.run(model_name, n=n, quick=quick)
     if "pipeline" in suites:
         results["pipeline"] = pipeline.run(model_name, quick=quick, device=device)
+    if "trust" in suites:
+        results["trust"] = trust.run(model_name, quick=quick)
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     (out / "bench.md").write_text(bench_table(results))
     return results
@@ -88,4 +93,6 @@ def bench_table(r: dict) -> str:
         lines += erhio.table(r["erhio"], _best_nn_us(r)) + [""]
     if "pipeline" in r:
         lines += pipeline.table(r["pipeline"]) + [""]
+    if "trust" in r:
+        lines += trust.table(r["trust"]) + [""]
     return "\n".join(lines)

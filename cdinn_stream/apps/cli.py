@@ -249,7 +249,9 @@ def _pipeline(args: argparse.Namespace, *, parent: str | None = None) -> Pipelin
 
     return PipelineConfig.from_env(model=args.model, device=args.device, precision=args.precision, views=args.views,
                                    batch_size=args.batch_size, zmq_out=args.zmq_out, tiled_uri=args.tiled_out,
-                                   tiled_api_key=args.api_key, tiled_parent=parent, epics_prefix=args.epics_prefix)
+                                   tiled_api_key=args.api_key, tiled_parent=parent, epics_prefix=args.epics_prefix,
+                                   bin=args.bin, refine_above=args.refine_above, refine_budget=args.refine_budget,
+                                   refine_window=args.refine_window, adapt=args.adapt or None)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -287,7 +289,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo, summary_table
 
     summary = run_demo(DemoConfig(frames=args.frames, model=args.model, out_dir=args.out, photons=args.photons,
-                                   recipe=args.recipe),
+                                   recipe=args.recipe, refine_budget=args.refine_budget,
+                                   refine_above=None if args.refine_above < 0 else args.refine_above),
                        progress=not args.json)
     print(json.dumps(summary, indent=1, default=str) if args.json else summary_table(summary))
     return 0
@@ -313,6 +316,21 @@ def _add_sink_options(p: argparse.ArgumentParser, *, tiled_out: str = "default $
     p.add_argument("--views", type=int, default=None, choices=range(1, 9), metavar="{1..8}",
                    help="symmetric copies of each pattern the network sees, combined (default $CDINN_VIEWS or 1; "
                         "8: more accurate, 8x the network's time)")
+    p.add_argument("--bin", type=int, default=None,
+                   help="crop a bin x model-size window around the Bragg peak and bin it to the model's size "
+                        "(default $CDINN_BIN or 1)")
+    p.add_argument("--refine-above", type=float, default=None, metavar="CHI2",
+                   help="refine (NN-seeded ER/HIO) every frame whose chi2 is above this, within the budget "
+                        "(default $CDINN_REFINE_ABOVE, else off; docs/pipeline.md 'Trust and self-repair')")
+    p.add_argument("--refine-budget", type=float, default=None, metavar="FRACTION",
+                   help="at most this fraction of each run's frames refined automatically (default "
+                        "$CDINN_REFINE_BUDGET or 0.2)")
+    p.add_argument("--refine-window", type=int, default=None,
+                   help="refine on a window this many times the model's, at the same centre (with --bin equal to "
+                        "it: the model's detector window unbinned; default $CDINN_REFINE_WINDOW or 1)")
+    p.add_argument("--adapt", action="store_true",
+                   help="adapt the model to each run live (Fourier loss on its frames) and hot-swap better weights "
+                        "(default $CDINN_ADAPT, else off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -503,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--recipe", choices=("paper", "crystal"), default="paper",
                    help="the sample: a paper-recipe crystal, or a crystal of the realistic recipe with its Bragg "
                         "peak off the window's centre (default paper)")
+    d.add_argument("--refine-above", type=float, default=0.03, metavar="CHI2",
+                   help="refine automatically the frames whose chi2 is above this, within the budget (default "
+                        "%(default)s; 0 refines every frame the budget allows; a negative value turns it off)")
+    d.add_argument("--refine-budget", type=float, default=0.2, metavar="FRACTION",
+                   help="at most this fraction of the frames refined automatically (default %(default)s)")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.set_defaults(func=_cmd_demo)
 
@@ -593,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", nargs="+", default=["cdinn-32", "cdinn-64"],
                    help="models of the model suite (default cdinn-32 cdinn-64)")
     b.add_argument("--suite", nargs="+", default=["simulate", "model", "erhio", "pipeline"],
-                   choices=["simulate", "model", "erhio", "pipeline"], help="suites to run (default all)")
+                   choices=["simulate", "model", "erhio", "pipeline", "trust"],
+                   help="suites to run (default: all but trust, which takes about 10 minutes on 2 cores)")
     b.add_argument("-n", type=int, default=1024, help="patterns in the batched ER/HIO timing (default 1024)")
     b.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     b.add_argument("--device", default="cpu",

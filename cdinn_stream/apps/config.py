@@ -45,12 +45,28 @@ ENVIRONMENT = {
     "CDINN_SPOOL": "spool_dir",
     "CDINN_REFINE_EVERY": "refine_every",
     "CDINN_REFINE_ITERATIONS": "refine_iterations",
+    "CDINN_REFINE_ABOVE": "refine_above",
+    "CDINN_REFINE_BUDGET": "refine_budget",
+    "CDINN_REFINE_SHARE": "refine_share",
+    "CDINN_REFINE_WINDOW": "refine_window",
+    "CDINN_ADAPT": "adapt",
+    "CDINN_ADAPT_DIR": "adapt_dir",
 }
+
+
+def _flag(text: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` (any case)."""
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+             "off": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(text)
+    return value
 
 
 #: fields read from the environment as numbers (the others are text)
 _NUMBERS = {"views": int, "batch_size": int, "bin": int, "refine_every": int, "refine_iterations": int,
-            "max_latency": float}
+            "max_latency": float, "refine_above": float, "refine_budget": float, "refine_share": float,
+            "refine_window": int, "adapt": _flag}
 
 #: other ``CDINN_*`` variables the package reads (not pipeline settings)
 OTHER_VARIABLES = {"CDINN_MODELS", "CDINN_MALLOC_TUNING"}  # model search path; CPU allocator (nn.reconstruct)
@@ -79,8 +95,17 @@ class PipelineConfig:
         spool_dir: where Tiled results wait while the server is away (default: ``$CDINN_SPOOL``
             or ``~/.cache/cdinn-stream/spool``).
         refine_every: refine every n-th frame with NN-seeded ER/HIO (0: only frames asked for with
-            ``callback.refine``; ``None``: refinement off, no refiner thread).
+            ``callback.refine``; ``None``: no refiner thread unless ``refine_above`` is set).
         refine_iterations: ER/HIO iterations of a refinement.
+        refine_above: refine automatically the frames whose chi^2 (trust figure) is above this
+            (``None``: off).
+        refine_budget: at most this fraction of each run's frames refined automatically.
+        refine_share: at most this share of one core's time spent refining.
+        refine_window: refine on a window this many times the model's (with ``bin`` equal to it:
+            the model's detector window unbinned, twice the oversampling).
+        adapt: adapt the model to each run live and hot-swap the better weights
+            (:mod:`cdinn_stream.live.adapt`; off by default).
+        adapt_dir: where adapted weights and their cards go (default: the user's model folder).
     """
 
     model: str = DEFAULT_MODEL
@@ -98,6 +123,12 @@ class PipelineConfig:
     spool_dir: str | None = None
     refine_every: int | None = None
     refine_iterations: int = 50
+    refine_above: float | None = None
+    refine_budget: float = 0.2
+    refine_share: float = 0.5
+    refine_window: int = 1
+    adapt: bool = False
+    adapt_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
@@ -111,6 +142,11 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.max_latency < 0 or (self.refine_every or 0) < 0 or self.refine_iterations < 0:
             raise ValueError("max_latency, refine_every and refine_iterations must not be negative")
+        if not 0 <= self.refine_budget <= 1 or not 0 < self.refine_share <= 1:
+            raise ValueError(f"refine_budget must be in [0, 1] and refine_share in (0, 1], not {self.refine_budget} "
+                             f"and {self.refine_share}")
+        if self.refine_window < 1 or (self.refine_above is not None and self.refine_above < 0):
+            raise ValueError("refine_window must be at least 1 and refine_above not negative")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> PipelineConfig:
@@ -128,7 +164,7 @@ class PipelineConfig:
             try:
                 values[name] = number(text) if number else text
             except ValueError:
-                kind = "an integer" if number is int else "a number"
+                kind = {int: "an integer", float: "a number"}.get(number, "a flag (1/0, true/false)")
                 raise ValueError(f"${var}={text!r} is not {kind}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -183,4 +219,7 @@ class PipelineConfig:
         return ReconstructionCallback(model=model, sinks=sinks, bin=self.bin, mask=mask, image_key=image_key,
                                       batch_size=self.batch_size, max_latency=self.max_latency,
                                       handler_registry=handler_registry, refine_every=self.refine_every,
-                                      refine_iterations=self.refine_iterations, close_sinks=True)
+                                      refine_iterations=self.refine_iterations, refine_above=self.refine_above,
+                                      refine_budget=self.refine_budget, refine_share=self.refine_share,
+                                      refine_window=self.refine_window,
+                                      adapt={"out_dir": self.adapt_dir} if self.adapt else None, close_sinks=True)

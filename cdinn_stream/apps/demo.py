@@ -44,6 +44,9 @@ class DemoConfig:
         recipe: the sample: a paper-recipe crystal (``"paper"``) or a crystal of the realistic
             recipe with the Bragg peak off the window's centre (``"crystal"``,
             :class:`~cdinn_stream.lab.sim.OperandoCrystal`).
+        refine_above: frames whose chi^2 is above this are refined automatically (NN-seeded
+            ER/HIO, ``docs/pipeline.md`` "Trust and self-repair"); ``None``: off.
+        refine_budget: at most this fraction of the frames refined automatically.
     """
 
     frames: int = 300
@@ -57,6 +60,8 @@ class DemoConfig:
     frame_shape: tuple[int, int] = (128, 128)
     prefix: str = "CDINNDEMO:"
     recipe: str = "paper"
+    refine_above: float | None = 0.03
+    refine_budget: float = 0.2
 
 
 def _free_port() -> int:
@@ -116,7 +121,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
         ioc = IOCThread(cfg.prefix).start()
         pipeline = PipelineConfig(model=cfg.model, batch_size=cfg.batch_size, max_latency=cfg.max_latency,
                                   zmq_out=f"tcp://127.0.0.1:{_free_port()}", epics_prefix=cfg.prefix,
-                                  spool_dir=str(tmp / "spool"))  # never the user's own spool
+                                  spool_dir=str(tmp / "spool"),  # never the user's own spool
+                                  refine_above=cfg.refine_above, refine_budget=cfg.refine_budget)
         cb = pipeline.build(model=model, tiled_client=client)
         heard: dict = {}
         listener = threading.Thread(target=lambda: heard.update(listen(pipeline.zmq_out, count=cfg.frames, timeout=10,
@@ -146,7 +152,10 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
 
         pv_frames = epics.caget(cfg.prefix + "FRAMES", timeout=2.0)
         live = client["cdinn"][uid]
-        amp, phase = live["amplitude"].read(), live["phase"].read()
+        amp, phase, trust = live["amplitude"].read(), live["phase"].read(), live["chi2"].read()
+        refined = ({k: live[f"refined_{k}"].read() for k in ("seq_num", "chi2_nn", "chi2")}
+                   if "refined_seq_num" in live else {"seq_num": np.zeros(0, int), "chi2_nn": np.zeros(0),
+                                                      "chi2": np.zeros(0)})
         info = read_frame_info(live)
         seq, crop_peaks = info["seq_num"], np.asarray(info["peak"]).reshape(-1, 2)
         stats = cb.stats()
@@ -206,6 +215,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
         "same_states_clean_chi2_median": same_chi2,
         "chi2_ratio": {"vs_model_clean": e2e_chi2 / card_chi2 if card_chi2 else None,
                        "vs_same_states_clean": e2e_chi2 / same_chi2},
+        "trust": _trust(trust, seq, refined, cfg.refine_above, cfg.refine_budget, stats["refined"]),
         "replay": {"seconds": replay_s, "frames": int(len(r_amp)),
                    "max_abs_diff_amplitude": float(np.abs(r_amp - amp).max()) if r_amp.shape == amp.shape else None,
                    "max_abs_diff_phase": float(np.abs(wrap(r_phase - phase)).max())
@@ -217,7 +227,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
 
         true_phase, phase = strain_view(true_amp, true_phase), strain_view(amp, phase)
     _montage(out / "montage.png", true_amp, true_phase, amp, phase, seq, [t.strain for t in truth],
-             phase_label="strain" if cfg.recipe == "crystal" else "phase")
+             phase_label="strain" if cfg.recipe == "crystal" else "phase", chi2=trust, refined=refined,
+             above=cfg.refine_above)
     summary["montage"] = str(out / "montage.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -245,12 +256,44 @@ def summary_table(s: dict) -> str:
                                                             s["chi2_ratio"]["vs_model_clean"])),
             ("  model on these states, clean + centred", _ratio(s["same_states_clean_chi2_median"],
                                                                  s["chi2_ratio"]["vs_same_states_clean"])),
+            *_trust_rows(s.get("trust")),
             ("replay: frames / max |diff|", f"{s['replay']['frames']} / amplitude "
                                             f"{s['replay']['max_abs_diff_amplitude']}, phase "
                                             f"{s['replay']['max_abs_diff_phase']}"),
             ("montage", s["montage"])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _trust(chi2: np.ndarray, seq: np.ndarray, refined: dict, above: float | None, budget: float,
+           counts: dict | None) -> dict:
+    """The run's trust figures: chi^2 per frame against its measured crop, and what automatic
+    refinement did (the run's median with each refined frame's refined chi^2 in place)."""
+    best = dict(zip(seq.tolist(), chi2.tolist(), strict=True))
+    best.update(zip(refined["seq_num"].tolist(), np.minimum(refined["chi2"], refined["chi2_nn"]).tolist(),
+                    strict=True))
+    doubtful = int((chi2 > above).sum()) if above is not None else 0
+    return {"chi2_median": float(np.median(chi2)), "chi2_p90": float(np.percentile(chi2, 90)),
+            "refine_above": above, "refine_budget": budget, "doubtful": doubtful,
+            "refined": int(len(refined["seq_num"])), "over_budget": (counts or {}).get("over_budget", 0),
+            "refined_chi2_median_before": float(np.median(refined["chi2_nn"])) if len(refined["chi2"]) else None,
+            "refined_chi2_median_after": float(np.median(refined["chi2"])) if len(refined["chi2"]) else None,
+            "chi2_median_with_refined": float(np.median(list(best.values())))}
+
+
+def _trust_rows(t: dict | None) -> list[tuple[str, str]]:
+    if not t:
+        return []
+    rows = [("chi2 per frame vs its measured crop, median / p90", f"{t['chi2_median']:.4f} / {t['chi2_p90']:.4f}")]
+    if t["refine_above"] is None:
+        return rows + [("automatic refinement", "off")]
+    rows.append((f"frames refined automatically (chi2 > {t['refine_above']:g}, budget {t['refine_budget']:.0%})",
+                 f"{t['refined']} of {t['doubtful']} doubtful ({t['over_budget']} over budget)"))
+    if t["refined"]:
+        rows.append(("  refined frames: chi2 median before -> after",
+                     f"{t['refined_chi2_median_before']:.4f} -> {t['refined_chi2_median_after']:.5f}"))
+        rows.append(("  run's chi2 median, refined frames counted refined", f"{t['chi2_median_with_refined']:.4f}"))
+    return rows
 
 
 def _ratio(reference: float | None, ratio: float | None) -> str:
@@ -266,8 +309,8 @@ def clean_chi2_median(model, recipe: str = "paper") -> float | None:
     return nn.get("metrics", {}).get("chi2", {}).get("median")
 
 
-def _montage(path: Path, true_amp, true_phase, amp, phase, seq, strain, k: int = 8, phase_label: str = "phase"
-             ) -> None:
+def _montage(path: Path, true_amp, true_phase, amp, phase, seq, strain, k: int = 8, phase_label: str = "phase",
+             chi2: np.ndarray | None = None, refined: dict | None = None, above: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,7 +319,9 @@ def _montage(path: Path, true_amp, true_phase, amp, phase, seq, strain, k: int =
     from ..core.physics import masked_phase
 
     idx = np.linspace(0, len(amp) - 1, min(k, len(amp))).astype(int)
-    fig, ax = plt.subplots(4, len(idx), figsize=(1.7 * len(idx), 7), dpi=100, squeeze=False)
+    fig = plt.figure(figsize=(1.7 * len(idx), 9.2), dpi=100)
+    grid = fig.add_gridspec(5, len(idx), height_ratios=[1, 1, 1, 1, 1.1])
+    ax = np.array([[fig.add_subplot(grid[r, j]) for j in range(len(idx))] for r in range(4)])
     rows = [("true shape", true_amp, "gray", 0, 1), ("NN shape", amp, "gray", 0, 1),
             (f"true {phase_label}", true_phase, "twilight_shifted", -np.pi, np.pi),
             (f"NN {phase_label}", masked_phase(amp, phase), "twilight_shifted", -np.pi, np.pi)]
@@ -287,7 +332,20 @@ def _montage(path: Path, true_amp, true_phase, amp, phase, seq, strain, k: int =
             ax[r, j].set_yticks([])
             if r == 0:
                 ax[r, j].set_title(f"seq {seq[i]}\nstrain {strain[i]:.2f}", fontsize=8)
+            if r == 3 and chi2 is not None:
+                ax[r, j].set_xlabel(f"chi2 {chi2[i]:.4f}", fontsize=8)
         ax[r, 0].set_ylabel(label, fontsize=9)
+    if chi2 is not None:  # the trust figure of every frame, and what refinement made of the doubtful ones
+        trend = fig.add_subplot(grid[4, :])
+        trend.semilogy(seq, chi2, ".", ms=3, label="NN, every frame")
+        if refined is not None and len(refined["seq_num"]):
+            trend.semilogy(refined["seq_num"], refined["chi2"], "x", ms=4, label="refined automatically")
+        if above is not None:
+            trend.axhline(above, color="gray", lw=0.8, ls="--", label=f"refine above {above:g}")
+        trend.set_xlabel("seq_num")
+        trend.set_ylabel("chi2 vs measured crop", fontsize=9)
+        trend.legend(fontsize=7, loc="upper right")
+        trend.grid(alpha=0.3)
     fig.suptitle("Operando scan: truth vs live reconstruction (twins and shifts are equivalent)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

@@ -14,6 +14,10 @@ PV                        meaning
 ``P:FRAME_RATE``          reconstructed frames per second
 ``P:FRAMES``              frames reconstructed in the current run
 ``P:SEQ_NUM``             seq_num of the latest frame
+``P:CHI2``                trust figure of the latest frame: chi^2 of its reconstruction against
+                          the measured crop (the paper's metric; lower is better)
+``P:CHI2_MEDIAN``         median chi^2 of the current run's last 1,000 frames
+``P:MODEL_VERSION``       version of the weights in use (0 until a live adaptation swaps)
 ``P:RUN_UID``             uid of the current run
 ``P:STATUS``              ``idle``, ``running`` or ``done <exit_status>``
 ========================  =================================================================
@@ -88,6 +92,10 @@ def make_ioc_class(max_size: int = 128) -> type[PVGroup]:
         FRAME_RATE = pvproperty(value=0.0, dtype=float, precision=1, units="Hz", doc="frames per second")
         FRAMES = pvproperty(value=0, dtype=int, doc="frames reconstructed in this run")
         SEQ_NUM = pvproperty(value=0, dtype=int, doc="seq_num of the latest frame")
+        CHI2 = pvproperty(value=0.0, dtype=float, precision=5, doc="chi^2 of the latest frame")
+        CHI2_MEDIAN = pvproperty(value=0.0, dtype=float, precision=5,
+                                 doc="median chi^2 of the run's last 1,000 frames")
+        MODEL_VERSION = pvproperty(value=0, dtype=int, doc="version of the weights in use")
         RUN_UID = pvproperty(value="", dtype=ChannelType.STRING, doc="current run uid")
         STATUS = pvproperty(value="idle", dtype=ChannelType.STRING, doc="pipeline status")
 

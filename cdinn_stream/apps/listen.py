@@ -90,8 +90,10 @@ def listen(address: str, *, count: int | None = None, timeout: float | None = No
                 if not quiet:
                     seq = header["seq_num"]
                     lat = 1e3 * float(np.median(header["latency_s"]))
+                    trust = f" chi2 {np.median(header['chi2']):.4f}" if header.get("chi2") else ""
+                    swapped = f" model v{header['model_version']}" if header.get("model_version") else ""
                     print(f"{header['run_uid'][:8]} seq {seq[0]}..{seq[-1]} ({len(seq)} frames) "
-                          f"peak {header['peak'][-1]} support {(amp[-1] > 0.1).sum()} px "
+                          f"peak {header['peak'][-1]} support {(amp[-1] > 0.1).sum()} px{trust}{swapped} "
                           f"latency {lat:.1f} ms", flush=True)
             elif topic == "cdinn.start":
                 if not quiet:

@@ -2,7 +2,8 @@
 
 * :func:`chi2` -- the paper's reciprocal-space error
   ``sum (s*sqrt(I_p) - sqrt(I_t))**2 / sum I_t`` with the best overall scale ``s`` of the
-  prediction, ``I_p = |far_field(amplitude * exp(i*phase))|**2``.
+  prediction, ``I_p = |far_field(amplitude * exp(i*phase))|**2``; :func:`fourier_chi2` is the
+  same number in float32 for the live pipeline's trust figure (every frame, next to the model).
 * :func:`align` -- moves a predicted object onto the truth through what ``|F|`` cannot see:
   a circular shift, the twin image (inversion + conjugation) and a global phase offset.
 * :func:`support_iou` and :func:`phase_rmse` (inside the true support) are computed after
@@ -14,12 +15,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from .physics import SUPPORT_THRESHOLD, far_field_torch, strain, twin_torch
 
-__all__ = ["chi2", "align", "support_iou", "phase_rmse", "strain_rmse", "score"]
+__all__ = ["chi2", "fourier_chi2", "align", "support_iou", "phase_rmse", "strain_rmse", "score"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -48,6 +51,49 @@ def chi2(amplitude: ArrayLike, phase: ArrayLike, intensity: ArrayLike) -> torch.
     scale = (predicted * measured).sum(dim=(-2, -1)) / (predicted**2).sum(dim=(-2, -1)).clamp_min(1e-300)
     err = ((scale[:, None, None] * predicted - measured) ** 2).sum(dim=(-2, -1))
     return err / (measured**2).sum(dim=(-2, -1)).clamp_min(1e-300)
+
+
+_WORKSPACE = threading.local()  # per thread: buffers of the last batch shape (fresh ones page-fault on a CPU)
+
+
+def _buffers(shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, ...]:
+    key = (tuple(shape), device)
+    cached = getattr(_WORKSPACE, "buffers", None)
+    if cached is None or cached[0] != key:
+        n = shape[-1]
+        k = torch.arange(n, device=device)
+        checkerboard = (1 - 2 * ((k[:, None] + k) % 2)).float()
+        cached = (key, checkerboard, *(torch.empty(shape, device=device) for _ in range(3)),
+                  torch.empty(shape, device=device, dtype=torch.complex64))
+        _WORKSPACE.buffers = cached
+    return cached[1:]
+
+
+def fourier_chi2(amplitude: torch.Tensor, phase: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+    """:func:`chi2` ``(B,)`` of objects ``(B, N, N)`` against measured *amplitudes* ``sqrt(I)``
+    ``(B, N, N)`` (any overall scale, zero frequency at ``N // 2``, ``N`` even), in float32 on the
+    tensors' device: the per-frame trust figure of the live pipeline.
+
+    The best scale ``s`` leaves ``chi2 = 1 - (sum |P| |M|)**2 / (sum |P|**2 sum |M|**2)``, and
+    ``sum |P|**2`` is the object's own (Parseval), so one FFT per frame suffices; the centring
+    shift of the transform is a ``(-1)**(k1 + k2)`` checkerboard on the object. Agrees with
+    :func:`chi2` to about 1e-6 (float32).
+    """
+    n = amplitude.shape[-1]
+    if n % 2 or measured.shape != amplitude.shape:
+        return chi2(amplitude.float().cpu(), phase.float().cpu(), measured.float().cpu().square()).float().to(
+            amplitude.device)
+    a, p, m = amplitude.float(), phase.float(), measured.float()
+    checkerboard, signed, work, imag, obj = _buffers(a.shape, a.device)
+    torch.mul(a, checkerboard, out=signed)
+    torch.mul(signed, torch.sin(p, out=work), out=imag)
+    torch.mul(signed, torch.cos(p, out=work), out=work)
+    f = torch.view_as_real(torch.fft.fft2(torch.complex(work, imag, out=obj)))
+    modulus = torch.mul(f[..., 0], f[..., 0], out=work).addcmul_(f[..., 1], f[..., 1]).sqrt_()
+    cross = modulus.mul_(m).sum(dim=(-2, -1))
+    own = torch.mul(a, a, out=signed).sum(dim=(-2, -1)) * float(n * n)
+    measured_power = torch.mul(m, m, out=work).sum(dim=(-2, -1))
+    return (1 - cross.square() / (own * measured_power).clamp_min(1e-30)).clamp_min(0)
 
 
 def align(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,9 @@ class FrameBlock:
         origins: ``(n, 2)`` crop origin (row, column) in the detector frame.
         peaks: ``(n, 2)`` Bragg peak (row, column) in the detector frame.
         received: ``(n,)`` ``time.monotonic()`` when the frames entered the pipeline.
+        wide: ``(n, m, m)`` float32 crops of the refinement window at the same centre (``m`` a
+            multiple of ``size``; :class:`~cdinn_stream.live.callback.FrameCropper`'s
+            ``refine_window``), or ``None`` when refinement uses the model's window.
     """
 
     run_uid: str
@@ -34,15 +37,18 @@ class FrameBlock:
     origins: np.ndarray
     peaks: np.ndarray
     received: np.ndarray
+    wide: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.seq_nums)
 
     def split(self, n: int) -> tuple[FrameBlock, FrameBlock]:
         """The first ``n`` frames and the rest."""
-        head = FrameBlock(self.run_uid, self.stream, *(a[:n] for a in self.arrays()))
-        tail = FrameBlock(self.run_uid, self.stream, *(a[n:] for a in self.arrays()))
-        return head, tail
+        return self.take(slice(None, n)), self.take(slice(n, None))
+
+    def take(self, index) -> FrameBlock:
+        """The frames at ``index`` (a slice, or integer positions)."""
+        return FrameBlock(self.run_uid, self.stream, *(None if a is None else a[index] for a in self.arrays()))
 
     @staticmethod
     def concat(blocks: list[FrameBlock]) -> FrameBlock:
@@ -50,11 +56,12 @@ class FrameBlock:
         if len(blocks) == 1:
             return blocks[0]
         arrays = zip(*(b.arrays() for b in blocks), strict=True)
-        return FrameBlock(blocks[0].run_uid, blocks[0].stream, *(np.concatenate(a) for a in arrays))
+        return FrameBlock(blocks[0].run_uid, blocks[0].stream,
+                          *(None if any(x is None for x in a) else np.concatenate(a) for a in arrays))
 
-    def arrays(self) -> tuple[np.ndarray, ...]:
+    def arrays(self) -> tuple[np.ndarray | None, ...]:
         """The per-frame arrays, in field order (for splitting and joining blocks)."""
-        return self.seq_nums, self.times, self.frames, self.origins, self.peaks, self.received
+        return self.seq_nums, self.times, self.frames, self.origins, self.peaks, self.received, self.wide
 
 
 @dataclass
@@ -75,12 +82,20 @@ class ResultBlock:
         amplitude: ``(n, size, size)`` float32 in [0, 1].
         phase: ``(n, size, size)`` float32 radians at every pixel (meaningful where amplitude > 0.1).
         latency: ``(n,)`` seconds from entering the pipeline to the model's output.
+        chi2: ``(n,)`` the trust figure: chi^2 of the reconstruction's ``|FT|^2`` against the
+            measured crop (the paper's metric, best scale; :func:`~cdinn_stream.core.metrics.fourier_chi2`).
+        model_version: which weights made it: 0 for the model the pipeline started with, ``k``
+            after the ``k``-th hot swap (:meth:`~cdinn_stream.live.engine.InferenceEngine.swap_model`).
+        model: the name of those weights (a model card's name).
     """
 
     frames: FrameBlock
     amplitude: np.ndarray
     phase: np.ndarray
     latency: np.ndarray
+    chi2: np.ndarray
+    model_version: int = 0
+    model: str = ""
 
     @property
     def run_uid(self) -> str:

@@ -38,7 +38,7 @@ from event_model.documents import (
     StreamResource,
 )
 
-from ..nn.reconstruct import CDIModel, load_model
+from ..nn.reconstruct import CDIModel, load_model, user_models_dir
 from .blocks import Closes, FrameBlock, Sink
 from .crop import clean_frames, crop_frames, find_peaks
 from .engine import InferenceEngine
@@ -114,13 +114,36 @@ class Rejections:
 class FrameCropper:
     """Checks, cleans and crops detector frames into blocks for the engine (the crop of
     :mod:`cdinn_stream.live.crop`): ``size`` is the model's window, ``bin`` the binning of a
-    ``bin * size`` window, ``mask`` the good detector pixels, ``centre`` the model's peak rule."""
+    ``bin * size`` window, ``mask`` the good detector pixels, ``centre`` the model's peak rule.
+
+    ``refine_window > 1`` also crops, at the same centre, the refinement window
+    (:attr:`FrameBlock.wide`): ``refine_window * size`` pixels binned ``max(bin // refine_window, 1)``.
+    With ``bin == refine_window`` that is the model's own detector window unbinned: twice the
+    oversampling for ER/HIO (:mod:`cdinn_stream.live.refine`)."""
 
     size: int
     bin: int = 1
     mask: np.ndarray | None = None
     centre: bool = True
     rejections: Rejections = field(default_factory=Rejections)
+    refine_window: int = 1
+
+    def __post_init__(self) -> None:
+        if self.refine_window < 1:
+            raise ValueError(f"refine_window must be 1 or more, not {self.refine_window}")
+        if self.refine_window > 1 and (self.refine_window * self.refine_bin) % self.bin:
+            raise ValueError(f"refine_window={self.refine_window} does not fit bin={self.bin}: use a refine_window "
+                             "that divides bin, or bin=1")
+
+    @property
+    def refine_bin(self) -> int:
+        """Binning of the refinement window."""
+        return max(self.bin // self.refine_window, 1)
+
+    @property
+    def zoom(self) -> int:
+        """How many refinement-grid pixels one model pixel spans (real space)."""
+        return self.refine_window * self.refine_bin // self.bin
 
     def block(self, run_uid: str, stream: str, frames: np.ndarray, seq_nums: np.ndarray,
               times: np.ndarray) -> FrameBlock | None:
@@ -149,9 +172,12 @@ class FrameCropper:
             if not len(clean):
                 return None
         # centre as the model does: the centre of mass for a network trained centred, else the brightest pixel
-        crops = crop_frames(clean, find_peaks(clean, centre=self.centre), self.size, bin=self.bin)
+        peaks = find_peaks(clean, centre=self.centre)
+        crops = crop_frames(clean, peaks, self.size, bin=self.bin)
+        wide = (crop_frames(clean, peaks, self.refine_window * self.size, bin=self.refine_bin).frames
+                if self.refine_window > 1 else None)
         return FrameBlock(run_uid, stream, np.asarray(seq_nums, np.int64), np.asarray(times, np.float64),
-                          crops.frames, crops.origins, crops.peaks, np.full(len(clean), received))
+                          crops.frames, crops.origins, crops.peaks, np.full(len(clean), received), wide)
 
 
 class ReconstructionCallback:
@@ -169,9 +195,19 @@ class ReconstructionCallback:
         handler_registry: handlers to fill resource/datum frames (default: ``NPY_SEQ``).
         refine_every: also refine every ``refine_every``-th frame (by seq_num) with NN-seeded
             ER/HIO, published as a second result type (0: only frames asked for with
-            :meth:`refine`; ``None``, the default: refinement off, no refiner thread); see
-            :mod:`cdinn_stream.live.refine`.
+            :meth:`refine`; ``None``, the default: no refinement unless ``refine_above``
+            asks for it); see :mod:`cdinn_stream.live.refine`.
         refine_iterations: ER/HIO iterations of a refinement.
+        refine_above: refine, without anyone asking, the frames whose chi^2 (their trust figure)
+            is above this (``None``, the default: off).
+        refine_budget: at most this fraction of each run's frames refined automatically (doubtful
+            frames over it wait, oldest first, and are counted when their run ends).
+        refine_share: at most this share of one core's time for refinement.
+        refine_window: refine on a window this many times the model's, at the same centre
+            (:class:`FrameCropper`; 1: the model's crop).
+        adapt: live adaptation of the model to the run (:class:`~cdinn_stream.live.adapt.Adapter`
+            options as a dict, or ``True`` for the defaults; ``None``/``False``: off); see
+            :mod:`cdinn_stream.live.adapt`.
         close_sinks: :meth:`close` closes the sinks too (their sockets): for sinks made for this
             callback alone, as :meth:`~cdinn_stream.apps.config.PipelineConfig.build` makes them.
     """
@@ -180,17 +216,26 @@ class ReconstructionCallback:
                  mask: np.ndarray | None = None, sinks: list[Sink] | None = None, batch_size: int = 256,
                  max_latency: float = 0.01, max_queued_frames: int = 20_000,
                  handler_registry: dict | None = None, refine_every: int | None = None,
-                 refine_iterations: int = 50, close_sinks: bool = False):
+                 refine_iterations: int = 50, refine_above: float | None = None, refine_budget: float = 0.2,
+                 refine_share: float = 0.5, refine_window: int = 1, adapt: dict | bool | None = None,
+                 close_sinks: bool = False):
         self.model = model if model is not None else load_model()
         self.image_key = image_key
         self.close_sinks = close_sinks
+        self.rejections = Rejections()
+        self.cropper = FrameCropper(self.model.size, bin, mask, self.model.centre, self.rejections, refine_window)
         threads = [SinkThread(s) for s in sinks or []]
-        refiner = None if refine_every is None else Refiner(to_all(threads), every=refine_every,
-                                                            iterations=refine_iterations)
+        refiner = None
+        if refine_every is not None or refine_above is not None:
+            refiner = Refiner(to_all(threads), every=refine_every or 0, iterations=refine_iterations,
+                              above=refine_above, budget=refine_budget, share=refine_share, zoom=self.cropper.zoom)
         self.engine = InferenceEngine(self.model, threads, refiner=refiner, batch_size=batch_size,
                                       max_latency=max_latency, max_queued_frames=max_queued_frames)
-        self.rejections = Rejections()
-        self.cropper = FrameCropper(self.model.size, bin, mask, self.model.centre, self.rejections)
+        if adapt:
+            from .adapt import Adapter
+
+            options = {} if adapt is True else {k: v for k, v in dict(adapt).items() if v is not None}
+            self.engine.adapter = Adapter(self.engine, **{"out_dir": user_models_dir(), **options})
         registry = default_handler_registry() if handler_registry is None else handler_registry
         self._router = RunRouter([self._factory], handler_registry=registry, filler_class=PassThroughFiller)
 
@@ -221,10 +266,10 @@ class ReconstructionCallback:
 
     def stats(self) -> dict:
         """Counters of the engine plus the rejected frames and documents."""
-        r = self.engine.refiner
-        refined = {"frames": r.frames_refined, "dropped": r.frames_dropped} if r is not None else None
+        r, a = self.engine.refiner, self.engine.adapter
         return {**self.engine.stats.summary(), "sinks": self.engine.sink_summary(), "rejected": dict(self.rejected),
-                "refined": refined}
+                "refined": r.stats() if r is not None else None, "adapted": a.stats() if a is not None else None,
+                "model_version": self.engine.model_version}
 
     def refine(self, run_uid: str, seq_nums) -> None:
         """Ask for an NN-seeded ER/HIO refinement of these frames of ``run_uid`` (published as
@@ -238,6 +283,8 @@ class ReconstructionCallback:
     def close(self, timeout: float | None = 30.0) -> bool:
         """Publish what is queued and stop the threads; with ``close_sinks``, close the sinks too.
         False (and a warning) if work was left after ``timeout`` s."""
+        if self.engine.adapter is not None:
+            self.engine.adapter.close(timeout)
         done = self.engine.close(timeout)
         if self.close_sinks:
             for sink in self.sinks:

@@ -19,6 +19,12 @@ Run boundaries travel through the same queue (:meth:`InferenceEngine.open_run`,
 :meth:`InferenceEngine.close_run`), so a sink sees ``open_run``, then the run's results in order,
 then ``close_run`` -- each from its own sink thread, and without the producer waiting for the model.
 
+Every result carries its trust figure, chi^2 of the reconstruction against the measured crop
+(:func:`~cdinn_stream.core.metrics.fourier_chi2`, batched on the model's device right after the
+network), and the version of the weights that made it: :meth:`InferenceEngine.swap_model` puts
+new weights in between two batches (live adaptation, :mod:`cdinn_stream.live.adapt`), and each
+run's end summary lists the versions its frames used (``model_versions``).
+
 An exception in the model or a sink is logged with its run uid and seq_nums and counted; the
 worker goes on. A failing batch on a GPU is retried in halves, then on the CPU (frames are not
 lost to an out-of-memory error).
@@ -34,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..core.metrics import fourier_chi2
 from ..core.physics import normalized_amplitude
 from ..core.timing import LatencyWindow, latency_ms
 from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
@@ -85,7 +92,31 @@ class InferenceEngine(Worker):
         self._queued = 0
         self._pending: dict[str, int] = {}  # frames submitted but not finished, per run
         self._pin = self.model.device.type == "cuda"
+        #: the weights' versions: index = ``ResultBlock.model_version``; each a dict with ``version``,
+        #: ``name`` and what :meth:`swap_model` was told (where the weights were saved, the run adapted on)
+        self.model_versions: list[dict] = [{"version": 0, "name": getattr(model, "name", "")}]
+        self._next_model: CDIModel | None = None
+        self._run_versions: dict[str, set[int]] = {}
+        self.adapter = None  # set by the callback when live adaptation is on (it is offered every result)
         self._start()
+
+    @property
+    def model_version(self) -> int:
+        """The version of the weights in use (0: those the engine was built with)."""
+        return len(self.model_versions) - 1 if self._next_model is None else len(self.model_versions) - 2
+
+    def swap_model(self, model: CDIModel, **info) -> int:
+        """Use ``model`` from the next batch on (the batch in progress finishes with the old one;
+        no frame waits). ``info`` (e.g. ``path``, ``adapted_on``, ``chi2_median``) is recorded in
+        :attr:`model_versions` and in the end summaries of the runs that use it. Returns its version."""
+        with self._cond:
+            if self._next_model is not None:  # a swap not yet taken is replaced
+                self.model_versions.pop()
+            self.model_versions.append({"version": len(self.model_versions), "name": getattr(model, "name", ""),
+                                        **info})
+            self._next_model = model
+            self._cond.notify_all()
+            return len(self.model_versions) - 1
 
     # -- producer side -------------------------------------------------------------------
     def submit(self, block: FrameBlock) -> bool:
@@ -208,21 +239,22 @@ class InferenceEngine(Worker):
         self._cond.notify_all()
         return blocks
 
-    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Amplitude, phase and chi^2 of ``(n, size, size)`` measured crops."""
         x = torch.from_numpy(frames)
         if self._pin:
             x = x.pin_memory()
         try:
-            x = x.to(self.model.device, non_blocking=True)
-            amp, phase = self.model.predict_tensor(normalized_amplitude(x))
-            return amp.float().cpu().numpy(), phase.float().cpu().numpy()
+            x = normalized_amplitude(x.to(self.model.device, non_blocking=True))
+            amp, phase = self.model.predict_tensor(x)
+            chi2 = fourier_chi2(amp, phase, x)
+            return amp.float().cpu().numpy(), phase.float().cpu().numpy(), chi2.cpu().numpy()
         except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
             if len(frames) > 1:
                 logger.warning("model failed on %d frames (%s); retrying in halves", len(frames), err)
                 h = len(frames) // 2
-                a1, p1 = self._infer(frames[:h])
-                a2, p2 = self._infer(frames[h:])
-                return np.concatenate([a1, a2]), np.concatenate([p1, p2])
+                halves = self._infer(frames[:h]), self._infer(frames[h:])
+                return tuple(np.concatenate(parts) for parts in zip(*halves, strict=True))
             if self.model.device.type != "cpu":
                 logger.warning("model failed on %s (%s); falling back to the CPU", self.model.device, err)
                 self.model = self.model.on_cpu()
@@ -237,9 +269,11 @@ class InferenceEngine(Worker):
         blocks: list[FrameBlock] = items
         failed = True
         try:  # whatever happens, the blocks are finished: flush() must never wait for them forever
+            self._take_new_model()
+            version, name = self.model_version, self.model_versions[self.model_version]["name"]
             frames = np.concatenate([b.frames for b in blocks]).astype(np.float32, copy=False)
             try:
-                amp, phase = self._infer(frames)
+                amp, phase, chi2 = self._infer(frames)
             except Exception:
                 logger.exception("inference failed for %d frames (runs %s)", len(frames),
                                  sorted({b.run_uid for b in blocks}))
@@ -249,12 +283,16 @@ class InferenceEngine(Worker):
             i = 0
             for b in self._by_run(blocks):
                 n = len(b)
-                result = ResultBlock(b, amp[i : i + n], phase[i : i + n], done - b.received)
+                result = ResultBlock(b, amp[i : i + n], phase[i : i + n], done - b.received, chi2[i : i + n],
+                                     version, name)
                 i += n
                 self.stats.latencies.extend(result.latency)
+                self._run_versions.setdefault(b.run_uid, set()).add(version)
                 self.publish(result)
                 if self.refiner is not None:
                     self.refiner.offer(result)
+                if self.adapter is not None:
+                    self.adapter.offer(result)
             failed = False
         finally:
             self._finish(blocks, failed=failed)
@@ -270,7 +308,21 @@ class InferenceEngine(Worker):
                 groups.append([b])
         return [FrameBlock.concat(g) for g in groups]
 
+    def _take_new_model(self) -> None:
+        with self._cond:
+            model, self._next_model = self._next_model, None
+        if model is not None:
+            self.model = model
+            self._pin = model.device.type == "cuda"
+            logger.info("model version %d (%s) in use from this batch on", self.model_version,
+                        self.model_versions[-1]["name"])
+
     def _marker(self, marker: RunMarker) -> None:
+        if marker.kind == "close":
+            used = sorted(self._run_versions.pop(marker.run_uid, {self.model_version}))
+            marker.document["model_versions"] = [self.model_versions[v] for v in used]
+        if self.adapter is not None:
+            self.adapter.marker(marker)
         if marker.kind == "close" and self.refiner is not None:
             self.refiner.forward(marker)  # after the run's refinements; the model does not wait
         else:

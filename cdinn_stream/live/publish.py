@@ -88,13 +88,14 @@ class SinkStats:
 
 
 def merge_results(results: list[ResultBlock]) -> ResultBlock:
-    """One result from consecutive results of the same run and stream."""
+    """One result from consecutive results of the same run, stream and model version."""
     if len(results) == 1:
         return results[0]
+    first = results[0]
     return ResultBlock(FrameBlock.concat([r.frames for r in results]),
-                       np.concatenate([r.amplitude for r in results]),
-                       np.concatenate([r.phase for r in results]),
-                       np.concatenate([r.latency for r in results]))
+                       *(np.concatenate([getattr(r, k) for r in results]) for k in ("amplitude", "phase", "latency",
+                                                                                    "chi2")),
+                       first.model_version, first.model)
 
 
 class SinkThread(Worker):
@@ -244,9 +245,15 @@ class SinkThread(Worker):
             logger.exception("sink %s failed to %s run %s", self.name, marker.kind, marker.run_uid)
 
 
+def _same_write(a: ResultBlock, b: ResultBlock) -> bool:
+    """Whether two results may share a write: same run, stream and model version."""
+    return (a.frames.run_uid, a.frames.stream, a.model_version) == (b.frames.run_uid, b.frames.stream,
+                                                                     b.model_version)
+
+
 def _groups(items: list, max_frames: int) -> list:
-    """Markers alone; consecutive results of the same run and stream together, up to
-    ``max_frames`` frames a group (a single larger result stays whole)."""
+    """Markers alone; consecutive results of the same run, stream and model version together, up
+    to ``max_frames`` frames a group (a single larger result stays whole)."""
     out: list = []
     count = 0
     for item in items:
@@ -254,8 +261,7 @@ def _groups(items: list, max_frames: int) -> list:
             out.append(item)
             continue
         n = len(item.frames)
-        if (out and isinstance(out[-1], list) and count + n <= max_frames
-                and (out[-1][0].frames.run_uid, out[-1][0].frames.stream) == (item.frames.run_uid, item.frames.stream)):
+        if out and isinstance(out[-1], list) and count + n <= max_frames and _same_write(out[-1][0], item):
             out[-1].append(item)
             count += n
         else:

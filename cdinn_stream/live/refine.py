@@ -1,20 +1,43 @@
 """Live NN-seeded refinement: a short batched ER/HIO started from the network's result.
 
-Selected frames (every ``every``-th seq_num, and any frame asked for with
-:meth:`Refiner.request`) go to a :class:`Refiner`: its own thread takes everything waiting, runs
-``iterations`` of ER/HIO on the measured crops at once, starting from the network's complex
-object and support (:func:`cdinn_stream.core.phase_retrieval.er_hio` with ``init``), scores both
-results with the reciprocal-space chi^2 against the measured crop, and hands a
-:class:`~cdinn_stream.live.blocks.RefinedBlock` to the sinks (ZeroMQ topic ``cdinn.refined``, Tiled
-arrays ``refined_*``). The fast path never waits for it; a run's end does (so a run's refined
-results come before its ``close_run``: the run's end passes through the refiner's queue). The
-queue is bounded: past ``max_queued_frames`` frames selected frames are dropped, counted and
-logged. Requests for frames that never came are reported at the run's end and forgotten.
+Which frames are refined:
+
+* every ``every``-th seq_num, and any frame asked for with :meth:`Refiner.request`;
+* automatically, the doubtful ones (``above``): frames whose trust figure (chi^2 of the
+  network's result against the measured crop, :attr:`ResultBlock.chi2`) exceeds ``above``,
+  within a ``budget``: at most that fraction of each run's frames (a run earns ``budget``
+  refinements per frame it sends through the model and spends one per refinement, so a doubtful
+  stretch can use what a good stretch saved). Doubtful frames over the budget wait, oldest
+  first, for the budget to grow; those still waiting when their run ends are counted in
+  ``frames_over_budget`` and reported, not refined.
+
+The :class:`Refiner`'s own thread takes what is waiting (at most ``max_batch`` frames a round),
+runs ``iterations`` of ER/HIO on them at once, starting from the network's complex object and
+support (:func:`cdinn_stream.core.phase_retrieval.er_hio` with ``init``), scores the result with
+chi^2 against the measured crop, and hands a :class:`~cdinn_stream.live.blocks.RefinedBlock` to
+the sinks (ZeroMQ topic ``cdinn.refined``, Tiled arrays ``refined_*``). It computes on one torch
+thread (its own setting; the model keeps its threads), and ``share`` bounds its time: after a
+round of ``t`` seconds it rests ``t * (1 / share - 1)`` seconds (0.5: at
+most half of one core's time on average), so refinement never starves the model of the CPU.
+
+Refinement on a wider window (``FrameCropper(refine_window=2)``): where the detector oversamples
+the pattern more than the model needs (frames binned for the model), the crop of the refinement
+window (:attr:`FrameBlock.wide`, the same centre, ``refine_window * size`` pixels binned
+``bin // refine_window``) gives ER/HIO the oversampling it needs: the network's object is
+zoomed by ``zoom`` (1 when the window only adds field of view) and zero-padded onto that grid
+(:func:`seed_on_grid`), and the refined result comes on it.
+
+The fast path never waits for any of this; a run's end does (so a run's refined results come
+before its ``close_run``: the run's end passes through the refiner's queue). The queue is
+bounded: past ``max_queued_frames`` frames selected frames are dropped, counted and logged.
+Requests for frames that never came are reported at the run's end and forgotten.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -23,20 +46,39 @@ import torch
 from ..core.metrics import chi2
 from ..core.phase_retrieval import er_hio
 from ..core.physics import SUPPORT_THRESHOLD
-from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker
+from .blocks import RefinedBlock, ResultBlock, RunMarker
 from .worker import Worker
 
-__all__ = ["Refiner", "refine"]
+__all__ = ["Refiner", "refine", "seed_on_grid"]
 
 logger = logging.getLogger(__name__)
 
 
-def refine(intensity: np.ndarray, amplitude: np.ndarray, phase: np.ndarray, *, iterations: int = 50
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """``iterations`` of ER/HIO from the network's ``(n, s, s)`` amplitude and phase on the measured
-    ``(n, s, s)`` intensities; returns amplitude (maximum 1) and phase (0 outside the support)."""
-    init = torch.polar(torch.as_tensor(amplitude, dtype=torch.float32), torch.as_tensor(phase, dtype=torch.float32))
-    support = torch.as_tensor(amplitude > SUPPORT_THRESHOLD)
+def seed_on_grid(amplitude: np.ndarray, phase: np.ndarray, size: int, zoom: int = 1) -> torch.Tensor:
+    """The network's objects ``(n, s, s)`` as complex starting points on a ``(n, size, size)``
+    grid: zoomed ``zoom`` times (bilinear, on the real and imaginary parts) and zero-padded,
+    centred (``s // 2`` lands near ``size // 2``)."""
+    obj = torch.polar(torch.as_tensor(amplitude, dtype=torch.float32), torch.as_tensor(phase, dtype=torch.float32))
+    if zoom > 1:
+        parts = torch.view_as_real(obj).permute(0, 3, 1, 2)  # (n, 2, s, s)
+        parts = torch.nn.functional.interpolate(parts, scale_factor=zoom, mode="bilinear", align_corners=False)
+        obj = torch.view_as_complex(parts.permute(0, 2, 3, 1).contiguous())
+    s = obj.shape[-1]
+    if s > size:
+        raise ValueError(f"a {s}x{s} seed does not fit a {size}x{size} refinement grid")
+    before = size // 2 - s // 2
+    return torch.nn.functional.pad(obj, (before, size - s - before, before, size - s - before))
+
+
+def refine(intensity: np.ndarray, amplitude: np.ndarray, phase: np.ndarray, *, iterations: int = 50,
+           zoom: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``iterations`` of ER/HIO from the network's ``(n, s, s)`` amplitude and phase on measured
+    ``(n, m, m)`` intensities (``m >= s * zoom``: the model's crop, or a wider one with the seed
+    zoomed ``zoom`` times, :func:`seed_on_grid`); returns ``(n, m, m)`` amplitude (maximum 1) and
+    phase (0 outside the support)."""
+    m = intensity.shape[-1]
+    init = seed_on_grid(amplitude, phase, m, zoom)
+    support = init.abs() > SUPPORT_THRESHOLD * init.abs().flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     obj = er_hio(torch.as_tensor(intensity, dtype=torch.float32), init=init, support=support, iterations=iterations,
                  average=min(10, iterations))
     amp = obj.abs()
@@ -47,19 +89,36 @@ def refine(intensity: np.ndarray, amplitude: np.ndarray, phase: np.ndarray, *, i
 
 class Refiner(Worker):
     """Selected frames -> batched NN-seeded ER/HIO in a thread -> ``publish(RefinedBlock)``; run
-    markers pass through after the frames queued before them (``publish(RunMarker)``)."""
+    markers pass through after the frames queued before them (``publish(RunMarker)``). See the
+    module docstring for the selection, the budget and the CPU share."""
 
     def __init__(self, publish: Callable[[RefinedBlock | RunMarker], None], *, every: int = 0,
-                 iterations: int = 50, max_queued_frames: int = 1024):
+                 iterations: int = 50, above: float | None = None, budget: float = 0.2, share: float = 0.5,
+                 zoom: int = 1, max_queued_frames: int = 1024, max_batch: int = 256):
         super().__init__("cdinn-refine")
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], not {share}")
+        if not 0 <= budget <= 1:
+            raise ValueError(f"budget must be a fraction of frames in [0, 1], not {budget}")
         self.publish = publish
         self.every = every
         self.iterations = iterations
+        self.above = above
+        self.budget = budget
+        self.share = share
+        self.zoom = zoom
         self.max_queued_frames = max_queued_frames
+        self.max_batch = max_batch
         self.frames_refined = 0
         self.frames_dropped = 0
+        self.frames_doubtful = 0  # frames over ``above``
+        self.frames_over_budget = 0  # doubtful frames whose run ended before the budget reached them
+        self.busy_seconds = 0.0
         self._requested: dict[str, set[int]] = {}  # run uid -> seq_nums asked for
+        self._credit: dict[str, float] = {}  # run uid -> automatic refinements it may still have
+        self._waiting: dict[str, deque[ResultBlock]] = {}  # run uid -> doubtful frames over the budget
         self._queued = 0
+        self._rest_until = 0.0
         self._start()
 
     def request(self, run_uid: str, seq_nums) -> None:
@@ -83,20 +142,46 @@ class Refiner(Worker):
                 hit = np.isin(seq, np.fromiter(asked, np.int64, len(asked)))
                 asked.difference_update(seq[hit].tolist())
                 keep |= hit
-            if not keep.any():
-                return
-            n = int(keep.sum())
-            if self._queued + n > self.max_queued_frames:
-                self.frames_dropped += n
-                logger.warning("refinement queue full: not refining %d frames of run %s (seq_nums %s)", n,
-                               result.run_uid, seq[keep].tolist())
-                return
-            idx = np.flatnonzero(keep)
-            f = result.frames
-            sub = FrameBlock(f.run_uid, f.stream, *(a[idx] for a in f.arrays()))
-            self._queue.append(ResultBlock(sub, result.amplitude[idx], result.phase[idx], result.latency[idx]))
-            self._queued += n
-            self._cond.notify_all()
+            if keep.any():
+                self._enqueue(result, np.flatnonzero(keep))
+            if self.above is not None:
+                self._automatic(result, ~keep)
+
+    def _automatic(self, result: ResultBlock, free: np.ndarray) -> None:
+        """Doubtful frames (lock held): into the run's waiting line, then as many of the oldest as
+        the run's budget allows into the queue."""
+        run = result.run_uid
+        credit = self._credit.get(run, 0.0) + self.budget * len(result.frames)
+        doubtful = np.flatnonzero(free & (np.asarray(result.chi2) > self.above))
+        self.frames_doubtful += len(doubtful)
+        waiting = self._waiting.setdefault(run, deque())
+        if len(doubtful):
+            waiting.append(_subset(result, doubtful))
+        while waiting and credit >= 1:
+            head = waiting[0]
+            n = min(len(head.frames), int(credit))
+            if n < len(head.frames):
+                waiting[0] = _subset(head, np.arange(n, len(head.frames)))
+                head = _subset(head, np.arange(n))
+            else:
+                waiting.popleft()
+            if not self._enqueue(head, np.arange(n)):
+                break
+            credit -= n
+        self._credit[run] = credit
+
+    def _enqueue(self, result: ResultBlock, idx: np.ndarray) -> bool:
+        """Queue frames ``idx`` of ``result`` (lock held); False (counted, logged) when full."""
+        n = len(idx)
+        if self._queued + n > self.max_queued_frames:
+            self.frames_dropped += n
+            logger.warning("refinement queue full: not refining %d frames of run %s (seq_nums %s)", n,
+                           result.run_uid, result.frames.seq_nums[idx].tolist())
+            return False
+        self._queue.append(_subset(result, idx))
+        self._queued += n
+        self._cond.notify_all()
+        return True
 
     def drain(self, run_uid: str | None = None, timeout: float | None = None) -> bool:
         """Wait until the queued frames (of ``run_uid``, or all) are refined and published."""
@@ -105,11 +190,25 @@ class Refiner(Worker):
         return self.wait_while(lambda: any(item.run_uid == run_uid for item in (*self._queue, *self._working)),
                                timeout)
 
+    def stats(self) -> dict:
+        """Counters: frames refined, dropped (queue full), doubtful (over ``above``), over budget,
+        and the seconds the thread spent refining."""
+        return {"frames": self.frames_refined, "dropped": self.frames_dropped, "doubtful": self.frames_doubtful,
+                "over_budget": self.frames_over_budget, "busy_s": round(self.busy_seconds, 3)}
+
     def _take(self) -> list:
-        self._queued = 0
-        return super()._take()
+        items, frames = [], 0  # frames up to max_batch a round (a marker ends the round)
+        while self._queue and frames < self.max_batch:
+            item = self._queue.popleft()
+            items.append(item)
+            if isinstance(item, RunMarker):
+                break
+            frames += len(item.frames)
+        self._queued -= frames
+        return items
 
     def _handle(self, items: list) -> None:
+        torch.set_num_threads(1)  # this thread's own setting: the model's threads keep theirs
         batch: list[ResultBlock] = []
         for item in items + [None]:
             if isinstance(item, ResultBlock):
@@ -124,28 +223,54 @@ class Refiner(Worker):
     def _end_of_run(self, marker: RunMarker) -> None:
         with self._cond:
             missing = self._requested.pop(marker.run_uid, set())
+            waiting = self._waiting.pop(marker.run_uid, deque())
+            self._credit.pop(marker.run_uid, None)
+            over = sum(len(r.frames) for r in waiting)
+            self.frames_over_budget += over
         if missing:
             logger.warning("run %s ended before frames %s asked for refinement arrived (not refined)",
                            marker.run_uid, sorted(missing))
+        if over:
+            logger.info("run %s: %d doubtful frames (chi2 > %g) were over the refinement budget (%g of the "
+                        "frames) and were not refined", marker.run_uid, over, self.above, self.budget)
+        if marker.kind == "close":
+            marker.document["refined"] = {"over_budget": over}
         self.publish(marker)
 
     def _refine_safely(self, batch: list[ResultBlock]) -> None:
+        self._rest()
+        t0 = time.monotonic()
         try:
             self._refine(batch)
         except Exception:
             logger.exception("refinement failed for runs %s", sorted({r.run_uid for r in batch}))
+        spent = time.monotonic() - t0
+        self.busy_seconds += spent
+        self._rest_until = time.monotonic() + spent * (1 / self.share - 1)
+
+    def _rest(self) -> None:
+        """Wait out the rest owed by the last round (the CPU share), unless the refiner closes."""
+        with self._cond:
+            while not self._closed and (left := self._rest_until - time.monotonic()) > 0:
+                self._cond.wait(left)
 
     def _refine(self, batch: list[ResultBlock]) -> None:
-        intensity = np.concatenate([r.frames.frames for r in batch])
+        wide = all(r.frames.wide is not None for r in batch)
+        intensity = np.concatenate([r.frames.wide if wide else r.frames.frames for r in batch])
         nn_amp = np.concatenate([r.amplitude for r in batch])
         nn_phase = np.concatenate([r.phase for r in batch])
-        amp, phase = refine(intensity, nn_amp, nn_phase, iterations=self.iterations)
-        before = chi2(nn_amp, nn_phase, intensity).numpy()
+        amp, phase = refine(intensity, nn_amp, nn_phase, iterations=self.iterations, zoom=self.zoom if wide else 1)
         after = chi2(amp, phase, intensity).numpy()
         i = 0
         for r in batch:
             n = len(r.frames)
-            self.publish(RefinedBlock(r.frames, amp[i : i + n], phase[i : i + n], before[i : i + n],
+            self.publish(RefinedBlock(r.frames, amp[i : i + n], phase[i : i + n], np.asarray(r.chi2, np.float64),
                                       after[i : i + n], self.iterations))
             self.frames_refined += n
             i += n
+
+
+def _subset(result: ResultBlock, idx: np.ndarray) -> ResultBlock:
+    """Frames ``idx`` of a result."""
+    return ResultBlock(result.frames.take(idx), result.amplitude[idx], result.phase[idx], result.latency[idx],
+                       np.asarray(result.chi2)[idx], result.model_version, result.model)

@@ -4,7 +4,8 @@ PVs (served by ``cdinn-stream ioc --prefix P``, see :mod:`cdinn_stream.apps.ioc`
 and ``P:PHASE`` (waveforms of ``h*w`` values, row-major), ``P:SHAPE`` (``[h, w]``),
 ``P:SUPPORT_SIZE`` (pixels), ``P:PHASE_RMS`` (rad: the standard deviation of the phase inside the
 support, about its circular mean), ``P:FRAME_RATE`` (frames/s), ``P:FRAMES`` (count), ``P:SEQ_NUM``,
-``P:RUN_UID`` and ``P:STATUS``.
+``P:CHI2`` (the latest frame's trust figure), ``P:CHI2_MEDIAN`` (median of the run's last
+:data:`CHI2_WINDOW` frames), ``P:MODEL_VERSION``, ``P:RUN_UID`` and ``P:STATUS``.
 
 Channel Access finds an IOC by UDP broadcast, which usually does not reach an IOC bound to
 127.0.0.1 (``cdinn-stream ioc``'s default): point the client at it before the process first uses
@@ -25,17 +26,21 @@ import importlib.util
 import logging
 import os
 import time
+from collections import deque
 
 import numpy as np
 
 from ..live.blocks import ResultBlock
 
-__all__ = ["EpicsSink", "PV_NAMES", "CA_HINT"]
+__all__ = ["EpicsSink", "PV_NAMES", "CA_HINT", "CHI2_WINDOW"]
 
 logger = logging.getLogger(__name__)
 
 PV_NAMES = ("AMPLITUDE", "PHASE", "SHAPE", "SUPPORT_SIZE", "PHASE_RMS", "FRAME_RATE", "FRAMES", "SEQ_NUM",
-            "RUN_UID", "STATUS")
+            "CHI2", "CHI2_MEDIAN", "MODEL_VERSION", "RUN_UID", "STATUS")
+
+#: frames of the run over which ``P:CHI2_MEDIAN`` is the median
+CHI2_WINDOW = 1000
 
 #: how to point Channel Access at the IOC (in the sink's warning)
 CA_HINT = ("Channel Access finds IOCs by UDP broadcast, which usually does not reach an IOC on 127.0.0.1: "
@@ -66,6 +71,7 @@ class EpicsSink:
         self._warned = False
         self._next_try = 0.0
         self._frames = 0
+        self._chi2: deque[float] = deque(maxlen=CHI2_WINDOW)
         self._rate_t0: float | None = None
         self._rate_n = 0
         self.writes = 0
@@ -120,6 +126,7 @@ class EpicsSink:
 
     def open_run(self, run_uid: str, start: dict) -> None:
         self._frames = 0
+        self._chi2.clear()
         if self._connect():
             self._safe(lambda: (self._put("RUN_UID", run_uid), self._put("STATUS", "running"), self._confirm()))
 
@@ -130,6 +137,7 @@ class EpicsSink:
         if self._rate_t0 is None:
             self._rate_t0, self._rate_n = now, 0
         self._rate_n += n
+        self._chi2.extend(np.asarray(result.chi2, float)[-CHI2_WINDOW:].tolist())
         if not self._connect():
             self.frames_undelivered += n
             return
@@ -154,6 +162,9 @@ class EpicsSink:
             self._put("FRAME_RATE", rate)
             self._put("FRAMES", self._frames)
             self._put("SEQ_NUM", int(result.frames.seq_nums[-1]))
+            self._put("CHI2", float(result.chi2[-1]))
+            self._put("CHI2_MEDIAN", float(np.median(self._chi2)))
+            self._put("MODEL_VERSION", int(result.model_version))
             self._confirm()
 
         if self._safe(put_all):

@@ -77,7 +77,8 @@ class Store(Protocol):
         """Add rows after the run's ``n`` frames (and count them in ``n``)."""
 
     def finish(self, run: StoreRun, end: dict) -> None:
-        """Record the run's end (``end``: ``complete``, ``exit_status``, ``stop``, maybe ``status``)."""
+        """Record the run's end (``end``: ``complete``, ``exit_status``, ``stop``, ``model_versions``
+        (the weights its frames used), maybe ``status``)."""
 
     def reopen(self, manifest: dict, previous: StoreRun | None = None) -> StoreRun:
         """The run as a spool manifest left it (``written`` frames in the store), with fresh handles;
@@ -223,7 +224,8 @@ class SpooledSink:
         stop = summary.get("stop", {})
         # a run of which no frame was reconstructed is not complete: a reader must not take it for results
         done = bool(run.n or (self.spool.has(run_uid) and self.spool.frames(run_uid)))
-        end = {"complete": done, "exit_status": stop.get("exit_status"), "stop": stop}
+        end = {"complete": done, "exit_status": stop.get("exit_status"), "stop": stop,
+               "model_versions": summary.get("model_versions", [])}
         if not done:
             end["status"] = "no frame reconstructed"
         if not self.spool.has(run_uid):

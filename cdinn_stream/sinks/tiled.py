@@ -7,14 +7,18 @@ user who knows the raw run finds its reconstruction next to it::
     from tiled.client import from_uri
     rec = from_uri(URL, api_key=KEY)["cdinn"][raw_run_uid]
     rec["amplitude"].read(), rec["phase"].read()        # (N, h, w) float32
+    rec["chi2"].read()                                  # (N,) float64: each frame's trust figure
     info = read_frame_info(rec)                         # per-frame metadata, same order
     info["seq_num"], info["peak"]                       # (N,) int64, (N, 2) int64
     rec.metadata["model_card"], rec.metadata["complete"]
 
-Arrays: ``amplitude``, ``phase`` ``(N, h, w)`` float32 and ``frame_info`` ``(N, 7)`` float64,
+Arrays: ``amplitude``, ``phase`` ``(N, h, w)`` float32, ``chi2`` ``(N,)`` float64 (chi^2 of each
+reconstruction against its measured crop) and ``frame_info`` ``(N, 8)`` float64,
 one row per frame with the columns :data:`FRAME_INFO_COLUMNS` (seq_num, event time, crop
-origin row and column, Bragg peak row and column, latency in s; also in the array's metadata
-``columns``; the integers are exact in float64). :func:`read_frame_info` and :func:`read_run`
+origin row and column, Bragg peak row and column, latency in s, model version; also in the array's metadata
+``columns``; the integers are exact in float64). The model versions are listed in the metadata
+``model_versions`` at the run's end (version 0: the model of ``model_card``; later ones: weights
+adapted live, with where they were saved). :func:`read_frame_info` and :func:`read_run`
 give them back as named arrays (:mod:`cdinn_stream.sinks.tiled_layout`). The per-frame metadata
 share one array because every array costs one request per write, and on a busy server each
 request costs about as much as megabytes of data (``docs/design.md``, section 13). Each write
@@ -163,7 +167,7 @@ class TiledStore:
 
     @staticmethod
     def finish(run: RunState, end: dict) -> None:
-        """The run's end into its metadata, with ``frames``."""
+        """The run's end (with ``model_versions``) into its metadata, with ``frames``."""
         run.container.update_metadata({**end, "frames": run.n})
 
     def write_refined(self, run: RunState, block: RefinedBlock) -> None:

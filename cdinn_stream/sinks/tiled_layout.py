@@ -1,9 +1,11 @@
 """The layout of reconstructions in Tiled, and reading it back (no Tiled import: pure numpy).
 
-One container per raw run holds ``amplitude`` and ``phase`` ``(N, h, w)`` float32 and
-``frame_info`` ``(N, 7)`` float64, one row per frame with the columns :data:`FRAME_INFO_COLUMNS`
-(the integers are exact in float64). :func:`read_frame_info` and :func:`read_run` give them back
-as named arrays. The writer is :class:`~cdinn_stream.sinks.tiled.TiledSink`.
+One container per raw run holds ``amplitude`` and ``phase`` ``(N, h, w)`` float32, ``chi2``
+``(N,)`` float64 (each frame's trust figure: chi^2 of the reconstruction against the measured
+crop) and ``frame_info`` ``(N, 8)`` float64, one row per frame with the columns
+:data:`FRAME_INFO_COLUMNS` (the integers are exact in float64; ``model_version`` indexes the
+container's ``model_versions`` metadata, written at the run's end). :func:`read_frame_info` and
+:func:`read_run` give them back as named arrays. The writer is :class:`~cdinn_stream.sinks.tiled.TiledSink`.
 """
 
 from __future__ import annotations
@@ -16,16 +18,17 @@ __all__ = ["FRAME_INFO_COLUMNS", "ARRAYS", "result_columns", "frame_count", "fra
            "read_run"]
 
 #: columns of the ``frame_info`` array, one row per frame
-FRAME_INFO_COLUMNS = ("seq_num", "time", "crop_origin_row", "crop_origin_col", "peak_row", "peak_col", "latency_s")
+FRAME_INFO_COLUMNS = ("seq_num", "time", "crop_origin_row", "crop_origin_col", "peak_row", "peak_col", "latency_s",
+                      "model_version")
 #: the arrays of a run's container, all with one row per frame
-ARRAYS = ("amplitude", "phase", "frame_info")
+ARRAYS = ("amplitude", "phase", "chi2", "frame_info")
 
 
-def frame_info(seq_nums, times, origins, peaks, latency) -> np.ndarray:
-    """``(N, 7)`` float64 rows in the order of :data:`FRAME_INFO_COLUMNS`."""
+def frame_info(seq_nums, times, origins, peaks, latency, model_version=0) -> np.ndarray:
+    """``(N, 8)`` float64 rows in the order of :data:`FRAME_INFO_COLUMNS`."""
     n = len(seq_nums)
     info = np.empty((n, len(FRAME_INFO_COLUMNS)))
-    info[:, 0], info[:, 1], info[:, 6] = seq_nums, times, latency
+    info[:, 0], info[:, 1], info[:, 6], info[:, 7] = seq_nums, times, latency, model_version
     info[:, 2:4], info[:, 4:6] = np.reshape(origins, (n, 2)), np.reshape(peaks, (n, 2))
     return info
 
@@ -35,7 +38,8 @@ def result_columns(result: ResultBlock) -> dict[str, np.ndarray]:
     f = result.frames
     return {"amplitude": np.ascontiguousarray(result.amplitude, np.float32),
             "phase": np.ascontiguousarray(result.phase, np.float32),
-            "frame_info": frame_info(f.seq_nums, f.times, f.origins, f.peaks, result.latency)}
+            "chi2": np.asarray(result.chi2, np.float64),
+            "frame_info": frame_info(f.seq_nums, f.times, f.origins, f.peaks, result.latency, result.model_version)}
 
 
 def frame_count(cols: dict[str, np.ndarray]) -> int:
@@ -44,12 +48,15 @@ def frame_count(cols: dict[str, np.ndarray]) -> int:
 
 
 def frame_info_columns(info: np.ndarray) -> dict[str, np.ndarray]:
-    """Named per-frame arrays from ``(N, 7)`` ``frame_info`` rows: ``seq_num`` ``(N,)`` int64,
-    ``time`` ``(N,)`` float64, ``crop_origin`` and ``peak`` ``(N, 2)`` int64, ``latency_s`` ``(N,)``."""
-    info = np.asarray(info, np.float64).reshape(-1, len(FRAME_INFO_COLUMNS))
+    """Named per-frame arrays from ``(N, 8)`` ``frame_info`` rows: ``seq_num`` ``(N,)`` int64,
+    ``time`` ``(N,)`` float64, ``crop_origin`` and ``peak`` ``(N, 2)`` int64, ``latency_s`` ``(N,)``,
+    ``model_version`` ``(N,)`` int64 (0 in runs stored before it was a column)."""
+    info = np.asarray(info, np.float64)
+    info = info.reshape(-1, info.shape[-1] if info.ndim == 2 else len(FRAME_INFO_COLUMNS))
+    version = info[:, 7].astype(np.int64) if info.shape[1] > 7 else np.zeros(len(info), np.int64)
     return {"seq_num": info[:, 0].astype(np.int64), "time": info[:, 1].copy(),
             "crop_origin": info[:, 2:4].astype(np.int64), "peak": info[:, 4:6].astype(np.int64),
-            "latency_s": info[:, 6].copy()}
+            "latency_s": info[:, 6].copy(), "model_version": version}
 
 
 def read_frame_info(container) -> dict[str, np.ndarray]:
@@ -58,7 +65,9 @@ def read_frame_info(container) -> dict[str, np.ndarray]:
 
 
 def read_run(container) -> dict[str, np.ndarray]:
-    """A stored run's reconstructions: ``amplitude`` and ``phase`` ``(N, h, w)`` and the named
-    per-frame metadata of :func:`read_frame_info`, all in the same order."""
-    return {"amplitude": container["amplitude"].read(), "phase": container["phase"].read(),
-            **read_frame_info(container)}
+    """A stored run's reconstructions: ``amplitude`` and ``phase`` ``(N, h, w)``, ``chi2`` ``(N,)``
+    (NaN in runs stored before it was kept) and the named per-frame metadata of
+    :func:`read_frame_info`, all in the same order."""
+    info = read_frame_info(container)
+    chi2 = container["chi2"].read() if "chi2" in container else np.full(len(info["seq_num"]), np.nan)
+    return {"amplitude": container["amplitude"].read(), "phase": container["phase"].read(), "chi2": chi2, **info}

@@ -8,8 +8,12 @@ Every message is multipart::
 ``header`` is UTF-8 JSON. For results: ``version`` (1), ``run_uid``, ``stream``, ``seq_num``
 (list, one per frame), ``time`` (event times), ``shape`` ``[n, h, w]``, ``dtype`` (``"float32"``),
 ``crop_origin`` and ``peak`` (``[[row, col], ...]`` in detector pixels), ``latency_s`` (pipeline
-entry to model output, per frame), ``published`` (send time) and ``run_frames`` (frames of the
-run published so far, this message included; the stop message carries the run's total). Refined results
+entry to model output, per frame), ``chi2`` (per frame: the trust figure, chi^2 of the
+reconstruction against the measured crop), ``model_version`` and ``model`` (which weights made
+these frames: 0 and the model's name until a live adaptation swaps new weights in), ``published``
+(send time) and ``run_frames`` (frames of the
+run published so far, this message included; the stop message carries the run's total and
+``model_versions``, the weights its frames used). Refined results
 (NN-seeded ER/HIO of selected frames, :mod:`cdinn_stream.live.refine`) have the same layout plus ``iterations``,
 ``chi2_nn`` and
 ``chi2_refined`` (per frame, against the measured crop). ``amplitude`` and ``phase``
@@ -91,7 +95,8 @@ class ZmqPublisherSink:
         amp = np.ascontiguousarray(result.amplitude, np.float32)
         header = {"version": 1, "run_uid": f.run_uid, "stream": f.stream, "seq_num": f.seq_nums,
                   "time": f.times, "shape": list(amp.shape), "dtype": "float32", "crop_origin": f.origins,
-                  "peak": f.peaks, "latency_s": result.latency, "published": time.time(),
+                  "peak": f.peaks, "latency_s": result.latency, "chi2": result.chi2,
+                  "model_version": result.model_version, "model": result.model, "published": time.time(),
                   "run_frames": self._count(f.run_uid, len(amp))}
         self._socket.send_multipart([TOPIC_RESULT, _json(header), amp,
                                      np.ascontiguousarray(result.phase, np.float32)], copy=False)

@@ -25,7 +25,7 @@ def _result(run: str, start: int, n: int, size: int = 8) -> ResultBlock:
                         np.zeros((n, 2), int), np.full(n, time.monotonic()))
     amp = np.zeros((n, size, size), np.float32)
     amp[:, 2:6, 2:6] = 1.0
-    return ResultBlock(frames, amp, np.zeros((n, size, size), np.float32), np.zeros(n))
+    return ResultBlock(frames, amp, np.zeros((n, size, size), np.float32), np.zeros(n), np.zeros(n))
 
 
 def _run_through(sink: EpicsSink, batches: int = 4, per_batch: int = 5) -> dict:

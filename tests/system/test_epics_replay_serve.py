@@ -10,6 +10,7 @@ import threading
 import uuid
 
 import numpy as np
+import pytest
 from bluesky.plans import scan
 from conftest import wait_for
 
@@ -55,6 +56,10 @@ def test_ioc_pvs_update(RE, model, ioc):
     np.testing.assert_allclose(amp, results[-1].amplitude[-1], atol=1e-6)
     assert epics.caget(p + "SUPPORT_SIZE", timeout=5) == int((results[-1].amplitude[-1] > 0.1).sum())
     assert epics.caget(p + "FRAME_RATE", timeout=5) > 0
+    chi2 = np.concatenate([r.chi2 for r in results])  # the trust figure: the latest frame's and the run's median
+    assert epics.caget(p + "CHI2", timeout=5) == pytest.approx(chi2[-1], rel=1e-6)
+    assert epics.caget(p + "CHI2_MEDIAN", timeout=5) == pytest.approx(np.median(chi2), rel=1e-6)
+    assert epics.caget(p + "MODEL_VERSION", timeout=5) == 0
 
 
 def test_missing_ioc_warns_once_and_goes_on(RE, model, caplog):

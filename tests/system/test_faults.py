@@ -393,7 +393,7 @@ def test_a_tiled_server_too_busy_for_a_burst_parks_results_and_loses_nothing(til
         frames = FrameBlock(uid, "primary", seq, seq * 0.1, np.zeros((10, 1, 1), np.float32),
                             np.zeros((10, 2), int), np.zeros((10, 2), int), np.full(10, time.monotonic()))
         amplitude = np.broadcast_to(seq[:, None, None] / 600, (10, 32, 32)).astype(np.float32)
-        thread.put(ResultBlock(frames, amplitude, np.zeros((10, 32, 32), np.float32), np.zeros(10)))
+        thread.put(ResultBlock(frames, amplitude, np.zeros((10, 32, 32), np.float32), np.zeros(10), np.zeros(10)))
     thread.put(RunMarker("close", uid, {"stop": {"exit_status": "success"}}))
     gate.set()
     assert thread.drain(120)
@@ -424,7 +424,7 @@ def test_writing_parked_results_back_yields_to_new_results(tiled_client, tmp_pat
         frames = FrameBlock(uid, "primary", seq, seq * 0.1, np.zeros((10, 1, 1), np.float32),
                             np.zeros((10, 2), int), np.ones((10, 2), int), np.zeros(10))
         sink.spill(ResultBlock(frames, np.zeros((10, 4, 4), np.float32), np.zeros((10, 4, 4), np.float32),
-                               np.zeros(10)))
+                               np.zeros(10), np.zeros(10)))
     sink.behind = lambda: True
     assert sink.backfill() == 10, "one chunk, then it yields"
     assert sink.backfill() == 10

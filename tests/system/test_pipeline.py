@@ -39,6 +39,13 @@ def _check(uid, n, collector, client):
     np.testing.assert_allclose(everything["amplitude"], amp)
     np.testing.assert_array_equal(everything["seq_num"], info["seq_num"])
     assert everything["phase"].shape == (n, 32, 32) and everything["crop_origin"].shape == (n, 2)
+    # every result carries its trust figure and the version of the weights that made it
+    chi2 = np.concatenate([m[1]["chi2"] for m in results])
+    assert chi2.shape == (n,) and np.all((chi2 >= 0) & (chi2 <= 1))
+    np.testing.assert_allclose(rec["chi2"].read(), chi2, rtol=1e-6)
+    np.testing.assert_allclose(everything["chi2"], chi2, rtol=1e-6)
+    assert all(m[1]["model_version"] == 0 for m in results) and not everything["model_version"].any()
+    assert [v["version"] for v in rec.metadata["model_versions"]] == [0]
 
 
 def test_inline_frames(RE, model, tiled_client, zmq_pair):
@@ -227,5 +234,6 @@ def test_live_nn_seeded_refinement_is_a_second_result_type(RE, tiled_client, zmq
     rec = tiled_client["cdinn"][uid]
     np.testing.assert_array_equal(np.sort(rec["refined_seq_num"].read()), [5, 7, 10, 15, 20])
     assert rec["refined_amplitude"].read().shape == (5, 32, 32)
-    assert cb.stats()["refined"] == {"frames": 5, "dropped": 0}
+    stats = cb.stats()["refined"]
+    assert (stats["frames"], stats["dropped"], stats["doubtful"]) == (5, 0, 0)  # no automatic policy here
     cb.close()

@@ -124,3 +124,26 @@ def test_bench_quick(tmp_path, tiny_weights):
     assert paper["ratio_to_raw_model"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "ER/HIO" in md and "Pipeline end to end" in md
+
+
+@pytest.mark.slow
+def test_bench_trust_quick(tmp_path):
+    """The trust suite runs end to end on the shipped model: chi^2 cost, refinement windows, the
+    automatic-refinement policies in a live run (ZeroMQ), live adaptation; every frame accounted for."""
+    assert main(["bench", "--quick", "--suite", "trust", "--model", "cdinn-32", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "bench.json").read_text())["trust"]
+    costs = [row for row in r["chi2_cost"] if "error" not in row]
+    assert costs and all(row["chi2_us"] > 0 and row["network_us"] > 0 for row in costs)
+    for recipe in ("paper", "crystal"):
+        assert set(r["windows"][recipe]) == {"nn", "nn+refine (model window)", "nn+refine (2x window)",
+                                             "erhio (2x window)"}
+    a = r["auto_refine"]
+    policies = [v for v in a.values() if isinstance(v, dict)]
+    assert len(policies) == 3 and all(p["zmq_frames"] == a["frames"] for p in policies)
+    off, frames_budget, cpu_budget = policies
+    assert off["refined"] is None and off["chi2_median_best"] == off["chi2_median_nn"]
+    assert 0 < frames_budget["refined"]["frames"] <= 0.2 * a["frames"] + 1
+    assert cpu_budget["refined"]["frames"] >= frames_budget["refined"]["frames"]
+    assert cpu_budget["doubtful_chi2_median_best"] < cpu_budget["doubtful_chi2_median_nn"]
+    assert r["adaptation"]["frames_out"] == r["adaptation"]["frames"]
+    assert "Trust" in (tmp_path / "bench.md").read_text()

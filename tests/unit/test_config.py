@@ -26,13 +26,17 @@ def test_from_env_reads_every_variable_and_options_win():
            "CDINN_MAX_LATENCY": "0.05", "CDINN_BIN": "2", "CDINN_ZMQ_OUT": "tcp://127.0.0.1:5578",
            "TILED_URL": "http://127.0.0.1:8000", "TILED_API_KEY": "secret", "CDINN_TILED_PARENT": "mine",
            "CDINN_EPICS_PREFIX": "X:", "CDINN_SPOOL": "/tmp/spool", "CDINN_REFINE_EVERY": "10",
-           "CDINN_REFINE_ITERATIONS": "20", "CDINN_DEVICE": "cpu"}
+           "CDINN_REFINE_ITERATIONS": "20", "CDINN_DEVICE": "cpu", "CDINN_REFINE_ABOVE": "0.05",
+           "CDINN_REFINE_BUDGET": "0.3", "CDINN_REFINE_SHARE": "0.25", "CDINN_REFINE_WINDOW": "2",
+           "CDINN_ADAPT": "yes", "CDINN_ADAPT_DIR": "/tmp/adapted"}
     assert set(env) == set(ENVIRONMENT)  # the test covers every variable
     c = PipelineConfig.from_env(env, batch_size=128)
     assert (c.model, c.precision, c.views, c.batch_size, c.max_latency, c.bin) == ("lab-net", "fp32", 2, 128, 0.05, 2)
     assert (c.zmq_out, c.tiled_uri, c.tiled_parent, c.epics_prefix) == ("tcp://127.0.0.1:5578",
                                                                         "http://127.0.0.1:8000", "mine", "X:")
     assert (c.spool_dir, c.refine_every, c.refine_iterations, c.device) == ("/tmp/spool", 10, 20, "cpu")
+    assert (c.refine_above, c.refine_budget, c.refine_share, c.refine_window) == (0.05, 0.3, 0.25, 2)
+    assert (c.adapt, c.adapt_dir) == (True, "/tmp/adapted")
     assert "secret" not in repr(c)  # the key is never printed
 
 
@@ -41,6 +45,10 @@ def test_defaults_and_clear_errors():
     assert c.model == "cdinn-32" and c.precision in PRECISIONS and c.refine_every is None
     with pytest.raises(ValueError, match="CDINN_VIEWS"):
         PipelineConfig.from_env({"CDINN_VIEWS": "many"})
+    with pytest.raises(ValueError, match="CDINN_ADAPT.*flag"):
+        PipelineConfig.from_env({"CDINN_ADAPT": "maybe"})
+    with pytest.raises(ValueError, match="refine_budget"):
+        PipelineConfig(refine_budget=1.5)
     with pytest.raises(ValueError, match="precision"):
         PipelineConfig(precision="int4")
     with pytest.raises(ValueError, match="views"):

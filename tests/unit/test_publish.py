@@ -17,7 +17,8 @@ def _result(run: str, start: int, n: int) -> ResultBlock:
     seq = np.arange(start, start + n)
     frames = FrameBlock(run, "primary", seq, seq * 1.0, np.zeros((n, 4, 4), np.float32), np.zeros((n, 2), int),
                         np.zeros((n, 2), int), np.full(n, time.monotonic()))
-    return ResultBlock(frames, np.ones((n, 4, 4), np.float32), np.zeros((n, 4, 4), np.float32), np.zeros(n))
+    return ResultBlock(frames, np.ones((n, 4, 4), np.float32), np.zeros((n, 4, 4), np.float32), np.zeros(n),
+                       np.zeros(n))
 
 
 def _first_write_blocked(t: SinkThread) -> None:

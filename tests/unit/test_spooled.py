@@ -99,7 +99,8 @@ def _result(uid: str, first: int, n: int = 5) -> ResultBlock:
     seq = np.arange(first, first + n)
     frames = FrameBlock(uid, "primary", seq, seq * 0.1, np.zeros((n, 4, 4), np.float32), np.zeros((n, 2), int),
                         np.zeros((n, 2), int), np.zeros(n))
-    return ResultBlock(frames, np.zeros((n, 4, 4), np.float32), np.zeros((n, 4, 4), np.float32), np.zeros(n))
+    return ResultBlock(frames, np.zeros((n, 4, 4), np.float32), np.zeros((n, 4, 4), np.float32), np.zeros(n),
+                       np.zeros(n))
 
 
 @pytest.fixture
@@ -131,9 +132,10 @@ def test_results_spooled_while_the_store_is_away_are_written_back_in_order(sink,
     assert sink.online and not sink.spool.runs()
     sink.write(_result("r1", 21))  # straight to the store again
     assert store.runs["r1"].seq == list(range(1, 26))
-    sink.close_run("r1", {"stop": {"exit_status": "success"}})
+    versions = [{"version": 0, "name": "m"}]  # the engine's list of the weights the run's frames used
+    sink.close_run("r1", {"stop": {"exit_status": "success"}, "model_versions": versions})
     assert store.runs["r1"].end == {"complete": True, "exit_status": "success",
-                                    "stop": {"exit_status": "success"}, "frames": 25}
+                                    "stop": {"exit_status": "success"}, "frames": 25, "model_versions": versions}
 
 
 def test_writes_catch_up_a_bounded_amount_each(sink, store):
@@ -220,7 +222,7 @@ def test_a_run_with_no_frame_is_not_complete(sink, store):
     sink.open_run("r1", {"uid": "r1"})
     sink.close_run("r1", {"stop": {"exit_status": "abort"}})
     assert store.runs["r1"].end == {"complete": False, "exit_status": "abort", "stop": {"exit_status": "abort"},
-                                    "status": "no frame reconstructed", "frames": 0}
+                                    "status": "no frame reconstructed", "frames": 0, "model_versions": []}
 
 
 def test_a_bad_request_is_raised_not_spooled(sink, store):

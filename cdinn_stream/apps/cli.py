@@ -251,6 +251,7 @@ def _pipeline(args: argparse.Namespace, *, parent: str | None = None) -> Pipelin
                                    batch_size=args.batch_size, zmq_out=args.zmq_out, tiled_uri=args.tiled_out,
                                    tiled_api_key=args.api_key, tiled_parent=parent, epics_prefix=args.epics_prefix,
                                    bin=args.bin, refine_above=args.refine_above, refine_budget=args.refine_budget,
+                                   refine_share=args.refine_share,
                                    refine_window=args.refine_window, adapt=args.adapt or None)
 
 
@@ -325,6 +326,8 @@ def _add_sink_options(p: argparse.ArgumentParser, *, tiled_out: str = "default $
     p.add_argument("--refine-budget", type=float, default=None, metavar="FRACTION",
                    help="at most this fraction of each run's frames refined automatically (default "
                         "$CDINN_REFINE_BUDGET or 0.2)")
+    p.add_argument("--refine-share", type=float, default=None, metavar="SHARE",
+                   help="at most this share of one core's time spent refining (default $CDINN_REFINE_SHARE or 0.5)")
     p.add_argument("--refine-window", type=int, default=None,
                    help="refine on a window this many times the model's, at the same centre (with --bin equal to "
                         "it: the model's detector window unbinned; default $CDINN_REFINE_WINDOW or 1)")

@@ -57,7 +57,7 @@ _WORKSPACE = threading.local()  # per thread: buffers of the last batch shape (f
 
 
 def _buffers(shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, ...]:
-    key = (tuple(shape), device)
+    key = (tuple(shape), device, torch.is_inference_mode_enabled())  # inference tensors stay in inference mode
     cached = getattr(_WORKSPACE, "buffers", None)
     if cached is None or cached[0] != key:
         n = shape[-1]

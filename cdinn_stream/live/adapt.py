@@ -4,15 +4,15 @@ Off by default (``ReconstructionCallback(adapt=True)``, ``PipelineConfig(adapt=T
 ``CDINN_ADAPT=1``). An :class:`Adapter` is offered every result the engine publishes. It keeps
 the measured crops of the current run (the latest ``max_frames``: a sample drifts during a run,
 so the latest frames say most about the next; every ``holdout``-th seq_num is held out and never
-trained on). Once the run has given ``min_frames`` frames, and again after
-every ``every`` more, its own thread runs a round:
+trained on). Its own thread runs a round once the run has given ``min_frames`` frames, and
+again after every ``every`` more (each run starts counting afresh); each round:
 
 1. a float copy of the network (the model's own weights; for an int8 model, the float model it
    was quantized from, its card's ``fine_tuned_from``; from the second round on, the last adapted
    network) takes ``steps`` Adam steps on the training frames with the physics-aware loss, the
    reconstruction's chi^2 against the measured amplitudes (no ground truth: the Fourier loss of
-   ``cdinn-stream finetune``), on one torch thread, resting after each chunk of steps so that it
-   uses at most ``share`` of one core's time on average;
+   ``cdinn-stream finetune``), on one torch thread, resting after each ten steps and after scoring
+   so that it uses at most about ``share`` of one core's time on average;
 2. an int8 model is quantized again from it (:func:`cdinn_stream.nn.int8.quantize`, calibrated on
    the run's frames), a float model keeps its precision;
 3. the candidate and the model in use are scored on the held-out frames (median chi^2); only a
@@ -102,6 +102,7 @@ class Adapter(Worker):
         self._train: deque[np.ndarray] = deque()
         self._held: deque[np.ndarray] = deque()
         self._since = 0
+        self._run_rounds = 0  # rounds queued in the current run (its first comes after min_frames)
         self._network: CDINN | None = None  # the last adapted float network
         self._start()
 
@@ -110,7 +111,7 @@ class Adapter(Worker):
         """A run opens (collect its frames) or closes (stop collecting)."""
         with self._cond:
             if marker.kind == "open":
-                self._run, self._since = marker.run_uid, 0
+                self._run, self._since, self._run_rounds = marker.run_uid, 0, 0
                 self._train.clear()
                 self._held.clear()
             elif marker.run_uid == self._run:
@@ -118,7 +119,7 @@ class Adapter(Worker):
 
     def offer(self, result: ResultBlock) -> None:
         """Keep the measured crops of the current run; queue a round when one is due (never blocks)."""
-        if result.run_uid != self._run:
+        if result.run_uid != self._run or self._closed:
             return
         f = result.frames
         held = f.seq_nums % self.holdout == 0
@@ -130,10 +131,11 @@ class Adapter(Worker):
             while len(self._held) > max(self.max_frames // self.holdout, 64):
                 self._held.popleft()
             self._since += len(f)
-            due = len(self._train) >= self.min_frames and self._since >= (self.min_frames if not self.rounds
+            due = len(self._train) >= self.min_frames and self._since >= (self.min_frames if not self._run_rounds
                                                                           else self.every)
             if due and not self._queue and not self._working and len(self._held) >= 8:
                 self._since = 0
+                self._run_rounds += 1
                 self._queue.append((result.run_uid, np.stack(self._train), np.stack(self._held)))
                 self._cond.notify_all()
 
@@ -154,15 +156,19 @@ class Adapter(Worker):
 
     # -- the adapter's thread --------------------------------------------------------------
     def _handle(self, items: list) -> None:
-        torch.set_num_threads(1)  # this thread's own setting: the engine's threads keep theirs
-        for run_uid, train, held in items:
-            t0 = time.monotonic()
-            try:
-                self._round(run_uid, train, held)
-            except Exception:
-                logger.exception("live adaptation failed on run %s (the model in use stays)", run_uid)
-            finally:
-                self.busy_seconds += time.monotonic() - t0
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread for training; the engine sets its own count in its thread
+        try:
+            for run_uid, train, held in items:
+                t0 = time.monotonic()
+                try:
+                    self._round(run_uid, train, held)
+                except Exception:
+                    logger.exception("live adaptation failed on run %s (the model in use stays)", run_uid)
+                finally:
+                    self.busy_seconds += time.monotonic() - t0
+        finally:
+            torch.set_num_threads(threads)
 
     def _source(self, model: CDIModel) -> CDINN:
         """A float copy of the network to adapt."""
@@ -189,13 +195,16 @@ class Adapter(Worker):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-            if step % 10 == 9 and not self._rest(time.monotonic() - t0):
-                return  # closing
-            t0 = time.monotonic()
+            if step % 10 == 9:  # rest for the last ten steps' time (the CPU share)
+                if not self._rest(time.monotonic() - t0):
+                    return  # closing
+                t0 = time.monotonic()
         network.eval()
         candidate = self._candidate(network, model, x)
         baseline = model.sibling(model.network, cuda_graphs=False)  # the engine's own may replay CUDA graphs
         before, after = self._median_chi2(baseline, xh), self._median_chi2(candidate, xh)
+        if not self._rest(time.monotonic() - t0):  # the scoring's share too
+            return
         self.rounds += 1
         entry = {"run_uid": run_uid, "round": self.rounds, "frames": len(x), "held_out": len(xh),
                  "steps": self.steps, "train_chi2_last": float(np.mean(losses[-10:])),
@@ -206,11 +215,18 @@ class Adapter(Worker):
             logger.info("live adaptation round %d on run %s: held-out median chi2 %.4g -> %.4g, not better by "
                         "the factor %.2f: the model in use stays", self.rounds, run_uid, before, after, self.improve)
             return
+        with self._cond:
+            if self._closed:
+                return
         self._network = network
         base = model.card.get("adapted_from") or model.name
-        name = f"{base}-adapted-{run_uid[:8]}-{self.swaps + 1}"
+        k = self.swaps + 1
+        while (self.out_dir / f"{base}-adapted-{run_uid[:8]}-{k}.pt").exists():  # never overwrite earlier weights
+            k += 1
+        name = f"{base}-adapted-{run_uid[:8]}-{k}"
         path = self._save(candidate, network, name, base, run_uid, entry, version)
-        candidate.name = name
+        candidate = candidate.sibling(candidate.network, name=name, card=candidate.card,
+                                      cuda_graphs=None)  # the engine's own: scored without CUDA graphs
         new_version = self.engine.swap_model(candidate, path=str(path), adapted_on=run_uid,
                                              held_out_chi2_median_before=before, held_out_chi2_median_after=after)
         self.swaps += 1
@@ -222,7 +238,7 @@ class Adapter(Worker):
         if isinstance(model.network, Int8CDINN):
             calibration = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(7))[:2048]]
             return model.sibling(quantize(network, calibration[:, None].cpu()))
-        return model.sibling(copy.deepcopy(network))
+        return model.sibling(copy.deepcopy(network), cuda_graphs=False)  # graphs are captured by the engine only
 
     @staticmethod
     def _median_chi2(model: CDIModel, x: torch.Tensor) -> float:

@@ -160,11 +160,14 @@ class RefinedBlock:
 
     Attributes:
         frames: identity and measured crops of the refined frames (a subset of a run's frames).
-        amplitude: ``(n, size, size)`` float32, scaled to a maximum of 1.
-        phase: ``(n, size, size)`` float32 radians, 0 outside the support.
-        chi2_nn: ``(n,)`` chi^2 of the network's result against the measured crop.
-        chi2_refined: ``(n,)`` chi^2 of the refined result against the measured crop.
+        amplitude: ``(n, m, m)`` float32, scaled to a maximum of 1, on the refinement grid (``m``:
+            the model's size, or the refinement window's, :attr:`FrameBlock.wide`).
+        phase: ``(n, m, m)`` float32 radians, 0 outside the support.
+        chi2_nn: ``(n,)`` chi^2 of the network's result against the pattern refined on (the
+            measured crop, or the wider one).
+        chi2_refined: ``(n,)`` chi^2 of the refined result against the same pattern.
         iterations: ER/HIO iterations run from the network's result.
+        model_version: the version of the weights whose result was refined (``ResultBlock.model_version``).
     """
 
     frames: FrameBlock
@@ -173,6 +176,7 @@ class RefinedBlock:
     chi2_nn: np.ndarray
     chi2_refined: np.ndarray
     iterations: int
+    model_version: int = 0
 
     @property
     def run_uid(self) -> str:

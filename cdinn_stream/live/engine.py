@@ -92,6 +92,7 @@ class InferenceEngine(Worker):
         self._queued = 0
         self._pending: dict[str, int] = {}  # frames submitted but not finished, per run
         self._pin = self.model.device.type == "cuda"
+        self._threads = torch.get_num_threads()  # set again in the worker's thread (others change theirs)
         #: the weights' versions: index = ``ResultBlock.model_version``; each a dict with ``version``,
         #: ``name`` and what :meth:`swap_model` was told (where the weights were saved, the run adapted on)
         self.model_versions: list[dict] = [{"version": 0, "name": getattr(model, "name", "")}]
@@ -269,8 +270,9 @@ class InferenceEngine(Worker):
         blocks: list[FrameBlock] = items
         failed = True
         try:  # whatever happens, the blocks are finished: flush() must never wait for them forever
-            self._take_new_model()
-            version, name = self.model_version, self.model_versions[self.model_version]["name"]
+            if torch.get_num_threads() != self._threads:
+                torch.set_num_threads(self._threads)
+            version, name = self._take_new_model()
             frames = np.concatenate([b.frames for b in blocks]).astype(np.float32, copy=False)
             try:
                 amp, phase, chi2 = self._infer(frames)
@@ -289,10 +291,13 @@ class InferenceEngine(Worker):
                 self.stats.latencies.extend(result.latency)
                 self._run_versions.setdefault(b.run_uid, set()).add(version)
                 self.publish(result)
-                if self.refiner is not None:
-                    self.refiner.offer(result)
-                if self.adapter is not None:
-                    self.adapter.offer(result)
+                for taker in (self.refiner, self.adapter):
+                    if taker is not None:
+                        try:
+                            taker.offer(result)
+                        except Exception:  # published already: the frames are not lost, only not taken
+                            logger.exception("%s could not take frames %s..%s of run %s", type(taker).__name__,
+                                             b.seq_nums[0], b.seq_nums[-1], b.run_uid)
             failed = False
         finally:
             self._finish(blocks, failed=failed)
@@ -308,14 +313,17 @@ class InferenceEngine(Worker):
                 groups.append([b])
         return [FrameBlock.concat(g) for g in groups]
 
-    def _take_new_model(self) -> None:
+    def _take_new_model(self) -> tuple[int, str]:
+        """Put a swapped model in (between batches); the version and name of the model in use."""
         with self._cond:
             model, self._next_model = self._next_model, None
+            version = len(self.model_versions) - 1 if model is not None else self.model_version
+            name = self.model_versions[version]["name"]
         if model is not None:
             self.model = model
             self._pin = model.device.type == "cuda"
-            logger.info("model version %d (%s) in use from this batch on", self.model_version,
-                        self.model_versions[-1]["name"])
+            logger.info("model version %d (%s) in use from this batch on", version, name)
+        return version, name
 
     def _marker(self, marker: RunMarker) -> None:
         if marker.kind == "close":

@@ -16,7 +16,8 @@ runs ``iterations`` of ER/HIO on them at once, starting from the network's compl
 support (:func:`cdinn_stream.core.phase_retrieval.er_hio` with ``init``), scores the result with
 chi^2 against the measured crop, and hands a :class:`~cdinn_stream.live.blocks.RefinedBlock` to
 the sinks (ZeroMQ topic ``cdinn.refined``, Tiled arrays ``refined_*``). It computes on one torch
-thread (its own setting; the model keeps its threads), and ``share`` bounds its time: after a
+thread (restored after each round; the engine sets its own count in its thread), and ``share``
+bounds its time: after a
 round of ``t`` seconds it rests ``t * (1 / share - 1)`` seconds (0.5: at
 most half of one core's time on average), so refinement never starves the model of the CPU.
 
@@ -115,7 +116,7 @@ class Refiner(Worker):
         self.frames_over_budget = 0  # doubtful frames whose run ended before the budget reached them
         self.busy_seconds = 0.0
         self._requested: dict[str, set[int]] = {}  # run uid -> seq_nums asked for
-        self._credit: dict[str, float] = {}  # run uid -> automatic refinements it may still have
+        self._budget_count: dict[str, list[int]] = {}  # run uid -> [frames seen, automatic refinements queued]
         self._waiting: dict[str, deque[ResultBlock]] = {}  # run uid -> doubtful frames over the budget
         self._queued = 0
         self._rest_until = 0.0
@@ -148,27 +149,33 @@ class Refiner(Worker):
                 self._automatic(result, ~keep)
 
     def _automatic(self, result: ResultBlock, free: np.ndarray) -> None:
-        """Doubtful frames (lock held): into the run's waiting line, then as many of the oldest as
-        the run's budget allows into the queue."""
+        """Doubtful frames (lock held): into the run's waiting line (at most ``max_queued_frames``
+        frames; past that the newest count as over budget at once), then as many of the oldest as
+        the run's budget and the queue's room allow into the queue."""
         run = result.run_uid
-        credit = self._credit.get(run, 0.0) + self.budget * len(result.frames)
+        counts = self._budget_count.setdefault(run, [0, 0])
+        counts[0] += len(result.frames)
         doubtful = np.flatnonzero(free & (np.asarray(result.chi2) > self.above))
         self.frames_doubtful += len(doubtful)
         waiting = self._waiting.setdefault(run, deque())
+        room = self.max_queued_frames - sum(len(r.frames) for r in waiting)
+        if len(doubtful) > room:
+            self.frames_over_budget += len(doubtful) - max(room, 0)
+            doubtful = doubtful[: max(room, 0)]
         if len(doubtful):
             waiting.append(_subset(result, doubtful))
-        while waiting and credit >= 1:
+        credit = int(np.floor(self.budget * counts[0] + 1e-9)) - counts[1]  # whole refinements, no float drift
+        while waiting and credit >= 1 and self._queued < self.max_queued_frames:
             head = waiting[0]
-            n = min(len(head.frames), int(credit))
+            n = min(len(head.frames), credit, self.max_queued_frames - self._queued)
             if n < len(head.frames):
                 waiting[0] = _subset(head, np.arange(n, len(head.frames)))
                 head = _subset(head, np.arange(n))
             else:
                 waiting.popleft()
-            if not self._enqueue(head, np.arange(n)):
-                break
+            self._enqueue(head, np.arange(n))
             credit -= n
-        self._credit[run] = credit
+            counts[1] += n
 
     def _enqueue(self, result: ResultBlock, idx: np.ndarray) -> bool:
         """Queue frames ``idx`` of ``result`` (lock held); False (counted, logged) when full."""
@@ -208,23 +215,27 @@ class Refiner(Worker):
         return items
 
     def _handle(self, items: list) -> None:
-        torch.set_num_threads(1)  # this thread's own setting: the model's threads keep theirs
-        batch: list[ResultBlock] = []
-        for item in items + [None]:
-            if isinstance(item, ResultBlock):
-                batch.append(item)
-                continue
-            if batch:  # everything before a marker (or the end) at once
-                self._refine_safely(batch)
-                batch = []
-            if isinstance(item, RunMarker):
-                self._end_of_run(item)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread for ER/HIO; the engine sets its own count in its thread
+        try:
+            batch: list[ResultBlock] = []
+            for item in items + [None]:
+                if isinstance(item, ResultBlock):
+                    batch.append(item)
+                    continue
+                if batch:  # everything before a marker (or the end) at once
+                    self._refine_safely(batch)
+                    batch = []
+                if isinstance(item, RunMarker):
+                    self._end_of_run(item)
+        finally:
+            torch.set_num_threads(threads)
 
     def _end_of_run(self, marker: RunMarker) -> None:
         with self._cond:
             missing = self._requested.pop(marker.run_uid, set())
             waiting = self._waiting.pop(marker.run_uid, deque())
-            self._credit.pop(marker.run_uid, None)
+            self._budget_count.pop(marker.run_uid, None)
             over = sum(len(r.frames) for r in waiting)
             self.frames_over_budget += over
         if missing:
@@ -259,13 +270,19 @@ class Refiner(Worker):
         intensity = np.concatenate([r.frames.wide if wide else r.frames.frames for r in batch])
         nn_amp = np.concatenate([r.amplitude for r in batch])
         nn_phase = np.concatenate([r.phase for r in batch])
-        amp, phase = refine(intensity, nn_amp, nn_phase, iterations=self.iterations, zoom=self.zoom if wide else 1)
+        zoom = self.zoom if wide else 1
+        amp, phase = refine(intensity, nn_amp, nn_phase, iterations=self.iterations, zoom=zoom)
         after = chi2(amp, phase, intensity).numpy()
+        if wide:  # the network's result scored on the same (wider) pattern as the refined one
+            seed = seed_on_grid(nn_amp, nn_phase, intensity.shape[-1], zoom)
+            before = chi2(seed.abs(), seed.angle(), intensity).numpy()
+        else:
+            before = np.concatenate([np.asarray(r.chi2, np.float64) for r in batch])
         i = 0
         for r in batch:
             n = len(r.frames)
-            self.publish(RefinedBlock(r.frames, amp[i : i + n], phase[i : i + n], np.asarray(r.chi2, np.float64),
-                                      after[i : i + n], self.iterations))
+            self.publish(RefinedBlock(r.frames, amp[i : i + n], phase[i : i + n], before[i : i + n],
+                                      after[i : i + n], self.iterations, r.model_version))
             self.frames_refined += n
             i += n
 

@@ -308,7 +308,8 @@ class CDIModel:
                     self._forward(static_in)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread-local capture: other threads (live adaptation, refinement) may use CUDA meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self._forward(static_in)
             self._graphs[bucket] = (graph, static_in, static_out)
         graph, static_in, (amp, phase) = self._graphs[bucket]

@@ -22,7 +22,7 @@ adapted live, with where they were saved). :func:`read_frame_info` and :func:`re
 give them back as named arrays (:mod:`cdinn_stream.sinks.tiled_layout`). The per-frame metadata
 share one array because every array costs one request per write, and on a busy server each
 request costs about as much as megabytes of data (``docs/design.md``, section 13). Each write
-extends the three arrays with ``ArrayClient.patch(..., extend=True)``. Refined frames (NN-seeded
+extends the four arrays with ``ArrayClient.patch(..., extend=True)``. Refined frames (NN-seeded
 ER/HIO, :mod:`cdinn_stream.live.refine`) add ``refined_amplitude``, ``refined_phase``,
 ``refined_seq_num``, ``refined_chi2_nn`` and ``refined_chi2``. The container's metadata
 holds the model card, the raw run's start document, and at the end ``complete`` and counts
@@ -59,7 +59,15 @@ import numpy as np
 
 from ..live.blocks import RefinedBlock, ResultBlock
 from .spooled import SpooledSink
-from .tiled_layout import ARRAYS, FRAME_INFO_COLUMNS, frame_count, read_frame_info, read_run, result_columns
+from .tiled_layout import (
+    ARRAYS,
+    FRAME_INFO_COLUMNS,
+    frame_count,
+    read_frame_info,
+    read_run,
+    result_columns,
+    upgrade_columns,
+)
 
 __all__ = ["connect_tiled", "TiledSink", "TiledStore", "RunState", "FRAME_INFO_COLUMNS", "read_frame_info", "read_run"]
 
@@ -155,12 +163,19 @@ class TiledStore:
 
     @staticmethod
     def extend(run: RunState, cols: dict[str, np.ndarray]) -> None:
-        """Add rows to the run's arrays (the first write creates them)."""
+        """Add rows to the run's arrays (the first write creates them). Rows spooled by an earlier
+        version, and a container it began, are brought to one layout (:func:`upgrade_columns`;
+        an older container keeps its 7-column ``frame_info`` and gets ``chi2``, NaN before)."""
+        cols = upgrade_columns(cols)
         if not run.arrays:
             for key in ARRAYS:
                 meta = {"columns": list(FRAME_INFO_COLUMNS)} if key == "frame_info" else None
                 run.arrays[key] = run.container.write_array(cols[key], key=key, metadata=meta)
         else:
+            if "chi2" not in run.arrays:  # a container an earlier version began
+                run.arrays["chi2"] = run.container.write_array(np.full(run.n, np.nan), key="chi2")
+            width = run.arrays["frame_info"].shape[-1]
+            cols = {**cols, "frame_info": cols["frame_info"][:, :width]}
             for key in ARRAYS:
                 run.arrays[key].patch(cols[key], offset=(run.n,), extend=True)
         run.n += frame_count(cols)
@@ -200,7 +215,7 @@ class TiledStore:
                 "complete": False}))
         else:
             container = parent[run_uid]
-            run = RunState(container, {k: container[k] for k in ARRAYS}, manifest["written"])
+            run = RunState(container, {k: container[k] for k in ARRAYS if k in container}, manifest["written"])
         if previous is not None:
             run.refined, run.n_refined = previous.refined, previous.n_refined
         return run

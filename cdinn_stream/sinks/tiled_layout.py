@@ -15,7 +15,7 @@ import numpy as np
 from ..live.blocks import ResultBlock
 
 __all__ = ["FRAME_INFO_COLUMNS", "ARRAYS", "result_columns", "frame_count", "frame_info_columns", "read_frame_info",
-           "read_run"]
+           "read_run", "upgrade_columns"]
 
 #: columns of the ``frame_info`` array, one row per frame
 FRAME_INFO_COLUMNS = ("seq_num", "time", "crop_origin_row", "crop_origin_col", "peak_row", "peak_col", "latency_s",
@@ -40,6 +40,15 @@ def result_columns(result: ResultBlock) -> dict[str, np.ndarray]:
             "phase": np.ascontiguousarray(result.phase, np.float32),
             "chi2": np.asarray(result.chi2, np.float64),
             "frame_info": frame_info(f.seq_nums, f.times, f.origins, f.peaks, result.latency, result.model_version)}
+
+
+def upgrade_columns(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows spooled by an earlier version in today's layout: ``chi2`` NaN where it was not kept,
+    ``frame_info`` padded to :data:`FRAME_INFO_COLUMNS` (model version 0)."""
+    n, info = frame_count(cols), np.asarray(cols["frame_info"], np.float64)
+    missing = len(FRAME_INFO_COLUMNS) - info.shape[1]
+    return {**cols, "chi2": cols.get("chi2", np.full(n, np.nan)),
+            "frame_info": np.pad(info, ((0, 0), (0, missing))) if missing > 0 else info}
 
 
 def frame_count(cols: dict[str, np.ndarray]) -> int:

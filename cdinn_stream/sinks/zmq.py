@@ -16,7 +16,7 @@ run published so far, this message included; the stop message carries the run's 
 ``model_versions``, the weights its frames used). Refined results
 (NN-seeded ER/HIO of selected frames, :mod:`cdinn_stream.live.refine`) have the same layout plus ``iterations``,
 ``chi2_nn`` and
-``chi2_refined`` (per frame, against the measured crop). ``amplitude`` and ``phase``
+``chi2_refined`` (per frame, against the pattern refined on) and ``model_version``. ``amplitude`` and ``phase``
 are the raw C-ordered buffers of ``n`` frames. For start/stop: ``run_uid`` and the document.
 A heartbeat (:meth:`ZmqPublisherSink.heartbeat`, sent every second while the pipeline is idle)
 carries ``time``, ``frames_sent`` and ``runs`` (frames published per recent run): a subscriber
@@ -109,6 +109,7 @@ class ZmqPublisherSink:
         header = {"version": 1, "run_uid": f.run_uid, "stream": f.stream, "seq_num": f.seq_nums, "time": f.times,
                   "shape": list(amp.shape), "dtype": "float32", "crop_origin": f.origins, "peak": f.peaks,
                   "iterations": block.iterations, "chi2_nn": block.chi2_nn, "chi2_refined": block.chi2_refined,
+                  "model_version": block.model_version,
                   "published": time.time()}
         self._socket.send_multipart([TOPIC_REFINED, _json(header), amp,
                                      np.ascontiguousarray(block.phase, np.float32)], copy=False)

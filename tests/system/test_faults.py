@@ -436,3 +436,28 @@ def test_writing_parked_results_back_yields_to_new_results(tiled_client, tmp_pat
     np.testing.assert_array_equal(info["peak"], np.ones((40, 2), int))
     np.testing.assert_allclose(info["time"], np.arange(1, 41) * 0.1)
     assert not sink.spool.runs()
+
+
+def test_results_spooled_by_the_previous_layout_are_written_back(tiled_client):
+    """Rows spooled before chi2 was kept (no chi2, 7 frame_info columns) go into a container that
+    the earlier version began (it keeps its 7 columns and gains chi2, NaN) and into a new one."""
+    from cdinn_stream.sinks import read_run
+    from cdinn_stream.sinks.tiled import TiledStore
+
+    store = TiledStore(tiled_client, parent="old-layout")
+    n = 3
+    old = {"amplitude": np.ones((n, 4, 4), np.float32), "phase": np.zeros((n, 4, 4), np.float32),
+           "frame_info": np.tile(np.arange(7.0), (n, 1))}
+    begun = store.create("begun", {"uid": "begun"})
+    for key, value in old.items():  # what the earlier version's first write made
+        begun.container.write_array(value, key=key)
+    reopened = store.reopen({"run_uid": "begun", "parent": "old-layout", "written": n, "start": {}, "model_card": {}})
+    store.extend(reopened, old)
+    rec = read_run(tiled_client["old-layout"]["begun"])
+    assert rec["chi2"].shape == (2 * n,) and np.isnan(rec["chi2"]).all()
+    assert tiled_client["old-layout"]["begun"]["frame_info"].read().shape == (2 * n, 7)
+    assert not rec["model_version"].any() and len(rec["seq_num"]) == 2 * n
+    fresh = store.create("fresh", {"uid": "fresh"})
+    store.extend(fresh, old)
+    rec = read_run(tiled_client["old-layout"]["fresh"])
+    assert np.isnan(rec["chi2"]).all() and tiled_client["old-layout"]["fresh"]["frame_info"].read().shape == (n, 8)

@@ -17,7 +17,7 @@ from event_model import compose_run
 
 from cdinn_stream.core.metrics import fourier_chi2, score
 from cdinn_stream.core.phase_retrieval import ITERATIONS, er_hio
-from cdinn_stream.core.physics import normalized_amplitude
+from cdinn_stream.core.physics import normalized_amplitude, peak_offsets, roll_frames
 from cdinn_stream.core.simulate import diffraction_intensity, simulate
 from cdinn_stream.core.timing import time_call
 from cdinn_stream.lab.sim import OperandoCrystal
@@ -37,14 +37,15 @@ def chi2_cost(model_name: str, *, batch: int = 256, quick: bool = False) -> list
     """Microseconds per frame of the bare network call and of the chi^2 beside it, at ``batch``, on
     patterns centred on their Bragg peak (as the live crop makes them: no re-centring in the call)."""
     rows = []
-    data = simulate(batch, 32, seed=3, remove_ramp=True).intensity
+    data = torch.as_tensor(simulate(batch, 32, seed=3).intensity)
+    data = roll_frames(data, -peak_offsets(data))  # each on its Bragg peak, by the model's own rule
     for name, precision in ((model_name, "auto"), (f"{model_name}-int8", "auto"), (model_name, "fp32")):
         try:
             m = load_model(name, device="cpu", precision=precision)
         except (ValueError, RuntimeError) as err:
             rows.append({"model": name, "error": str(err)})
             continue
-        x = normalized_amplitude(torch.as_tensor(data))
+        x = normalized_amplitude(data)
         amp, phase = m.predict_tensor(x)
         timing = {"repeat": 3 if quick else 7, "min_seconds": 0.05 if quick else 0.3}
         net = time_call(lambda m=m, x=x: m.predict_tensor(x), **timing) / batch * 1e6

@@ -167,6 +167,7 @@ class Adapter(Worker):
                     logger.exception("live adaptation failed on run %s (the model in use stays)", run_uid)
                 finally:
                     self.busy_seconds += time.monotonic() - t0
+                    self.rounds += 1  # counted once the round is over (swapped or not)
         finally:
             torch.set_num_threads(threads)
 
@@ -205,15 +206,14 @@ class Adapter(Worker):
         before, after = self._median_chi2(baseline, xh), self._median_chi2(candidate, xh)
         if not self._rest(time.monotonic() - t0):  # the scoring's share too
             return
-        self.rounds += 1
-        entry = {"run_uid": run_uid, "round": self.rounds, "frames": len(x), "held_out": len(xh),
+        entry = {"run_uid": run_uid, "round": self.rounds + 1, "frames": len(x), "held_out": len(xh),
                  "steps": self.steps, "train_chi2_last": float(np.mean(losses[-10:])),
                  "held_out_chi2_median_before": before, "held_out_chi2_median_after": after, "swapped": False,
                  "seconds": round(time.monotonic() - started, 2)}
         self.history.append(entry)
         if not after < self.improve * before:
             logger.info("live adaptation round %d on run %s: held-out median chi2 %.4g -> %.4g, not better by "
-                        "the factor %.2f: the model in use stays", self.rounds, run_uid, before, after, self.improve)
+                        "the factor %.2f: the model in use stays", entry["round"], run_uid, before, after, self.improve)
             return
         with self._cond:
             if self._closed:

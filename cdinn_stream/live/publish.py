@@ -173,8 +173,8 @@ class SinkThread(Worker):
         for group in _groups(items, self._write_limit(items)):
             if isinstance(group, RunMarker):
                 self._marker(group)
-            elif isinstance(group, RefinedBlock):
-                self._refined(group)
+            elif isinstance(group, RefinedGroup):
+                self._refined(merge_refined(group.blocks))
             elif isinstance(self.sink, Spills) and self._queued > self.spill_frames:
                 self._park(merge_results(group))
             else:
@@ -245,6 +245,32 @@ class SinkThread(Worker):
             logger.exception("sink %s failed to %s run %s", self.name, marker.kind, marker.run_uid)
 
 
+@dataclass
+class RefinedGroup:
+    """Refined results of one run and stream (same grid, iterations and model version) that one
+    write can take together."""
+
+    blocks: list[RefinedBlock]
+
+    def key(self) -> tuple:
+        return _refined_key(self.blocks[0])
+
+
+def _refined_key(b: RefinedBlock) -> tuple:
+    return b.run_uid, b.frames.stream, b.amplitude.shape[1:], b.iterations, b.model_version
+
+
+def merge_refined(blocks: list[RefinedBlock]) -> RefinedBlock:
+    """One refined result from refined results of the same :func:`_refined_key`."""
+    if len(blocks) == 1:
+        return blocks[0]
+    first = blocks[0]
+    return RefinedBlock(FrameBlock.concat([b.frames for b in blocks]),
+                        *(np.concatenate([getattr(b, k) for b in blocks]) for k in ("amplitude", "phase", "chi2_nn",
+                                                                                   "chi2_refined")),
+                        first.iterations, first.model_version)
+
+
 def _same_write(a: ResultBlock, b: ResultBlock) -> bool:
     """Whether two results may share a write: same run, stream and model version."""
     return (a.frames.run_uid, a.frames.stream, a.model_version) == (b.frames.run_uid, b.frames.stream,
@@ -253,12 +279,23 @@ def _same_write(a: ResultBlock, b: ResultBlock) -> bool:
 
 def _groups(items: list, max_frames: int) -> list:
     """Markers alone; consecutive results of the same run, stream and model version together, up
-    to ``max_frames`` frames a group (a single larger result stays whole)."""
+    to ``max_frames`` frames a group (a single larger result stays whole); refined results of the
+    same run between two markers in one :class:`RefinedGroup` (one write, however many rounds of
+    refinement waited)."""
     out: list = []
     count = 0
+    refined: dict[tuple, RefinedGroup] = {}  # since the last marker: refined results join the first of their kind
     for item in items:
-        if not isinstance(item, ResultBlock):  # markers and refined results stand alone
+        if isinstance(item, RefinedBlock):  # their own arrays: their order among the results does not matter
+            group = refined.get(_refined_key(item))
+            if group is None:
+                group = refined[_refined_key(item)] = RefinedGroup([])
+                out.append(group)
+            group.blocks.append(item)
+            continue
+        if not isinstance(item, ResultBlock):  # markers stand alone, and close the refined groups
             out.append(item)
+            refined.clear()
             continue
         n = len(item.frames)
         if out and isinstance(out[-1], list) and count + n <= max_frames and _same_write(out[-1][0], item):

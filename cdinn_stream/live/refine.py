@@ -47,7 +47,7 @@ import torch
 from ..core.metrics import chi2
 from ..core.phase_retrieval import er_hio
 from ..core.physics import SUPPORT_THRESHOLD
-from .blocks import RefinedBlock, ResultBlock, RunMarker
+from .blocks import FrameBlock, RefinedBlock, ResultBlock, RunMarker
 from .worker import Worker
 
 __all__ = ["Refiner", "refine", "seed_on_grid"]
@@ -279,12 +279,25 @@ class Refiner(Worker):
         else:
             before = np.concatenate([np.asarray(r.chi2, np.float64) for r in batch])
         i = 0
-        for r in batch:
-            n = len(r.frames)
-            self.publish(RefinedBlock(r.frames, amp[i : i + n], phase[i : i + n], before[i : i + n],
-                                      after[i : i + n], self.iterations, r.model_version))
+        for group in _consecutive(batch):  # one refined block per run and stream: one sink write each
+            frames = FrameBlock.concat([r.frames for r in group])
+            n = len(frames)
+            self.publish(RefinedBlock(frames, amp[i : i + n], phase[i : i + n], before[i : i + n],
+                                      after[i : i + n], self.iterations, group[0].model_version))
             self.frames_refined += n
             i += n
+
+
+def _consecutive(batch: list[ResultBlock]) -> list[list[ResultBlock]]:
+    """Consecutive results of the same run, stream and model version, grouped."""
+    groups: list[list[ResultBlock]] = []
+    for r in batch:
+        key = (r.run_uid, r.frames.stream, r.model_version)
+        if groups and (groups[-1][0].run_uid, groups[-1][0].frames.stream, groups[-1][0].model_version) == key:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def _subset(result: ResultBlock, idx: np.ndarray) -> ResultBlock:

@@ -136,3 +136,27 @@ def test_writes_are_bounded_in_bytes_as_well_as_frames():
         assert sum(writes, []) == list(range(1, 16))
         assert max(len(w) for w in writes) == most, writes
         t.close()
+
+
+def test_refined_results_waiting_together_go_out_in_one_write():
+    from cdinn_stream.live.blocks import RefinedBlock
+
+    class Refined(ListSink):
+        def write_refined(self, block):
+            self.events.append(("refined", list(block.frames.seq_nums), block.chi2_refined.tolist()))
+
+    gate = threading.Event()
+    t = SinkThread(Refined(gate))
+    t.put(RunMarker("open", "r", {}))
+    _first_write_blocked(t)  # everything below waits for one round
+    for first in (4, 7, 10):
+        t.put(_result("r", first, 3))
+        r = _result("r", first, 2)
+        t.put(RefinedBlock(r.frames, r.amplitude, r.phase, np.ones(2), np.full(2, float(first)), 50))
+    t.put(RunMarker("close", "r", {}))
+    gate.set()
+    assert t.drain(5)
+    t.close()
+    refined = [e for e in t.sink.events if e[0] == "refined"]
+    assert refined == [("refined", [4, 5, 7, 8, 10, 11], [4.0, 4.0, 7.0, 7.0, 10.0, 10.0])]
+    assert t.sink.events[-1] == ("close", "r")

@@ -87,15 +87,20 @@ class SinkStats:
                 **latency_ms(self.latencies)}
 
 
+def _merged(blocks: list, per_frame: tuple[str, ...], shared: tuple[str, ...]):
+    """One block of the same type from ``blocks``: their frames and ``per_frame`` arrays joined,
+    the ``shared`` fields of the first (all blocks agree on them)."""
+    first = blocks[0]
+    if len(blocks) == 1:
+        return first
+    return type(first)(FrameBlock.concat([b.frames for b in blocks]),
+                       *(np.concatenate([getattr(b, k) for b in blocks]) for k in per_frame),
+                       *(getattr(first, k) for k in shared))
+
+
 def merge_results(results: list[ResultBlock]) -> ResultBlock:
     """One result from consecutive results of the same run, stream and model version."""
-    if len(results) == 1:
-        return results[0]
-    first = results[0]
-    return ResultBlock(FrameBlock.concat([r.frames for r in results]),
-                       *(np.concatenate([getattr(r, k) for r in results]) for k in ("amplitude", "phase", "latency",
-                                                                                    "chi2")),
-                       first.model_version, first.model)
+    return _merged(results, ("amplitude", "phase", "latency", "chi2"), ("model_version", "model"))
 
 
 class SinkThread(Worker):
@@ -262,13 +267,7 @@ def _refined_key(b: RefinedBlock) -> tuple:
 
 def merge_refined(blocks: list[RefinedBlock]) -> RefinedBlock:
     """One refined result from refined results of the same :func:`_refined_key`."""
-    if len(blocks) == 1:
-        return blocks[0]
-    first = blocks[0]
-    return RefinedBlock(FrameBlock.concat([b.frames for b in blocks]),
-                        *(np.concatenate([getattr(b, k) for b in blocks]) for k in ("amplitude", "phase", "chi2_nn",
-                                                                                   "chi2_refined")),
-                        first.iterations, first.model_version)
+    return _merged(blocks, ("amplitude", "phase", "chi2_nn", "chi2_refined"), ("iterations", "model_version"))
 
 
 def _same_write(a: ResultBlock, b: ResultBlock) -> bool:

@@ -181,8 +181,7 @@ class Adapter(Worker):
 
     def _round(self, run_uid: str, train: np.ndarray, held: np.ndarray) -> None:
         started = time.monotonic()
-        model = self.engine.model
-        version = self.engine.model_version
+        model, version = self.engine.current_model()
         device = model.device  # train where the model runs (an int8 model: on the CPU)
         network = self._source(model).to(device).train()
         x, xh = self._prepare(train, model.centre).to(device), self._prepare(held, model.centre).to(device)

@@ -76,6 +76,10 @@ class EngineStats:
 class InferenceEngine(Worker):
     """Bounded queue + one worker thread: batch, infer, publish (see the module docstring)."""
 
+    #: seconds a run's start waits for the refiner to publish the end of the run before it (the
+    #: refiner skips its rest while a run marker waits, so this is its queued work, bounded)
+    MARKER_WAIT = 30.0
+
     def __init__(self, model: CDIModel, sink_threads: list[SinkThread] | None = None, *,
                  refiner: Refiner | None = None, batch_size: int = 256, max_latency: float = 0.01,
                  max_queued_frames: int = 20_000, block_timeout: float = 1.0):
@@ -100,6 +104,11 @@ class InferenceEngine(Worker):
         self._run_versions: dict[str, set[int]] = {}
         self.adapter = None  # set by the callback when live adaptation is on (it is offered every result)
         self._start()
+
+    def current_model(self) -> tuple[CDIModel, int]:
+        """The model in use from the next batch on (a swapped one not yet taken included) and its version."""
+        with self._cond:
+            return (self._next_model or self.model), len(self.model_versions) - 1
 
     @property
     def model_version(self) -> int:
@@ -331,6 +340,10 @@ class InferenceEngine(Worker):
             marker.document["model_versions"] = [self.model_versions[v] for v in used]
         if self.adapter is not None:
             self.adapter.marker(marker)
+        if marker.kind == "open" and self.refiner is not None:  # sinks see the last run's end first
+            if not self.refiner.drain(timeout=self.MARKER_WAIT):
+                logger.warning("run %s opens while the refiner is still on the runs before it (%s s)",
+                               marker.run_uid, self.MARKER_WAIT)
         if marker.kind == "close" and self.refiner is not None:
             self.refiner.forward(marker)  # after the run's refinements; the model does not wait
         else:

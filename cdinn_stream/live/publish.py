@@ -178,12 +178,19 @@ class SinkThread(Worker):
         for group in _groups(items, self._write_limit(items)):
             if isinstance(group, RunMarker):
                 self._marker(group)
-            elif isinstance(group, RefinedGroup):
-                self._refined(merge_refined(group.blocks))
+                continue
+            try:
+                merged = merge_refined(group.blocks) if isinstance(group, RefinedGroup) else merge_results(group)
+            except Exception:  # never the rest of the round (a run's end may be in it)
+                self.stats.errors += 1
+                logger.exception("sink %s could not join %d blocks into one write", self.name, len(group))
+                continue
+            if isinstance(group, RefinedGroup):
+                self._refined(merged)
             elif isinstance(self.sink, Spills) and self._queued > self.spill_frames:
-                self._park(merge_results(group))
+                self._park(merged)
             else:
-                self._write(merge_results(group))
+                self._write(merged)
 
     def _idle(self) -> None:
         if isinstance(self.sink, Idles):
@@ -250,15 +257,19 @@ class SinkThread(Worker):
             logger.exception("sink %s failed to %s run %s", self.name, marker.kind, marker.run_uid)
 
 
-@dataclass
+@dataclass(eq=False)
 class RefinedGroup:
     """Refined results of one run and stream (same grid, iterations and model version) that one
     write can take together."""
 
     blocks: list[RefinedBlock]
 
-    def key(self) -> tuple:
-        return _refined_key(self.blocks[0])
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def frames(self) -> int:
+        return sum(len(b.frames) for b in self.blocks)
 
 
 def _refined_key(b: RefinedBlock) -> tuple:
@@ -279,18 +290,20 @@ def _same_write(a: ResultBlock, b: ResultBlock) -> bool:
 def _groups(items: list, max_frames: int) -> list:
     """Markers alone; consecutive results of the same run, stream and model version together, up
     to ``max_frames`` frames a group (a single larger result stays whole); refined results of the
-    same run between two markers in one :class:`RefinedGroup` (one write, however many rounds of
-    refinement waited)."""
+    same run between two markers in one :class:`RefinedGroup` of up to ``max_frames`` frames (one
+    write, however many rounds of refinement waited), placed where the latest of them came."""
     out: list = []
     count = 0
     refined: dict[tuple, RefinedGroup] = {}  # since the last marker: refined results join the first of their kind
     for item in items:
-        if isinstance(item, RefinedBlock):  # their own arrays: their order among the results does not matter
+        if isinstance(item, RefinedBlock):  # their own arrays: joined, at the place of the latest of them
             group = refined.get(_refined_key(item))
-            if group is None:
+            if group is None or group.frames + len(item.frames) > max_frames:
                 group = refined[_refined_key(item)] = RefinedGroup([])
-                out.append(group)
+            else:
+                del out[next(i for i, g in enumerate(out) if g is group)]
             group.blocks.append(item)
+            out.append(group)
             continue
         if not isinstance(item, ResultBlock):  # markers stand alone, and close the refined groups
             out.append(item)

@@ -116,7 +116,7 @@ class Refiner(Worker):
         self.frames_over_budget = 0  # doubtful frames whose run ended before the budget reached them
         self.busy_seconds = 0.0
         self._requested: dict[str, set[int]] = {}  # run uid -> seq_nums asked for
-        self._budget_count: dict[str, list[int]] = {}  # run uid -> [frames seen, automatic refinements queued]
+        self._budget_count: dict[str, list[int]] = {}  # run uid -> [frames seen, refinements queued, over the line]
         self._waiting: dict[str, deque[ResultBlock]] = {}  # run uid -> doubtful frames over the budget
         self._queued = 0
         self._rest_until = 0.0
@@ -153,7 +153,7 @@ class Refiner(Worker):
         frames; past that the newest count as over budget at once), then as many of the oldest as
         the run's budget and the queue's room allow into the queue."""
         run = result.run_uid
-        counts = self._budget_count.setdefault(run, [0, 0])
+        counts = self._budget_count.setdefault(run, [0, 0, 0])
         counts[0] += len(result.frames)
         doubtful = np.flatnonzero(free & (np.asarray(result.chi2) > self.above))
         self.frames_doubtful += len(doubtful)
@@ -161,6 +161,7 @@ class Refiner(Worker):
         room = self.max_queued_frames - sum(len(r.frames) for r in waiting)
         if len(doubtful) > room:
             self.frames_over_budget += len(doubtful) - max(room, 0)
+            counts[2] += len(doubtful) - max(room, 0)
             doubtful = doubtful[: max(room, 0)]
         if len(doubtful):
             waiting.append(_subset(result, doubtful))
@@ -235,9 +236,9 @@ class Refiner(Worker):
         with self._cond:
             missing = self._requested.pop(marker.run_uid, set())
             waiting = self._waiting.pop(marker.run_uid, deque())
-            self._budget_count.pop(marker.run_uid, None)
-            over = sum(len(r.frames) for r in waiting)
-            self.frames_over_budget += over
+            left = sum(len(r.frames) for r in waiting)
+            self.frames_over_budget += left
+            over = left + self._budget_count.pop(marker.run_uid, [0, 0, 0])[2]
         if missing:
             logger.warning("run %s ended before frames %s asked for refinement arrived (not refined)",
                            marker.run_uid, sorted(missing))
@@ -260,9 +261,11 @@ class Refiner(Worker):
         self._rest_until = time.monotonic() + spent * (1 / self.share - 1)
 
     def _rest(self) -> None:
-        """Wait out the rest owed by the last round (the CPU share), unless the refiner closes."""
+        """Wait out the rest owed by the last round (the CPU share), unless the refiner closes or a
+        run's end waits in the queue (its refinements go out now, and the run's end after them)."""
         with self._cond:
-            while not self._closed and (left := self._rest_until - time.monotonic()) > 0:
+            while (not self._closed and (left := self._rest_until - time.monotonic()) > 0
+                   and not any(isinstance(item, RunMarker) for item in self._queue)):
                 self._cond.wait(left)
 
     def _refine(self, batch: list[ResultBlock]) -> None:

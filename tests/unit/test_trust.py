@@ -238,3 +238,37 @@ def test_adaptation_swaps_only_a_better_model_and_saves_it_with_a_card(tiny, tmp
     reloaded = load_model(tmp_path / card["weights_file"], device="cpu", precision="fp32")
     np.testing.assert_allclose(reloaded.predict(data[:4]).amplitude, engine.model.predict(data[:4]).amplitude,
                                atol=1e-5)
+
+
+def test_a_run_starts_at_the_sinks_after_the_refinements_and_end_of_the_run_before_it(tiny):
+    """The end of a run passes through the refiner (its refinements go first); the next run's start
+    waits for it, so every sink sees open A ... close A, open B ... close B."""
+    from cdinn_stream.live.publish import SinkThread
+
+    class Order(Keep):
+        def __init__(self):
+            super().__init__()
+            self.events = []
+
+        def open_run(self, uid, start): self.events.append(("open", uid))
+        def write(self, result): self.events.append(("write", result.run_uid))
+        def write_refined(self, block): self.events.append(("refined", block.run_uid))
+        def close_run(self, uid, summary): self.events.append(("close", uid))
+
+    sink = Order()
+    threads = [SinkThread(sink)]
+    from cdinn_stream.live.publish import to_all
+
+    refiner = Refiner(to_all(threads), above=0.0, budget=1.0, share=0.05, iterations=30)  # long rests
+    engine = InferenceEngine(tiny, threads, refiner=refiner, batch_size=8, max_latency=0.0)
+    data = simulate(16, 32, seed=9).intensity
+    for run in ("A", "B"):
+        engine.open_run(run, {})
+        engine.submit(_block(run, data))
+        engine.close_run(run, {})
+    assert engine.flush(timeout=60)
+    engine.close()
+    kinds = [e for e in sink.events if e[0] in ("open", "close")]
+    assert kinds == [("open", "A"), ("close", "A"), ("open", "B"), ("close", "B")]
+    refined_a = [i for i, e in enumerate(sink.events) if e == ("refined", "A")]
+    assert refined_a and max(refined_a) < sink.events.index(("close", "A"))

@@ -272,3 +272,19 @@ def test_a_run_starts_at_the_sinks_after_the_refinements_and_end_of_the_run_befo
     assert kinds == [("open", "A"), ("close", "A"), ("open", "B"), ("close", "B")]
     refined_a = [i for i, e in enumerate(sink.events) if e == ("refined", "A")]
     assert refined_a and max(refined_a) < sink.events.index(("close", "A"))
+
+
+def test_background_work_shortens_the_interpreters_switch_interval(tiny):
+    import sys
+
+    from cdinn_stream.live.callback import SWITCH_INTERVAL, ReconstructionCallback
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        ReconstructionCallback(model=tiny).close()  # no background work: left alone
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        ReconstructionCallback(model=tiny, refine_above=0.05).close()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+    finally:
+        sys.setswitchinterval(before)

@@ -189,8 +189,8 @@ def _short_switch_interval() -> None:
     """Background threads (refinement, adaptation) make many small torch calls; with Python's
     default 5 ms switch interval the model's thread waits up to that long for the interpreter at
     each of its own calls. 0.5 ms brought the ZeroMQ latency p99 with every doubtful frame refined
-    within 20 % of a core from 36 to 25 ms on 2 cores (19.7 ms without refinement) (``docs/design.md`` section 18). Process-wide:
-    said in the log."""
+    within 20 % of a core from 36 to 25 ms on 2 cores (19.7 ms without refinement; ``docs/design.md``
+    section 18). Process-wide: said in the log."""
     if sys.getswitchinterval() > SWITCH_INTERVAL:
         logger.info("refinement or adaptation runs beside the model: the interpreter's thread switch interval "
                     "goes from %g s to %g s (sys.setswitchinterval)", sys.getswitchinterval(), SWITCH_INTERVAL)

@@ -41,7 +41,7 @@ from event_model.documents import (
 
 from ..nn.reconstruct import CDIModel, load_model, user_models_dir
 from .blocks import Closes, FrameBlock, Sink
-from .crop import clean_frames, crop_frames, find_peaks
+from .crop import PeakTracker, clean_frames, crop_frames, find_peaks
 from .engine import InferenceEngine
 from .frames import read_frames
 from .publish import SinkThread, to_all
@@ -120,7 +120,13 @@ class FrameCropper:
     ``refine_window > 1`` also crops, at the same centre, the refinement window
     (:attr:`FrameBlock.wide`): ``refine_window * size`` pixels binned ``max(bin // refine_window, 1)``.
     With ``bin == refine_window`` that is the model's own detector window unbinned: twice the
-    oversampling for ER/HIO (:mod:`cdinn_stream.live.refine`)."""
+    oversampling for ER/HIO (:mod:`cdinn_stream.live.refine`).
+
+    ``track`` (on by default): on frames at least twice the search window on each side (4x the
+    crop's side by default, ``track_window``), each run's peak is searched near the last one and
+    the whole frame only every ``track_every`` frames or when the peak is lost
+    (:class:`~cdinn_stream.live.crop.PeakTracker`); the counts go in the run's end summary
+    (``peak_search``)."""
 
     size: int
     bin: int = 1
@@ -128,6 +134,10 @@ class FrameCropper:
     centre: bool = True
     rejections: Rejections = field(default_factory=Rejections)
     refine_window: int = 1
+    track: bool = True
+    track_window: int | None = None
+    track_every: int = 100
+    trackers: dict = field(default_factory=dict, repr=False)  #: (run uid, stream) -> PeakTracker
 
     def __post_init__(self) -> None:
         if self.refine_window < 1:
@@ -135,6 +145,23 @@ class FrameCropper:
         if self.refine_window > 1 and (self.refine_window * self.refine_bin) % self.bin:
             raise ValueError(f"refine_window={self.refine_window} does not fit bin={self.bin}: use a refine_window "
                              "that divides bin, or bin=1")
+
+    def tracker(self, run_uid: str, stream: str) -> PeakTracker:
+        """The peak tracker of a run's stream (made on first use)."""
+        key = (run_uid, stream)
+        if key not in self.trackers:
+            side = max(self.size * self.bin, self.refine_window * self.size * self.refine_bin)
+            self.trackers[key] = PeakTracker(side, self.track_window or 4 * side, check_every=self.track_every,
+                                             centre=self.centre)
+        return self.trackers[key]
+
+    def forget(self, run_uid: str) -> dict:
+        """Drop a run's trackers; their counts, summed over its streams."""
+        counts: dict = {}
+        for key in [k for k in self.trackers if k[0] == run_uid]:
+            for name, n in self.trackers.pop(key).counts.items():
+                counts[name] = counts.get(name, 0) + n
+        return counts
 
     @property
     def refine_bin(self) -> int:
@@ -164,21 +191,27 @@ class FrameCropper:
             reject(run_uid, seq_nums, f"bad shape: frame shape {frames.shape[1:]} does not match the mask "
                                       f"{self.mask.shape}")
             return None
-        clean = clean_frames(frames, self.mask)
+        # centre as the model does: the centre of mass for a network trained centred, else the brightest pixel
+        if self.track:  # near the last peak, the whole frame when due or lost (whole on small frames)
+            peaks, clean, offsets = self.tracker(run_uid, stream).find(frames, self.mask)
+        else:
+            clean = clean_frames(frames, self.mask)
+            peaks, offsets = find_peaks(clean, centre=self.centre), np.zeros((len(clean), 2), np.int64)
         empty = clean.reshape(len(clean), -1).max(axis=1) <= 0
         if empty.any():
             reject(run_uid, seq_nums[empty], "empty frame: no positive counts")
             keep = ~empty
             clean, seq_nums, times = clean[keep], seq_nums[keep], times[keep]
+            peaks, offsets = peaks[keep], offsets[keep]
             if not len(clean):
                 return None
-        # centre as the model does: the centre of mass for a network trained centred, else the brightest pixel
-        peaks = find_peaks(clean, centre=self.centre)
-        crops = crop_frames(clean, peaks, self.size, bin=self.bin)
-        wide = (crop_frames(clean, peaks, self.refine_window * self.size, bin=self.refine_bin).frames
+        local = peaks - offsets  # in the pixels searched (a window around the last peak, or the frame)
+        crops = crop_frames(clean, local, self.size, bin=self.bin)
+        wide = (crop_frames(clean, local, self.refine_window * self.size, bin=self.refine_bin).frames
                 if self.refine_window > 1 else None)
         return FrameBlock(run_uid, stream, np.asarray(seq_nums, np.int64), np.asarray(times, np.float64),
-                          crops.frames, crops.origins, crops.peaks, np.full(len(clean), received), wide)
+                          crops.frames, crops.origins + offsets, peaks.astype(np.int64), np.full(len(clean), received),
+                          wide)
 
 
 #: the interpreter's thread switch interval while refinement or adaptation runs beside the model (s)
@@ -398,5 +431,6 @@ class RunReconstructor(DocumentRouter):
             self.engine.submit(block)
 
     def stop(self, doc: RunStop) -> RunStop:
-        self.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen})
+        self.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen,
+                                         "peak_search": self.cropper.forget(self.uid)})
         return doc

@@ -22,7 +22,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..core.physics import CENTRE_WINDOW
 
 __all__ = ["Crops", "box_sum", "clean_frames", "despeckle", "find_peaks", "centre_of_mass_peaks", "crop_frames",
-           "crop_around_peaks"]
+           "crop_around_peaks", "PeakTracker"]
 
 
 @dataclass
@@ -178,3 +178,100 @@ def crop_around_peaks(frames: np.ndarray, size: int, *, bin: int = 1, mask: np.n
     if clean.shape[-1] < 3 or clean.shape[-2] < 3:
         raise ValueError(f"frames of shape {clean.shape[-2:]} are too small to search for a peak")
     return crop_frames(clean, find_peaks(clean), size, bin=bin)
+
+
+@dataclass
+class PeakTracker:
+    """Finds the Bragg peak of one run's frames near where the last frame had it, and searches
+    the whole frame only when it must (frames far larger than the crop: a 1M or 4M detector).
+
+    Policy, page by page (an event page's frames share one search window):
+
+    * the first page, and every ``check_every`` frames after a full search: a full search
+      (:func:`clean_frames` + :func:`find_peaks` on the whole frame);
+    * otherwise only a ``window x window`` region around the last peak is cleaned and searched
+      (its origin even, so that :func:`find_peaks`' 2x2 binning pairs the same pixels as on the
+      whole frame): the same peak and the same crop as a full search while the peak stays inside;
+    * a frame whose peak lands within ``margin`` of the window's edge (inside the frame), or whose
+      window holds less than ``lost_fraction`` of the counts the last found there, is searched
+      again on the whole frame (a fallback);
+    * a full search that finds the peak more than ``window // 4`` away from where the tracker had
+      it counts as a jump.
+
+    :attr:`counts` holds ``tracked``, ``full`` (frames searched whole on schedule), ``fallback``
+    and ``jump``, per run (in the run's end summary as ``peak_search``).
+    """
+
+    size: int  #: side of the crop in detector pixels (the model's size times the binning)
+    window: int  #: side of the search window
+    check_every: int = 100
+    lost_fraction: float = 0.5
+    centre: bool = True
+    box: int = 5
+    last: np.ndarray | None = None
+    last_counts: float = 0.0
+    since_full: int = 0
+    counts: dict = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.window += self.window % 2
+        self.counts = {"tracked": 0, "full": 0, "fallback": 0, "jump": 0}
+
+    @property
+    def margin(self) -> int:
+        """A peak this close to the window's edge may be a peak outside it: search again."""
+        return self.size // 2 + self.box + 2
+
+    def find(self, frames: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Peaks ``(n, 2)`` of raw ``(n, H, W)`` frames, the clean pixels they were found in
+        (``(n, h, w)``: the windows, or the whole frames) and those pixels' origins ``(n, 2)`` in
+        the frame (crop with ``peaks - origins``)."""
+        n, h, w = frames.shape
+        if (self.last is None or self.last_counts <= 0 or self.since_full >= self.check_every
+                or min(h, w) < 2 * self.window):
+            return self._full(frames, mask, scheduled=True)
+        r0 = int(np.clip(self.last[0] - self.window // 2, 0, max(h - self.window, 0))) // 2 * 2
+        c0 = int(np.clip(self.last[1] - self.window // 2, 0, max(w - self.window, 0))) // 2 * 2
+        region = (slice(None), slice(r0, r0 + self.window), slice(c0, c0 + self.window))
+        clean = clean_frames(frames[region], None if mask is None else mask[region[1:]])
+        local = find_peaks(clean, box=self.box, centre=self.centre)
+        sums = clean.reshape(n, -1).sum(axis=1, dtype=np.float64)
+        wh, ww = clean.shape[1:]
+        near_edge = (((local[:, 0] < self.margin) & (r0 > 0)) | ((local[:, 0] >= wh - self.margin) & (r0 + wh < h))
+                     | ((local[:, 1] < self.margin) & (c0 > 0)) | ((local[:, 1] >= ww - self.margin) & (c0 + ww < w)))
+        lost = near_edge | (sums < self.lost_fraction * self.last_counts)
+        origins = np.tile(np.array([r0, c0], np.int64), (n, 1))
+        peaks = local + origins
+        self.since_full += n
+        if not lost.any():
+            self.counts["tracked"] += n
+            self.last, self.last_counts = peaks[-1], float(sums[-1])
+            return peaks, clean, origins
+        # the frames that lost their peak are searched whole; the page is then cropped from whole frames
+        self.counts["tracked"] += int((~lost).sum())
+        self.counts["fallback"] += int(lost.sum())
+        whole = clean_frames(frames, mask)
+        found = find_peaks(whole[lost], box=self.box, centre=self.centre)
+        if np.abs(found - self.last).max() > self.window // 4:
+            self.counts["jump"] += 1
+        peaks[lost] = found
+        self._remember(whole, peaks)
+        return peaks, whole, np.zeros((n, 2), np.int64)
+
+    def _full(self, frames: np.ndarray, mask: np.ndarray | None, *, scheduled: bool):
+        clean = clean_frames(frames, mask)
+        peaks = find_peaks(clean, box=self.box, centre=self.centre)
+        if self.last is not None and np.abs(peaks[-1] - self.last).max() > self.window // 4:
+            self.counts["jump"] += 1
+        self.counts["full"] += len(frames)
+        self._remember(clean, peaks)
+        if scheduled:
+            self.since_full = 0
+        return peaks, clean, np.zeros((len(frames), 2), np.int64)
+
+    def _remember(self, whole: np.ndarray, peaks: np.ndarray) -> None:
+        """The last frame's peak and the counts of the window the next page will search."""
+        self.last = peaks[-1]
+        r0 = int(np.clip(self.last[0] - self.window // 2, 0, max(whole.shape[1] - self.window, 0))) // 2 * 2
+        c0 = int(np.clip(self.last[1] - self.window // 2, 0, max(whole.shape[2] - self.window, 0))) // 2 * 2
+        self.last_counts = float(whole[-1, r0 : r0 + self.window, c0 : c0 + self.window].sum(dtype=np.float64))

@@ -123,3 +123,59 @@ def test_no_frames_and_integer_frames():
     assert empty.frames.shape == (0, 16, 16) and empty.origins.shape == (0, 2)
     counts = np.full((1, 6, 6), 5000, np.uint16)  # a 5x5 box of 5000 counts would wrap in uint16
     assert box_sum(counts, 5)[0, 3, 3] == 125_000
+
+
+def _drifting_run(n: int, side: int = 512, jump_at: int | None = None, seed: int = 0):
+    """Detector frames ``(n, side, side)``: one Bragg pattern drifting half a pixel a frame, Poisson
+    counts, background, hot pixels and a gap (masked); the peak jumps 200 px at ``jump_at``."""
+    from cdinn_stream.core.simulate import simulate
+
+    rng = np.random.default_rng(seed)
+    pattern = simulate(1, 32, seed=seed, pad=2).intensity[0]  # 64 x 64, peak at 32
+    pattern = pattern / pattern.sum() * 2e6
+    frames = rng.poisson(0.05, (n, side, side)).astype(np.float32)
+    centres = []
+    for i in range(n):
+        r, c = 150 + i // 2, 170 + (i * 3) // 4
+        if jump_at is not None and i >= jump_at:
+            r, c = r + 200, c + 150
+        frames[i, r - 32 : r + 32, c - 32 : c + 32] += rng.poisson(pattern)
+        centres.append((r, c))
+    hot = rng.integers(0, side, (n, 5, 2))
+    frames[np.arange(n)[:, None], hot[..., 0], hot[..., 1]] = 5e4
+    mask = np.ones((side, side), bool)
+    mask[:, 300:304] = False  # a gap between modules
+    return frames, mask, np.array(centres)
+
+
+def test_tracked_peaks_give_the_crops_of_full_searches_on_a_drifting_run():
+    from cdinn_stream.live.callback import FrameCropper
+
+    frames, mask, _ = _drifting_run(60)
+    tracked, full = FrameCropper(32, mask=mask), FrameCropper(32, mask=mask, track=False)
+    for start in range(0, 60, 5):  # pages of 5
+        seq = np.arange(start + 1, start + 6)
+        a = tracked.block("run", "primary", frames[start : start + 5], seq, np.zeros(5))
+        b = full.block("run", "primary", frames[start : start + 5], seq, np.zeros(5))
+        np.testing.assert_array_equal(a.peaks, b.peaks)
+        np.testing.assert_array_equal(a.origins, b.origins)
+        np.testing.assert_array_equal(a.frames, b.frames)
+    counts = tracked.forget("run")
+    assert counts["tracked"] == 55 and counts["full"] == 5 and counts["fallback"] == 0 and counts["jump"] == 0
+    assert full.forget("run") == {}
+
+
+def test_a_peak_that_jumps_is_found_on_the_next_page():
+    from cdinn_stream.live.callback import FrameCropper
+
+    frames, mask, centres = _drifting_run(40, jump_at=23)
+    tracked, full = FrameCropper(32, mask=mask), FrameCropper(32, mask=mask, track=False)
+    for start in range(0, 40, 4):
+        seq = np.arange(start + 1, start + 5)
+        a = tracked.block("run", "primary", frames[start : start + 4], seq, np.zeros(4))
+        b = full.block("run", "primary", frames[start : start + 4], seq, np.zeros(4))
+        np.testing.assert_array_equal(a.peaks, b.peaks)  # the jump's own page included: searched whole
+        np.testing.assert_array_equal(a.frames, b.frames)
+        assert np.abs(a.peaks - centres[start : start + 4]).max() <= 3
+    counts = tracked.forget("run")
+    assert counts["jump"] == 1 and counts["fallback"] >= 1

@@ -150,7 +150,8 @@ class FrameCropper:
         """The peak tracker of a run's stream (made on first use)."""
         key = (run_uid, stream)
         if key not in self.trackers:
-            side = max(self.size * self.bin, self.refine_window * self.size * self.refine_bin)
+            bins = max(self.bin, self.refine_bin)  # a binned crop reaches up to a bin further than its half side
+            side = max(self.size * self.bin, self.refine_window * self.size * self.refine_bin) + 2 * bins
             self.trackers[key] = PeakTracker(side, self.track_window or 4 * side, check_every=self.track_every,
                                              centre=self.centre)
         return self.trackers[key]

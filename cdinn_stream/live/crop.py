@@ -14,7 +14,7 @@ with zeros, never shifted off the peak).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -191,63 +191,86 @@ class PeakTracker:
       (:func:`clean_frames` + :func:`find_peaks` on the whole frame);
     * otherwise only a ``window x window`` region around the last peak is cleaned and searched
       (its origin even, so that :func:`find_peaks`' 2x2 binning pairs the same pixels as on the
-      whole frame): the same peak and the same crop as a full search while the peak stays inside;
+      whole frame; a window at an odd-sized frame's last row or column reaches it): the same peak
+      and the same crop as a full search while the peak stays inside;
     * a frame whose peak lands within ``margin`` of the window's edge (inside the frame), or whose
-      window holds less than ``lost_fraction`` of the counts the last found there, is searched
-      again on the whole frame (a fallback);
+      peak signal (the counts of the ``size x size`` box around it less the window's mean level
+      over that box) is below ``lost_fraction`` of the last frame's, is searched again on the whole
+      frame (a fallback), and so is every later frame of its page;
     * a full search that finds the peak more than ``window // 4`` away from where the tracker had
       it counts as a jump.
 
-    :attr:`counts` holds ``tracked``, ``full`` (frames searched whole on schedule), ``fallback``
-    and ``jump``, per run (in the run's end summary as ``peak_search``).
+    ``size`` is how far the crops reach (their side, with some room for binning): the margin keeps
+    every crop of a tracked frame inside its window. :attr:`counts` holds ``tracked``, ``full``
+    (frames searched whole on schedule), ``fallback`` and ``jump``, per run (in the run's end
+    summary as ``peak_search``).
     """
 
-    size: int  #: side of the crop in detector pixels (the model's size times the binning)
+    size: int  #: side of the crops in detector pixels, with room for binning
     window: int  #: side of the search window
     check_every: int = 100
     lost_fraction: float = 0.5
     centre: bool = True
     box: int = 5
     last: np.ndarray | None = None
-    last_counts: float = 0.0
+    last_signal: float = 0.0
     since_full: int = 0
-    counts: dict = None  # type: ignore[assignment]
+    counts: dict = field(default_factory=lambda: {"tracked": 0, "full": 0, "fallback": 0, "jump": 0})
 
     def __post_init__(self) -> None:
         self.window += self.window % 2
-        self.counts = {"tracked": 0, "full": 0, "fallback": 0, "jump": 0}
+        if self.window < max(BIN_SEARCH_FACTOR * self.box, 4 * self.margin):
+            raise ValueError(f"a search window of {self.window} pixels is too small for crops of {self.size} "
+                             f"(at least {max(BIN_SEARCH_FACTOR * self.box, 4 * self.margin)})")
 
     @property
     def margin(self) -> int:
         """A peak this close to the window's edge may be a peak outside it: search again."""
         return self.size // 2 + self.box + 2
 
+    def _window(self, h: int, w: int) -> tuple[slice, slice]:
+        """The search window around :attr:`last`: even origin, inside the frame."""
+        def span(centre: int, extent: int) -> slice:
+            start = int(np.clip(centre - self.window // 2, 0, max(extent - self.window, 0))) // 2 * 2
+            stop = start + self.window
+            return slice(start, extent if stop >= extent - 1 else stop)
+        return span(int(self.last[0]), h), span(int(self.last[1]), w)
+
+    def _signal(self, clean: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """Each frame's peak signal: the ``size x size`` box at ``local`` less the mean level of
+        the pixels searched over the same area."""
+        boxes = crop_frames(clean, local, self.size).frames
+        level = clean.reshape(len(clean), -1).mean(axis=1, dtype=np.float64)
+        return boxes.reshape(len(clean), -1).sum(axis=1, dtype=np.float64) - level * self.size**2
+
     def find(self, frames: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Peaks ``(n, 2)`` of raw ``(n, H, W)`` frames, the clean pixels they were found in
         (``(n, h, w)``: the windows, or the whole frames) and those pixels' origins ``(n, 2)`` in
         the frame (crop with ``peaks - origins``)."""
         n, h, w = frames.shape
-        if (self.last is None or self.last_counts <= 0 or self.since_full >= self.check_every
+        if (self.last is None or self.last_signal <= 0 or self.since_full >= self.check_every
                 or min(h, w) < 2 * self.window):
             return self._full(frames, mask, scheduled=True)
-        r0 = int(np.clip(self.last[0] - self.window // 2, 0, max(h - self.window, 0))) // 2 * 2
-        c0 = int(np.clip(self.last[1] - self.window // 2, 0, max(w - self.window, 0))) // 2 * 2
-        region = (slice(None), slice(r0, r0 + self.window), slice(c0, c0 + self.window))
-        clean = clean_frames(frames[region], None if mask is None else mask[region[1:]])
+        rows, cols = self._window(h, w)
+        clean = clean_frames(frames[:, rows, cols], None if mask is None else mask[rows, cols])
         local = find_peaks(clean, box=self.box, centre=self.centre)
-        sums = clean.reshape(n, -1).sum(axis=1, dtype=np.float64)
+        signal = self._signal(clean, local)
         wh, ww = clean.shape[1:]
-        near_edge = (((local[:, 0] < self.margin) & (r0 > 0)) | ((local[:, 0] >= wh - self.margin) & (r0 + wh < h))
-                     | ((local[:, 1] < self.margin) & (c0 > 0)) | ((local[:, 1] >= ww - self.margin) & (c0 + ww < w)))
-        lost = near_edge | (sums < self.lost_fraction * self.last_counts)
-        origins = np.tile(np.array([r0, c0], np.int64), (n, 1))
+        near_edge = (((local[:, 0] < self.margin) & (rows.start > 0))
+                     | ((local[:, 0] >= wh - self.margin) & (rows.stop < h))
+                     | ((local[:, 1] < self.margin) & (cols.start > 0))
+                     | ((local[:, 1] >= ww - self.margin) & (cols.stop < w)))
+        lost = near_edge | (signal < self.lost_fraction * self.last_signal)
+        origins = np.tile(np.array([rows.start, cols.start], np.int64), (n, 1))
         peaks = local + origins
         self.since_full += n
         if not lost.any():
             self.counts["tracked"] += n
-            self.last, self.last_counts = peaks[-1], float(sums[-1])
+            self.last, self.last_signal = peaks[-1], float(signal[-1])
             return peaks, clean, origins
-        # the frames that lost their peak are searched whole; the page is then cropped from whole frames
+        # from the first frame that lost its peak on, the frames are searched whole; the page is
+        # then cropped from whole frames
+        lost[np.argmax(lost):] = True
         self.counts["tracked"] += int((~lost).sum())
         self.counts["fallback"] += int(lost.sum())
         whole = clean_frames(frames, mask)
@@ -270,8 +293,8 @@ class PeakTracker:
         return peaks, clean, np.zeros((len(frames), 2), np.int64)
 
     def _remember(self, whole: np.ndarray, peaks: np.ndarray) -> None:
-        """The last frame's peak and the counts of the window the next page will search."""
+        """The last frame's peak and its signal in the window the next page will search."""
         self.last = peaks[-1]
-        r0 = int(np.clip(self.last[0] - self.window // 2, 0, max(whole.shape[1] - self.window, 0))) // 2 * 2
-        c0 = int(np.clip(self.last[1] - self.window // 2, 0, max(whole.shape[2] - self.window, 0))) // 2 * 2
-        self.last_counts = float(whole[-1, r0 : r0 + self.window, c0 : c0 + self.window].sum(dtype=np.float64))
+        rows, cols = self._window(*whole.shape[1:])
+        window = whole[-1:, rows, cols]
+        self.last_signal = float(self._signal(window, peaks[-1:] - [rows.start, cols.start])[0])

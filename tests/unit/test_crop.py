@@ -179,3 +179,82 @@ def test_a_peak_that_jumps_is_found_on_the_next_page():
         assert np.abs(a.peaks - centres[start : start + 4]).max() <= 3
     counts = tracked.forget("run")
     assert counts["jump"] == 1 and counts["fallback"] >= 1
+
+
+def _compare_pages(frames, mask, page, **kw):
+    """Tracked and whole-frame crops page by page; the tracker's counts."""
+    from cdinn_stream.live.callback import FrameCropper
+
+    tracked, full = FrameCropper(32, mask=mask, **kw), FrameCropper(32, mask=mask, track=False)
+    for start in range(0, len(frames), page):
+        chunk = frames[start : start + page]
+        seq = np.arange(start + 1, start + 1 + len(chunk))
+        a = tracked.block("run", "primary", chunk, seq, np.zeros(len(chunk)))
+        b = full.block("run", "primary", chunk, seq, np.zeros(len(chunk)))
+        np.testing.assert_array_equal(a.peaks, b.peaks, err_msg=f"page at frame {start + 1}")
+        np.testing.assert_array_equal(a.frames, b.frames)
+    return tracked.forget("run")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_weak_peak_that_jumps_over_a_strong_background_is_not_lost_in_the_noise(seed):
+    """The window's background holds more counts than the peak: after the jump the window's
+    total hardly drops, but the peak's own signal does (each seed puts the noise's brightest blob
+    elsewhere in the window)."""
+    rng = np.random.default_rng(seed)
+    from cdinn_stream.core.simulate import simulate
+
+    pattern = simulate(1, 32, seed=seed, pad=2).intensity[0]
+    pattern = pattern / pattern.sum() * 3e4
+    frames = rng.poisson(3.0, (16, 512, 512)).astype(np.float32)
+    for i in range(16):
+        r, c = (150, 170) if i < 10 else (380, 320)  # jumps at the third frame of a page of four
+        frames[i, r - 32 : r + 32, c - 32 : c + 32] += rng.poisson(pattern)
+    counts = _compare_pages(frames, None, 4)
+    assert counts["jump"] == 1 and counts["fallback"] >= 2
+
+
+def test_a_peak_that_runs_to_the_window_edge_within_a_page_is_searched_whole():
+    from cdinn_stream.core.simulate import simulate
+
+    rng = np.random.default_rng(4)
+    pattern = simulate(1, 32, seed=4, pad=2).intensity[0]
+    pattern = pattern / pattern.sum() * 1e6
+    frames = rng.poisson(0.1, (24, 600, 600)).astype(np.float32)
+    for i in range(24):  # 12 px a frame: a page of 8 crosses half a 176-px window
+        r, c = 150 + 12 * i, 200
+        frames[i, r - 32 : r + 32, c - 32 : c + 32] += rng.poisson(pattern)
+    counts = _compare_pages(frames, None, 8)
+    assert counts["fallback"] >= 1 and counts["tracked"] >= 1
+
+
+def test_search_windows_too_small_for_the_crop_are_refused_and_counts_reach_the_run_summary():
+    from cdinn_stream.live.crop import PeakTracker
+
+    with pytest.raises(ValueError, match="too small"):
+        PeakTracker(44, 60)
+    frames, mask, _ = _drifting_run(12)
+
+    class Keep:
+        def __init__(self):
+            self.summaries = []
+
+        def submit(self, block): return True
+        def open_run(self, uid, start): pass
+        def close_run(self, uid, summary): self.summaries.append(summary)
+
+    from event_model import compose_run
+
+    from cdinn_stream.live.callback import FrameCropper, RunReconstructor
+
+    engine = Keep()
+    run = compose_run()
+    rr = RunReconstructor(run.start_doc, cropper=FrameCropper(32, mask=mask), engine=engine)
+    desc = run.compose_descriptor(name="primary", data_keys={"img": {"source": "s", "dtype": "array",
+                                                                     "shape": [512, 512]}})
+    rr("descriptor", desc.descriptor_doc)
+    for start in (0, 6):
+        rr("event_page", desc.compose_event_page(data={"img": frames[start : start + 6]}, timestamps={"img": [0] * 6},
+                                                 seq_num=list(range(start + 1, start + 7)), time=[0.0] * 6))
+    rr("stop", run.compose_stop())
+    assert engine.summaries[0]["peak_search"] == {"tracked": 6, "full": 6, "fallback": 0, "jump": 0}

@@ -23,7 +23,8 @@ from ..core.crystal import MAX_OFFSET, crystal_objects, phase_ramp
 from ..core.physics import wrap
 from ..core.simulate import diffraction_intensity, simulate_objects, strain_phase
 
-__all__ = ["OperandoCrystal", "BCDIFrameSource", "FrameTruth", "make_detector", "make_motors", "ring_shapes"]
+__all__ = ["OperandoCrystal", "BCDIFrameSource", "FrameTruth", "make_detector", "make_motors", "ring_shapes",
+           "DetectorGeometry", "EIGER_1M", "EIGER_4M", "native_frames"]
 
 
 class OperandoCrystal:
@@ -159,6 +160,67 @@ class BCDIFrameSource:
         with self._lock:
             self.truth.append(FrameTruth(amp, phase, clean, (self.peak_row, col), strain))
         return frame.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class DetectorGeometry:
+    """A hybrid pixel detector's frame: ``modules`` (rows, columns) of ``module`` (rows, columns)
+    pixels with ``gap`` (rows, columns) of dead pixels between them (EIGER-like)."""
+
+    name: str
+    modules: tuple[int, int]
+    module: tuple[int, int] = (514, 1030)
+    gap: tuple[int, int] = (37, 10)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Frame (rows, columns)."""
+        return tuple(m * p + (m - 1) * g for m, p, g in zip(self.modules, self.module, self.gap, strict=True))
+
+    def mask(self) -> np.ndarray:
+        """``(rows, columns)`` bool, False in the gaps between modules."""
+        good = np.zeros(self.shape, bool)
+        for i in range(self.modules[0]):
+            for j in range(self.modules[1]):
+                r, c = i * (self.module[0] + self.gap[0]), j * (self.module[1] + self.gap[1])
+                good[r : r + self.module[0], c : c + self.module[1]] = True
+        return good
+
+
+#: EIGER 1M: 1065 x 1030 pixels (two modules, one above the other)
+EIGER_1M = DetectorGeometry("eiger1m", (2, 1))
+#: EIGER 4M: 2167 x 2070 pixels (4 x 2 modules)
+EIGER_4M = DetectorGeometry("eiger4m", (4, 2))
+
+
+def native_frames(n: int, geometry: DetectorGeometry = EIGER_1M, *, seed: int = 0, photons: float = 1e6,
+                  background: float = 0.02, drift: tuple[float, float] = (0.3, 0.5), jump_every: int | None = None,
+                  hot_pixels: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` detector frames ``(n, rows, columns)`` uint32 of one crystal's Bragg pattern (a
+    paper-recipe crystal, 2x oversampled: 64 x 64 pixels around the peak) drifting ``drift``
+    pixels a frame, jumping to a random place every ``jump_every`` frames (``None``: never),
+    ``photons`` in the pattern, Poisson counts, ``background`` counts a pixel, ``hot_pixels``
+    random hot pixels a frame, zero in the module gaps. Returns the frames, the detector's mask
+    (:meth:`DetectorGeometry.mask`) and the true peak (row, column) of each frame."""
+    rng = np.random.default_rng(seed)
+    rows, cols = geometry.shape
+    amp, phase = simulate_objects(rng, 1, 32, remove_ramp=True)
+    pattern = diffraction_intensity(amp, phase, pad=2)[0]
+    pattern = pattern / pattern.sum() * photons
+    mask = geometry.mask()
+    frames = rng.poisson(background, (n, rows, cols)).astype(np.uint32)
+    start = np.array([rows * 0.3, cols * 0.4])
+    peaks = np.empty((n, 2), np.int64)
+    for i in range(n):
+        if jump_every and i and i % jump_every == 0:
+            start = rng.uniform([64, 64], [rows - 64 - drift[0] * n, cols - 64 - drift[1] * n]) - np.array(drift) * i
+        r, c = np.rint(start + np.array(drift) * i).astype(int)
+        peaks[i] = r, c
+        frames[i, r - 32 : r + 32, c - 32 : c + 32] += rng.poisson(pattern).astype(np.uint32)
+    hot = rng.integers(0, [rows, cols], (n, hot_pixels, 2))
+    frames[np.arange(n)[:, None], hot[..., 0], hot[..., 1]] = 60_000
+    frames[:, ~mask] = 0
+    return frames, mask, peaks
 
 
 def make_motors(peak_start: float = 128.0):

@@ -344,6 +344,8 @@ class CDIModel:
         was quantized from (its card's ``fine_tuned_from``, looked up by name)."""
         if isinstance(self.network, Int8CDINN):
             source = self.card.get("fine_tuned_from")
+            if isinstance(source, dict):  # a published card holds its source's card
+                source = source.get("name")
             if not source:
                 raise ValueError(f"the int8 model {self.name} names no float model (fine_tuned_from) it came from")
             network = read_network(resolve_weights(source))

@@ -288,3 +288,11 @@ def test_background_work_shortens_the_interpreters_switch_interval(tiny):
         assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_an_int8_model_is_adapted_through_the_float_model_it_came_from():
+    from cdinn_stream.nn.reconstruct import load_model
+
+    int8 = load_model("cdinn-32-int8", device="cpu")
+    network = int8.float_network()
+    assert isinstance(network, CDINN) and network.config == int8.network.config

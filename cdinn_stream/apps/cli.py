@@ -55,6 +55,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "size": ("--size", args.size), "widths": ("--widths", args.widths),
         "convs_per_stage": ("--convs-per-stage", args.convs_per_stage),
         "space_to_depth": ("--space-to-depth", args.space_to_depth), "patterson": ("--patterson", args.patterson),
+        "phase_head": ("--phase-head", args.phase_head),
         "n_train": ("--n-train", args.n_train), "n_val": ("--n-val", args.n_val),
         "batch_size": ("--batch-size", args.batch_size), "epochs": ("--epochs", args.epochs),
         "patience": ("--patience", args.patience), "lr": ("--lr", args.lr), "seed": ("--seed", args.seed),
@@ -388,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patterson", action="store_true", default=None,
                    help="add the autocorrelation (inverse FFT of the intensity, the Patterson map) as two "
                         "more input channels")
+    t.add_argument("--phase-head", choices=("angle", "vector"), default=None,
+                   help="phase output: angle (one channel through a sigmoid, the paper's) or vector (two channels, "
+                        "phase = atan2(s, c): continuous across wraps and dislocation vortices); with "
+                        "--init-weights of an angle network, its vector head starts from the angle's (default angle)")
     t.add_argument("--n-train", type=int, default=None, help="training samples (default 180000, the paper's)")
     t.add_argument("--n-val", type=int, default=None,
                    help="validation samples (default 20000, the paper's); with --data, the ones after the training "

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.physics import SUPPORT_THRESHOLD, far_field_torch, twin_phase_torch, twin_torch, wrap
+from ..nn.model import CDINN, phase_of
 
 __all__ = ["sample_losses", "twin_aware_loss", "fourier_loss"]
 
@@ -20,6 +21,11 @@ __all__ = ["sample_losses", "twin_aware_loss", "fourier_loss"]
 #: Weight of the mean phase offset in the offset-invariant phase loss: it only keeps the
 #: network's phase centred in its sigmoid range.
 OFFSET_ANCHOR = 0.1
+
+
+#: Weight of ``(|(c, s)| - 1)^2`` in the support for the vector phase head: ``atan2``'s gradient
+#: grows as ``1 / |(c, s)|``, so the vector is held near the unit circle.
+VECTOR_NORM_WEIGHT = 0.1
 
 
 #: Logit of the support threshold: the shape logits cross it on the predicted support's edge.
@@ -34,7 +40,9 @@ def sample_losses(
     """Per-sample loss ``(B,)``: shape cross-entropy + ``phase_weight`` x phase MSE in the support.
 
     ``amplitude`` and ``phase`` are the targets ``(B, N, N)``; the phase prediction is
-    ``(sigmoid(phase_logits) - 0.5) * 2 pi`` and is scored only inside the true support.
+    :func:`~cdinn_stream.nn.model.phase_of` the phase head's output (``(sigmoid - 1/2) 2 pi`` or
+    ``atan2(s, c)``) and is scored only inside the true support (for the vector head, with
+    :data:`VECTOR_NORM_WEIGHT` ``x (|(c, s)| - 1)^2`` there too).
     Phase errors are taken modulo 2 pi (wrapped to [-pi, pi)). With ``offset_invariant``, the
     circular mean of the phase difference over the support (a global phase offset, which ``|F|``
     cannot see) is removed before the MSE and only weakly penalised (:data:`OFFSET_ANCHOR`).
@@ -44,7 +52,7 @@ def sample_losses(
     reported as 0) cost more than a spurious one.
     """
     bce = F.binary_cross_entropy_with_logits(shape_logits, amplitude, reduction="none").mean(dim=(-2, -1))
-    pred_phase = (torch.sigmoid(phase_logits) - 0.5) * (2 * math.pi)
+    pred_phase = phase_of(phase_logits)
     support = (amplitude > SUPPORT_THRESHOLD).to(pred_phase.dtype)
     count = support.sum(dim=(-2, -1)).clamp_min(1.0)
     diff = wrap(pred_phase - phase) * support  # phases are angles: the error of each is taken mod 2 pi
@@ -56,6 +64,9 @@ def sample_losses(
     else:
         mse = (diff**2).sum(dim=(-2, -1)) / count
     loss = bce + phase_weight * mse
+    if phase_logits.dim() == 4:  # the vector head: keep |(c, s)| near 1, where the angle's gradient is sane
+        norm = phase_logits.float().square().sum(dim=1).sqrt()
+        loss = loss + VECTOR_NORM_WEIGHT * ((norm - 1) ** 2 * support).sum(dim=(-2, -1)) / count
     if support_weight:
         pos = torch.tensor(support_pos_weight, dtype=shape_logits.dtype, device=shape_logits.device)
         edge = F.binary_cross_entropy_with_logits(shape_logits - SUPPORT_LOGIT, support, reduction="none",
@@ -93,8 +104,6 @@ def fourier_loss(shape_logits: torch.Tensor, phase_logits: torch.Tensor, measure
       scaled to the same total (for low counts); ``photons`` is the total count per frame,
       ``(B,)`` (default: ``sum M^2``, i.e. ``M`` are counts already).
     """
-    from ..nn.model import CDINN
-
     m = measured_amplitude.reshape(shape_logits.shape).float()
     f = far_field_torch(torch.polar(*CDINN.outputs(shape_logits, phase_logits))).abs()
     dims = (-2, -1)

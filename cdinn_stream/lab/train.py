@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..core.physics import SUPPORT_THRESHOLD, normalized_amplitude, peak_offsets, ramp, roll_frames, wrap
 from ..core.simulate import add_noise_torch, simulate
 from ..core.timing import machine_info
-from ..nn.model import CDINN, ModelConfig, with_patterson
+from ..nn.model import CDINN, ModelConfig, with_patterson, with_vector_phase
 from ..nn.reconstruct import check_device
 from ..nn.weights import read_weights, save_weights
 from .losses import fourier_loss, twin_aware_loss
@@ -49,6 +49,8 @@ class TrainConfig:
         space_to_depth: pixel folding factor of the model. The defaults (32, 64, 128), 1, 4 are
             the shipped models' recipe; the paper's network is (32, 64, 128), 2, 1.
         patterson: add the autocorrelation input channels (see :class:`~cdinn_stream.nn.model.ModelConfig`).
+        phase_head: ``"angle"`` or ``"vector"`` (:class:`~cdinn_stream.nn.model.ModelConfig`); an angle
+            network given as ``init_weights`` is converted (:func:`~cdinn_stream.nn.model.with_vector_phase`).
         n_train: training samples (paper: 180,000).
         n_val: validation samples (paper: 20,000).
         batch_size: samples per Adam step (paper: 256).
@@ -98,6 +100,7 @@ class TrainConfig:
     convs_per_stage: int = 1
     space_to_depth: int = 4
     patterson: bool = False
+    phase_head: str = "angle"
     n_train: int = 180_000
     n_val: int = 20_000
     batch_size: int = 256
@@ -409,7 +412,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool) -> d
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = CDINN(ModelConfig(cfg.size, tuple(cfg.widths), cfg.convs_per_stage, cfg.space_to_depth,
-                              cfg.patterson, centred_input=cfg.centre))
+                              cfg.patterson, centred_input=cfg.centre, phase_head=cfg.phase_head))
     if cfg.init_weights and not resume:  # a resumed run's weights come from its checkpoint
         init = read_weights(cfg.init_weights)
         if init.config.centred_input and not cfg.centre:
@@ -419,6 +422,11 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool) -> d
         if cfg.patterson and not init.config.patterson:
             logger.info("adding the autocorrelation input channels to %s (zero weights)", cfg.init_weights)
             init = with_patterson(init)
+        if cfg.phase_head != init.config.phase_head:
+            if cfg.phase_head != "vector":
+                raise ValueError(f"{cfg.init_weights} has the vector phase head: train it with phase_head 'vector'")
+            logger.info("giving %s the vector phase head, started from its angle head", cfg.init_weights)
+            init = with_vector_phase(init)
         model.load_state_dict(init.state_dict())
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

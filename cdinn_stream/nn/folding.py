@@ -200,21 +200,38 @@ class FoldedCDINN(nn.Module):
         self.dense_steps = dense
 
     def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-sigmoid outputs ``(B, N, N)`` for shape and phase, as :meth:`CDINN.forward_logits`
-        (new float32 tensors)."""
+        """Raw outputs for shape and phase, as :meth:`CDINN.forward_logits` (new float32 tensors)."""
         r = self.config.space_to_depth
         x = patterson_channels(x) if self.config.patterson else x
         z = self.encoder(space_to_depth(x, r) if r > 1 else x)
-        shape, phase = self.shape_decoder(z), self.phase_decoder(z)
-        if r > 1:
-            return depth_to_space(shape, r), depth_to_space(phase, r)
-        return shape[:, 0].float().clone(), phase[:, 0].float().clone()
+        return decoder_outputs(self.shape_decoder(z), self.phase_decoder(z), self.config)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Amplitude in [0, 1] and phase in [-pi, pi], each ``(B, N, N)`` float32, as
         :meth:`CDINN.forward` (computed in place on the new logits tensors)."""
-        shape, phase = self.forward_logits(x)
-        return shape.sigmoid_(), phase.sigmoid_().sub_(0.5).mul_(2 * math.pi)
+        return outputs_inplace(*self.forward_logits(x))
+
+
+def decoder_outputs(shape: torch.Tensor, phase: torch.Tensor, config: ModelConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoders' last outputs ``(B, k r^2, n, n)`` as :meth:`CDINN.forward_logits` gives them:
+    shape ``(B, N, N)``, phase ``(B, N, N)`` (angle head) or ``(B, 2, N, N)`` (vector head), new
+    float32 tensors."""
+    r = config.space_to_depth
+    if r == 1:
+        return shape[:, 0].float().clone(), (phase.float().clone() if config.phase_head == "vector"
+                                             else phase[:, 0].float().clone())
+    if config.phase_head == "vector":
+        return depth_to_space(shape, r), torch.stack([depth_to_space(phase[:, : r * r], r),
+                                                      depth_to_space(phase[:, r * r :], r)], dim=1)
+    return depth_to_space(shape, r), depth_to_space(phase, r)
+
+
+def outputs_inplace(shape: torch.Tensor, phase: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`CDINN.outputs` on new float32 logits, in place where it can be."""
+    if phase.dim() == 4:
+        return shape.sigmoid_(), torch.atan2(phase[:, 1], phase[:, 0])
+    return shape.sigmoid_(), phase.sigmoid_().sub_(0.5).mul_(2 * math.pi)
 
 
 def fold(network: CDINN) -> CDINN | FoldedCDINN:

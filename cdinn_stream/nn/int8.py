@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .folding import FlatMaxPool, Flatten, FoldedCDINN, Unflatten, depth_to_space, space_to_depth
+from .folding import FlatMaxPool, Flatten, FoldedCDINN, Unflatten, decoder_outputs, outputs_inplace, space_to_depth
 from .model import CDINN, ModelConfig
 
 __all__ = ["FORMAT", "Int8CDINN", "int8_available", "quantize", "read_int8_weights", "save_int8_weights"]
@@ -177,7 +177,7 @@ class Int8CDINN(nn.Module):
 
     @torch.no_grad()
     def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-sigmoid outputs ``(B, N, N)`` float32 for normalised amplitudes ``(B, 1, N, N)``."""
+        """Raw outputs (as :meth:`CDINN.forward_logits`, float32) for normalised amplitudes ``(B, 1, N, N)``."""
         if x.device.type != "cpu":
             raise ValueError("the int8 network runs on a CPU only")
         r = self.config.space_to_depth
@@ -190,13 +190,12 @@ class Int8CDINN(nn.Module):
             y = z
             for step in decoder:
                 y = step(y)
-            outputs.append(depth_to_space(y, r) if r > 1 else y[:, 0].clone())
-        return outputs[0], outputs[1]
+            outputs.append(y)
+        return decoder_outputs(outputs[0], outputs[1], self.config)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Amplitude in [0, 1] and phase in [-pi, pi], each ``(B, N, N)`` float32."""
-        shape, phase = self.forward_logits(x)
-        return shape.sigmoid_(), phase.sigmoid_().sub_(0.5).mul_(2 * math.pi)
+        return outputs_inplace(*self.forward_logits(x))
 
 
 def _weighted_steps(folded: FoldedCDINN) -> list[tuple[str, nn.Module, nn.Module]]:

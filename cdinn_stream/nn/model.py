@@ -4,7 +4,9 @@ A convolutional encoder (3x3 convolution + ReLU pairs, each stage closed by 2x2 
 feeds two up-sampling decoders (nearest 2x up-sampling, 3x3 convolution + ReLU pairs), one
 for the shape (amplitude) and one for the phase; each ends in a 3x3 convolution with a sigmoid.
 The encoder is shared between the two decoders (see ``docs/design.md``). The phase sigmoid maps
-onto ``[-pi, pi]``.
+onto ``[-pi, pi]``; ``phase_head="vector"`` ends the phase decoder in two channels instead, a
+vector ``(c, s)`` whose angle ``atan2(s, c)`` is the phase: continuous across phase wraps and
+around the phase vortex of a dislocation, where the angle itself jumps by ``2 pi``.
 
 ``patterson=True`` adds two input channels computed inside the network: the real and imaginary
 parts of the measured pattern's inverse Fourier transform, the object's autocorrelation (the
@@ -28,7 +30,13 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "CDINN", "count_flops", "deepen", "patterson_channels", "with_patterson"]
+__all__ = ["PHASE_HEADS", "ModelConfig", "CDINN", "count_flops", "deepen", "patterson_channels", "phase_of",
+           "with_patterson", "with_vector_phase"]
+
+
+#: Phase outputs: ``"angle"`` (one channel through a sigmoid onto ``[-pi, pi]``, the paper's) or
+#: ``"vector"`` (two channels ``(c, s)``, phase ``atan2(s, c)``).
+PHASE_HEADS = ("angle", "vector")
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class ModelConfig:
             (:func:`~cdinn_stream.core.physics.peak_offsets`), with the matching ramp out of the target
             phase: :class:`~cdinn_stream.nn.reconstruct.CDIModel` then centres every pattern before the
             network and puts the ramp back after it. No effect on the layers.
+        phase_head: ``"angle"`` or ``"vector"`` (:data:`PHASE_HEADS`): the phase decoder's output.
     """
 
     size: int = 32
@@ -54,6 +63,16 @@ class ModelConfig:
     space_to_depth: int = 1
     patterson: bool = False
     centred_input: bool = False
+    phase_head: str = "angle"
+
+    def __post_init__(self) -> None:
+        if self.phase_head not in PHASE_HEADS:
+            raise ValueError(f"phase_head must be one of {PHASE_HEADS}, not {self.phase_head!r}")
+
+    @property
+    def phase_channels(self) -> int:
+        """Channels of the phase output: 1 (angle) or 2 (vector)."""
+        return 2 if self.phase_head == "vector" else 1
 
     def to_dict(self) -> dict:
         return {**asdict(self), "widths": list(self.widths)}
@@ -62,7 +81,8 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         return cls(size=int(d["size"]), widths=tuple(int(w) for w in d["widths"]),
                    convs_per_stage=int(d["convs_per_stage"]), space_to_depth=int(d.get("space_to_depth", 1)),
-                   patterson=bool(d.get("patterson", False)), centred_input=bool(d.get("centred_input", False)))
+                   patterson=bool(d.get("patterson", False)), centred_input=bool(d.get("centred_input", False)),
+                   phase_head=str(d.get("phase_head", "angle")))
 
 
 def _convs(c_in: int, c_out: int, n: int) -> list[nn.Module]:
@@ -99,15 +119,17 @@ class CDINN(nn.Module):
             c = w
         self.encoder = nn.Sequential(*layers)
         self.shape_decoder = _decoder(config.widths, config.convs_per_stage, r * r)
-        self.phase_decoder = _decoder(config.widths, config.convs_per_stage, r * r)
+        self.phase_decoder = _decoder(config.widths, config.convs_per_stage, r * r * config.phase_channels)
         if r > 1:
             self.shape_decoder.append(nn.PixelShuffle(r))
             self.phase_decoder.append(nn.PixelShuffle(r))
 
     def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-sigmoid outputs ``(B, N, N)`` for shape and phase (used by the training loss)."""
+        """Raw outputs for shape ``(B, N, N)`` (pre-sigmoid) and phase: ``(B, N, N)`` pre-sigmoid for
+        the angle head, ``(B, 2, N, N)`` ``(c, s)`` for the vector head (used by the training loss)."""
         z = self.encoder(patterson_channels(x) if self.config.patterson else x)
-        return self.shape_decoder(z)[:, 0], self.phase_decoder(z)[:, 0]
+        phase = self.phase_decoder(z)
+        return self.shape_decoder(z)[:, 0], phase if self.config.phase_head == "vector" else phase[:, 0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Amplitude in [0, 1] and phase in [-pi, pi], each ``(B, N, N)``."""
@@ -116,8 +138,17 @@ class CDINN(nn.Module):
     @staticmethod
     def outputs(shape_logits: torch.Tensor, phase_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Amplitude and phase from the logits (in float32 when the network ran in lower precision)."""
-        s, p = shape_logits.float(), phase_logits.float()
-        return torch.sigmoid(s), (torch.sigmoid(p) - 0.5) * (2 * math.pi)
+        return torch.sigmoid(shape_logits.float()), phase_of(phase_logits)
+
+
+def phase_of(phase_logits: torch.Tensor) -> torch.Tensor:
+    """The phase ``(B, N, N)`` in ``[-pi, pi]`` (float32) from a phase head's raw output: the angle
+    head's ``(B, N, N)`` logits (``2 pi (sigmoid - 1/2)``) or the vector head's ``(B, 2, N, N)``
+    ``(c, s)`` (``atan2(s, c)``)."""
+    p = phase_logits.float()
+    if p.dim() == 4:
+        return torch.atan2(p[:, 1], p[:, 0])
+    return (torch.sigmoid(p) - 0.5) * (2 * math.pi)
 
 
 _CHECKERBOARDS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -221,6 +252,32 @@ def deepen(model: CDINN) -> CDINN:
                 second.bias.zero_()
                 c = second.out_channels
                 second.weight[torch.arange(c), torch.arange(c), 1, 1] = 1.0
+    return new
+
+
+def with_vector_phase(model: CDINN) -> CDINN:
+    """The same network with the vector phase head, started close to ``model``'s function.
+
+    The angle head's phase is ``2 pi (sigmoid(z) - 1/2)``, about ``(pi / 2) z`` for small ``z``:
+    the new last convolution puts ``(pi / 2) z`` on the ``s`` channel and a constant 1 on ``c``, so
+    ``atan2(s, c)`` starts out equal to the old phase where it is small (most strain), and
+    fine-tuning takes it from there. Returns ``model`` itself when it has the vector head.
+    """
+    cfg = model.config
+    if cfg.phase_head == "vector":
+        return model
+    new = CDINN(replace(cfg, phase_head="vector"))
+    state = model.state_dict()
+    last = [m for m in new.phase_decoder if isinstance(m, nn.Conv2d)][-1]
+    key = max((k for k in state if k.startswith("phase_decoder.") and k.endswith(".weight")),
+              key=lambda k: int(k.split(".")[1]))
+    old_w, old_b = state[key], state[key[: -len("weight")] + "bias"]
+    k = old_w.shape[0]  # r * r: the channels of one output map, before pixel_shuffle
+    w, b = torch.zeros_like(last.weight), torch.zeros_like(last.bias)
+    b[:k] = 1.0  # c
+    w[k:], b[k:] = (math.pi / 2) * old_w, (math.pi / 2) * old_b  # s
+    state[key], state[key[: -len("weight")] + "bias"] = w, b
+    new.load_state_dict(state)
     return new
 
 

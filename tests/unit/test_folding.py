@@ -15,6 +15,8 @@ CONFIGS = [
     ModelConfig(32, (8, 16), 1, 4, patterson=True),
     ModelConfig(16, (8, 16, 32), 2, 2),
     ModelConfig(64, (8, 16, 32), 2, 4),
+    ModelConfig(32, (8, 16, 32), 2, 4, phase_head="vector"),
+    ModelConfig(16, (8, 16, 32), 2, 2, patterson=True, phase_head="vector"),
 ]
 
 
@@ -29,7 +31,7 @@ def _random_network(config: ModelConfig) -> CDINN:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.size}-{c.widths}-r{c.space_to_depth}"
-                         f"{'-patterson' if c.patterson else ''}")
+                         f"{'-patterson' if c.patterson else ''}-{c.phase_head}")
 def test_folded_network_equals_the_trained_network(config):
     net = _random_network(config)
     folded = fold(net)

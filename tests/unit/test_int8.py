@@ -30,6 +30,8 @@ CONFIGS = [
     ModelConfig(16, (8, 16, 32), 2, 2),
     ModelConfig(64, (8, 16, 32), 1, 4),
     ModelConfig(16, (8, 16), 2, 1),  # no space-to-depth, nothing folded
+    ModelConfig(32, (8, 16, 32), 2, 4, phase_head="vector"),
+    ModelConfig(16, (8, 16), 2, 1, phase_head="vector"),
 ]
 
 
@@ -87,7 +89,7 @@ def test_quantized_step_computes_the_quantized_arithmetic(kind, relu):
 
 
 @pytest.mark.parametrize("config", CONFIGS,
-                         ids=lambda c: f"{c.size}-{c.widths}-{c.convs_per_stage}-r{c.space_to_depth}")
+                         ids=lambda c: f"{c.size}-{c.widths}-{c.convs_per_stage}-r{c.space_to_depth}-{c.phase_head}")
 def test_int8_network_follows_the_float_network(config):
     net = _network(config)
     x = _amplitudes(64, config.size)

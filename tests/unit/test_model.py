@@ -14,7 +14,8 @@ from cdinn_stream.nn.weights import WeightsError, read_weights, save_weights
 @pytest.mark.parametrize(
     "cfg",
     [ModelConfig(32, (8, 16, 32), 2), ModelConfig(64, (4, 8, 16), 1), ModelConfig(32, (8, 16, 32), 1, 4),
-     ModelConfig(128, (4, 8), 1, 2), ModelConfig(32, (8, 16, 32), 1, 4, True), ModelConfig(64, (4, 8, 16), 1, 1, True)],
+     ModelConfig(128, (4, 8), 1, 2), ModelConfig(32, (8, 16, 32), 1, 4, True), ModelConfig(64, (4, 8, 16), 1, 1, True),
+     ModelConfig(32, (8, 16, 32), 2, 4, phase_head="vector"), ModelConfig(32, (8, 16), 1, 1, phase_head="vector")],
 )
 def test_output_shapes_and_ranges(cfg):
     torch.manual_seed(0)
@@ -182,3 +183,47 @@ def test_with_patterson_keeps_the_function_and_adds_two_input_channels():
             for a, b in zip(m(x), w(x), strict=True):
                 torch.testing.assert_close(a, b)
         assert count_flops(w) > count_flops(m)
+
+
+def test_vector_phase_head_starts_from_the_angle_head_and_survives_a_weights_file(tmp_path):
+    """with_vector_phase keeps the shape and, where the angle head's phase is small, the phase; the
+    vector network's loss has gradients; its weights file says which head it has."""
+    from cdinn_stream.nn.model import phase_of, with_vector_phase
+
+    torch.manual_seed(6)
+    for cfg in (ModelConfig(32, (8, 16, 32), 2, 4), ModelConfig(32, (8, 16), 1, 1)):
+        m = CDINN(cfg).eval()
+        with torch.no_grad():  # small phase logits, as a network trained on weak strain gives
+            last = [x for x in m.phase_decoder if isinstance(x, torch.nn.Conv2d)][-1]
+            last.weight.mul_(0.1)
+            last.bias.mul_(0.1)
+        v = with_vector_phase(m).eval()
+        assert v.config.phase_head == "vector" and with_vector_phase(v) is v
+        x = torch.rand(4, 1, 32, 32)
+        with torch.no_grad():
+            (a0, p0), (a1, p1) = m(x), v(x)
+            s, ph = v.forward_logits(x)
+        assert ph.shape == (4, 2, 32, 32)
+        torch.testing.assert_close(a1, a0)
+        assert 0.01 < float(p0.abs().max()) < 0.5
+        assert float((p1 - p0).abs().max()) < 0.05 * float(p0.abs().max())  # atan(pi z / 2) against the sigmoid's
+        torch.testing.assert_close(phase_of(ph), p1)
+        save_weights(v, tmp_path / "v.pt")
+        back = read_weights(tmp_path / "v.pt")
+        assert back.config.phase_head == "vector"
+    with pytest.raises(ValueError, match="phase_head"):
+        ModelConfig(phase_head="cos")
+    # the loss: a dislocation's vortex is exactly representable (loss ~0 for the unit vector field); gradients reach both channels and stay finite
+    v.train()
+    amp = torch.zeros(2, 32, 32)
+    amp[:, 8:24, 8:24] = 1.0
+    yy, xx = torch.meshgrid(torch.arange(32.0) - 15.5, torch.arange(32.0) - 15.5, indexing="ij")
+    vortex = torch.atan2(yy, xx).expand(2, 32, 32)
+    s, ph = v.forward_logits(torch.rand(2, 1, 32, 32))
+    loss = twin_aware_loss(s, ph, amp, vortex, support_weight=1.0)
+    loss.backward()
+    grad = [x for x in v.phase_decoder if isinstance(x, torch.nn.Conv2d)][-1].weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    exact = torch.stack([torch.cos(vortex), torch.sin(vortex)], 1)
+    logits = torch.full((2, 32, 32), 20.0) * (2 * amp - 1)  # the true shape, sure of itself
+    assert float(sample_losses(logits, exact, amp, vortex).max()) < 1e-6

@@ -111,6 +111,27 @@ def test_patterson_fine_tune_starts_from_weights_without_it(tmp_path, tiny_weigh
     assert first.in_channels == 12 and first.weight[:, 4:].abs().max() > 0  # the new channels learnt
 
 
+def test_vector_phase_fine_tune_starts_from_an_angle_network(tmp_path, tiny_weights):
+    """--phase-head vector with --init-weights of an angle network converts its head; the result
+    loads, predicts phases in [-pi, pi] and cannot be fine-tuned back into an angle head."""
+    from cdinn_stream.apps.cli import main
+
+    args = ["--n-train", "64", "--n-val", "16", "--epochs", "1", "--batch-size", "32", "--recipe", "crystal",
+            "--widths", "4,8,16", "--space-to-depth", "2"]
+    assert main(["train", "--out", str(tmp_path / "run"), "--phase-head", "vector", "--init-weights",
+                 str(tiny_weights), *args]) == 0
+    model = load_model(tmp_path / "run" / "best.pt", device="cpu")
+    assert model.network.config.phase_head == "vector"
+    h = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert h["recipe"]["phase_head"] == "vector" and np.isfinite(h["history"][0]["val_loss"])
+    data = simulate(4, 32, seed=3)
+    rec = model.predict(data.intensity)
+    assert rec.phase.shape == (4, 32, 32) and np.abs(rec.phase).max() <= np.pi + 1e-6
+    with pytest.raises(ValueError, match="vector phase head"):
+        train(TrainConfig(out_dir=tmp_path / "back", init_weights=str(tmp_path / "run" / "best.pt"), n_train=32,
+                          n_val=8, epochs=1, widths=(4, 8, 16), space_to_depth=2))
+
+
 @pytest.mark.parametrize("fresh_noise", [False, True])
 def test_mixed_recipes_centred_training(tmp_path, fresh_noise):
     """Both recipes in one set, centred as inference centres them: the weights say so, and a model

@@ -330,6 +330,10 @@ def crystal_objects(rng: np.random.Generator, n: int, size: int, *, offset: bool
     to [-pi, pi) and 0 outside the support.
     """
     amplitude = _centre(_texture(rng, crystal_shapes(rng, n, size)))
+    empty = ~(amplitude > SUPPORT_THRESHOLD).any(axis=(1, 2))
+    while empty.any():  # rare (a sliver that the texture took below the threshold): draw those again
+        amplitude[empty] = _centre(_texture(rng, crystal_shapes(rng, int(empty.sum()), size)))
+        empty = ~(amplitude > SUPPORT_THRESHOLD).any(axis=(1, 2))
     phase = displacement_phase(rng, amplitude)
     if offset:
         off = rng.integers(-MAX_OFFSET, MAX_OFFSET + 1, (n, 2)) + rng.uniform(-0.5, 0.5, (n, 2))

@@ -241,3 +241,23 @@ def test_roll_frames_add_ramp_and_gap_to_edge():
     rows = torch.nonzero(moved[0].any(dim=1))[:, 0]
     assert int(rows.max() - rows.min()) == 3, "the crystal is in one piece"
     assert torch.equal(moved[1].sum(), support[1].sum())
+
+
+def test_a_crystal_with_no_support_is_drawn_again(monkeypatch):
+    """A drawn shape that ends up wholly below the support threshold is replaced, not passed on to
+    the strain fields (which need pixels inside)."""
+    from cdinn_stream.core import crystal
+
+    real, calls = crystal.crystal_shapes, []
+
+    def first_empty(rng, n, size):
+        shapes = real(rng, n, size)
+        if not calls:
+            shapes[1] = 0.0
+        calls.append(n)
+        return shapes
+
+    monkeypatch.setattr(crystal, "crystal_shapes", first_empty)
+    amplitude, phase = crystal.crystal_objects(np.random.default_rng(0), 4, 32)
+    assert calls == [4, 1]
+    assert ((amplitude > SUPPORT_THRESHOLD).sum(axis=(1, 2)) > 0).all() and np.isfinite(phase).all()

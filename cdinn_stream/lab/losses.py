@@ -23,11 +23,6 @@ __all__ = ["sample_losses", "twin_aware_loss", "fourier_loss"]
 OFFSET_ANCHOR = 0.1
 
 
-#: Weight of ``(|(c, s)| - 1)^2`` in the support for the vector phase head: ``atan2``'s gradient
-#: grows as ``1 / |(c, s)|``, so the vector is held near the unit circle.
-VECTOR_NORM_WEIGHT = 0.1
-
-
 #: Logit of the support threshold: the shape logits cross it on the predicted support's edge.
 SUPPORT_LOGIT = math.log(SUPPORT_THRESHOLD / (1 - SUPPORT_THRESHOLD))
 
@@ -41,8 +36,9 @@ def sample_losses(
 
     ``amplitude`` and ``phase`` are the targets ``(B, N, N)``; the phase prediction is
     :func:`~cdinn_stream.nn.model.phase_of` the phase head's output (``(sigmoid - 1/2) 2 pi`` or
-    ``atan2(s, c)``) and is scored only inside the true support (for the vector head, with
-    :data:`VECTOR_NORM_WEIGHT` ``x (|(c, s)| - 1)^2`` there too).
+    ``atan2(s, c)``) and is scored only inside the true support. For the vector head the phase term
+    is ``|(c + i s) - e^{i phase}|^2`` instead of the wrapped squared error (the same for small
+    errors on the unit circle; no ``atan2``, whose gradient is undefined at ``(0, 0)``).
     Phase errors are taken modulo 2 pi (wrapped to [-pi, pi)). With ``offset_invariant``, the
     circular mean of the phase difference over the support (a global phase offset, which ``|F|``
     cannot see) is removed before the MSE and only weakly penalised (:data:`OFFSET_ANCHOR`).
@@ -52,9 +48,41 @@ def sample_losses(
     reported as 0) cost more than a spurious one.
     """
     bce = F.binary_cross_entropy_with_logits(shape_logits, amplitude, reduction="none").mean(dim=(-2, -1))
-    pred_phase = phase_of(phase_logits)
-    support = (amplitude > SUPPORT_THRESHOLD).to(pred_phase.dtype)
+    support = (amplitude > SUPPORT_THRESHOLD).to(torch.float32)
     count = support.sum(dim=(-2, -1)).clamp_min(1.0)
+    if phase_logits.dim() == 4:
+        mse = _vector_phase_error(phase_logits.float(), phase, support, offset_invariant) / count
+    else:
+        mse = _angle_phase_error(phase_logits, phase, support, count, offset_invariant)
+    loss = bce + phase_weight * mse
+    if support_weight:
+        pos = torch.tensor(support_pos_weight, dtype=shape_logits.dtype, device=shape_logits.device)
+        edge = F.binary_cross_entropy_with_logits(shape_logits - SUPPORT_LOGIT, support, reduction="none",
+                                                  pos_weight=pos)
+        loss = loss + support_weight * edge.mean(dim=(-2, -1))
+    return loss
+
+
+def _vector_phase_error(vector: torch.Tensor, phase: torch.Tensor, support: torch.Tensor,
+                        offset_invariant: bool) -> torch.Tensor:
+    """``sum |(c + i s) e^{-i t} - e^{i phase}|^2`` over the support, per sample: ``2 - 2 cos`` of the
+    phase error where ``|(c, s)| = 1`` (the squared error for small errors), smooth everywhere, and
+    it holds the vector on the unit circle. ``t``: the best global phase offset with
+    ``offset_invariant`` (the minimiser, so its own gradient is not needed), else 0."""
+    c, s = vector[:, 0], vector[:, 1]
+    tc, ts = torch.cos(phase), torch.sin(phase)
+    if offset_invariant:
+        with torch.no_grad():  # angle of sum (c + i s) conj(e^{i phase}) over the support
+            t = torch.atan2(((s * tc - c * ts) * support).sum(dim=(-2, -1)),
+                            ((c * tc + s * ts) * support).sum(dim=(-2, -1)))[:, None, None]
+        c, s = c * torch.cos(t) + s * torch.sin(t), s * torch.cos(t) - c * torch.sin(t)
+    return (((c - tc) ** 2 + (s - ts) ** 2) * support).sum(dim=(-2, -1))
+
+
+def _angle_phase_error(phase_logits: torch.Tensor, phase: torch.Tensor, support: torch.Tensor, count: torch.Tensor,
+                       offset_invariant: bool) -> torch.Tensor:
+    """The angle head's wrapped phase MSE over the support, per sample (see :func:`sample_losses`)."""
+    pred_phase = phase_of(phase_logits)
     diff = wrap(pred_phase - phase) * support  # phases are angles: the error of each is taken mod 2 pi
     if offset_invariant:
         offset = torch.atan2((torch.sin(diff) * support).sum(dim=(-2, -1)),
@@ -63,16 +91,7 @@ def sample_losses(
         mse = (centred**2).sum(dim=(-2, -1)) / count + OFFSET_ANCHOR * offset**2
     else:
         mse = (diff**2).sum(dim=(-2, -1)) / count
-    loss = bce + phase_weight * mse
-    if phase_logits.dim() == 4:  # the vector head: keep |(c, s)| near 1, where the angle's gradient is sane
-        norm = phase_logits.float().square().sum(dim=1).sqrt()
-        loss = loss + VECTOR_NORM_WEIGHT * ((norm - 1) ** 2 * support).sum(dim=(-2, -1)) / count
-    if support_weight:
-        pos = torch.tensor(support_pos_weight, dtype=shape_logits.dtype, device=shape_logits.device)
-        edge = F.binary_cross_entropy_with_logits(shape_logits - SUPPORT_LOGIT, support, reduction="none",
-                                                  pos_weight=pos)
-        loss = loss + support_weight * edge.mean(dim=(-2, -1))
-    return loss
+    return mse
 
 
 def twin_aware_loss(
@@ -105,7 +124,7 @@ def fourier_loss(shape_logits: torch.Tensor, phase_logits: torch.Tensor, measure
       ``(B,)`` (default: ``sum M^2``, i.e. ``M`` are counts already).
     """
     m = measured_amplitude.reshape(shape_logits.shape).float()
-    f = far_field_torch(torch.polar(*CDINN.outputs(shape_logits, phase_logits))).abs()
+    f = far_field_torch(CDINN.field(shape_logits, phase_logits)).abs()
     dims = (-2, -1)
     if kind == "nse":
         scale = (f * m).sum(dims) / (f * f).sum(dims).clamp_min(1e-12)

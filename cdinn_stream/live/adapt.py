@@ -59,8 +59,7 @@ logger = logging.getLogger(__name__)
 def fourier_chi2_loss(network: CDINN, amplitude: torch.Tensor) -> torch.Tensor:
     """Mean chi^2 (differentiable) of ``network``'s reconstructions of normalised amplitudes
     ``(B, N, N)`` against those amplitudes: the unsupervised loss of live adaptation."""
-    amp, phase = CDINN.outputs(*network.forward_logits(amplitude[:, None]))
-    predicted = far_field_torch(torch.polar(amp, phase)).abs()
+    predicted = far_field_torch(CDINN.field(*network.forward_logits(amplitude[:, None]))).abs()
     dims = (-2, -1)
     cross = (predicted * amplitude).sum(dims)
     return (1 - cross.square() / ((predicted * predicted).sum(dims) * (amplitude * amplitude).sum(dims))

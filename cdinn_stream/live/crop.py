@@ -187,8 +187,9 @@ class PeakTracker:
 
     Policy, page by page (an event page's frames share one search window):
 
-    * the first page, and every ``check_every`` frames after a full search: a full search
-      (:func:`clean_frames` + :func:`find_peaks` on the whole frame);
+    * the first page, and every ``check_every`` frames after a full search: its first frame is
+      searched whole (:func:`clean_frames` + :func:`find_peaks`), the page then tracked from there
+      (one full search a page, not one a frame: pages of a fly scan hold hundreds of frames);
     * otherwise only a ``window x window`` region around the last peak is cleaned and searched
       (its origin even, so that :func:`find_peaks`' 2x2 binning pairs the same pixels as on the
       whole frame; a window at an odd-sized frame's last row or column reaches it): the same peak
@@ -248,9 +249,18 @@ class PeakTracker:
         (``(n, h, w)``: the windows, or the whole frames) and those pixels' origins ``(n, 2)`` in
         the frame (crop with ``peaks - origins``)."""
         n, h, w = frames.shape
-        if (self.last is None or self.last_signal <= 0 or self.since_full >= self.check_every
-                or min(h, w) < 2 * self.window):
+        if min(h, w) < 2 * self.window:
             return self._full(frames, mask, scheduled=True)
+        checked = 0
+        if self.last is None or self.last_signal <= 0 or self.since_full >= self.check_every:
+            # the check: the page's first frame searched whole, the page then tracked from its peak
+            first = self._full(frames[:1], mask, scheduled=True)
+            if n == 1:
+                return first
+            if self.last_signal <= 0:  # nothing to track from: the rest of the page whole too
+                rest = self._full(frames[1:], mask, scheduled=True)
+                return tuple(np.concatenate(pair) for pair in zip(first, rest, strict=True))
+            checked = 1
         rows, cols = self._window(h, w)
         clean = clean_frames(frames[:, rows, cols], None if mask is None else mask[rows, cols])
         local = find_peaks(clean, box=self.box, centre=self.centre)
@@ -265,13 +275,13 @@ class PeakTracker:
         peaks = local + origins
         self.since_full += n
         if not lost.any():
-            self.counts["tracked"] += n
+            self.counts["tracked"] += n - checked
             self.last, self.last_signal = peaks[-1], float(signal[-1])
             return peaks, clean, origins
         # from the first frame that lost its peak on, the frames are searched whole; the page is
         # then cropped from whole frames
         lost[np.argmax(lost):] = True
-        self.counts["tracked"] += int((~lost).sum())
+        self.counts["tracked"] += int((~lost).sum()) - checked * int(not lost[0])
         self.counts["fallback"] += int(lost.sum())
         whole = clean_frames(frames, mask)
         found = find_peaks(whole[lost], box=self.box, centre=self.centre)

@@ -140,6 +140,18 @@ class CDINN(nn.Module):
         """Amplitude and phase from the logits (in float32 when the network ran in lower precision)."""
         return torch.sigmoid(shape_logits.float()), phase_of(phase_logits)
 
+    @staticmethod
+    def field(shape_logits: torch.Tensor, phase_logits: torch.Tensor) -> torch.Tensor:
+        """The complex object ``amplitude e^{i phase}`` ``(B, N, N)`` from the logits, differentiable
+        everywhere (the vector head's ``(c, s)`` normalised with a floor, not through ``atan2``,
+        whose gradient is undefined at ``(0, 0)``): for losses on the object's far field."""
+        amplitude = torch.sigmoid(shape_logits.float())
+        p = phase_logits.float()
+        if p.dim() == 4:
+            norm = (p.square().sum(dim=1) + 1e-12).sqrt()
+            return torch.complex(amplitude * p[:, 0] / norm, amplitude * p[:, 1] / norm)
+        return torch.polar(amplitude, phase_of(p))
+
 
 def phase_of(phase_logits: torch.Tensor) -> torch.Tensor:
     """The phase ``(B, N, N)`` in ``[-pi, pi]`` (float32) from a phase head's raw output: the angle

@@ -161,7 +161,8 @@ def test_tracked_peaks_give_the_crops_of_full_searches_on_a_drifting_run():
         np.testing.assert_array_equal(a.origins, b.origins)
         np.testing.assert_array_equal(a.frames, b.frames)
     counts = tracked.forget("run")
-    assert counts["tracked"] == 55 and counts["full"] == 5 and counts["fallback"] == 0 and counts["jump"] == 0
+    # the first page's first frame searched whole, every other frame tracked
+    assert counts["tracked"] == 59 and counts["full"] == 1 and counts["fallback"] == 0 and counts["jump"] == 0
     assert full.forget("run") == {}
 
 
@@ -257,7 +258,7 @@ def test_search_windows_too_small_for_the_crop_are_refused_and_counts_reach_the_
         rr("event_page", desc.compose_event_page(data={"img": frames[start : start + 6]}, timestamps={"img": [0] * 6},
                                                  seq_num=list(range(start + 1, start + 7)), time=[0.0] * 6))
     rr("stop", run.compose_stop())
-    assert engine.summaries[0]["peak_search"] == {"tracked": 6, "full": 6, "fallback": 0, "jump": 0}
+    assert engine.summaries[0]["peak_search"] == {"tracked": 11, "full": 1, "fallback": 0, "jump": 0}
 
 
 def test_native_eiger_frames_track_like_full_searches():
@@ -276,3 +277,18 @@ def test_native_eiger_frames_track_like_full_searches():
 
     block = FrameCropper(32, mask=mask, track=False).block("r", "primary", frames, np.arange(15), np.zeros(15))
     assert np.abs(block.peaks - truth).max() <= 2
+
+
+def test_the_check_every_k_frames_searches_one_frame_of_its_page_whole():
+    """A scheduled check searches the page's first frame whole and tracks the rest from it: one
+    full search per check, whatever the page size, and the crops stay those of full searches."""
+    from cdinn_stream.live.callback import FrameCropper
+
+    frames, mask, _ = _drifting_run(40)
+    tracked, full = FrameCropper(32, mask=mask, track_every=10), FrameCropper(32, mask=mask, track=False)
+    for start in range(0, 40, 8):  # pages of 8: checks due at frames 0, 16 (10 after 0), 32
+        seq = np.arange(start, start + 8)
+        a = tracked.block("run", "primary", frames[start : start + 8], seq, np.zeros(8))
+        b = full.block("run", "primary", frames[start : start + 8], seq, np.zeros(8))
+        np.testing.assert_array_equal(a.frames, b.frames)
+    assert tracked.forget("run") == {"tracked": 37, "full": 3, "fallback": 0, "jump": 0}

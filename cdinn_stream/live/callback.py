@@ -10,12 +10,16 @@ Frames arrive three ways, all handled:
 * external files through ``resource`` / ``datum`` (e.g. ``ophyd.sim.SynSignalWithRegistry``):
   the RunRouter fills them with the handlers of ``handler_registry`` (events and pages with
   nothing to fill pass through untouched, :class:`PassThroughFiller`);
-* files named by ``stream_resource`` / ``stream_datum`` (HDF5 of ``ophyd_async.sim.SimBlobDetector``,
-  or one ``.npy`` per frame): read when the stream_datum arrives, by the readers of
-  :mod:`cdinn_stream.live.frames` (which ``replay`` uses too).
+* files named by ``stream_resource`` / ``stream_datum`` (HDF5 of ophyd-async's detectors,
+  or one ``.npy`` per frame): read by the readers of :mod:`cdinn_stream.live.frames` (which
+  ``replay`` uses too).
 
-The callback only crops (vectorised over an event page) and queues; the
-:class:`~cdinn_stream.live.engine.InferenceEngine`'s worker batches, infers and publishes. Nothing
+Frames in files (HDF5 through ``stream_datum`` or AreaDetector's ``AD_HDF5`` resource/datum) are
+read and cropped on the :class:`~cdinn_stream.live.intake.FrameIntake`'s thread, off the
+RunEngine's, and only the Bragg peak's window of each is read while the peak is tracked. Inline
+frames are cropped here (vectorised over an event page). Everything of a run reaches the
+:class:`~cdinn_stream.live.engine.InferenceEngine`, whose worker batches, infers and publishes,
+in document order through the intake. Nothing
 here raises into the RunEngine: a malformed document or a bad frame is logged with the run uid
 and seq_num and counted in :attr:`ReconstructionCallback.rejected`.
 """
@@ -43,7 +47,8 @@ from ..nn.reconstruct import CDIModel, load_model, user_models_dir
 from .blocks import Closes, FrameBlock, Sink
 from .crop import PeakTracker, clean_frames, crop_frames, find_peaks
 from .engine import InferenceEngine
-from .frames import read_frames
+from .frames import AreaDetectorHDF5Handler, FileFrames, HDF5Files, merge_file_frames, open_frames
+from .intake import FrameIntake
 from .publish import SinkThread, to_all
 from .refine import Refiner
 
@@ -54,14 +59,17 @@ logger = logging.getLogger(__name__)
 
 
 def default_handler_registry() -> dict:
-    """Handlers for external (resource/datum) frames: ``NPY_SEQ`` of ``ophyd.sim`` (none
-    without ophyd: frames written to such files are then rejected as unfilled, with a warning)."""
+    """Handlers for external (resource/datum) frames: AreaDetector's HDF5 plugin files (``AD_HDF5``,
+    ``AD_HDF5_SWMR``: read lazily, :class:`~cdinn_stream.live.frames.AreaDetectorHDF5Handler`) and
+    ``NPY_SEQ`` of ``ophyd.sim`` (not without ophyd: frames written to such files are then rejected
+    as unfilled, with a warning)."""
+    registry: dict = {spec: AreaDetectorHDF5Handler for spec in AreaDetectorHDF5Handler.specs}
     try:
         from ophyd.sim import NumpySeqHandler
     except ImportError:
         logger.warning("ophyd is not installed: frames in external files (NPY_SEQ) cannot be read")
-        return {}
-    return {"NPY_SEQ": NumpySeqHandler}
+        return registry
+    return {**registry, "NPY_SEQ": NumpySeqHandler}
 
 
 def _unfilled(values) -> bool:
@@ -179,7 +187,7 @@ class FrameCropper:
         """A block of cropped frames, or ``None`` (the frames rejected and counted)."""
         reject = self.rejections
         received = time.monotonic()
-        frames = np.asarray(frames)
+        frames = frames if isinstance(frames, FileFrames) else np.asarray(frames)  # file frames: read as cropped
         if frames.dtype.kind not in "biuf":
             reject(run_uid, seq_nums, f"bad dtype: frame dtype {frames.dtype} is not numeric")
             return None
@@ -282,6 +290,7 @@ class ReconstructionCallback:
                               above=refine_above, budget=refine_budget, share=refine_share, zoom=self.cropper.zoom)
         self.engine = InferenceEngine(self.model, threads, refiner=refiner, batch_size=batch_size,
                                       max_latency=max_latency, max_queued_frames=max_queued_frames)
+        self.intake = FrameIntake(max_frames=max_queued_frames)
         if refiner is not None or adapt:
             _short_switch_interval()
         if adapt:
@@ -308,7 +317,8 @@ class ReconstructionCallback:
         return self.model.size
 
     def _factory(self, name: str, start: RunStart):
-        return [RunReconstructor(start, cropper=self.cropper, engine=self.engine, image_key=self.image_key)], []
+        return [RunReconstructor(start, cropper=self.cropper, engine=self.engine, image_key=self.image_key,
+                                 intake=self.intake)], []
 
     def __call__(self, name: str, doc: dict) -> None:
         try:
@@ -331,14 +341,18 @@ class ReconstructionCallback:
 
     def flush(self, timeout: float | None = 60.0) -> bool:
         """Wait until every queued frame and run end is published."""
-        return self.engine.flush(timeout=timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        if not self.intake.drain(timeout):
+            return False
+        return self.engine.flush(timeout=None if end is None else max(end - time.monotonic(), 0))
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Publish what is queued and stop the threads; with ``close_sinks``, close the sinks too.
         False (and a warning) if work was left after ``timeout`` s."""
+        read = self.intake.close(timeout)
         if self.engine.adapter is not None:
             self.engine.adapter.close(timeout)
-        done = self.engine.close(timeout)
+        done = self.engine.close(timeout) and read
         if self.close_sinks:
             for sink in self.sinks:
                 if isinstance(sink, Closes):
@@ -353,17 +367,29 @@ class RunReconstructor(DocumentRouter):
     """One run: finds the image field, turns events into frame blocks, closes the run."""
 
     def __init__(self, start: RunStart, *, cropper: FrameCropper, engine: InferenceEngine,
-                 image_key: str | None = None):
+                 image_key: str | None = None, intake: FrameIntake | None = None):
         super().__init__()
         self.uid = start["uid"]
         self.cropper = cropper
         self.reject = cropper.rejections
         self.engine = engine
         self.image_key = image_key
+        self.intake = intake
         self.streams: dict[str, tuple[str, str | None]] = {}  # descriptor uid -> (stream, image key)
         self.stream_resources: dict[str, StreamResource] = {}
+        self.files = HDF5Files()  # the stream_resource files of the run, open until its end
         self.frames_seen = 0
-        engine.open_run(self.uid, start)
+        self._later(engine.open_run, self.uid, start)
+
+    def _later(self, job, *args, frames: int = 0, seq: np.ndarray | None = None) -> bool:
+        """Run ``job(*args)`` on the intake's thread, after the run's work queued before (here,
+        without an intake); frames the intake has no room for are rejected (False)."""
+        if self.intake is None:
+            job(*args)
+        elif not self.intake.put(lambda: job(*args), frames):
+            self.reject(self.uid, seq, "dropped: the frame intake is full (frames arrive faster than they are read)")
+            return False
+        return True
 
     def _image_key(self, doc: EventDescriptor) -> str | None:
         keys = doc.get("data_keys", {})
@@ -391,6 +417,12 @@ class RunReconstructor(DocumentRouter):
         if _unfilled(doc.get("filled", {}).get(key)):
             self.reject(self.uid, seq, "unfilled: frames are unfilled references (no handler for their spec)")
             return doc
+        data = doc["data"][key]
+        if isinstance(data, list | tuple) and data and all(isinstance(d, FileFrames) for d in data):
+            # AD_HDF5 datums, filled lazily: read and cropped on the intake's thread
+            self._later(self._read_and_submit, stream, lambda: merge_file_frames(data), seq,
+                        np.asarray(doc["time"], float), frames=len(seq), seq=seq)
+            return doc
         try:
             frames = np.asarray(doc["data"][key])
         except Exception as err:
@@ -413,25 +445,38 @@ class RunReconstructor(DocumentRouter):
             return doc
         start, stop = doc["indices"]["start"], doc["indices"]["stop"]
         seq = np.arange(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])
-        try:
-            frames = read_frames(resource.get("mimetype"), [resource["uri"]], resource.get("parameters") or {},
-                                 start, stop)
-        except Exception as err:
-            self.reject(self.uid, seq, f"unreadable: cannot read frames from {resource.get('uri')}: {err}")
-            return doc
-        self._submit(stream, frames, seq, np.full(len(seq), time.time()))
+
+        def frames():
+            return open_frames(resource.get("mimetype"), [resource["uri"]], resource.get("parameters") or {},
+                               start, stop, self.files)
+
+        self._later(self._read_and_submit, stream, frames, seq, np.full(len(seq), time.time()),
+                    frames=len(seq), seq=seq)
         return doc
 
-    def _submit(self, stream: str, frames: np.ndarray, seq: np.ndarray, times: np.ndarray) -> None:
+    def _read_and_submit(self, stream: str, frames, seq: np.ndarray, times: np.ndarray) -> None:
+        """(On the intake's thread.) Open the frames (``frames()``: an array or
+        :class:`~cdinn_stream.live.frames.FileFrames`), crop them (reading what the crop needs) and submit."""
+        try:
+            self._submit(stream, frames(), seq, times, now=True)
+        except Exception as err:
+            self.reject(self.uid, seq, f"unreadable: cannot read frames: {err}")
+
+    def _submit(self, stream: str, frames, seq: np.ndarray, times: np.ndarray, now: bool = False) -> None:
         if len(frames) != len(seq):
             self.reject(self.uid, seq, f"bad shape: {len(frames)} frames for {len(seq)} events")
             return
         block = self.cropper.block(self.uid, stream, frames, seq, times)
-        if block is not None:
+        if block is not None and (now or self._later(self.engine.submit, block, frames=len(block), seq=block.seq_nums)):
             self.frames_seen += len(block)
-            self.engine.submit(block)
+            if now:
+                self.engine.submit(block)
 
     def stop(self, doc: RunStop) -> RunStop:
+        self._later(self._close, doc)
+        return doc
+
+    def _close(self, doc: RunStop) -> None:
+        self.files.close()
         self.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen,
                                          "peak_search": self.cropper.forget(self.uid)})
-        return doc

@@ -12,12 +12,16 @@ Formats, by the mimetype bluesky and Tiled give them:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
 import numpy as np
 
-__all__ = ["FORMATS", "read_frames", "local_path"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "read_frames", "open_frames", "local_path", "FileFrames", "HDF5Files",
+           "AreaDetectorHDF5Handler", "merge_file_frames"]
 
 HDF5 = "application/x-hdf5"
 NPY_SEQ = "multipart/related;type=application/x-npy"
@@ -31,14 +35,139 @@ def local_path(uri: str) -> str:
     return parsed.path if parsed.scheme else uri
 
 
-def _read_hdf5(uris: Sequence[str], parameters: dict, start: int, stop: int) -> np.ndarray:
+def _h5py():
+    """h5py, with the compression filters of ``hdf5plugin`` registered when it is installed."""
     import h5py
 
+    try:
+        import hdf5plugin  # noqa: F401  (registers bitshuffle-LZ4, Blosc, ... with HDF5)
+    except ImportError:
+        pass
+    return h5py
+
+
+class FileFrames:
+    """Frames ``start..stop`` of an HDF5 dataset ``(frames, H, W)`` (or ``(frames, 1, H, W)``, as
+    ophyd-async writes), read only when indexed: ``frames[a:b, rows, cols]`` reads that hyperslab,
+    ``np.asarray(frames)`` all of them. ``shape``, ``dtype``, ``ndim`` and ``len`` as an array's."""
+
+    def __init__(self, dataset, start: int, stop: int):
+        shape = tuple(dataset.shape)
+        if len(shape) == 4 and shape[1] == 1:
+            self._squeeze = True
+        elif len(shape) == 3:
+            self._squeeze = False
+        else:
+            raise ValueError(f"dataset {dataset.name} of shape {shape} is not a stack of 2-D frames")
+        if not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"frames {start}..{stop - 1} asked for, {shape[0]} in {dataset.name}")
+        self.dataset, self.start, self.stop = dataset, int(start), int(stop)
+        self.shape = (self.stop - self.start, shape[-2], shape[-1])
+        self.dtype = dataset.dtype
+        self.ndim = 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        if isinstance(first, slice):
+            a, b, step = first.indices(len(self))
+            if step != 1:
+                raise IndexError("frames in a file are read in runs of consecutive frames (step 1)")
+            frames: slice | int = slice(self.start + a, self.start + max(a, b))
+        elif isinstance(first, int | np.integer):
+            i = int(first) + (len(self) if first < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"frame {first} of {len(self)}")
+            frames = self.start + i
+        else:
+            raise IndexError("frames in a file are indexed by a slice or an integer")
+        return self.dataset[(frames, 0, *rest) if self._squeeze else (frames, *rest)]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def merge_file_frames(parts: Sequence[FileFrames]) -> FileFrames | np.ndarray:
+    """One :class:`FileFrames` for parts that follow one another in one dataset (an event page of
+    ``AD_HDF5`` datums), else all of them read and stacked."""
+    first = parts[0]
+    if all(p.dataset == first.dataset and p.start == q.stop for q, p in zip(parts, parts[1:], strict=False)):
+        return FileFrames(first.dataset, first.start, parts[-1].stop)
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+class HDF5Files:
+    """The HDF5 files one run reads frames from, each opened once (SWMR) and closed with the run."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, object] = {}
+
+    def dataset(self, path: str, name: str, stop: int):
+        """Dataset ``name`` of the file at ``path``, holding at least ``stop`` frames (refreshed,
+        or the file opened again, while a writer is still adding them)."""
+        h5py = _h5py()
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = h5py.File(path, "r", swmr=True)
+        ds = f[name]
+        if ds.shape[0] < stop:
+            try:
+                ds.refresh()
+            except Exception:  # a file not written in SWMR mode: see it anew
+                f.close()
+                f = self._files[path] = h5py.File(path, "r", swmr=True)
+                ds = f[name]
+        return ds
+
+    def close(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:
+                logger.exception("closing %s failed", f)
+        self._files.clear()
+
+
+def _open_hdf5(uris: Sequence[str], parameters: dict, start: int, stop: int, files: HDF5Files) -> FileFrames:
     dataset = parameters.get("dataset")
     if not dataset:
         raise ValueError("HDF5 frames need parameters['dataset'] (the dataset's path in the file)")
-    with h5py.File(local_path(uris[0]), "r", swmr=True) as f:
-        return f[dataset][start:stop]
+    return FileFrames(files.dataset(local_path(uris[0]), dataset, stop), start, stop)
+
+
+def _read_hdf5(uris: Sequence[str], parameters: dict, start: int, stop: int) -> np.ndarray:
+    files = HDF5Files()
+    try:
+        return np.asarray(_open_hdf5(uris, parameters, start, stop, files))
+    finally:
+        files.close()
+
+
+class AreaDetectorHDF5Handler:
+    """Handler of AreaDetector's HDF5 plugin files (``resource`` spec ``AD_HDF5``, ``AD_HDF5_SWMR``)
+    for event-model's ``Filler``: a datum's frames (``frame_per_point`` from
+    ``point_number * frame_per_point``) as :class:`FileFrames`, read when the crop asks (the
+    Bragg peak's window only, when it is tracked). The frames are ``/entry/data/data``."""
+
+    specs = {"AD_HDF5", "AD_HDF5_SWMR"}
+    dataset = "/entry/data/data"
+
+    def __init__(self, filename: str, frame_per_point: int = 1, **kwargs):
+        self._files = HDF5Files()
+        self._path = filename
+        self._frame_per_point = int(frame_per_point)
+
+    def __call__(self, point_number: int, **kwargs) -> FileFrames:
+        start = int(point_number) * self._frame_per_point
+        stop = start + self._frame_per_point
+        return FileFrames(self._files.dataset(self._path, self.dataset, stop), start, stop)
+
+    def close(self) -> None:
+        self._files.close()
 
 
 def _npy_paths(uris: Sequence[str], parameters: dict, stop: int) -> list[str]:
@@ -61,6 +190,15 @@ def _read_npy(uris: Sequence[str], parameters: dict, start: int, stop: int) -> n
 
 #: mimetype -> reader ``(uris, parameters, start, stop) -> (stop - start, ...) frames``
 FORMATS = {HDF5: _read_hdf5, NPY_SEQ: _read_npy}
+
+
+def open_frames(mimetype: str | None, uris: Sequence[str], parameters: dict, start: int, stop: int,
+                files: HDF5Files) -> FileFrames | np.ndarray:
+    """Frames ``start..stop-1`` as :func:`read_frames`, but HDF5 frames as :class:`FileFrames` of
+    ``files`` (read when cropped: only the windows searched, when the peak is tracked)."""
+    if (mimetype or HDF5) == HDF5 and uris:
+        return _open_hdf5(list(uris), parameters or {}, start, stop, files)
+    return read_frames(mimetype, uris, parameters, start, stop)
 
 
 def read_frames(mimetype: str | None, uris: Sequence[str], parameters: dict, start: int, stop: int) -> np.ndarray:

@@ -213,7 +213,8 @@ def test_vector_phase_head_starts_from_the_angle_head_and_survives_a_weights_fil
         assert back.config.phase_head == "vector"
     with pytest.raises(ValueError, match="phase_head"):
         ModelConfig(phase_head="cos")
-    # the loss: a dislocation's vortex is exactly representable (loss ~0 for the unit vector field); gradients reach both channels and stay finite
+    # the loss: gradients reach both channels and stay finite; a dislocation's vortex is exactly
+    # representable (loss ~0 for the unit vector field)
     v.train()
     amp = torch.zeros(2, 32, 32)
     amp[:, 8:24, 8:24] = 1.0

@@ -1,0 +1,117 @@
+"""Native-size detector frames in HDF5 files, as AreaDetector and ophyd-async write them: read
+lazily (only the tracked peak's window), off the RunEngine's thread, cropped as inline frames are."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from cdinn_stream.lab.detector import run_documents, write_frames
+from cdinn_stream.lab.sim import EIGER_1M, native_frames
+from cdinn_stream.live.callback import FrameCropper, RunReconstructor
+from cdinn_stream.live.frames import FileFrames, HDF5Files, merge_file_frames
+from cdinn_stream.live.intake import FrameIntake
+
+
+class Collect:
+    """An engine that keeps what it is given, and on which thread."""
+
+    def __init__(self):
+        self.blocks, self.summaries, self.threads = [], [], set()
+
+    def submit(self, block):
+        self.threads.add(threading.current_thread().name)
+        self.blocks.append(block)
+        return True
+
+    def open_run(self, uid, start):
+        pass
+
+    def close_run(self, uid, summary):
+        self.summaries.append(summary)
+
+
+@pytest.fixture(scope="module")
+def eiger(tmp_path_factory):
+    frames, mask, peaks = native_frames(24, EIGER_1M, seed=4, jump_every=16)
+    path = write_frames(tmp_path_factory.mktemp("eiger") / "frames.h5", frames)
+    return frames, mask, path
+
+
+def test_file_frames_read_hyperslabs_and_merge(eiger, tmp_path):
+    import h5py
+
+    frames, _, path = eiger
+    files = HDF5Files()
+    ds = files.dataset(str(path), "/entry/data/data", 24)
+    lazy = FileFrames(ds, 4, 12)
+    assert lazy.shape == (8, *frames.shape[1:]) and len(lazy) == 8 and lazy.dtype == frames.dtype
+    np.testing.assert_array_equal(lazy[:, 100:140, 200:260], frames[4:12, 100:140, 200:260])
+    np.testing.assert_array_equal(lazy[2:5], frames[6:9])
+    np.testing.assert_array_equal(lazy[-1], frames[11])
+    np.testing.assert_array_equal(np.asarray(lazy), frames[4:12])
+    again = files.dataset(str(path), "/entry/data/data", 8)  # another h5py object of the same dataset
+    merged = merge_file_frames([FileFrames(ds, 0, 4), FileFrames(again, 4, 8)])
+    assert isinstance(merged, FileFrames) and (merged.start, merged.stop) == (0, 8)
+    np.testing.assert_array_equal(np.asarray(merge_file_frames([FileFrames(ds, 8, 9), FileFrames(ds, 2, 3)])),
+                                  frames[[8, 2]])
+    with pytest.raises(ValueError, match="asked for"):
+        FileFrames(ds, 20, 30)
+    with pytest.raises(IndexError, match="step 1"):
+        lazy[::2]
+    with h5py.File(tmp_path / "four.h5", "w") as f:  # ophyd-async's (n, 1, H, W)
+        f["d"] = frames[:3, None, :64, :64]
+    four = FileFrames(files.dataset(str(tmp_path / "four.h5"), "d", 3), 0, 3)
+    np.testing.assert_array_equal(four[:, 10:20, 5:9], frames[:3, 10:20, 5:9])
+    files.close()
+
+
+@pytest.mark.parametrize("layout", ["ophyd-async", "area-detector"])
+def test_file_frames_are_read_off_the_callers_thread_window_only_and_cropped_as_inline(eiger, layout, monkeypatch):
+    from event_model import Filler
+
+    from cdinn_stream.live.callback import PassThroughFiller, default_handler_registry
+
+    frames, mask, path = eiger
+    reads = []
+    real = FileFrames.__getitem__
+
+    def counting(self, key):
+        out = real(self, key)
+        reads.append((threading.current_thread().name, out.size))
+        return out
+
+    monkeypatch.setattr(FileFrames, "__getitem__", counting)
+    intake = FrameIntake()
+    files, inline = Collect(), Collect()
+    crop_files, crop_inline = FrameCropper(32, mask=mask), FrameCropper(32, mask=mask)
+    filler = PassThroughFiller(default_handler_registry(), inplace=False)
+    assert isinstance(filler, Filler)
+    rr = None
+    for name, doc in run_documents(path, 24, frames.shape[1:], layout=layout, page=4):
+        if name == "start":
+            rr = RunReconstructor(doc, cropper=crop_files, engine=files, intake=intake)
+            ri = RunReconstructor(doc, cropper=crop_inline, engine=inline)
+        filled = filler(name, doc)[1]
+        rr(name, filled)
+        if name == "event_page" or name == "stream_datum":  # the same frames inline
+            seq = (np.asarray(doc["seq_num"]) if name == "event_page"
+                   else np.arange(doc["seq_nums"]["start"], doc["seq_nums"]["stop"]))
+            ri("event_page", {"descriptor": "d", "seq_num": seq.tolist(), "time": [0.0] * len(seq),
+                              "data": {"eiger": frames[seq - 1]}, "timestamps": {"eiger": [0.0] * len(seq)},
+                              "filled": {}, "uid": "p"})
+        if name == "descriptor":
+            ri("descriptor", {**doc, "uid": "d"})
+    assert intake.drain(30)
+    intake.close()
+    assert files.threads == {"cdinn-intake"} and all(t == "cdinn-intake" for t, _ in reads)
+    assert sum(len(b) for b in files.blocks) == 24 and len(files.summaries) == 1
+    for key in ("frames", "origins", "peaks", "seq_nums"):
+        np.testing.assert_array_equal(np.concatenate([getattr(b, key) for b in files.blocks]),
+                                      np.concatenate([getattr(b, key) for b in inline.blocks]))
+    # whole frames only for the checks (the first page's first frame, and after the jump at frame 16);
+    # every other read is a search window
+    whole = frames[0].size
+    assert sum(1 for _, size in reads if size >= whole) <= 4
+    assert sum(size for _, size in reads) < 0.25 * frames.size
+    assert files.summaries[0]["peak_search"]["jump"] == 1

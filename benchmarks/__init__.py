@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from cdinn_stream.core.simulate import simulate
 from cdinn_stream.core.timing import machine_info
 
-from . import erhio, model, pipeline, trust
+from . import detector, erhio, model, pipeline, trust
 
-SUITES = ("simulate", "model", "erhio", "pipeline", "trust")
+SUITES = ("simulate", "model", "erhio", "pipeline", "trust", "detector")
 #: what runs when no suite is named (trust takes about 5 minutes more on 2 cores)
 DEFAULT_SUITES = ("simulate", "model", "erhio", "pipeline")
 
@@ -63,6 +63,8 @@ def run_benchmarks(out_dir: str | Path, *, model_name: str = "cdinn-32",
         results["pipeline"] = pipeline.run(model_name, quick=quick, device=device)
     if "trust" in suites:
         results["trust"] = trust.run(model_name, quick=quick)
+    if "detector" in suites:
+        results["detector"] = detector.run(model_name, quick=quick)
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     (out / "bench.md").write_text(bench_table(results))
     return results
@@ -97,4 +99,6 @@ def bench_table(r: dict) -> str:
         lines += pipeline.table(r["pipeline"]) + [""]
     if "trust" in r:
         lines += trust.table(r["trust"]) + [""]
+    if "detector" in r:
+        lines += detector.table(r["detector"]) + [""]
     return "\n".join(lines)

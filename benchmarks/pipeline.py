@@ -79,13 +79,13 @@ class TiledProcess:
 _RECEIVER = """
 import json, sys, time
 import numpy as np, zmq
-address, n_frames, out, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+address, n_frames, out, ready, idle_ms = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 sock = zmq.Context.instance().socket(zmq.SUB)
 sock.setsockopt(zmq.SUBSCRIBE, b"cdinn.")
 sock.setsockopt(zmq.RCVHWM, 0)
 sock.connect(address)
 event_time, arrival, got, is_ready = [], [], 0, False
-while got < n_frames and sock.poll(120_000):
+while got < n_frames and sock.poll(idle_ms):
     parts = sock.recv_multipart()
     now = time.time()
     if parts[0] == b"cdinn.heartbeat" and not is_ready:
@@ -102,13 +102,13 @@ np.savez(out, event_time=np.asarray(event_time), arrival=np.asarray(arrival))
 
 class Subscriber:
     """A ZeroMQ subscriber in a child process: stamps each frame's arrival (``time.time()``) and
-    saves the stamps once ``n_frames`` results have arrived."""
+    saves the stamps once ``n_frames`` results have arrived (or none for ``idle`` s)."""
 
-    def __init__(self, sink: ZmqPublisherSink, n_frames: int, workdir: Path):
+    def __init__(self, sink: ZmqPublisherSink, n_frames: int, workdir: Path, idle: float = 120.0):
         tag = secrets.token_hex(4)
         self.out, ready = workdir / f"received-{tag}.npz", workdir / f"ready-{tag}"
         self.proc = subprocess.Popen([sys.executable, "-c", _RECEIVER, sink.address, str(n_frames), str(self.out),
-                                      str(ready)])
+                                      str(ready), str(int(idle * 1000))])
         end = time.monotonic() + 60
         while not ready.exists():  # the slow joiner: publish heartbeats until one arrives
             sink.heartbeat()

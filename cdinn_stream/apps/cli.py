@@ -291,7 +291,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo, summary_table
 
     summary = run_demo(DemoConfig(frames=args.frames, model=args.model, out_dir=args.out, photons=args.photons,
-                                   recipe=args.recipe, refine_budget=args.refine_budget,
+                                   recipe=args.recipe, refine_budget=args.refine_budget, detector=args.detector,
                                    refine_above=None if args.refine_above < 0 else args.refine_above),
                        progress=not args.json)
     print(json.dumps(summary, indent=1, default=str) if args.json else summary_table(summary))
@@ -534,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s; 0 refines every frame the budget allows; a negative value turns it off)")
     d.add_argument("--refine-budget", type=float, default=0.2, metavar="FRACTION",
                    help="at most this fraction of the frames refined automatically (default %(default)s)")
+    d.add_argument("--detector", choices=("eiger1m", "eiger4m"), default=None,
+                   help="frames at a detector's native size (EIGER 1M: 1065 x 1030, 4M: 2167 x 2070) with its module "
+                        "gaps, instead of 128 x 128: the Bragg peak is tracked (docs/pipeline.md, 'Detector-native "
+                        "frames'); the raw frames go to Tiled too, so keep --frames modest (default: 128 x 128)")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.set_defaults(func=_cmd_demo)
 
@@ -624,8 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", nargs="+", default=["cdinn-32", "cdinn-64"],
                    help="models of the model suite (default cdinn-32 cdinn-64)")
     b.add_argument("--suite", nargs="+", default=["simulate", "model", "erhio", "pipeline"],
-                   choices=["simulate", "model", "erhio", "pipeline", "trust"],
-                   help="suites to run (default: all but trust, which takes about 10 minutes on 2 cores)")
+                   choices=["simulate", "model", "erhio", "pipeline", "trust", "detector"],
+                   help="suites to run (default: all but trust and detector, which take about 10 minutes each on "
+                        "2 cores; detector: native-size 256x256, EIGER 1M and 4M frames end to end, inline and "
+                        "from HDF5 files, needs hdf5plugin for its compressed runs)")
     b.add_argument("-n", type=int, default=1024, help="patterns in the batched ER/HIO timing (default 1024)")
     b.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     b.add_argument("--device", default="cpu",

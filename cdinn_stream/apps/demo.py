@@ -47,6 +47,10 @@ class DemoConfig:
         refine_above: frames whose chi^2 is above this are refined automatically (NN-seeded
             ER/HIO, ``docs/pipeline.md`` "Trust and self-repair"); ``None``: off.
         refine_budget: at most this fraction of the frames refined automatically.
+        detector: a detector at its native size instead of ``frame_shape`` (``"eiger1m"``,
+            ``"eiger4m"``: :data:`~cdinn_stream.lab.sim.DETECTORS`): its frame, no counts in its
+            module gaps (the mask goes to the pipeline), the Bragg peak a third of the way down, peak
+            tracking at work.
     """
 
     frames: int = 300
@@ -62,6 +66,7 @@ class DemoConfig:
     recipe: str = "paper"
     refine_above: float | None = 0.03
     refine_budget: float = 0.2
+    detector: str | None = None
 
 
 def _free_port() -> int:
@@ -102,7 +107,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
 
     from ..core.metrics import score
     from ..core.physics import ramp, wrap
-    from ..lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+    from ..lab.sim import DETECTORS, BCDIFrameSource, OperandoCrystal, make_detector, make_motors
     from ..nn.reconstruct import load_model
     from ..sinks import read_frame_info
     from .config import PipelineConfig
@@ -110,6 +115,12 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     from .listen import listen
     from .replay import replay_documents, run_documents
 
+    mask, peak_row = None, None
+    if cfg.detector is not None:
+        if cfg.detector not in DETECTORS:
+            raise ValueError(f"detector must be one of {sorted(DETECTORS)}, not {cfg.detector!r}")
+        geometry = DETECTORS[cfg.detector]
+        cfg.frame_shape, mask, peak_row = geometry.shape, geometry.mask(), geometry.shape[0] // 3
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="cdinn-demo-"))
@@ -123,7 +134,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
                                   zmq_out=f"tcp://127.0.0.1:{_free_port()}", epics_prefix=cfg.prefix,
                                   spool_dir=str(tmp / "spool"),  # never the user's own spool
                                   refine_above=cfg.refine_above, refine_budget=cfg.refine_budget)
-        cb = pipeline.build(model=model, tiled_client=client)
+        cb = pipeline.build(model=model, tiled_client=client, mask=mask)
         heard: dict = {}
         listener = threading.Thread(target=lambda: heard.update(listen(pipeline.zmq_out, count=cfg.frames, timeout=10,
                                                                     quiet=True)),
@@ -133,7 +144,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
         peak, strain = make_motors()
         crystal = OperandoCrystal(model.size, seed=cfg.seed, recipe=cfg.recipe)
         source = BCDIFrameSource(crystal, frame_shape=cfg.frame_shape, photons=cfg.photons,
-                                 background=cfg.background, peak_motor=peak, strain_motor=strain, seed=cfg.seed)
+                                 background=cfg.background, peak_motor=peak, strain_motor=strain, seed=cfg.seed,
+                                 peak_row=peak_row, mask=mask)
         detector = make_detector(source)
         RE = RunEngine({})
         RE.subscribe(TiledWriter(client))
@@ -164,7 +176,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
         # replay the stored run through the same pipeline
         rcb = PipelineConfig(model=cfg.model, batch_size=cfg.batch_size, max_latency=cfg.max_latency,
                              tiled_parent="cdinn-replay", spool_dir=str(tmp / "spool")).build(model=model,
-                                                                                             tiled_client=client)
+                                                                                             tiled_client=client,
+                                                                                             mask=mask)
         t1 = time.monotonic()
         with tqdm(desc="replay", unit="doc", disable=not progress) as rbar:
             replay_documents(run_documents(client, uid), lambda n, d: (rcb(n, d), rbar.update(1)))

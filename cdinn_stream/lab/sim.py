@@ -24,7 +24,7 @@ from ..core.physics import wrap
 from ..core.simulate import diffraction_intensity, simulate_objects, strain_phase
 
 __all__ = ["OperandoCrystal", "BCDIFrameSource", "FrameTruth", "make_detector", "make_motors", "ring_shapes",
-           "DetectorGeometry", "EIGER_1M", "EIGER_4M", "native_frames"]
+           "DetectorGeometry", "EIGER_1M", "EIGER_4M", "DETECTORS", "native_frames"]
 
 
 class OperandoCrystal:
@@ -118,11 +118,13 @@ class BCDIFrameSource:
         strain_motor: motor whose position (0..1) is the crystal's strain state, or None.
         peak_row: the peak's row.
         seed: seed of the Poisson noise.
+        mask: ``frame_shape`` bool, False in the detector's gaps (:meth:`DetectorGeometry.mask`):
+            no counts there.
     """
 
     def __init__(self, crystal: OperandoCrystal, *, frame_shape: tuple[int, int] = (256, 256),
                  photons: float | None = 1e6, background: float = 0.5, peak_motor=None, strain_motor=None,
-                 peak_row: int | None = None, seed: int = 0):
+                 peak_row: int | None = None, seed: int = 0, mask: np.ndarray | None = None):
         self.crystal = crystal
         self.frame_shape = frame_shape
         self.photons = photons
@@ -130,6 +132,7 @@ class BCDIFrameSource:
         self.peak_motor = peak_motor
         self.strain_motor = strain_motor
         self.peak_row = frame_shape[0] // 2 if peak_row is None else peak_row
+        self.mask = mask
         self.rng = np.random.default_rng(seed)
         self.truth: list[FrameTruth] = []
         self._lock = threading.Lock()
@@ -157,6 +160,8 @@ class BCDIFrameSource:
         frame += self.background
         if self.photons is not None:
             frame = self.rng.poisson(frame).astype(np.float32)
+        if self.mask is not None:
+            frame = frame * self.mask
         with self._lock:
             self.truth.append(FrameTruth(amp, phase, clean, (self.peak_row, col), strain))
         return frame.astype(np.float32)
@@ -191,6 +196,8 @@ class DetectorGeometry:
 EIGER_1M = DetectorGeometry("eiger1m", (2, 1))
 #: EIGER 4M: 2167 x 2070 pixels (4 x 2 modules)
 EIGER_4M = DetectorGeometry("eiger4m", (4, 2))
+#: the detectors by name (``cdinn-stream demo --detector``)
+DETECTORS = {g.name: g for g in (EIGER_1M, EIGER_4M)}
 
 
 def native_frames(n: int, geometry: DetectorGeometry = EIGER_1M, *, seed: int = 0, photons: float = 1e6,

@@ -109,14 +109,23 @@ class Rejections:
         self.counts: Counter[str] = Counter()
 
     def __call__(self, run_uid: str | None, seq_nums, reason: str) -> None:
-        seq = list(np.atleast_1d(seq_nums))
+        seq = [int(s) for s in np.atleast_1d(seq_nums)]
         self.counts[reason.split(":")[0]] += len(seq)
-        logger.warning("run %s seq_num %s: %s", run_uid, seq if len(seq) > 1 else seq[0], reason)
+        logger.warning("run %s seq_num %s: %s", run_uid, _seq_text(seq), reason)
 
     def document(self, name: str, run_uid: str | None, err: BaseException) -> None:
         """A document that could not be handled at all."""
         self.counts["document"] += 1
         logger.warning("cannot handle %s document (run %s): %s", name, run_uid, err)
+
+
+def _seq_text(seq: list[int]) -> str:
+    """seq_nums for a log line: ``7``, ``[3, 9]``, ``1..100 (100 frames)``, or the first few."""
+    if len(seq) == 1:
+        return str(seq[0])
+    if len(seq) > 2 and seq == list(range(seq[0], seq[0] + len(seq))):
+        return f"{seq[0]}..{seq[-1]} ({len(seq)} frames)"
+    return str(seq) if len(seq) <= 8 else f"[{', '.join(map(str, seq[:6]))}, ...] ({len(seq)} frames)"
 
 
 @dataclass(frozen=True, eq=False)

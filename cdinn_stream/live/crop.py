@@ -49,6 +49,11 @@ def clean_frames(frames: np.ndarray, mask: np.ndarray | None = None) -> np.ndarr
     x = np.array(frames, dtype=np.float32, copy=True)
     if x.ndim == 2:
         x = x[None]
+    if getattr(getattr(frames, "dtype", None), "kind", "") in ("u", "b"):
+        # unsigned counts (as detectors give them) are finite and not negative: only the mask to apply
+        if mask is not None:
+            x *= np.asarray(mask, bool)
+        return x
     bad = ~np.isfinite(x) | (x < 0)
     if mask is not None:
         bad |= ~np.asarray(mask, bool)[None]

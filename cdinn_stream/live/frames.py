@@ -46,12 +46,67 @@ def _h5py():
     return h5py
 
 
+class _FrameMap:
+    """Uncompressed frames of an HDF5 dataset read straight from the file's pages: each frame's
+    bytes (its chunk, or its place in a contiguous dataset) mapped into memory, so that a window of
+    a frame costs the pages it touches, not HDF5's selection machinery (about 10x less for a
+    136 x 136 window of an EIGER 1M frame; whole frames are left to HDF5, which copies them faster
+    than the first touch of mapped pages). ``None`` (:meth:`of`) for compressed or otherwise
+    laid-out data, which HDF5 reads."""
+
+    def __init__(self, dataset, contiguous: bool):
+        self.dataset = dataset
+        self.path = dataset.file.filename
+        self.frame_shape = tuple(dataset.shape[-2:])
+        self.dtype = dataset.dtype
+        self.frame_bytes = int(np.prod(self.frame_shape)) * self.dtype.itemsize
+        self.contiguous = contiguous
+        self._offsets: dict[int, int] = {}
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    @classmethod
+    def of(cls, dataset) -> _FrameMap | None:
+        import h5py
+
+        try:
+            plist = dataset.id.get_create_plist()
+            if plist.get_nfilters() or not dataset.dtype.isnative or dataset.dtype.kind not in "uif":
+                return None
+            layout = plist.get_layout()
+            frame = tuple(dataset.shape[1:])
+            if layout == h5py.h5d.CONTIGUOUS and dataset.id.get_offset() is not None:
+                return cls(dataset, True)
+            if layout == h5py.h5d.CHUNKED and dataset.chunks == (1, *frame):
+                return cls(dataset, False)
+        except Exception:  # an older HDF5 or a driver that cannot say: HDF5 reads it
+            return None
+        return None
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame ``i`` as a read-only view of the mapped file, ``(H, W)``."""
+        offset = self._offsets.get(i)
+        if offset is None:
+            if self.contiguous:
+                offset = self.dataset.id.get_offset() + i * self.frame_bytes
+            else:
+                info = self.dataset.id.get_chunk_info_by_coord((i,) + (0,) * (self.dataset.ndim - 1))
+                if info.byte_offset is None or info.size != self.frame_bytes:
+                    raise ValueError(f"frame {i} of {self.dataset.name} is not written yet")
+                offset = info.byte_offset
+            self._offsets[i] = offset
+        if offset + self.frame_bytes > self._map.size:  # the file grew since it was mapped
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._map[offset : offset + self.frame_bytes].view(self.dtype).reshape(self.frame_shape)
+
+
 class FileFrames:
     """Frames ``start..stop`` of an HDF5 dataset ``(frames, H, W)`` (or ``(frames, 1, H, W)``, as
     ophyd-async writes), read only when indexed: ``frames[a:b, rows, cols]`` reads that hyperslab,
-    ``np.asarray(frames)`` all of them. ``shape``, ``dtype``, ``ndim`` and ``len`` as an array's."""
+    ``np.asarray(frames)`` all of them. ``shape``, ``dtype``, ``ndim`` and ``len`` as an array's.
+    Uncompressed frames (one chunk a frame, or contiguous) are read from the mapped file
+    (:class:`_FrameMap`), others through HDF5."""
 
-    def __init__(self, dataset, start: int, stop: int):
+    def __init__(self, dataset, start: int, stop: int, frame_map: _FrameMap | None = None):
         shape = tuple(dataset.shape)
         if len(shape) == 4 and shape[1] == 1:
             self._squeeze = True
@@ -62,6 +117,7 @@ class FileFrames:
         if not 0 <= start <= stop <= shape[0]:
             raise ValueError(f"frames {start}..{stop - 1} asked for, {shape[0]} in {dataset.name}")
         self.dataset, self.start, self.stop = dataset, int(start), int(stop)
+        self._map = frame_map
         self.shape = (self.stop - self.start, shape[-2], shape[-1])
         self.dtype = dataset.dtype
         self.ndim = 3
@@ -84,7 +140,20 @@ class FileFrames:
             frames = self.start + i
         else:
             raise IndexError("frames in a file are indexed by a slice or an integer")
+        mapped = (self._map is not None and all(isinstance(k, slice) for k in rest)
+                  and self._window_fraction(rest) < 0.25)  # whole frames: HDF5 reads them faster
+        if mapped and isinstance(frames, int):
+            return np.array(self._map.frame(frames)[rest])
+        if mapped and frames.stop > frames.start:
+            return np.stack([self._map.frame(i)[rest] for i in range(frames.start, frames.stop)])
         return self.dataset[(frames, 0, *rest) if self._squeeze else (frames, *rest)]
+
+    def _window_fraction(self, rest: tuple) -> float:
+        """The share of a frame's pixels that slices ``rest`` (rows, columns) select."""
+        fraction = 1.0
+        for k, n in zip(rest, self.shape[1:], strict=False):
+            fraction *= len(range(*k.indices(n))) / max(n, 1)
+        return fraction
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[:]
@@ -96,7 +165,7 @@ def merge_file_frames(parts: Sequence[FileFrames]) -> FileFrames | np.ndarray:
     ``AD_HDF5`` datums), else all of them read and stacked."""
     first = parts[0]
     if all(p.dataset == first.dataset and p.start == q.stop for q, p in zip(parts, parts[1:], strict=False)):
-        return FileFrames(first.dataset, first.start, parts[-1].stop)
+        return FileFrames(first.dataset, first.start, parts[-1].stop, first._map)
     return np.concatenate([np.asarray(p) for p in parts])
 
 
@@ -105,6 +174,15 @@ class HDF5Files:
 
     def __init__(self) -> None:
         self._files: dict[str, object] = {}
+        self._maps: dict[tuple[str, str], _FrameMap | None] = {}
+
+    def frames(self, path: str, name: str, start: int, stop: int) -> FileFrames:
+        """Frames ``start..stop`` of dataset ``name`` of the file at ``path``, read when indexed."""
+        ds = self.dataset(path, name, stop)
+        key = (path, name)
+        if key not in self._maps:
+            self._maps[key] = _FrameMap.of(ds)
+        return FileFrames(ds, start, stop, self._maps[key])
 
     def dataset(self, path: str, name: str, stop: int):
         """Dataset ``name`` of the file at ``path``, holding at least ``stop`` frames (refreshed,
@@ -121,6 +199,7 @@ class HDF5Files:
                 f.close()
                 f = self._files[path] = h5py.File(path, "r", swmr=True)
                 ds = f[name]
+                self._maps.pop((path, name), None)
         return ds
 
     def close(self) -> None:
@@ -130,13 +209,14 @@ class HDF5Files:
             except Exception:
                 logger.exception("closing %s failed", f)
         self._files.clear()
+        self._maps.clear()
 
 
 def _open_hdf5(uris: Sequence[str], parameters: dict, start: int, stop: int, files: HDF5Files) -> FileFrames:
     dataset = parameters.get("dataset")
     if not dataset:
         raise ValueError("HDF5 frames need parameters['dataset'] (the dataset's path in the file)")
-    return FileFrames(files.dataset(local_path(uris[0]), dataset, stop), start, stop)
+    return files.frames(local_path(uris[0]), dataset, start, stop)
 
 
 def _read_hdf5(uris: Sequence[str], parameters: dict, start: int, stop: int) -> np.ndarray:
@@ -163,8 +243,7 @@ class AreaDetectorHDF5Handler:
 
     def __call__(self, point_number: int, **kwargs) -> FileFrames:
         start = int(point_number) * self._frame_per_point
-        stop = start + self._frame_per_point
-        return FileFrames(self._files.dataset(self._path, self.dataset, stop), start, stop)
+        return self._files.frames(self._path, self.dataset, start, start + self._frame_per_point)
 
     def close(self) -> None:
         self._files.close()

@@ -115,3 +115,39 @@ def test_file_frames_are_read_off_the_callers_thread_window_only_and_cropped_as_
     assert sum(1 for _, size in reads if size >= whole) <= 4
     assert sum(size for _, size in reads) < 0.25 * frames.size
     assert files.summaries[0]["peak_search"]["jump"] == 1
+
+
+def test_compressed_frames_read_through_hdf5plugin(eiger, tmp_path):
+    """bitshuffle-LZ4 frames, as EIGERs write them: the same pixels, window or whole."""
+    pytest.importorskip("hdf5plugin")
+    frames, mask, _ = eiger
+    path = write_frames(tmp_path / "bslz4.h5", frames[:6], compression="bslz4")
+    files = HDF5Files()
+    lazy = FileFrames(files.dataset(str(path), "/entry/data/data", 6), 0, 6)
+    np.testing.assert_array_equal(lazy[:, 300:400, 100:180], frames[:6, 300:400, 100:180])
+    np.testing.assert_array_equal(np.asarray(lazy), frames[:6])
+    files.close()
+    assert path.stat().st_size < 0.2 * frames[:6].nbytes
+    with pytest.raises(ValueError, match="compression"):
+        write_frames(tmp_path / "x.h5", frames[:1], compression="gzip")
+
+
+def test_uncompressed_frames_are_read_from_the_mapped_file(eiger, tmp_path):
+    """One chunk a frame or contiguous: windows come from the file's mapped pages, the same pixels
+    as HDF5 gives; compressed or other chunkings are left to HDF5."""
+    import h5py
+
+    frames, _, path = eiger
+    with h5py.File(tmp_path / "layouts.h5", "w") as f:
+        f["contiguous"] = frames[:5]
+        f.create_dataset("rows", data=frames[:5], chunks=(1, 64, frames.shape[2]))
+        f.create_dataset("gzip", data=frames[:5], chunks=(1, *frames.shape[1:]), compression="gzip")
+    files = HDF5Files()
+    for file, name, mapped in ((path, "/entry/data/data", True), (tmp_path / "layouts.h5", "contiguous", True),
+                               (tmp_path / "layouts.h5", "rows", False), (tmp_path / "layouts.h5", "gzip", False)):
+        lazy = files.frames(str(file), name, 1, 5)
+        assert (lazy._map is not None) == mapped, name
+        np.testing.assert_array_equal(lazy[:, 200:336, 500:636], frames[1:5, 200:336, 500:636])
+        np.testing.assert_array_equal(lazy[2, 10:20, 30:40], frames[3, 10:20, 30:40])
+        np.testing.assert_array_equal(np.asarray(lazy), frames[1:5])
+    files.close()

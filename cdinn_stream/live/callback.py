@@ -59,17 +59,17 @@ logger = logging.getLogger(__name__)
 
 
 def default_handler_registry() -> dict:
-    """Handlers for external (resource/datum) frames: AreaDetector's HDF5 plugin files (``AD_HDF5``,
-    ``AD_HDF5_SWMR``: read lazily, :class:`~cdinn_stream.live.frames.AreaDetectorHDF5Handler`) and
-    ``NPY_SEQ`` of ``ophyd.sim`` (not without ophyd: frames written to such files are then rejected
-    as unfilled, with a warning)."""
-    registry: dict = {spec: AreaDetectorHDF5Handler for spec in AreaDetectorHDF5Handler.specs}
+    """Handlers for external (resource/datum) frames: ``NPY_SEQ`` of ``ophyd.sim`` (none without
+    ophyd: frames written to such files are then rejected as unfilled, with a warning).
+    AreaDetector's HDF5 plugin files (``AD_HDF5``, ``AD_HDF5_SWMR``) need no handler: the
+    :class:`RunReconstructor` opens them itself, a page of datums at a time (a handler given for
+    them in ``handler_registry`` is used instead)."""
     try:
         from ophyd.sim import NumpySeqHandler
     except ImportError:
         logger.warning("ophyd is not installed: frames in external files (NPY_SEQ) cannot be read")
-        return registry
-    return {**registry, "NPY_SEQ": NumpySeqHandler}
+        return {}
+    return {"NPY_SEQ": NumpySeqHandler}
 
 
 def _unfilled(values) -> bool:
@@ -386,7 +386,9 @@ class RunReconstructor(DocumentRouter):
         self.intake = intake
         self.streams: dict[str, tuple[str, str | None]] = {}  # descriptor uid -> (stream, image key)
         self.stream_resources: dict[str, StreamResource] = {}
-        self.files = HDF5Files()  # the stream_resource files of the run, open until its end
+        self.files = HDF5Files()  # the stream_resource and AD_HDF5 files of the run, open until its end
+        self.ad_resources: dict[str, tuple[str, int]] = {}  # AD_HDF5 resource uid -> (file, frames a datum)
+        self.ad_datums: dict[str, tuple[str, int]] = {}  # datum id -> (resource uid, point number)
         self.frames_seen = 0
         self._later(engine.open_run, self.uid, start)
 
@@ -424,6 +426,12 @@ class RunReconstructor(DocumentRouter):
             return doc  # not our detector, or its frames come through stream_datum
         seq = np.asarray(doc["seq_num"])
         if _unfilled(doc.get("filled", {}).get(key)):
+            data = doc["data"][key]
+            if self.ad_datums and all(isinstance(d, str) and d in self.ad_datums for d in data):
+                # AD_HDF5 datums: one range of frames for a page, read and cropped on the intake's thread
+                self._later(self._read_and_submit, stream, lambda: self._ad_frames(data), seq,
+                            np.asarray(doc["time"], float), frames=len(seq), seq=seq)
+                return doc
             self.reject(self.uid, seq, "unfilled: frames are unfilled references (no handler for their spec)")
             return doc
         data = doc["data"][key]
@@ -442,6 +450,33 @@ class RunReconstructor(DocumentRouter):
             return doc
         self._submit(stream, frames, seq, np.asarray(doc["time"], float))
         return doc
+
+    def resource(self, doc: dict) -> dict:
+        if doc.get("spec") in AreaDetectorHDF5Handler.specs:
+            path = str(doc.get("root") or "").rstrip("/") + "/" + str(doc["resource_path"]).lstrip("/")
+            self.ad_resources[doc["uid"]] = (path, int((doc.get("resource_kwargs") or {}).get("frame_per_point", 1)))
+        return doc
+
+    def datum(self, doc: dict) -> dict:
+        if doc.get("resource") in self.ad_resources:
+            self.ad_datums[doc["datum_id"]] = (doc["resource"], int(doc["datum_kwargs"]["point_number"]))
+        return doc
+
+    def datum_page(self, doc: dict) -> dict:
+        if doc.get("resource") in self.ad_resources:
+            for datum_id, point in zip(doc["datum_id"], doc["datum_kwargs"]["point_number"], strict=True):
+                self.ad_datums[datum_id] = (doc["resource"], int(point))
+        return doc
+
+    def _ad_frames(self, datum_ids: list[str]) -> FileFrames | np.ndarray:
+        """(On the intake's thread.) The frames of a page of AD_HDF5 datums: one range of the
+        file when they follow one another, else each datum's frames read."""
+        refs = [self.ad_datums.pop(d) for d in datum_ids]
+        parts = []
+        for resource, point in refs:
+            path, per = self.ad_resources[resource]
+            parts.append(self.files.frames(path, AreaDetectorHDF5Handler.dataset, point * per, (point + 1) * per))
+        return merge_file_frames(parts)
 
     def stream_resource(self, doc: StreamResource) -> StreamResource:
         self.stream_resources[doc["uid"]] = doc

@@ -175,6 +175,7 @@ class HDF5Files:
     def __init__(self) -> None:
         self._files: dict[str, object] = {}
         self._maps: dict[tuple[str, str], _FrameMap | None] = {}
+        self._datasets: dict[tuple[str, str], object] = {}
 
     def frames(self, path: str, name: str, start: int, stop: int) -> FileFrames:
         """Frames ``start..stop`` of dataset ``name`` of the file at ``path``, read when indexed."""
@@ -187,18 +188,21 @@ class HDF5Files:
     def dataset(self, path: str, name: str, stop: int):
         """Dataset ``name`` of the file at ``path``, holding at least ``stop`` frames (refreshed,
         or the file opened again, while a writer is still adding them)."""
+        ds = self._datasets.get((path, name))
+        if ds is not None and ds.shape[0] >= stop:
+            return ds
         h5py = _h5py()
         f = self._files.get(path)
         if f is None:
             f = self._files[path] = h5py.File(path, "r", swmr=True)
-        ds = f[name]
+        ds = self._datasets[(path, name)] = f[name]
         if ds.shape[0] < stop:
             try:
                 ds.refresh()
             except Exception:  # a file not written in SWMR mode: see it anew
                 f.close()
                 f = self._files[path] = h5py.File(path, "r", swmr=True)
-                ds = f[name]
+                ds = self._datasets[(path, name)] = f[name]
                 self._maps.pop((path, name), None)
         return ds
 
@@ -210,6 +214,7 @@ class HDF5Files:
                 logger.exception("closing %s failed", f)
         self._files.clear()
         self._maps.clear()
+        self._datasets.clear()
 
 
 def _open_hdf5(uris: Sequence[str], parameters: dict, start: int, stop: int, files: HDF5Files) -> FileFrames:

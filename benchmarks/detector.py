@@ -79,11 +79,14 @@ def _inline_documents(frames: np.ndarray, n: int, page: int):
         "eiger": {"source": "sim", "dtype": "array", "shape": list(frames.shape[1:])}})
     yield "descriptor", desc.descriptor_doc
     for i in range(0, n, page):
-        idx = np.arange(i, min(i + page, n)) % len(frames)
+        count = min(page, n - i)
+        first = i % len(frames)
+        if first + count > len(frames):  # the pool's frames as they lie (a view, not a copy), page by page
+            first = 0
         now = time.time()
-        yield "event_page", desc.compose_event_page(data={"eiger": frames[idx]}, timestamps={"eiger": [now] * len(idx)},
-                                                    seq_num=list(range(i + 1, i + 1 + len(idx))),
-                                                    time=[now] * len(idx), validate=False)
+        yield "event_page", desc.compose_event_page(
+            data={"eiger": frames[first : first + count]}, timestamps={"eiger": [now] * count},
+            seq_num=list(range(i + 1, i + 1 + count)), time=[now] * count, validate=False)
     yield "stop", run.compose_stop()
 
 

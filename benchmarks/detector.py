@@ -38,7 +38,7 @@ from cdinn_stream.core.timing import time_call
 from cdinn_stream.lab.detector import run_documents, write_frames
 from cdinn_stream.lab.sim import EIGER_1M, EIGER_4M, DetectorGeometry, native_frames
 from cdinn_stream.live.callback import FrameCropper, ReconstructionCallback
-from cdinn_stream.live.frames import FileFrames, HDF5Files
+from cdinn_stream.live.frames import HDF5Files
 from cdinn_stream.nn.reconstruct import load_model
 from cdinn_stream.sinks import TiledSink, ZmqPublisherSink
 
@@ -143,18 +143,16 @@ def stages(model, frames: np.ndarray, mask: np.ndarray, path: Path, compressed: 
 
     out["tracked_search_crop_us"] = time_call(tracked, repeat=3) / n * 1e6
     files = HDF5Files()
-    ds = files.dataset(str(path), "/entry/data/data", n)
     side = 4 * (model.size + 2)
     r0, c0 = frames.shape[1] // 3, frames.shape[2] // 3
-    lazy = FileFrames(ds, 0, n)
+    lazy = files.frames(str(path), "/entry/data/data", 0, n)  # as the pipeline reads them (mapped)
     out["read_window_us"] = time_call(lambda: [lazy[i : i + PAGE, r0 : r0 + side, c0 : c0 + side]
                                                for i in range(0, n, PAGE)], repeat=3) / n * 1e6
     out["read_frame_us"] = time_call(lambda: lazy[0:8], repeat=3) / 8 * 1e6
     if compressed is not None:
-        cds = files.dataset(str(compressed), "/entry/data/data", n)
-        out["read_bslz4_frame_us"] = time_call(lambda: FileFrames(cds, 0, 8)[:], repeat=3) / 8 * 1e6
-        out["read_bslz4_window_us"] = time_call(lambda: FileFrames(cds, 0, 8)[:, r0 : r0 + side, c0 : c0 + side],
-                                                repeat=3) / 8 * 1e6
+        packed = files.frames(str(compressed), "/entry/data/data", 0, 8)
+        out["read_bslz4_frame_us"] = time_call(lambda: packed[:], repeat=3) / 8 * 1e6
+        out["read_bslz4_window_us"] = time_call(lambda: packed[:, r0 : r0 + side, c0 : c0 + side], repeat=3) / 8 * 1e6
         out["bslz4_ratio"] = compressed.stat().st_size / path.stat().st_size
     files.close()
     crops = normalized_amplitude(np.resize(FrameCropper(model.size, mask=mask, track=False).block(

@@ -18,7 +18,7 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +116,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
     from .replay import replay_documents, run_documents
 
     mask, peak_row = None, None
+    cfg = replace(cfg)  # the caller's config stays as given
     if cfg.detector is not None:
         if cfg.detector not in DETECTORS:
             raise ValueError(f"detector must be one of {sorted(DETECTORS)}, not {cfg.detector!r}")

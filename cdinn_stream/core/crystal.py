@@ -331,9 +331,13 @@ def crystal_objects(rng: np.random.Generator, n: int, size: int, *, offset: bool
     """
     amplitude = _centre(_texture(rng, crystal_shapes(rng, n, size)))
     empty = ~(amplitude > SUPPORT_THRESHOLD).any(axis=(1, 2))
-    while empty.any():  # rare (a sliver that the texture took below the threshold): draw those again
+    for _ in range(100):  # rare (a sliver that the texture took below the threshold): draw those again
+        if not empty.any():
+            break
         amplitude[empty] = _centre(_texture(rng, crystal_shapes(rng, int(empty.sum()), size)))
         empty = ~(amplitude > SUPPORT_THRESHOLD).any(axis=(1, 2))
+    if empty.any():
+        raise RuntimeError(f"the crystal recipe drew {int(empty.sum())} crystals with no support 100 times over")
     phase = displacement_phase(rng, amplitude)
     if offset:
         off = rng.integers(-MAX_OFFSET, MAX_OFFSET + 1, (n, 2)) + rng.uniform(-0.5, 0.5, (n, 2))

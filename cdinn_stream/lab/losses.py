@@ -41,7 +41,9 @@ def sample_losses(
     errors on the unit circle; no ``atan2``, whose gradient is undefined at ``(0, 0)``).
     Phase errors are taken modulo 2 pi (wrapped to [-pi, pi)). With ``offset_invariant``, the
     circular mean of the phase difference over the support (a global phase offset, which ``|F|``
-    cannot see) is removed before the MSE and only weakly penalised (:data:`OFFSET_ANCHOR`).
+    cannot see) is removed before the MSE and, for the angle head, only weakly penalised
+    (:data:`OFFSET_ANCHOR`: it keeps the phase centred in the sigmoid's range, which the vector
+    head does not have).
     ``support_weight`` adds a cross-entropy of the predicted support (amplitude above the 0.1
     threshold) against the true one: the phase is reported only on the predicted support, so its
     edge matters. ``support_pos_weight > 1`` makes a missed support pixel (whose phase is then

@@ -47,7 +47,7 @@ from ..nn.reconstruct import CDIModel, load_model, user_models_dir
 from .blocks import Closes, FrameBlock, Sink
 from .crop import PeakTracker, clean_frames, crop_frames, find_peaks
 from .engine import InferenceEngine
-from .frames import AreaDetectorHDF5Handler, FileFrames, HDF5Files, merge_file_frames, open_frames
+from .frames import AD_HDF5_DATASET, AD_HDF5_SPECS, FileFrames, HDF5Files, group_file_frames, open_frames
 from .intake import FrameIntake
 from .publish import SinkThread, to_all
 from .refine import Refiner
@@ -176,7 +176,7 @@ class FrameCropper:
     def forget(self, run_uid: str) -> dict:
         """Drop a run's trackers; their counts, summed over its streams."""
         counts: dict = {}
-        for key in [k for k in self.trackers if k[0] == run_uid]:
+        for key in [k for k in list(self.trackers) if k[0] == run_uid]:  # other threads may add trackers
             for name, n in self.trackers.pop(key).counts.items():
                 counts[name] = counts.get(name, 0) + n
         return counts
@@ -434,12 +434,6 @@ class RunReconstructor(DocumentRouter):
                 return doc
             self.reject(self.uid, seq, "unfilled: frames are unfilled references (no handler for their spec)")
             return doc
-        data = doc["data"][key]
-        if isinstance(data, list | tuple) and data and all(isinstance(d, FileFrames) for d in data):
-            # AD_HDF5 datums, filled lazily: read and cropped on the intake's thread
-            self._later(self._read_and_submit, stream, lambda: merge_file_frames(data), seq,
-                        np.asarray(doc["time"], float), frames=len(seq), seq=seq)
-            return doc
         try:
             frames = np.asarray(doc["data"][key])
         except Exception as err:
@@ -452,8 +446,9 @@ class RunReconstructor(DocumentRouter):
         return doc
 
     def resource(self, doc: dict) -> dict:
-        if doc.get("spec") in AreaDetectorHDF5Handler.specs:
-            path = str(doc.get("root") or "").rstrip("/") + "/" + str(doc["resource_path"]).lstrip("/")
+        if doc.get("spec") in AD_HDF5_SPECS:
+            root, rel = str(doc.get("root") or ""), str(doc["resource_path"])
+            path = root.rstrip("/") + "/" + rel.lstrip("/") if root else rel
             self.ad_resources[doc["uid"]] = (path, int((doc.get("resource_kwargs") or {}).get("frame_per_point", 1)))
         return doc
 
@@ -468,15 +463,15 @@ class RunReconstructor(DocumentRouter):
                 self.ad_datums[datum_id] = (doc["resource"], int(point))
         return doc
 
-    def _ad_frames(self, datum_ids: list[str]) -> FileFrames | np.ndarray:
-        """(On the intake's thread.) The frames of a page of AD_HDF5 datums: one range of the
-        file when they follow one another, else each datum's frames read."""
-        refs = [self.ad_datums.pop(d) for d in datum_ids]
+    def _ad_frames(self, datum_ids: list[str]) -> list[FileFrames]:
+        """(On the intake's thread.) The frames of a page of AD_HDF5 datums: one range of a file
+        for each run of datums that follow one another in it."""
         parts = []
-        for resource, point in refs:
+        for datum_id in datum_ids:
+            resource, point = self.ad_datums.pop(datum_id)  # each datum is read once
             path, per = self.ad_resources[resource]
-            parts.append(self.files.frames(path, AreaDetectorHDF5Handler.dataset, point * per, (point + 1) * per))
-        return merge_file_frames(parts)
+            parts.append(self.files.frames(path, AD_HDF5_DATASET, point * per, (point + 1) * per))
+        return group_file_frames(parts)
 
     def stream_resource(self, doc: StreamResource) -> StreamResource:
         self.stream_resources[doc["uid"]] = doc
@@ -499,12 +494,25 @@ class RunReconstructor(DocumentRouter):
         return doc
 
     def _read_and_submit(self, stream: str, frames, seq: np.ndarray, times: np.ndarray) -> None:
-        """(On the intake's thread.) Open the frames (``frames()``: an array or
-        :class:`~cdinn_stream.live.frames.FileFrames`), crop them (reading what the crop needs) and submit."""
+        """(On the intake's thread.) Open the frames (``frames()``: an array, a
+        :class:`~cdinn_stream.live.frames.FileFrames` or a list of them, one after the other), crop
+        them (reading what the crop needs) and submit."""
         try:
-            self._submit(stream, frames(), seq, times, now=True)
+            opened = frames()
         except Exception as err:
-            self.reject(self.uid, seq, f"unreadable: cannot read frames: {err}")
+            self.reject(self.uid, seq, f"unreadable: cannot open the frames: {err}")
+            return
+        done = 0
+        for part in opened if isinstance(opened, list) else [opened]:
+            part_seq, part_times = seq[done : done + len(part)], times[done : done + len(part)]
+            done += len(part)
+            try:
+                self._submit(stream, part, part_seq, part_times, now=True)
+            except OSError as err:
+                self.reject(self.uid, part_seq, f"unreadable: cannot read the frames: {err}")
+            except Exception as err:
+                logger.exception("run %s: frames %s failed", self.uid, part_seq[:1])
+                self.reject(self.uid, part_seq, f"failed: {type(err).__name__}: {err}")
 
     def _submit(self, stream: str, frames, seq: np.ndarray, times: np.ndarray, now: bool = False) -> None:
         if len(frames) != len(seq):
@@ -521,6 +529,9 @@ class RunReconstructor(DocumentRouter):
         return doc
 
     def _close(self, doc: RunStop) -> None:
-        self.files.close()
-        self.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen,
-                                         "peak_search": self.cropper.forget(self.uid)})
+        peak_search: dict = {}
+        try:
+            self.files.close()
+            peak_search = self.cropper.forget(self.uid)
+        finally:  # the run's end reaches the sinks whatever happened
+            self.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen, "peak_search": peak_search})

@@ -111,10 +111,12 @@ def find_peaks(frames: np.ndarray, *, box: int = 5, centre: bool = True) -> np.n
     First the brightest blob: the maximum of the despeckled frame (:func:`despeckle`) summed
     over ``box x box`` (a hot pixel or noise does not win), searched on 2x2-binned frames (with a
     ``box // 2 + 1`` box) when they are large (at least ``8 * box`` on each side; 4x fewer
-    pixels); then the brightest pixel of the frame within ``box // 2`` (one more when binned)
-    of it, or (``centre``, the default) the brightest 3x3 blob there and then the rounded centre of
-    mass of the 7x7 pixels around it (:func:`centre_of_mass_peaks`): where the mean lattice puts
-    the peak, the centring rule of the model (:func:`cdinn_stream.core.physics.peak_offsets`).
+    pixels) and on 4x4-binned ones (a 3-bin box) when they are at least ``40 * box`` (whole
+    detector frames); then the brightest pixel of the frame within ``box // 2`` (``f - 1`` more
+    when binned ``f x f``) of it, or (``centre``, the default) the brightest 3x3 blob there and
+    then the rounded centre of mass of the 7x7 pixels around it (:func:`centre_of_mass_peaks`):
+    where the mean lattice puts the peak, the centring rule of the model
+    (:func:`cdinn_stream.core.physics.peak_offsets`).
     """
     n, h, w = frames.shape
     chunk = max(1, SEARCH_CHUNK_BYTES // max(4 * h * w, 1))
@@ -134,7 +136,7 @@ def _find_peaks(frames: np.ndarray, box: int, centre: bool) -> np.ndarray:
         search = rows[:, :, 0 : w - f + 1 : f].copy()
         for k in range(1, f):
             search += rows[:, :, k : w - f + 1 + k : f]
-    b = box if f == 1 else box // 2 + 1 if f == 2 else 2  # about the same blob size in binned pixels
+    b = box if f == 1 else box // 2 + 1 if f == 2 else 3  # about the blob's size in binned pixels, odd (centred)
     x = box_sum(despeckle(search), b)
     coarse = np.stack(np.unravel_index(x.reshape(n, -1).argmax(axis=1), x.shape[1:]), axis=1) * f + f // 2
     half = box // 2 + (f - 1)
@@ -159,7 +161,7 @@ def coarse_peaks(frames: np.ndarray, good_bins: np.ndarray | None = None, *, f: 
     """Where the Bragg peak of each raw ``(N, H, W)`` frame roughly is, ``(N, 2)`` (row, column),
     in about one pass over the frame: summed ``f x f`` straight from the raw counts (any dtype;
     nothing cleaned first), bins with a bad pixel dropped (``good_bins``: :func:`good_bins` of the
-    mask), NaN, infinite and negative bins set to 0, then the brightest despeckled ``2 x 2``-bin blob.
+    mask), NaN, infinite and negative bins set to 0, then the brightest despeckled ``3 x 3``-bin blob.
     Within ``f`` or so pixels of where :func:`find_peaks` puts the peak: search a window around it
     with that to get the peak itself (:class:`PeakTracker` does)."""
     n, h, w = frames.shape
@@ -182,7 +184,7 @@ def coarse_peaks(frames: np.ndarray, good_bins: np.ndarray | None = None, *, f: 
         np.nan_to_num(binned, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     if kind in "fi":
         np.maximum(binned, 0, out=binned)
-    x = box_sum(despeckle(binned), 2)
+    x = box_sum(despeckle(binned), 3)  # an odd box, centred on its bin (whose centre is f // 2 in)
     r, c = np.unravel_index(x.reshape(n, -1).argmax(axis=1), x.shape[1:])
     return np.stack([r, c], axis=1).astype(np.int64) * f + f // 2
 
@@ -338,9 +340,9 @@ class PeakTracker:
             first = self._full(frames[:1], mask, scheduled=True)
             if n == 1:
                 return first
-            if self.last_signal <= 0:  # nothing to track from: the rest of the page whole too
-                rest = self._full(frames[1:], mask, scheduled=True)
-                return tuple(np.concatenate(pair) for pair in zip(first, rest, strict=True))
+            if self.last_signal <= 0:  # nothing to track from (a dark frame): the page searched whole
+                self.counts["full"] -= 1  # the first frame is counted again with the page
+                return self._full(frames, mask, scheduled=True)
             checked = 1
         rows, cols = self._window(h, w)
         clean = clean_frames(frames[:, rows, cols], None if mask is None else mask[rows, cols])
@@ -378,8 +380,9 @@ class PeakTracker:
     def _full(self, frames: np.ndarray, mask: np.ndarray | None, *, scheduled: bool):
         """Frames searched whole: on frames at least twice the window on each side, a
         :func:`coarse_peaks` pass and then the window around each frame's rough peak (the same
-        peak as a whole-frame :func:`find_peaks` while the peak stands out of the frame), else, and
-        for a frame whose window search ends at its window's edge, :func:`find_peaks` on it whole."""
+        peak as a whole-frame :func:`find_peaks` while the peak stands out of the frame); on smaller
+        frames, or when the window search of any of the frames ends at its window's edge (the
+        rough peak was not the peak), :func:`find_peaks` on all of them whole."""
         n, h, w = frames.shape
         if min(h, w) >= 2 * self.window:
             raw = np.asarray(frames)  # frames in a file: read whole here

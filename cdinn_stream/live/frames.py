@@ -20,8 +20,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "read_frames", "open_frames", "local_path", "FileFrames", "HDF5Files",
-           "AreaDetectorHDF5Handler", "merge_file_frames"]
+__all__ = ["FORMATS", "read_frames", "open_frames", "local_path", "FileFrames", "HDF5Files", "AD_HDF5_SPECS",
+           "AD_HDF5_DATASET", "group_file_frames"]
 
 HDF5 = "application/x-hdf5"
 NPY_SEQ = "multipart/related;type=application/x-npy"
@@ -160,13 +160,17 @@ class FileFrames:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-def merge_file_frames(parts: Sequence[FileFrames]) -> FileFrames | np.ndarray:
-    """One :class:`FileFrames` for parts that follow one another in one dataset (an event page of
-    ``AD_HDF5`` datums), else all of them read and stacked."""
-    first = parts[0]
-    if all(p.dataset == first.dataset and p.start == q.stop for q, p in zip(parts, parts[1:], strict=False)):
-        return FileFrames(first.dataset, first.start, parts[-1].stop, first._map)
-    return np.concatenate([np.asarray(p) for p in parts])
+def group_file_frames(parts: Sequence[FileFrames]) -> list[FileFrames]:
+    """Parts (an event page of ``AD_HDF5`` datums) as few :class:`FileFrames` as can be: one for each
+    run of parts that follow one another in one dataset, in order."""
+    groups = [parts[0]]
+    for p in parts[1:]:
+        last = groups[-1]
+        if p.dataset == last.dataset and p.start == last.stop:
+            groups[-1] = FileFrames(last.dataset, last.start, p.stop, last._map)
+        else:
+            groups.append(p)
+    return groups
 
 
 class HDF5Files:
@@ -186,25 +190,37 @@ class HDF5Files:
         return FileFrames(ds, start, stop, self._maps[key])
 
     def dataset(self, path: str, name: str, stop: int):
-        """Dataset ``name`` of the file at ``path``, holding at least ``stop`` frames (refreshed,
-        or the file opened again, while a writer is still adding them)."""
-        ds = self._datasets.get((path, name))
-        if ds is not None and ds.shape[0] >= stop:
-            return ds
-        h5py = _h5py()
-        f = self._files.get(path)
-        if f is None:
-            f = self._files[path] = h5py.File(path, "r", swmr=True)
-        ds = self._datasets[(path, name)] = f[name]
+        """Dataset ``name`` of the file at ``path``, holding at least ``stop`` frames: one handle
+        per dataset, refreshed in place while a writer adds frames in SWMR mode (a file written
+        otherwise is opened again to see them). Too few frames even then: ``ValueError``."""
+        key = (path, name)
+        ds = self._datasets.get(key)
+        if ds is None:
+            ds = self._datasets[key] = self._file(path)[name]
         if ds.shape[0] < stop:
             try:
                 ds.refresh()
-            except Exception:  # a file not written in SWMR mode: see it anew
-                f.close()
-                f = self._files[path] = h5py.File(path, "r", swmr=True)
-                ds = self._datasets[(path, name)] = f[name]
-                self._maps.pop((path, name), None)
+            except Exception:  # not written in SWMR mode: see the file anew
+                self._files.pop(path).close()
+                for k in [k for k in self._datasets if k[0] == path]:
+                    self._datasets.pop(k)
+                    self._maps.pop(k, None)
+                ds = self._datasets[key] = self._file(path)[name]
+        if ds.shape[0] < stop:
+            raise ValueError(f"frames up to {stop - 1} asked for, {ds.shape[0]} in {name} of {path} (yet)")
         return ds
+
+    def _file(self, path: str):
+        f = self._files.get(path)
+        if f is None:
+            h5py = _h5py()
+            try:
+                f = self._files[path] = h5py.File(path, "r", swmr=True)
+            except OSError as err:
+                raise OSError(f"cannot open {path} ({err}); a file still being written can be read live only "
+                              "when its writer uses SWMR mode (AreaDetector: the HDF5 plugin's SWMR mode, "
+                              "spec AD_HDF5_SWMR; ophyd-async writes SWMR): else replay the run afterwards") from err
+        return f
 
     def close(self) -> None:
         for f in self._files.values():
@@ -232,26 +248,10 @@ def _read_hdf5(uris: Sequence[str], parameters: dict, start: int, stop: int) -> 
         files.close()
 
 
-class AreaDetectorHDF5Handler:
-    """Handler of AreaDetector's HDF5 plugin files (``resource`` spec ``AD_HDF5``, ``AD_HDF5_SWMR``)
-    for event-model's ``Filler``: a datum's frames (``frame_per_point`` from
-    ``point_number * frame_per_point``) as :class:`FileFrames`, read when the crop asks (the
-    Bragg peak's window only, when it is tracked). The frames are ``/entry/data/data``."""
-
-    specs = {"AD_HDF5", "AD_HDF5_SWMR"}
-    dataset = "/entry/data/data"
-
-    def __init__(self, filename: str, frame_per_point: int = 1, **kwargs):
-        self._files = HDF5Files()
-        self._path = filename
-        self._frame_per_point = int(frame_per_point)
-
-    def __call__(self, point_number: int, **kwargs) -> FileFrames:
-        start = int(point_number) * self._frame_per_point
-        return self._files.frames(self._path, self.dataset, start, start + self._frame_per_point)
-
-    def close(self) -> None:
-        self._files.close()
+#: ``resource`` specs of AreaDetector's HDF5 plugin files, which the live callback reads itself
+#: (a page of datums as one range of frames), and where those files hold the frames
+AD_HDF5_SPECS = frozenset({"AD_HDF5", "AD_HDF5_SWMR"})
+AD_HDF5_DATASET = "/entry/data/data"
 
 
 def _npy_paths(uris: Sequence[str], parameters: dict, stop: int) -> list[str]:

@@ -309,3 +309,19 @@ def test_coarse_search_lands_near_the_peak_whatever_the_counts(dtype):
     rough = coarse_peaks(raw, good_bins(mask))
     assert np.abs(rough - found).max() <= 4
     assert np.abs(found - true).max() <= 3
+
+
+def test_a_page_whose_first_frame_is_dark_is_searched_whole_not_lost():
+    """A shutter-closed first frame leaves nothing to track from: the page is searched whole, the
+    dark frame rejected as empty, the others cropped as whole-frame searches crop them."""
+    from cdinn_stream.lab.sim import EIGER_1M, native_frames
+    from cdinn_stream.live.callback import FrameCropper
+
+    frames, mask, _ = native_frames(5, EIGER_1M, seed=6)
+    frames[0] = 0
+    tracked, full = FrameCropper(32, mask=mask), FrameCropper(32, mask=mask, track=False)
+    a = tracked.block("run", "primary", frames, np.arange(1, 6), np.zeros(5))
+    b = full.block("run", "primary", frames, np.arange(1, 6), np.zeros(5))
+    np.testing.assert_array_equal(a.seq_nums, [2, 3, 4, 5])
+    np.testing.assert_array_equal(a.frames, b.frames)
+    assert tracked.rejections.counts["empty frame"] == 1

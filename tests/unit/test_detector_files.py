@@ -9,7 +9,7 @@ import pytest
 from cdinn_stream.lab.detector import run_documents, write_frames
 from cdinn_stream.lab.sim import EIGER_1M, native_frames
 from cdinn_stream.live.callback import FrameCropper, RunReconstructor
-from cdinn_stream.live.frames import FileFrames, HDF5Files, merge_file_frames
+from cdinn_stream.live.frames import FileFrames, HDF5Files, group_file_frames
 from cdinn_stream.live.intake import FrameIntake
 
 
@@ -50,11 +50,12 @@ def test_file_frames_read_hyperslabs_and_merge(eiger, tmp_path):
     np.testing.assert_array_equal(lazy[2:5], frames[6:9])
     np.testing.assert_array_equal(lazy[-1], frames[11])
     np.testing.assert_array_equal(np.asarray(lazy), frames[4:12])
-    again = files.dataset(str(path), "/entry/data/data", 8)  # another h5py object of the same dataset
-    merged = merge_file_frames([FileFrames(ds, 0, 4), FileFrames(again, 4, 8)])
-    assert isinstance(merged, FileFrames) and (merged.start, merged.stop) == (0, 8)
-    np.testing.assert_array_equal(np.asarray(merge_file_frames([FileFrames(ds, 8, 9), FileFrames(ds, 2, 3)])),
-                                  frames[[8, 2]])
+    other = HDF5Files()  # another handle on the same dataset: h5py says it is the same one, so its frames join
+    groups = group_file_frames([FileFrames(ds, 0, 4), FileFrames(ds, 4, 8), FileFrames(ds, 2, 3),
+                                other.frames(str(path), "/entry/data/data", 3, 5)])
+    assert [(g.start, g.stop) for g in groups] == [(0, 8), (2, 5)]
+    np.testing.assert_array_equal(np.concatenate([np.asarray(g) for g in groups]), frames[[*range(8), 2, 3, 4]])
+    other.close()
     with pytest.raises(ValueError, match="asked for"):
         FileFrames(ds, 20, 30)
     with pytest.raises(IndexError, match="step 1"):
@@ -170,3 +171,45 @@ def test_a_run_of_detector_files_through_the_callback(eiger, layout, tiny_model)
     cb.close()
     assert keep.seq == list(range(1, 25)) and dict(cb.rejected) == {}
     assert keep.summaries[0]["peak_search"]["tracked"] >= 18
+
+
+def test_a_file_still_being_written_is_read_as_it_grows(tmp_path):
+    """SWMR: a writer in another process appends frames; the run's reader sees each new stream_datum's
+    frames (windows from the mapped file and whole frames through HDF5) on one handle."""
+    import subprocess
+    import sys
+    import textwrap
+
+    frames, _, _ = native_frames(9, EIGER_1M, seed=2)
+    np.save(tmp_path / "frames.npy", frames)
+    path = tmp_path / "growing.h5"
+    writer = textwrap.dedent(f"""
+        import sys, h5py, numpy as np
+        frames = np.load({str(tmp_path / "frames.npy")!r})
+        with h5py.File({str(path)!r}, "w", libver="latest") as f:
+            ds = f.create_dataset("/entry/data/data", shape=(0, *frames.shape[1:]), maxshape=(None, *frames.shape[1:]),
+                                  chunks=(1, *frames.shape[1:]), dtype=frames.dtype)
+            f.swmr_mode = True
+            for k in range(3):
+                ds.resize(3 * (k + 1), axis=0)
+                ds[3 * k : 3 * (k + 1)] = frames[3 * k : 3 * (k + 1)]
+                ds.flush()
+                print(3 * (k + 1), flush=True)
+                sys.stdin.readline()  # wait for the reader
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    files = HDF5Files()
+    try:
+        for k in range(3):
+            assert int(proc.stdout.readline()) == 3 * (k + 1)
+            lazy = files.frames(str(path), "/entry/data/data", 3 * k, 3 * (k + 1))
+            np.testing.assert_array_equal(lazy[:, 100:236, 200:336], frames[3 * k : 3 * (k + 1), 100:236, 200:336])
+            np.testing.assert_array_equal(np.asarray(lazy), frames[3 * k : 3 * (k + 1)])
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        with pytest.raises(ValueError, match="yet"):
+            files.frames(str(path), "/entry/data/data", 9, 12)
+    finally:
+        files.close()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

@@ -130,9 +130,12 @@ def stages(model, frames: np.ndarray, mask: np.ndarray, path: Path, compressed: 
     n = len(frames)
     out: dict = {}
     out["frame_sum_us"] = time_call(lambda: [f.sum() for f in frames[:32]], repeat=3) / 32 * 1e6
-    def searched_whole():  # each frame the first of a run: searched whole (coarse pass, then its window), cropped
+    whole = FrameCropper(model.size, mask=mask)
+
+    def searched_whole():  # each frame searched whole (coarse pass, then its window; a check), cropped
         for i in range(8):
-            FrameCropper(model.size, mask=mask).block("r", "p", frames[i : i + 1], np.arange(1), np.zeros(1))
+            whole.tracker("r", "p").last = None  # nothing to track from: the frame is searched whole
+            whole.block("r", "p", frames[i : i + 1], np.arange(1), np.zeros(1))
 
     out["full_search_crop_us"] = time_call(searched_whole, repeat=3) / 8 * 1e6
 
@@ -197,7 +200,7 @@ def table(r: dict) -> list[str]:
     lines = [f"### Detector-native frames (`{r['model']}`, {r['precision']}; {r['page']} frames a page or datum; "
              "peak tracking on; ZeroMQ sink)", "",
              "| frames | " + " | ".join(r["sizes"]) + " |", "|---|" + "---|" * len(r["sizes"])]
-    modes = list(next(iter(r["sizes"].values()))["runs"])
+    modes = list(dict.fromkeys(mode for row in r["sizes"].values() for mode in row["runs"]))
     for mode in modes:
         cells = []
         for row in r["sizes"].values():
@@ -206,7 +209,9 @@ def table(r: dict) -> list[str]:
                 cells.append("")
                 continue
             lost = run["frames"] - run["received"]
-            cells.append(f"{run['fps']:,.0f} frames/s" + (f" ({lost} not received)" if lost else ""))
+            stored = (f", {run['frames_in_tiled']:,} of {run['frames']:,} in Tiled"
+                      if run.get("frames_in_tiled") is not None else "")
+            cells.append(f"{run['fps']:,.0f} frames/s" + (f" ({lost} not received)" if lost else "") + stored)
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines += ["", "Per frame, each stage alone (microseconds):", "",
               "| stage | " + " | ".join(r["sizes"]) + " |", "|---|" + "---|" * len(r["sizes"])]

@@ -200,15 +200,23 @@ EIGER_4M = DetectorGeometry("eiger4m", (4, 2))
 DETECTORS = {g.name: g for g in (EIGER_1M, EIGER_4M)}
 
 
+def _bounce(x: np.ndarray, lo: float, hi: np.ndarray) -> np.ndarray:
+    """``x`` reflected back into ``[lo, hi]`` (a drifting peak turns at the detector's edges)."""
+    span = hi - lo
+    t = np.mod(x - lo, 2 * span)
+    return lo + np.where(t > span, 2 * span - t, t)
+
+
 def native_frames(n: int, geometry: DetectorGeometry = EIGER_1M, *, seed: int = 0, photons: float = 1e6,
                   background: float = 0.02, drift: tuple[float, float] = (0.3, 0.5), jump_every: int | None = None,
                   hot_pixels: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` detector frames ``(n, rows, columns)`` uint32 of one crystal's Bragg pattern (a
     paper-recipe crystal, 2x oversampled: 64 x 64 pixels around the peak) drifting ``drift``
-    pixels a frame, jumping to a random place every ``jump_every`` frames (``None``: never),
-    ``photons`` in the pattern, Poisson counts, ``background`` counts a pixel, ``hot_pixels``
-    random hot pixels a frame, zero in the module gaps. Returns the frames, the detector's mask
-    (:meth:`DetectorGeometry.mask`) and the true peak (row, column) of each frame."""
+    pixels a frame (turning back 64 pixels from the edges), jumping to a random place every
+    ``jump_every`` frames (``None``: never), ``photons`` in the pattern, Poisson counts,
+    ``background`` counts a pixel, ``hot_pixels`` random hot pixels a frame, zero in the module
+    gaps. Returns the frames, the detector's mask (:meth:`DetectorGeometry.mask`) and the true peak
+    (row, column) of each frame."""
     rng = np.random.default_rng(seed)
     rows, cols = geometry.shape
     amp, phase = simulate_objects(rng, 1, 32, remove_ramp=True)
@@ -221,7 +229,7 @@ def native_frames(n: int, geometry: DetectorGeometry = EIGER_1M, *, seed: int = 
     for i in range(n):
         if jump_every and i and i % jump_every == 0:
             start = rng.uniform([64, 64], [rows - 64 - drift[0] * n, cols - 64 - drift[1] * n]) - np.array(drift) * i
-        r, c = np.rint(start + np.array(drift) * i).astype(int)
+        r, c = np.rint(_bounce(start + np.array(drift) * i, 64, np.array([rows, cols]) - 64)).astype(int)
         peaks[i] = r, c
         frames[i, r - 32 : r + 32, c - 32 : c + 32] += rng.poisson(pattern).astype(np.uint32)
     hot = rng.integers(0, [rows, cols], (n, hot_pixels, 2))

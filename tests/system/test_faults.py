@@ -296,9 +296,11 @@ def test_killed_mid_run_then_replayed_from_tiled_gives_complete_identical_result
     _check_complete(tiled_client, uid, 24)
     again, ref = tiled_client["cdinn"][uid], tiled_client["cdinn-reference"][uid]
     # fp32 results of the same frames batched differently differ by up to ~1e-5 (the CPU kernels'
-    # blocking follows the batch size); phases are compared modulo 2 pi (they are wrapped)
-    np.testing.assert_allclose(again["amplitude"].read(), ref["amplitude"].read(), rtol=0, atol=3e-5)
-    assert np.abs(wrap(again["phase"].read() - ref["phase"].read())).max() < 3e-5
+    # blocking follows the batch size); phases are compared modulo 2 pi (they are wrapped), inside
+    # the object (outside it the vector head's (c, s) is near 0 and its angle carries no information)
+    amplitude = ref["amplitude"].read()
+    np.testing.assert_allclose(again["amplitude"].read(), amplitude, rtol=0, atol=3e-5)
+    assert np.abs(wrap(again["phase"].read() - ref["phase"].read()))[amplitude > 0.1].max() < 3e-5
 
 
 def test_back_to_back_and_overlapping_runs_never_mix(tiled_server, tiled_client):

@@ -107,5 +107,7 @@ def test_folded_model_takes_non_contiguous_amplitudes():
     plain = CDIModel(shipped.network, device="cpu", precision="fp32", fold_small_steps=False, centre=shipped.centre)
     amplitude = torch.rand(6, 32, 32)
     for x in (amplitude[::2], amplitude.transpose(1, 2), amplitude.flatten()[1:][: 4 * 1024].view(4, 32, 32)):
-        for got, want in zip(shipped.predict_tensor(x), plain.predict_tensor(x), strict=True):
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        got, want = shipped.predict_tensor(x), plain.predict_tensor(x)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-4)  # amplitude
+        inside = want[0] > 0.1  # the phase where it means something (the vector head's angle is noise outside)
+        torch.testing.assert_close(got[1][inside], want[1][inside], rtol=0, atol=1e-4)

@@ -16,7 +16,7 @@ from cdinn_stream.live.callback import ReconstructionCallback
 from cdinn_stream.nn.reconstruct import load_model
 from cdinn_stream.sinks import TiledSink, read_run
 
-FRAMES = 2000
+FRAMES = 3000  # rounds take 10-15 s on 2 busy cores: room for two swaps and a long last version
 
 
 def _ring_run(n: int) -> np.ndarray:

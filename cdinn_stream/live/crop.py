@@ -372,9 +372,12 @@ class PeakTracker:
             peaks[first_lost:] = found
             return (peaks, np.concatenate([clean[:first_lost], found_clean]),
                     np.concatenate([origins[:first_lost], found_origins]))
-        whole = clean_frames(frames, mask)  # small frames: cropped from whole frames
         peaks[lost] = found
-        self._remember(whole, peaks)
+        if found_clean.shape[1:] == (h, w):  # searched whole: only the tracked frames before still to clean
+            whole = np.concatenate([clean_frames(frames[:first_lost], mask), found_clean])
+        else:
+            whole = clean_frames(frames, mask)
+            self._remember(whole, peaks)
         return peaks, whole, np.zeros((n, 2), np.int64)
 
     def _full(self, frames: np.ndarray, mask: np.ndarray | None, *, scheduled: bool):

@@ -16,7 +16,7 @@ from cdinn_stream.live.callback import ReconstructionCallback
 from cdinn_stream.nn.reconstruct import load_model
 from cdinn_stream.sinks import TiledSink, read_run
 
-FRAMES = 3000  # rounds take 10-15 s on 2 busy cores: room for two swaps and a long last version
+FRAMES = 3000  # rounds take 5-15 s on 2 busy cores: the first swap comes 1,000-2,000 frames in
 
 
 def _ring_run(n: int) -> np.ndarray:
@@ -66,11 +66,12 @@ def test_live_adaptation_halves_chi2_on_an_unseen_crystal_type(RE, tiled_client,
         assert card["adapted_on"] == uid and entry["adapted_on"] == uid
 
     base = model.predict(frames[:, 16:48, 16:48]).chi2  # the shipped model alone on the same frames
+    adapted = versions > 0  # every frame an adapted version made (the last one's share depends on round times)
+    ratio = np.median(base[adapted]) / np.median(chi2[adapted])
     last = versions == versions[-1]
-    ratio = np.median(base[last]) / np.median(chi2[last])
-    print(f"adaptation: {stats['adapted']['swaps']} swaps; last version on {last.sum()} frames: chi2 median "
-          f"{np.median(chi2[last]):.4f} vs {np.median(base[last]):.4f} without ({ratio:.1f}x); whole run "
-          f"{np.median(chi2):.4f} vs {np.median(base):.4f} ({np.median(base) / np.median(chi2):.1f}x); rounds "
+    print(f"adaptation: {stats['adapted']['swaps']} swaps; adapted versions on {adapted.sum()} frames: chi2 median "
+          f"{np.median(chi2[adapted]):.4f} vs {np.median(base[adapted]):.4f} without ({ratio:.1f}x); last version "
+          f"on {last.sum()} frames ({np.median(base[last]) / np.median(chi2[last]):.1f}x); rounds "
           f"{[(h['seconds'], h['swapped']) for h in stats['adapted']['history']]}; first swap at frame "
-          f"{int(np.argmax(versions > 0)) + 1}")
-    assert last.sum() >= 100 and ratio >= 2
+          f"{int(np.argmax(adapted)) + 1}")
+    assert adapted.sum() >= 100 and ratio >= 2

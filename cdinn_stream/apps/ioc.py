@@ -20,6 +20,11 @@ PV                        meaning
 ``P:MODEL_VERSION``       version of the weights in use (0 until a live adaptation swaps)
 ``P:RUN_UID``             uid of the current run
 ``P:STATUS``              ``idle``, ``running`` or ``done <exit_status>``
+``P:PEAK_ROW`` ...        the latest frame's observables, one PV each (``P:PEAK_ROW``,
+                          ``P:PEAK_COL``, ``P:INTENSITY``, ``P:SUPPORT_AREA``, ``P:CENTROID_ROW``,
+                          ``P:CENTROID_COL``, ``P:PHASE_MEAN``, ``P:STRAIN_RMS``,
+                          ``P:CORRELATION``; :data:`cdinn_stream.core.observables.OBSERVABLES`
+                          says what each is, in which unit)
 ========================  =================================================================
 
 The server binds 127.0.0.1 unless ``--interfaces`` says otherwise, and answers searches on UDP port
@@ -49,7 +54,13 @@ try:
 except ImportError as err:
     raise ImportError(f"the cdinn-stream IOC needs caproto ({err}): pip install 'cdinn-stream[epics]'") from err
 
+from ..core.observables import OBSERVABLES
+from ..sinks.epics import OBSERVABLE_PVS
+
 __all__ = ["ReconstructionIOC", "run_ioc", "IOCThread", "client_environment", "server_port"]
+
+#: the observables' units as EPICS engineering units (at most 8 characters)
+EPICS_UNITS = {"detector pixel": "px", "object pixel": "px", "counts": "counts", "rad": "rad", "": ""}
 
 DEFAULT_PORT = 5064  # Channel Access's
 
@@ -99,7 +110,10 @@ def make_ioc_class(max_size: int = 128) -> type[PVGroup]:
         RUN_UID = pvproperty(value="", dtype=ChannelType.STRING, doc="current run uid")
         STATUS = pvproperty(value="idle", dtype=ChannelType.STRING, doc="pipeline status")
 
-    return ReconstructionIOC
+    observables = {pv: pvproperty(value=0.0, dtype=float, precision=4, units=EPICS_UNITS[OBSERVABLES[name][0]],
+                                  doc=OBSERVABLES[name][1][:80])
+                   for name, pv in OBSERVABLE_PVS.items()}
+    return type("ReconstructionIOC", (ReconstructionIOC,), observables)
 
 
 ReconstructionIOC = make_ioc_class()

@@ -69,7 +69,8 @@ def _buffers(shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, ...
     return cached[1:]
 
 
-def fourier_chi2(amplitude: torch.Tensor, phase: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+def fourier_chi2(amplitude: torch.Tensor, phase: torch.Tensor, measured: torch.Tensor, *,
+                 obj: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`chi2` ``(B,)`` of objects ``(B, N, N)`` against measured *amplitudes* ``sqrt(I)``
     ``(B, N, N)`` (any overall scale, zero frequency at ``N // 2``, ``N`` even), in float32 on the
     tensors' device: the per-frame trust figure of the live pipeline.
@@ -77,18 +78,24 @@ def fourier_chi2(amplitude: torch.Tensor, phase: torch.Tensor, measured: torch.T
     The best scale ``s`` leaves ``chi2 = 1 - (sum |P| |M|)**2 / (sum |P|**2 sum |M|**2)``, and
     ``sum |P|**2`` is the object's own (Parseval), so one FFT per frame suffices; the centring
     shift of the transform is a ``(-1)**(k1 + k2)`` checkerboard on the object. Agrees with
-    :func:`chi2` to about 1e-6 (float32).
+    :func:`chi2` to about 1e-6 (float32). ``obj``: the objects as complex64
+    (:func:`cdinn_stream.core.observe.complex_objects`), when the caller has them (the live
+    pipeline's engine: they are shared with the observables).
     """
     n = amplitude.shape[-1]
     if n % 2 or measured.shape != amplitude.shape:
         return chi2(amplitude.float().cpu(), phase.float().cpu(), measured.float().cpu().square()).float().to(
             amplitude.device)
     a, p, m = amplitude.float(), phase.float(), measured.float()
-    checkerboard, signed, work, imag, obj = _buffers(a.shape, a.device)
-    torch.mul(a, checkerboard, out=signed)
-    torch.mul(signed, torch.sin(p, out=work), out=imag)
-    torch.mul(signed, torch.cos(p, out=work), out=work)
-    f = torch.view_as_real(torch.fft.fft2(torch.complex(work, imag, out=obj)))
+    checkerboard, signed, work, imag, centred = _buffers(a.shape, a.device)
+    if obj is None:
+        torch.mul(a, checkerboard, out=signed)
+        torch.mul(signed, torch.sin(p, out=work), out=imag)
+        torch.mul(signed, torch.cos(p, out=work), out=work)
+        torch.complex(work, imag, out=centred)
+    else:
+        torch.mul(obj, checkerboard, out=centred)
+    f = torch.view_as_real(torch.fft.fft2(centred))
     modulus = torch.mul(f[..., 0], f[..., 0], out=work).addcmul_(f[..., 1], f[..., 1]).sqrt_()
     cross = modulus.mul_(m).sum(dim=(-2, -1))
     own = torch.mul(a, a, out=signed).sum(dim=(-2, -1)) * float(n * n)

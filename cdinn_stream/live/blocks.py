@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -87,6 +87,8 @@ class ResultBlock:
         model_version: which weights made it: 0 for the model the pipeline started with, ``k``
             after the ``k``-th hot swap (:meth:`~cdinn_stream.live.engine.InferenceEngine.swap_model`).
         model: the name of those weights (a model card's name).
+        observables: ``(n,)`` float32 arrays by name, :data:`cdinn_stream.core.observables.OBSERVABLES`
+            but ``chi2`` (empty when they were not computed).
     """
 
     frames: FrameBlock
@@ -96,6 +98,7 @@ class ResultBlock:
     chi2: np.ndarray
     model_version: int = 0
     model: str = ""
+    observables: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def run_uid(self) -> str:

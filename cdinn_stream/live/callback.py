@@ -298,7 +298,7 @@ class ReconstructionCallback:
             refiner = Refiner(to_all(threads), every=refine_every or 0, iterations=refine_iterations,
                               above=refine_above, budget=refine_budget, share=refine_share, zoom=self.cropper.zoom)
         self.engine = InferenceEngine(self.model, threads, refiner=refiner, batch_size=batch_size,
-                                      max_latency=max_latency, max_queued_frames=max_queued_frames)
+                                      max_latency=max_latency, max_queued_frames=max_queued_frames, crop_bin=bin)
         self.intake = FrameIntake(max_frames=max_queued_frames)
         if refiner is not None or adapt:
             _short_switch_interval()

@@ -21,7 +21,9 @@ then ``close_run`` -- each from its own sink thread, and without the producer wa
 
 Every result carries its trust figure, chi^2 of the reconstruction against the measured crop
 (:func:`~cdinn_stream.core.metrics.fourier_chi2`, batched on the model's device right after the
-network), and the version of the weights that made it: :meth:`InferenceEngine.swap_model` puts
+network), its observables (:mod:`cdinn_stream.core.observables`: peak position, intensity,
+support, strain, change against the run's first frame; computed on the same device from the
+same complex objects as chi^2), and the version of the weights that made it: :meth:`InferenceEngine.swap_model` puts
 new weights in between two batches (live adaptation, :mod:`cdinn_stream.live.adapt`), and each
 run's end summary lists the versions its frames used (``model_versions``).
 
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 
 from ..core.metrics import fourier_chi2
+from ..core.observe import complex_objects, frame_observables, reference_objects
 from ..core.physics import normalized_amplitude
 from ..core.timing import LatencyWindow, latency_ms
 from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
@@ -82,8 +85,10 @@ class InferenceEngine(Worker):
 
     def __init__(self, model: CDIModel, sink_threads: list[SinkThread] | None = None, *,
                  refiner: Refiner | None = None, batch_size: int = 256, max_latency: float = 0.01,
-                 max_queued_frames: int = 20_000, block_timeout: float = 1.0):
+                 max_queued_frames: int = 20_000, block_timeout: float = 1.0, crop_bin: int = 1):
         super().__init__("cdinn-inference")
+        self.crop_bin = crop_bin  # binning of the crops (for the peak position in detector pixels)
+        self._references: dict[str, torch.Tensor] = {}  # each open run's first object (correlation)
         self.model = model
         self.sink_threads = list(sink_threads or [])
         self.refiner = refiner
@@ -249,28 +254,52 @@ class InferenceEngine(Worker):
         self._cond.notify_all()
         return blocks
 
-    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Amplitude, phase and chi^2 of ``(n, size, size)`` measured crops."""
-        x = torch.from_numpy(frames)
+    def _infer(self, frames: np.ndarray, origins: np.ndarray, runs: list[str]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Amplitude, phase, chi^2 and observables of ``(n, size, size)`` measured crops whose
+        detector origins are ``origins`` and runs ``runs`` (one uid a frame)."""
+        raw = torch.from_numpy(frames)
         if self._pin:
-            x = x.pin_memory()
+            raw = raw.pin_memory()
         try:
-            x = normalized_amplitude(x.to(self.model.device, non_blocking=True))
+            raw = raw.to(self.model.device, non_blocking=True)
+            x = normalized_amplitude(raw)
             amp, phase = self.model.predict_tensor(x)
-            chi2 = fourier_chi2(amp, phase, x)
-            return amp.float().cpu().numpy(), phase.float().cpu().numpy(), chi2.cpu().numpy()
+            obj = complex_objects(amp, phase)
+            chi2 = fourier_chi2(amp, phase, x, obj=obj)
+            obs = frame_observables(amp, phase, raw, torch.from_numpy(origins), bin=self.crop_bin,
+                                    reference=self._reference(amp, phase, runs), obj=obj)
+            return (amp.float().cpu().numpy(), phase.float().cpu().numpy(), chi2.cpu().numpy(),
+                    {k: v.cpu().numpy() for k, v in obs.items()})
         except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
             if len(frames) > 1:
                 logger.warning("model failed on %d frames (%s); retrying in halves", len(frames), err)
                 h = len(frames) // 2
-                halves = self._infer(frames[:h]), self._infer(frames[h:])
-                return tuple(np.concatenate(parts) for parts in zip(*halves, strict=True))
+                halves = self._infer(frames[:h], origins[:h], runs[:h]), self._infer(frames[h:], origins[h:], runs[h:])
+                (a0, p0, c0, o0), (a1, p1, c1, o1) = halves
+                return (np.concatenate([a0, a1]), np.concatenate([p0, p1]), np.concatenate([c0, c1]),
+                        {k: np.concatenate([o0[k], o1[k]]) for k in o0})
             if self.model.device.type != "cpu":
                 logger.warning("model failed on %s (%s); falling back to the CPU", self.model.device, err)
                 self.model = self.model.on_cpu()
                 self._pin = False
-                return self._infer(frames)
+                self._references = {k: v.cpu() for k, v in self._references.items()}
+                return self._infer(frames, origins, runs)
             raise
+
+    def _reference(self, amp: torch.Tensor, phase: torch.Tensor, runs: list[str]) -> torch.Tensor:
+        """Each frame's run's first object (:func:`reference_objects`), kept from the run's first
+        frame until its end: ``(1, N, N)`` for a batch of one run, ``(n, N, N)`` otherwise."""
+        uids = list(dict.fromkeys(runs))
+        for uid in uids:
+            if uid not in self._references:
+                first = runs.index(uid)
+                self._references[uid] = reference_objects(amp[first : first + 1], phase[first : first + 1])
+        if len(uids) == 1:
+            return self._references[uids[0]]
+        bank = torch.cat([self._references[u] for u in uids])
+        where = {u: i for i, u in enumerate(uids)}
+        return bank[torch.tensor([where[u] for u in runs], device=bank.device)]
 
     def _handle(self, items: list) -> None:
         if isinstance(items[0], RunMarker):
@@ -283,8 +312,10 @@ class InferenceEngine(Worker):
                 torch.set_num_threads(self._threads)
             version, name = self._take_new_model()
             frames = np.concatenate([b.frames for b in blocks]).astype(np.float32, copy=False)
+            origins = np.concatenate([b.origins for b in blocks]).reshape(-1, 2)
+            runs = [b.run_uid for b in blocks for _ in range(len(b))]
             try:
-                amp, phase, chi2 = self._infer(frames)
+                amp, phase, chi2, obs = self._infer(frames, origins, runs)
             except Exception:
                 logger.exception("inference failed for %d frames (runs %s)", len(frames),
                                  sorted({b.run_uid for b in blocks}))
@@ -295,7 +326,7 @@ class InferenceEngine(Worker):
             for b in self._by_run(blocks):
                 n = len(b)
                 result = ResultBlock(b, amp[i : i + n], phase[i : i + n], done - b.received, chi2[i : i + n],
-                                     version, name)
+                                     version, name, {k: v[i : i + n] for k, v in obs.items()})
                 i += n
                 self.stats.latencies.extend(result.latency)
                 self._run_versions.setdefault(b.run_uid, set()).add(version)
@@ -336,6 +367,7 @@ class InferenceEngine(Worker):
 
     def _marker(self, marker: RunMarker) -> None:
         if marker.kind == "close":
+            self._references.pop(marker.run_uid, None)
             used = sorted(self._run_versions.pop(marker.run_uid, {self.model_version}))
             marker.document["model_versions"] = [self.model_versions[v] for v in used]
         if self.adapter is not None:

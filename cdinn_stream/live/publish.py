@@ -99,8 +99,14 @@ def _merged(blocks: list, per_frame: tuple[str, ...], shared: tuple[str, ...]):
 
 
 def merge_results(results: list[ResultBlock]) -> ResultBlock:
-    """One result from consecutive results of the same run, stream and model version."""
-    return _merged(results, ("amplitude", "phase", "latency", "chi2"), ("model_version", "model"))
+    """One result from consecutive results of the same run, stream and model version (an
+    observable some of them lack is NaN on their frames)."""
+    merged = _merged(results, ("amplitude", "phase", "latency", "chi2"), ("model_version", "model"))
+    if len(results) > 1:
+        names = list(dict.fromkeys(k for r in results for k in r.observables))
+        merged.observables = {k: np.concatenate([r.observables.get(k, np.full(len(r.chi2), np.nan, np.float32))
+                                                 for r in results]) for k in names}
+    return merged
 
 
 class SinkThread(Worker):

@@ -306,4 +306,5 @@ def _consecutive(batch: list[ResultBlock]) -> list[list[ResultBlock]]:
 def _subset(result: ResultBlock, idx: np.ndarray) -> ResultBlock:
     """Frames ``idx`` of a result."""
     return ResultBlock(result.frames.take(idx), result.amplitude[idx], result.phase[idx], result.latency[idx],
-                       np.asarray(result.chi2)[idx], result.model_version, result.model)
+                       np.asarray(result.chi2)[idx], result.model_version, result.model,
+                       {k: v[idx] for k, v in result.observables.items()})

@@ -4,8 +4,8 @@ Tiled sink is one, around a ``TiledStore``)."""
 
 from .epics import EpicsSink
 from .spooled import SpooledSink
-from .tiled import FRAME_INFO_COLUMNS, TiledSink, TiledStore, read_frame_info, read_run
+from .tiled import FRAME_INFO_COLUMNS, TiledSink, TiledStore, read_frame_info, read_observables, read_run
 from .zmq import ZmqPublisherSink, decode_message
 
 __all__ = ["ZmqPublisherSink", "decode_message", "TiledSink", "TiledStore", "SpooledSink", "EpicsSink",
-           "FRAME_INFO_COLUMNS", "read_frame_info", "read_run"]
+           "FRAME_INFO_COLUMNS", "read_frame_info", "read_observables", "read_run"]

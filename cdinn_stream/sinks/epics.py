@@ -5,7 +5,11 @@ and ``P:PHASE`` (waveforms of ``h*w`` values, row-major), ``P:SHAPE`` (``[h, w]`
 ``P:SUPPORT_SIZE`` (pixels), ``P:PHASE_RMS`` (rad: the standard deviation of the phase inside the
 support, about its circular mean), ``P:FRAME_RATE`` (frames/s), ``P:FRAMES`` (count), ``P:SEQ_NUM``,
 ``P:CHI2`` (the latest frame's trust figure), ``P:CHI2_MEDIAN`` (median of the run's last
-:data:`CHI2_WINDOW` frames), ``P:MODEL_VERSION``, ``P:RUN_UID`` and ``P:STATUS``.
+:data:`CHI2_WINDOW` frames), ``P:MODEL_VERSION``, ``P:RUN_UID`` and ``P:STATUS``; and the
+latest frame's observables (:data:`cdinn_stream.core.observables.OBSERVABLES`), one PV each, named
+in :data:`OBSERVABLE_PVS`: ``P:PEAK_ROW``, ``P:PEAK_COL``, ``P:INTENSITY``, ``P:SUPPORT_AREA``,
+``P:CENTROID_ROW``, ``P:CENTROID_COL``, ``P:PHASE_MEAN``, ``P:STRAIN_RMS``, ``P:CORRELATION``
+(what feedback plans read: :mod:`cdinn_stream.plans`).
 
 Channel Access finds an IOC by UDP broadcast, which usually does not reach an IOC bound to
 127.0.0.1 (``cdinn-stream ioc``'s default): point the client at it before the process first uses
@@ -30,14 +34,18 @@ from collections import deque
 
 import numpy as np
 
+from ..core.observables import OBSERVABLES
 from ..live.blocks import ResultBlock
 
-__all__ = ["EpicsSink", "PV_NAMES", "CA_HINT", "CHI2_WINDOW"]
+__all__ = ["EpicsSink", "PV_NAMES", "OBSERVABLE_PVS", "CA_HINT", "CHI2_WINDOW"]
 
 logger = logging.getLogger(__name__)
 
+#: observable -> the PV (after the prefix) of its latest value (``chi2`` is ``CHI2``, below)
+OBSERVABLE_PVS = {name: name.upper() for name in OBSERVABLES if name != "chi2"}
+
 PV_NAMES = ("AMPLITUDE", "PHASE", "SHAPE", "SUPPORT_SIZE", "PHASE_RMS", "FRAME_RATE", "FRAMES", "SEQ_NUM",
-            "CHI2", "CHI2_MEDIAN", "MODEL_VERSION", "RUN_UID", "STATUS")
+            "CHI2", "CHI2_MEDIAN", "MODEL_VERSION", "RUN_UID", "STATUS", *OBSERVABLE_PVS.values())
 
 #: frames of the run over which ``P:CHI2_MEDIAN`` is the median
 CHI2_WINDOW = 1000
@@ -165,6 +173,9 @@ class EpicsSink:
             self._put("CHI2", float(result.chi2[-1]))
             self._put("CHI2_MEDIAN", float(np.median(self._chi2)))
             self._put("MODEL_VERSION", int(result.model_version))
+            for name, values in result.observables.items():
+                if name in OBSERVABLE_PVS:
+                    self._put(OBSERVABLE_PVS[name], float(values[-1]))
             self._confirm()
 
         if self._safe(put_all):

@@ -10,19 +10,23 @@ user who knows the raw run finds its reconstruction next to it::
     rec["chi2"].read()                                  # (N,) float64: each frame's trust figure
     info = read_frame_info(rec)                         # per-frame metadata, same order
     info["seq_num"], info["peak"]                       # (N,) int64, (N, 2) int64
+    obs = read_observables(rec)                         # each frame's observables by name
+    obs["peak_row"], obs["strain_rms"]                  # (N,) float64, same order
     rec.metadata["model_card"], rec.metadata["complete"]
 
 Arrays: ``amplitude``, ``phase`` ``(N, h, w)`` float32, ``chi2`` ``(N,)`` float64 (chi^2 of each
 reconstruction against its measured crop) and ``frame_info`` ``(N, 8)`` float64,
 one row per frame with the columns :data:`FRAME_INFO_COLUMNS` (seq_num, event time, crop
 origin row and column, Bragg peak row and column, latency in s, model version; also in the array's metadata
-``columns``; the integers are exact in float64). The model versions are listed in the metadata
+``columns``; the integers are exact in float64), and ``observables`` ``(N, K)`` float64, the
+table of each frame's observables (:data:`cdinn_stream.core.observables.OBSERVABLES`; columns and
+units in the array's metadata). The model versions are listed in the metadata
 ``model_versions`` at the run's end (version 0: the model of ``model_card``; later ones: weights
 adapted live, with where they were saved). :func:`read_frame_info` and :func:`read_run`
 give them back as named arrays (:mod:`cdinn_stream.sinks.tiled_layout`). The per-frame metadata
 share one array because every array costs one request per write, and on a busy server each
 request costs about as much as megabytes of data (``docs/design.md``, section 13). Each write
-extends the four arrays with ``ArrayClient.patch(..., extend=True)``. Refined frames (NN-seeded
+extends the five arrays with ``ArrayClient.patch(..., extend=True)``. Refined frames (NN-seeded
 ER/HIO, :mod:`cdinn_stream.live.refine`) add ``refined_amplitude``, ``refined_phase``,
 ``refined_seq_num``, ``refined_chi2_nn`` and ``refined_chi2``. The container's metadata
 holds the model card, the raw run's start document, and at the end ``complete`` and counts
@@ -62,14 +66,17 @@ from .spooled import SpooledSink
 from .tiled_layout import (
     ARRAYS,
     FRAME_INFO_COLUMNS,
+    array_metadata,
     frame_count,
     read_frame_info,
+    read_observables,
     read_run,
     result_columns,
     upgrade_columns,
 )
 
-__all__ = ["connect_tiled", "TiledSink", "TiledStore", "RunState", "FRAME_INFO_COLUMNS", "read_frame_info", "read_run"]
+__all__ = ["connect_tiled", "TiledSink", "TiledStore", "RunState", "FRAME_INFO_COLUMNS", "read_frame_info",
+           "read_observables", "read_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,11 +176,14 @@ class TiledStore:
         cols = upgrade_columns(cols)
         if not run.arrays:
             for key in ARRAYS:
-                meta = {"columns": list(FRAME_INFO_COLUMNS)} if key == "frame_info" else None
-                run.arrays[key] = run.container.write_array(cols[key], key=key, metadata=meta)
+                run.arrays[key] = run.container.write_array(cols[key], key=key, metadata=array_metadata(key))
         else:
             if "chi2" not in run.arrays:  # a container an earlier version began
                 run.arrays["chi2"] = run.container.write_array(np.full(run.n, np.nan), key="chi2")
+            if "observables" not in run.arrays:
+                run.arrays["observables"] = run.container.write_array(
+                    np.full((run.n, cols["observables"].shape[1]), np.nan), key="observables",
+                    metadata=array_metadata("observables"))
             width = run.arrays["frame_info"].shape[-1]
             cols = {**cols, "frame_info": cols["frame_info"][:, :width]}
             for key in ARRAYS:

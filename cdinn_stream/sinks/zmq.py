@@ -11,7 +11,8 @@ Every message is multipart::
 entry to model output, per frame), ``chi2`` (per frame: the trust figure, chi^2 of the
 reconstruction against the measured crop), ``model_version`` and ``model`` (which weights made
 these frames: 0 and the model's name until a live adaptation swaps new weights in), ``published``
-(send time) and ``run_frames`` (frames of the
+(send time), ``observables`` (per frame, by name: :data:`cdinn_stream.core.observables.OBSERVABLES`
+but ``chi2``, which has its own field) and ``run_frames`` (frames of the
 run published so far, this message included; the stop message carries the run's total and
 ``model_versions``, the weights its frames used). Refined results
 (NN-seeded ER/HIO of selected frames, :mod:`cdinn_stream.live.refine`) have the same layout plus ``iterations``,
@@ -97,7 +98,7 @@ class ZmqPublisherSink:
                   "time": f.times, "shape": list(amp.shape), "dtype": "float32", "crop_origin": f.origins,
                   "peak": f.peaks, "latency_s": result.latency, "chi2": result.chi2,
                   "model_version": result.model_version, "model": result.model, "published": time.time(),
-                  "run_frames": self._count(f.run_uid, len(amp))}
+                  "run_frames": self._count(f.run_uid, len(amp)), "observables": result.observables}
         self._socket.send_multipart([TOPIC_RESULT, _json(header), amp,
                                      np.ascontiguousarray(result.phase, np.float32)], copy=False)
         self.messages_sent += 1

@@ -1,0 +1,91 @@
+"""The observables of each reconstructed frame (:data:`cdinn_stream.core.observables.OBSERVABLES`),
+batched in torch on the model's device: :func:`frame_observables`."""
+
+from __future__ import annotations
+
+import torch
+
+from .observables import PEAK_WINDOW
+from .physics import SUPPORT_THRESHOLD
+
+__all__ = ["complex_objects", "frame_observables", "reference_objects"]
+
+
+def complex_objects(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """``amplitude * exp(i phase)`` as complex64: made once a batch and shared by the trust figure
+    (:func:`cdinn_stream.core.metrics.fourier_chi2`) and :func:`frame_observables` (its cosine
+    and sine are the largest part of either's cost)."""
+    a, p = amplitude.float(), phase.float()
+    return torch.complex(a * torch.cos(p), a * torch.sin(p))
+
+
+def _demodulated(amplitude: torch.Tensor, obj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Support weights ``w`` (the amplitude in the support, 0 outside), the support (1.0 in it, 0.0
+    outside) and the complex object in
+    the support with its linear ramp taken out, ``z exp(-i ramp)``: the ramp ``steps . (r - N // 2)``
+    from the mean phase steps between neighbouring pixels (the angle of the amplitude-weighted
+    ``sum z[r + 1] conj(z[r])`` along rows and columns). The ramp is separable, so it is applied as
+    a column and then a row factor (no exponential a pixel)."""
+    a = amplitude.float()
+    n = a.shape[-1]
+    top = a.flatten(1).amax(dim=1).clamp_min(1e-30)
+    mask = torch.gt(a, (SUPPORT_THRESHOLD * top)[:, None, None], out=torch.empty_like(a))  # 1. in the support
+    z = obj * mask
+    steps = torch.stack([torch.angle((z[:, 1:] * z[:, :-1].conj()).sum(dim=(1, 2))),
+                         torch.angle((z[:, :, 1:] * z[:, :, :-1].conj()).sum(dim=(1, 2)))], dim=1)
+    r = torch.arange(n, device=a.device, dtype=torch.float32) - n // 2
+    angles = -steps[:, :, None] * r
+    factors = torch.complex(torch.cos(angles), torch.sin(angles))  # (B, 2, N): the rows' and the columns'
+    return a * mask, mask, z.mul_(factors[:, 1, None, :]).mul_(factors[:, 0, :, None])
+
+
+def reference_objects(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """The ramp-removed complex objects in their supports ``(B, N, N)`` that ``correlation``
+    compares later frames with (the engine keeps each run's first frame's)."""
+    return _demodulated(amplitude, complex_objects(amplitude, phase))[2]
+
+
+def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch.Tensor, origins: torch.Tensor, *,
+                      bin: int = 1, reference: torch.Tensor | None = None,
+                      obj: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """:data:`OBSERVABLES` (but ``chi2``) of ``(B, N, N)`` reconstructions, each ``(B,)`` float32.
+
+    ``crops`` are the measured ``(B, M, M)`` crops the model saw (counts, the peak at ``M // 2``),
+    ``origins`` ``(B, 2)`` their top-left detector pixel and ``bin`` their binning; ``reference``
+    the objects of :func:`reference_objects` (one, or one a frame) that ``correlation`` compares
+    with (NaN without one); ``obj`` the reconstructions' :func:`complex_objects`, when the caller
+    has them. About 15 passes over the objects, without an exponential a pixel: a few percent of
+    the model's own time (``cdinn-stream bench``)."""
+    b, n = amplitude.shape[0], amplitude.shape[-1]
+    w, support, z = _demodulated(amplitude, complex_objects(amplitude, phase) if obj is None else obj)
+    by_row = w.sum(dim=2)
+    mass = by_row.sum(dim=1).clamp_min(1e-30)
+    coords = torch.arange(n, device=w.device, dtype=torch.float32) - n // 2
+    centroid_row = (by_row * coords).sum(dim=1) / mass
+    centroid_col = (w.sum(dim=1) * coords).sum(dim=1) / mass
+    total = z.sum(dim=(1, 2))
+    phase_mean = torch.angle(total)
+    # circular standard deviation of the phase, amplitude-weighted: sqrt(-2 ln R), R the length of
+    # the mean unit phasor; the RMS about the mean for a spread well under a radian, and defined
+    # (not wrapped into nonsense) for phases spread over the whole circle
+    strain_rms = (-2 * torch.log((total.abs() / mass).clamp(1e-12, 1.0))).sqrt()
+    if reference is None:
+        correlation = torch.full((b,), float("nan"), device=w.device)
+    else:
+        own = (w * w).sum(dim=(1, 2))  # |z exp(-i ramp)|^2 = w^2
+        theirs = reference.abs().square().sum(dim=(1, 2))
+        correlation = (z * reference.conj()).sum(dim=(1, 2)).abs() / (own * theirs).sqrt().clamp_min(1e-30)
+    m = crops.shape[-1]
+    x = crops.float()
+    k = PEAK_WINDOW
+    around = x[:, m // 2 - k : m // 2 + k + 1, m // 2 - k : m // 2 + k + 1].clamp_min(0)
+    offsets = torch.arange(-k, k + 1, device=x.device, dtype=torch.float32)
+    total = around.sum(dim=(1, 2))
+    dy = (around.sum(dim=2) * offsets).sum(dim=1) / total.clamp_min(1e-30)
+    dx = (around.sum(dim=1) * offsets).sum(dim=1) / total.clamp_min(1e-30)
+    centre = float(m // 2 * bin + (bin - 1) / 2)  # the detector pixel (from the origin) at the crop's centre
+    o = origins.to(device=x.device, dtype=torch.float32)
+    return {"peak_row": o[:, 0] + centre + dy * bin, "peak_col": o[:, 1] + centre + dx * bin,
+            "intensity": x.sum(dim=(1, 2)), "support_area": support.sum(dim=(1, 2)),
+            "centroid_row": centroid_row, "centroid_col": centroid_col, "phase_mean": phase_mean,
+            "strain_rms": strain_rms, "correlation": correlation}

@@ -13,6 +13,8 @@ shared machines. Suites (``--suite``):
 * ``trust`` (:mod:`benchmarks.trust`): the per-frame chi^2's cost against the network's,
   refinement on the model's window and on a window twice as wide against 620-iteration ER/HIO,
   automatic refinement of doubtful frames in a live run, live adaptation to an unseen crystal type.
+* ``observables`` (:mod:`benchmarks.observables`): what the per-frame observables add to the
+  engine's step, against the network's time.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from tqdm.auto import tqdm
 from cdinn_stream.core.simulate import simulate
 from cdinn_stream.core.timing import machine_info
 
-from . import detector, erhio, model, pipeline, trust
+from . import detector, erhio, model, observables, pipeline, trust
 
-SUITES = ("simulate", "model", "erhio", "pipeline", "trust", "detector")
+SUITES = ("simulate", "model", "erhio", "pipeline", "trust", "detector", "observables")
 #: what runs when no suite is named (trust takes about 5 minutes more on 2 cores)
 DEFAULT_SUITES = ("simulate", "model", "erhio", "pipeline")
 
@@ -65,6 +67,8 @@ def run_benchmarks(out_dir: str | Path, *, model_name: str = "cdinn-32",
         results["trust"] = trust.run(model_name, quick=quick)
     if "detector" in suites:
         results["detector"] = detector.run(model_name, quick=quick)
+    if "observables" in suites:
+        results["observables"] = observables.run(model_name, quick=quick)
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     (out / "bench.md").write_text(bench_table(results))
     return results
@@ -101,4 +105,6 @@ def bench_table(r: dict) -> str:
         lines += trust.table(r["trust"]) + [""]
     if "detector" in r:
         lines += detector.table(r["detector"]) + [""]
+    if "observables" in r:
+        lines += observables.table(r["observables"]) + [""]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..live.blocks import Closes
@@ -205,17 +205,18 @@ class PipelineConfig:
         return sinks
 
     def build(self, *, model=None, tiled_client=None, mask=None, image_key: str | None = None,
-              handler_registry: dict | None = None):
+              handler_registry: dict | None = None, extra_sinks: Sequence = ()):
         """The :class:`~cdinn_stream.live.callback.ReconstructionCallback` with its sinks (closing
         the callback closes them).
 
         ``model`` (a loaded :class:`~cdinn_stream.nn.reconstruct.CDIModel`) and ``tiled_client``
         replace the ones these settings would make; ``mask``, ``image_key`` and
-        ``handler_registry`` go to the callback."""
+        ``handler_registry`` go to the callback; ``extra_sinks`` are added to the configured ones
+        (a :class:`~cdinn_stream.apps.liveview.LiveReconstructionView`, a sink of your own)."""
         from ..live.callback import ReconstructionCallback
 
         model = model if model is not None else self.load_model()
-        sinks = self.build_sinks(model_card=model.card, tiled_client=tiled_client)
+        sinks = [*self.build_sinks(model_card=model.card, tiled_client=tiled_client), *extra_sinks]
         return ReconstructionCallback(model=model, sinks=sinks, bin=self.bin, mask=mask, image_key=image_key,
                                       batch_size=self.batch_size, max_latency=self.max_latency,
                                       handler_registry=handler_registry, refine_every=self.refine_every,

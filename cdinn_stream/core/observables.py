@@ -15,7 +15,9 @@ mean phase step between neighbouring pixels, amplitude-weighted over the support
 
 from __future__ import annotations
 
-__all__ = ["OBSERVABLES", "PEAK_WINDOW"]
+import numpy as np
+
+__all__ = ["OBSERVABLES", "PEAK_WINDOW", "SUPPORT_FRACTION", "strain_map"]
 
 #: name -> (unit, meaning), in publishing order; ``chi2`` is the trust figure the engine computes
 #: with the model (:func:`cdinn_stream.core.metrics.fourier_chi2`), listed here for the table
@@ -40,3 +42,28 @@ OBSERVABLES: dict[str, tuple[str, str]] = {
 
 #: half side of the window whose intensity centre of mass is the sub-pixel peak (7 x 7 pixels)
 PEAK_WINDOW = 3
+#: the support: amplitude above this fraction of the frame's maximum (as
+#: :data:`cdinn_stream.core.physics.SUPPORT_THRESHOLD`, here without torch)
+SUPPORT_FRACTION = 0.1
+
+
+def strain_map(amplitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """The strain view of one ``(N, N)`` object, rad: the phase less its linear ramp and its offset
+    inside the support (amplitude above 0.1 of the maximum), wrapped to ``[-pi, pi]``, 0 outside.
+
+    The ramp is the amplitude-weighted mean phase step between neighbouring pixels (the angle of
+    ``sum z[r + 1] conj(z[r])`` along each axis: exact for a ramp of any size, blind to wraps), the
+    offset the circular mean of what is left: :func:`cdinn_stream.core.physics.strain` in numpy,
+    without its least-squares plane (a display, not a measurement)."""
+    a = np.asarray(amplitude, np.float64)
+    top = a.max(initial=0.0)
+    support = a > SUPPORT_FRACTION * top
+    if top <= 0 or not support.any():
+        return np.zeros(a.shape, np.float32)
+    z = np.where(support, a, 0.0) * np.exp(1j * np.asarray(phase, np.float64))
+    step_row = np.angle(np.sum(z[1:] * z[:-1].conj()))
+    step_col = np.angle(np.sum(z[:, 1:] * z[:, :-1].conj()))
+    rows, cols = (np.arange(n) - n // 2 for n in a.shape)
+    flat = z * np.exp(-1j * (step_row * rows[:, None] + step_col * cols[None, :]))
+    flat *= np.exp(-1j * np.angle(flat.sum()))
+    return np.where(support, np.angle(flat), 0.0).astype(np.float32)

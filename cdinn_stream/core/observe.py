@@ -3,6 +3,8 @@ batched in torch on the model's device: :func:`frame_observables`."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .observables import PEAK_WINDOW
@@ -11,38 +13,60 @@ from .physics import SUPPORT_THRESHOLD
 __all__ = ["complex_objects", "frame_observables", "reference_objects"]
 
 
+_WORKSPACE = threading.local()  # per thread: work tensors of the last batch shape (fresh ones page-fault on a CPU)
+
+
+def _work(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The calling thread's work tensor ``name`` (kept between batches of the same shape: a
+    batch's 1-2 MB temporaries, allocated afresh, cost more than the arithmetic on them)."""
+    store = _WORKSPACE.__dict__.setdefault("tensors", {})
+    key = (name, tuple(shape), dtype, device, torch.is_inference_mode_enabled())
+    if key not in store:
+        if len(store) > 64:  # shapes changed (another batch size): start afresh
+            store.clear()
+        store[key] = torch.empty(shape, dtype=dtype, device=device)
+    return store[key]
+
+
 def complex_objects(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """``amplitude * exp(i phase)`` as complex64: made once a batch and shared by the trust figure
     (:func:`cdinn_stream.core.metrics.fourier_chi2`) and :func:`frame_observables` (its cosine
-    and sine are the largest part of either's cost)."""
+    and sine are the largest part of either's cost). A work tensor of the calling thread: the next
+    call overwrites it (clone it to keep it)."""
     a, p = amplitude.float(), phase.float()
-    return torch.complex(a * torch.cos(p), a * torch.sin(p))
+    shape, device = tuple(a.shape), a.device
+    re = torch.cos(p, out=_work("re", shape, torch.float32, device)).mul_(a)
+    im = torch.sin(p, out=_work("im", shape, torch.float32, device)).mul_(a)
+    return torch.complex(re, im, out=_work("obj", shape, torch.complex64, device))
 
 
 def _demodulated(amplitude: torch.Tensor, obj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Support weights ``w`` (the amplitude in the support, 0 outside), the support (1.0 in it, 0.0
-    outside) and the complex object in
-    the support with its linear ramp taken out, ``z exp(-i ramp)``: the ramp ``steps . (r - N // 2)``
-    from the mean phase steps between neighbouring pixels (the angle of the amplitude-weighted
-    ``sum z[r + 1] conj(z[r])`` along rows and columns). The ramp is separable, so it is applied as
-    a column and then a row factor (no exponential a pixel)."""
+    outside) and the complex object in the support with its linear ramp taken out,
+    ``z exp(-i ramp)``: the ramp ``steps . (r - N // 2)`` from the mean phase steps between
+    neighbouring pixels (the angle of the amplitude-weighted ``sum z[r + 1] conj(z[r])`` along rows
+    and columns). The ramp is separable, so it is applied as a column and then a row factor (no
+    exponential a pixel). All three are work tensors of the calling thread."""
     a = amplitude.float()
-    n = a.shape[-1]
+    b, n = a.shape[0], a.shape[-1]
+    shape, device = tuple(a.shape), a.device
     top = a.flatten(1).amax(dim=1).clamp_min(1e-30)
-    mask = torch.gt(a, (SUPPORT_THRESHOLD * top)[:, None, None], out=torch.empty_like(a))  # 1. in the support
-    z = obj * mask
-    steps = torch.stack([torch.angle((z[:, 1:] * z[:, :-1].conj()).sum(dim=(1, 2))),
-                         torch.angle((z[:, :, 1:] * z[:, :, :-1].conj()).sum(dim=(1, 2)))], dim=1)
+    mask = torch.gt(a, (SUPPORT_THRESHOLD * top)[:, None, None], out=_work("mask", shape, torch.float32, device))
+    z = torch.mul(obj, mask, out=_work("z", shape, torch.complex64, device))
+    rows = torch.mul(z[:, 1:], z[:, :-1].conj(), out=_work("rows", (b, n - 1, n), torch.complex64, device))
+    cols = torch.mul(z[:, :, 1:], z[:, :, :-1].conj(), out=_work("cols", (b, n, n - 1), torch.complex64, device))
+    steps = torch.stack([torch.angle(rows.sum(dim=(1, 2))), torch.angle(cols.sum(dim=(1, 2)))], dim=1)
     r = torch.arange(n, device=a.device, dtype=torch.float32) - n // 2
     angles = -steps[:, :, None] * r
     factors = torch.complex(torch.cos(angles), torch.sin(angles))  # (B, 2, N): the rows' and the columns'
-    return a * mask, mask, z.mul_(factors[:, 1, None, :]).mul_(factors[:, 0, :, None])
+    w = torch.mul(a, mask, out=_work("w", shape, torch.float32, device))
+    return w, mask, z.mul_(factors[:, 1, None, :]).mul_(factors[:, 0, :, None])
 
 
 def reference_objects(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """The ramp-removed complex objects in their supports ``(B, N, N)`` that ``correlation``
     compares later frames with (the engine keeps each run's first frame's)."""
-    return _demodulated(amplitude, complex_objects(amplitude, phase))[2]
+    return _demodulated(amplitude, complex_objects(amplitude, phase))[2].clone()
 
 
 def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch.Tensor, origins: torch.Tensor, *,
@@ -72,9 +96,10 @@ def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch
     if reference is None:
         correlation = torch.full((b,), float("nan"), device=w.device)
     else:
-        own = (w * w).sum(dim=(1, 2))  # |z exp(-i ramp)|^2 = w^2
-        theirs = reference.abs().square().sum(dim=(1, 2))
-        correlation = (z * reference.conj()).sum(dim=(1, 2)).abs() / (own * theirs).sqrt().clamp_min(1e-30)
+        own = torch.mul(w, w, out=_work("own", tuple(w.shape), torch.float32, w.device)).sum(dim=(1, 2))
+        theirs = reference.abs().square().sum(dim=(1, 2))  # |z exp(-i ramp)|^2 = w^2
+        cross = torch.mul(z, reference.conj(), out=_work("cross", tuple(z.shape), torch.complex64, z.device))
+        correlation = cross.sum(dim=(1, 2)).abs() / (own * theirs).sqrt().clamp_min(1e-30)
     m = crops.shape[-1]
     x = crops.float()
     k = PEAK_WINDOW

@@ -9,7 +9,9 @@ support, about its circular mean), ``P:FRAME_RATE`` (frames/s), ``P:FRAMES`` (co
 latest frame's observables (:data:`cdinn_stream.core.observables.OBSERVABLES`), one PV each, named
 in :data:`OBSERVABLE_PVS`: ``P:PEAK_ROW``, ``P:PEAK_COL``, ``P:INTENSITY``, ``P:SUPPORT_AREA``,
 ``P:CENTROID_ROW``, ``P:CENTROID_COL``, ``P:PHASE_MEAN``, ``P:STRAIN_RMS``, ``P:CORRELATION``
-(what feedback plans read: :mod:`cdinn_stream.plans`).
+(what feedback plans read: :mod:`cdinn_stream.apps.plans`). ``P:SEQ_NUM`` is written last, once the
+frame's other values are in, and set to 0 before ``P:RUN_UID`` changes at a run's start: a reader
+that sees a run's frame ``n`` there reads that frame's values (or a later one's).
 
 Channel Access finds an IOC by UDP broadcast, which usually does not reach an IOC bound to
 127.0.0.1 (``cdinn-stream ioc``'s default): point the client at it before the process first uses
@@ -136,7 +138,9 @@ class EpicsSink:
         self._frames = 0
         self._chi2.clear()
         if self._connect():
-            self._safe(lambda: (self._put("RUN_UID", run_uid), self._put("STATUS", "running"), self._confirm()))
+            # SEQ_NUM first: a reader that sees the new RUN_UID sees no frame of the old run as this run's
+            self._safe(lambda: (self._put("SEQ_NUM", 0), self._put("FRAMES", 0), self._confirm(),
+                                self._put("RUN_UID", run_uid), self._put("STATUS", "running"), self._confirm()))
 
     def write(self, result: ResultBlock) -> None:
         now = time.monotonic()
@@ -169,13 +173,15 @@ class EpicsSink:
             self._put("PHASE_RMS", spread)
             self._put("FRAME_RATE", rate)
             self._put("FRAMES", self._frames)
-            self._put("SEQ_NUM", int(result.frames.seq_nums[-1]))
             self._put("CHI2", float(result.chi2[-1]))
             self._put("CHI2_MEDIAN", float(np.median(self._chi2)))
             self._put("MODEL_VERSION", int(result.model_version))
             for name, values in result.observables.items():
                 if name in OBSERVABLE_PVS:
                     self._put(OBSERVABLE_PVS[name], float(values[-1]))
+            self._confirm()
+            # SEQ_NUM last, once the frame's values are in: a reader that sees it sees them (feedback plans)
+            self._put("SEQ_NUM", int(result.frames.seq_nums[-1]))
             self._confirm()
 
         if self._safe(put_all):

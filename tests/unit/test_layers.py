@@ -23,7 +23,7 @@ def test_import_contracts_hold():
 
 
 @pytest.mark.parametrize("modules", ["cdinn_stream.sinks", "cdinn_stream.apps.listen", "cdinn_stream.listen",
-                                     "cdinn_stream.apps.ioc"])
+                                     "cdinn_stream.apps.ioc", "cdinn_stream.apps.view"])
 def test_loads_without_torch(modules):
     """The sinks and ``cdinn-stream listen`` run on a machine without torch (a viewer, an IOC host)."""
     code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch was imported'"

@@ -101,3 +101,11 @@ def test_the_shared_complex_objects_give_the_same_figures(crystals):
     shared = frame_observables(amp, phase, crops, torch.zeros(len(amp), 2), obj=complex_objects(amp, phase))
     for name in own:
         torch.testing.assert_close(own[name], shared[name], equal_nan=True)
+
+
+def test_the_docs_table_lists_every_observable_with_its_unit():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "pipeline.md").read_text()
+    for name, (unit, _) in OBSERVABLES.items():
+        assert f"| `{name}` | {unit or '-'} |" in text, name

@@ -56,6 +56,16 @@ def chi2(amplitude: ArrayLike, phase: ArrayLike, intensity: ArrayLike) -> torch.
 _WORKSPACE = threading.local()  # per thread: buffers of the last batch shape (fresh ones page-fault on a CPU)
 
 
+def _complex_checkerboard(checkerboard: torch.Tensor) -> torch.Tensor:
+    """The checkerboard as complex64, kept with the thread's buffers (a complex-by-complex product
+    is vectorised; a real factor broadcast over ``view_as_real``'s last axis of 2 is not: 8x slower)."""
+    cached = getattr(_WORKSPACE, "complex_checkerboard", None)
+    if cached is None or cached[0] is not checkerboard:
+        cached = (checkerboard, checkerboard.to(torch.complex64))
+        _WORKSPACE.complex_checkerboard = cached
+    return cached[1]
+
+
 def _buffers(shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, ...]:
     key = (tuple(shape), device, torch.is_inference_mode_enabled())  # inference tensors stay in inference mode
     cached = getattr(_WORKSPACE, "buffers", None)
@@ -94,7 +104,7 @@ def fourier_chi2(amplitude: torch.Tensor, phase: torch.Tensor, measured: torch.T
         torch.mul(signed, torch.cos(p, out=work), out=work)
         torch.complex(work, imag, out=centred)
     else:
-        torch.mul(obj, checkerboard, out=centred)
+        torch.mul(obj, _complex_checkerboard(checkerboard), out=centred)
     f = torch.view_as_real(torch.fft.fft2(centred))
     modulus = torch.mul(f[..., 0], f[..., 0], out=work).addcmul_(f[..., 1], f[..., 1]).sqrt_()
     cross = modulus.mul_(m).sum(dim=(-2, -1))

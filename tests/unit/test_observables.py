@@ -109,3 +109,13 @@ def test_the_docs_table_lists_every_observable_with_its_unit():
     text = (Path(__file__).resolve().parents[2] / "docs" / "pipeline.md").read_text()
     for name, (unit, _) in OBSERVABLES.items():
         assert f"| `{name}` | {unit or '-'} |" in text, name
+
+
+def test_the_trust_figure_from_the_shared_objects_is_the_same(crystals):
+    from cdinn_stream.core.metrics import fourier_chi2
+    from cdinn_stream.core.physics import normalized_amplitude
+
+    amp, phase = crystals
+    x = normalized_amplitude(torch.from_numpy(diffraction_intensity(amp.numpy(), phase.numpy())))
+    shared = fourier_chi2(amp, phase, x, obj=complex_objects(amp, phase))
+    torch.testing.assert_close(shared, fourier_chi2(amp, phase, x))

@@ -68,6 +68,7 @@ class LiveReconstructionView:
         self._titled = 0.0  # when the title was last drawn
         self._drawn_whole = 0.0  # when the whole figure was last drawn (new limits)
         self._planned = 0  # frames the run's start document announces (num_points), if any
+        self._new_run = False  # a run opened since the last update
 
     # -- the sink side (the pipeline's sink thread) --------------------------------------
     def open_run(self, run_uid: str, start: dict) -> None:
@@ -76,10 +77,8 @@ class LiveReconstructionView:
             for values in self._values.values():
                 values.clear()
             self._latest, self._run, self._status, self._fresh = None, run_uid, "running", True
-            self._background = None  # new limits for the new run (drawn whole at the next update)
+            self._new_run = True  # the GUI's thread resets the limits (never this one: it may be drawing)
             self._planned = int(start.get("num_points") or 0)  # the seq_num axis spans the planned frames
-            for ax in self._fig.axes if self._fig is not None else ():
-                ax._cdinn_limits = None
 
     def write(self, result) -> None:
         """Keep the last frame and the observables of every frame (no drawing here)."""
@@ -145,10 +144,16 @@ class LiveReconstructionView:
             if not self._fresh:
                 return False
             self._fresh = False
-            latest, run, status = self._latest, self._run, self._status
+            latest, run, status, new_run = self._latest, self._run, self._status, self._new_run
+            self._new_run = False
             seq = np.fromiter(self._seq, float, len(self._seq))
             values = {name: np.fromiter(v, float, len(v)) for name, v in self._values.items()}
-        art = self._artists if self._artists else (self.figure, self._artists)[1]
+        fig = self.figure  # made on first use, with its artists
+        art = self._artists
+        if new_run:  # new limits for the new run: the whole figure is drawn below
+            self._background = None
+            for ax in fig.axes:
+                ax._cdinn_limits = None
         if latest is not None:
             amp, phase, last = latest
             top = float(amp.max()) or 1.0
@@ -203,6 +208,30 @@ class LiveReconstructionView:
             fig.draw_artist(art["title"])
             canvas.blit(strip)
             self._titled = now
+
+
+    def start(self) -> LiveReconstructionView:
+        """Redraw from the GUI's event loop, ``rate`` times a second at most (a canvas timer; an
+        interactive backend runs it: ``%matplotlib qt`` or ``widget``)."""
+        fig = self.figure
+        if self._timer is None:
+            self._timer = fig.canvas.new_timer(interval=max(int(1000 / self.rate), 1))
+            self._timer.add_callback(self._tick)
+            self._timer.start()
+        if hasattr(fig, "show") and fig.canvas.manager is not None:
+            fig.show()
+        return self
+
+    def _tick(self) -> None:
+        """The timer's callback: :meth:`update`, returning nothing (matplotlib drops a timer
+        callback that returns False or 0, and ``update`` says False when nothing came)."""
+        self.update()
+
+    def stop(self) -> None:
+        """Stop redrawing (the figure stays as it is)."""
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
 
 
 def _grow_limits(ax, x: np.ndarray, y: np.ndarray, planned: int = 0) -> bool:

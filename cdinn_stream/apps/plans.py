@@ -40,7 +40,7 @@ from ophyd import Component, Device, EpicsSignalRO
 
 from ..sinks.epics import OBSERVABLE_PVS
 
-__all__ = ["Observables", "PeakAxis", "keep_peak", "ramp_until", "latest"]
+__all__ = ["Observables", "PeakAxis", "keep_peak", "ramp_until", "latest", "peak_correction", "stop_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,16 @@ def _run(body, md: dict):
     return uid
 
 
-def _correction(axis: PeakAxis, value: float, position: float, gain: float, deadband: float) -> float | None:
-    """The motor position that brings the peak back (``None``: inside the dead band, or nowhere to go)."""
+def _known(observable: str) -> None:
+    """Refuse an observable the IOC does not serve (before the plan starts, not after its first frame)."""
+    if observable not in {**OBSERVABLE_PVS, "chi2": "CHI2"}:
+        raise ValueError(f"no PV serves {observable!r}: choose from {sorted({*OBSERVABLE_PVS, 'chi2'})}")
+
+
+def peak_correction(axis: PeakAxis, value: float, position: float, gain: float, deadband: float) -> float | None:
+    """Where :func:`keep_peak` moves ``axis.motor`` (at ``position``) when the peak is at ``value``:
+    ``gain`` of the way back, at most ``max_step``, within ``limits``; ``None`` inside the dead band
+    (or nowhere to go)."""
     error = value - axis.target
     if abs(error) <= deadband or axis.pixels_per_unit == 0:
         return None
@@ -131,6 +139,8 @@ def keep_peak(detectors: Sequence, observables: Device, axes: PeakAxis | Iterabl
     peak at its targets (see the module docstring). The events hold the motors' positions; the plan
     returns the corrections made, ``[(seq_num, motor name, new position), ...]``."""
     axes = [axes] if isinstance(axes, PeakAxis) else list(axes)
+    for axis in axes:
+        _known(axis.observable)
     motors = [a.motor for a in axes]
     md = {"plan_name": "keep_peak", "num_points": num, "feedback": {
         "axes": [{"motor": a.motor.name, "observable": a.observable, "target": a.target,
@@ -146,13 +156,30 @@ def keep_peak(detectors: Sequence, observables: Device, axes: PeakAxis | Iterabl
                 continue
             for axis in axes:
                 position = yield from bps.rd(axis.motor)
-                new = _correction(axis, float(values[axis.observable]), float(position), gain, deadband)
+                new = peak_correction(axis, float(values[axis.observable]), float(position), gain, deadband)
                 if new is not None:
                     yield from bps.mv(axis.motor, new)
                     corrections.append((seq_num, axis.motor.name, new))
 
     yield from bpp.stage_wrapper(_run(body, md), [*detectors, *motors])
     return corrections
+
+
+def stop_reason(history: Sequence[float], *, threshold: float | None = None, above: bool = True,
+                steady: tuple[float, int] | None = None) -> str | None:
+    """Why :func:`ramp_until` stops after the frames whose values are ``history``: ``"crossed"``
+    (the last value is past ``threshold``: at or above it with ``above``, at or below it without),
+    ``"steady"`` (the last ``steady[1] + 1`` values span no more than ``steady[0]``), or ``None``."""
+    if not history:
+        return None
+    value = history[-1]
+    if threshold is not None and (value >= threshold if above else value <= threshold):
+        return "crossed"
+    if steady is not None and len(history) > steady[1]:
+        window = history[-steady[1] - 1 :]
+        if max(window) - min(window) <= steady[0]:
+            return "steady"
+    return None
 
 
 def ramp_until(detectors: Sequence, observables: Device, stimulus, setpoints: Iterable[float], *,
@@ -166,6 +193,9 @@ def ramp_until(detectors: Sequence, observables: Device, stimulus, setpoints: It
     Returns ``{"reason": "crossed" | "steady" | "exhausted", "seq_num", "setpoint", "value"}``."""
     if threshold is None and steady is None:
         raise ValueError("ramp_until needs a threshold, steady=(tolerance, frames), or both")
+    _known(observable)
+    if then != "hold":
+        float(then)  # a safe value, or "hold": said now, not after the ramp
     md = {"plan_name": "ramp_until", "feedback": {"stimulus": stimulus.name, "observable": observable,
                                                    "threshold": threshold, "above": above, "steady": steady,
                                                    "then": then}, **(md or {})}
@@ -182,18 +212,16 @@ def ramp_until(detectors: Sequence, observables: Device, stimulus, setpoints: It
             value = float(values[observable])
             history.append(value)
             outcome.update(seq_num=seq_num, setpoint=setpoint, value=value)
-            if threshold is not None and (value >= threshold if above else value <= threshold):
-                outcome["reason"] = "crossed"
+            reason = stop_reason(history, threshold=threshold, above=above, steady=steady)
+            if reason is not None:
+                outcome["reason"] = reason
                 return
-            if steady is not None and len(history) > steady[1]:
-                window = history[-steady[1] - 1 :]
-                if max(window) - min(window) <= steady[0]:
-                    outcome["reason"] = "steady"
-                    return
 
-    yield from bpp.stage_wrapper(_run(body, md), list(detectors))
-    if then != "hold":
-        yield from bps.mv(stimulus, float(then))
+    def safe():  # also when the plan is stopped, aborted or fails
+        if then != "hold":
+            yield from bps.mv(stimulus, float(then))
+
+    yield from bpp.finalize_wrapper(bpp.stage_wrapper(_run(body, md), list(detectors)), safe)
     logger.info("ramp_until stopped (%s) at frame %s, %s = %s, %s = %s", outcome["reason"], outcome["seq_num"],
                 stimulus.name, outcome["setpoint"], observable, outcome["value"])
     return outcome

@@ -67,7 +67,8 @@ def _column(values, n: int) -> list[float | None]:
 def encode_image(amplitude: np.ndarray, phase: np.ndarray) -> dict:
     """The page's images of one frame: amplitude scaled to its maximum, strain (:func:`strain_map`)
     scaled to a symmetric range of its largest value in the support, both as 8-bit base64."""
-    amp = np.asarray(amplitude, np.float32)
+    amp = np.nan_to_num(np.asarray(amplitude, np.float32), nan=0.0, posinf=0.0, neginf=0.0)  # JSON has no NaN
+    phase = np.nan_to_num(np.asarray(phase, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     top = float(amp.max(initial=0.0)) or 1.0
     strain = strain_map(amp, phase)
     scale = max(float(np.abs(strain).max(initial=0.0)), 0.05)
@@ -192,9 +193,11 @@ class ViewState:
 
     def _image(self, uid: str, image_id: int, latest: tuple) -> dict:
         key = (uid, image_id)
-        if key not in self._images:  # made once, whichever page asks first
-            self._images = {key: encode_image(latest[1], latest[2])}
-        return self._images[key]
+        images = self._images  # one read: another page's thread may replace it meanwhile
+        if key not in images:  # made once, whichever page asks first
+            images = {key: encode_image(latest[1], latest[2])}
+            self._images = images
+        return images[key]
 
     def _counts(self, run: RunView, now: float) -> dict:
         return {"uid": run.uid, "ended": run.ended, "received": self.tally.received.get(run.uid, 0),

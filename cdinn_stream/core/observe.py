@@ -17,15 +17,15 @@ _WORKSPACE = threading.local()  # per thread: work tensors of the last batch sha
 
 
 def _work(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The calling thread's work tensor ``name`` (kept between batches of the same shape: a
-    batch's 1-2 MB temporaries, allocated afresh, cost more than the arithmetic on them)."""
+    """The calling thread's work tensor ``name``, the first ``shape[0]`` frames of one kept for the
+    largest batch seen (a batch's 1-2 MB temporaries, allocated afresh, cost more than the
+    arithmetic on them; live batches vary in size)."""
     store = _WORKSPACE.__dict__.setdefault("tensors", {})
-    key = (name, tuple(shape), dtype, device, torch.is_inference_mode_enabled())
-    if key not in store:
-        if len(store) > 64:  # shapes changed (another batch size): start afresh
-            store.clear()
-        store[key] = torch.empty(shape, dtype=dtype, device=device)
-    return store[key]
+    key = (name, tuple(shape[1:]), dtype, device, torch.is_inference_mode_enabled())
+    kept = store.get(key)
+    if kept is None or kept.shape[0] < shape[0]:
+        kept = store[key] = torch.empty(tuple(shape), dtype=dtype, device=device)
+    return kept[: shape[0]]
 
 
 def complex_objects(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
@@ -40,33 +40,38 @@ def complex_objects(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tenso
     return torch.complex(re, im, out=_work("obj", shape, torch.complex64, device))
 
 
-def _demodulated(amplitude: torch.Tensor, obj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _demodulated(amplitude: torch.Tensor, obj: torch.Tensor, scope: str = ""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Support weights ``w`` (the amplitude in the support, 0 outside), the support (1.0 in it, 0.0
     outside) and the complex object in the support with its linear ramp taken out,
     ``z exp(-i ramp)``: the ramp ``steps . (r - N // 2)`` from the mean phase steps between
     neighbouring pixels (the angle of the amplitude-weighted ``sum z[r + 1] conj(z[r])`` along rows
     and columns). The ramp is separable, so it is applied as a column and then a row factor (no
-    exponential a pixel). All three are work tensors of the calling thread."""
+    exponential a pixel). All three are work tensors of the calling thread (named within ``scope``)."""
     a = amplitude.float()
     b, n = a.shape[0], a.shape[-1]
     shape, device = tuple(a.shape), a.device
     top = a.flatten(1).amax(dim=1).clamp_min(1e-30)
-    mask = torch.gt(a, (SUPPORT_THRESHOLD * top)[:, None, None], out=_work("mask", shape, torch.float32, device))
-    z = torch.mul(obj, mask, out=_work("z", shape, torch.complex64, device))
-    rows = torch.mul(z[:, 1:], z[:, :-1].conj(), out=_work("rows", (b, n - 1, n), torch.complex64, device))
-    cols = torch.mul(z[:, :, 1:], z[:, :, :-1].conj(), out=_work("cols", (b, n, n - 1), torch.complex64, device))
+    threshold = (SUPPORT_THRESHOLD * top)[:, None, None]
+    mask = torch.gt(a, threshold, out=_work(scope + "mask", shape, torch.float32, device))
+    z = torch.mul(obj, mask, out=_work(scope + "z", shape, torch.complex64, device))
+    rows = torch.mul(z[:, 1:], z[:, :-1].conj(), out=_work(scope + "rows", (b, n - 1, n), torch.complex64, device))
+    cols = torch.mul(z[:, :, 1:], z[:, :, :-1].conj(),
+                     out=_work(scope + "cols", (b, n, n - 1), torch.complex64, device))
     steps = torch.stack([torch.angle(rows.sum(dim=(1, 2))), torch.angle(cols.sum(dim=(1, 2)))], dim=1)
     r = torch.arange(n, device=a.device, dtype=torch.float32) - n // 2
     angles = -steps[:, :, None] * r
     factors = torch.complex(torch.cos(angles), torch.sin(angles))  # (B, 2, N): the rows' and the columns'
-    w = torch.mul(a, mask, out=_work("w", shape, torch.float32, device))
+    w = torch.mul(a, mask, out=_work(scope + "w", shape, torch.float32, device))
     return w, mask, z.mul_(factors[:, 1, None, :]).mul_(factors[:, 0, :, None])
 
 
 def reference_objects(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """The ramp-removed complex objects in their supports ``(B, N, N)`` that ``correlation``
     compares later frames with (the engine keeps each run's first frame's)."""
-    return _demodulated(amplitude, complex_objects(amplitude, phase))[2].clone()
+    a, p = amplitude.float(), phase.float()
+    obj = torch.complex(a * torch.cos(p), a * torch.sin(p))  # its own: the batch's work tensors stay as they are
+    return _demodulated(amplitude, obj, scope="reference.")[2].clone()
 
 
 def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch.Tensor, origins: torch.Tensor, *,
@@ -78,8 +83,8 @@ def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch
     ``origins`` ``(B, 2)`` their top-left detector pixel and ``bin`` their binning; ``reference``
     the objects of :func:`reference_objects` (one, or one a frame) that ``correlation`` compares
     with (NaN without one); ``obj`` the reconstructions' :func:`complex_objects`, when the caller
-    has them. About 15 passes over the objects, without an exponential a pixel: a few percent of
-    the model's own time (``cdinn-stream bench``)."""
+    has them. About 15 passes over the objects, without an exponential a pixel: 4-5 us a frame on
+    two CPU cores, 15-20 % of the network's time (``cdinn-stream bench --suite observables``)."""
     b, n = amplitude.shape[0], amplitude.shape[-1]
     w, support, z = _demodulated(amplitude, complex_objects(amplitude, phase) if obj is None else obj)
     by_row = w.sum(dim=2)

@@ -163,6 +163,11 @@ def _find_peaks(frames: np.ndarray, box: int, centre: bool) -> np.ndarray:
     return centre_of_mass_peaks(frames, brightest) if centre else brightest
 
 
+#: frames :func:`coarse_peaks` bins at once, in bytes of 32-bit pixels (its work arrays hold about
+#: a quarter of that): a page of 4M frames is taken 3 at a time, not 100
+COARSE_CHUNK_BYTES = 64 << 20
+
+
 class Scratch:
     """Work arrays kept from one call of :func:`coarse_peaks` to the next (one per caller: not
     shared between threads). A whole detector frame's temporaries, allocated afresh each call,
@@ -173,11 +178,12 @@ class Scratch:
         self._arrays: dict[str, np.ndarray] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """The array kept under ``name`` (zeros when first made: borders written once stay zero)."""
+        """The first ``shape[0]`` frames of the array kept under ``name`` (zeros when first made:
+        borders written once stay zero; made anew for a frame shape or dtype it does not have)."""
         a = self._arrays.get(name)
-        if a is None or a.shape != shape or a.dtype != dtype:
+        if a is None or a.shape[1:] != tuple(shape[1:]) or a.shape[0] < shape[0] or a.dtype != dtype:
             a = self._arrays[name] = np.zeros(shape, dtype)
-        return a
+        return a[: shape[0]]
 
 
 def coarse_peaks(frames: np.ndarray, good_bins: np.ndarray | None = None, *, f: int = 4,
@@ -190,6 +196,10 @@ def coarse_peaks(frames: np.ndarray, good_bins: np.ndarray | None = None, *, f: 
     with that to get the peak itself (:class:`PeakTracker` does). ``scratch`` keeps the work
     arrays for the next call (:class:`Scratch`)."""
     n, h, w = frames.shape
+    chunk = max(1, COARSE_CHUNK_BYTES // max(4 * h * w, 1))
+    if n > chunk:  # a page of whole detector frames: a few at a time (the work arrays stay small)
+        return np.concatenate([coarse_peaks(frames[i : i + chunk], good_bins, f=f, scratch=scratch)
+                               for i in range(0, n, chunk)])
     hb, wb = h // f, w // f
     scratch = scratch or Scratch()
     kind, size = frames.dtype.kind, frames.dtype.itemsize

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 
 from ..core.metrics import fourier_chi2
+from ..core.observables import OBSERVABLES
 from ..core.observe import complex_objects, frame_observables, reference_objects
 from ..core.physics import normalized_amplitude
 from ..core.timing import LatencyWindow, latency_ms
@@ -88,7 +90,7 @@ class InferenceEngine(Worker):
                  max_queued_frames: int = 20_000, block_timeout: float = 1.0, crop_bin: int = 1):
         super().__init__("cdinn-inference")
         self.crop_bin = crop_bin  # binning of the crops (for the peak position in detector pixels)
-        self._references: dict[str, torch.Tensor] = {}  # each open run's first object (correlation)
+        self._references: dict[tuple[str, str], torch.Tensor] = {}  # each open run's streams' first objects
         self.model = model
         self.sink_threads = list(sink_threads or [])
         self.refiner = refiner
@@ -108,6 +110,9 @@ class InferenceEngine(Worker):
         self._next_model: CDIModel | None = None
         self._run_versions: dict[str, set[int]] = {}
         self.adapter = None  # set by the callback when live adaptation is on (it is offered every result)
+        #: called with each block whose inference failed (its frames counted in ``frames_failed``, no
+        #: result made): a pool worker gives its messages back instead of acknowledging them
+        self.on_failed: Callable[[FrameBlock], None] | None = None
         self._start()
 
     def current_model(self) -> tuple[CDIModel, int]:
@@ -254,10 +259,10 @@ class InferenceEngine(Worker):
         self._cond.notify_all()
         return blocks
 
-    def _infer(self, frames: np.ndarray, origins: np.ndarray, runs: list[str]
+    def _infer(self, frames: np.ndarray, origins: np.ndarray, runs: list[tuple[str, str]]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Amplitude, phase, chi^2 and observables of ``(n, size, size)`` measured crops whose
-        detector origins are ``origins`` and runs ``runs`` (one uid a frame)."""
+        detector origins are ``origins`` and runs ``runs`` (``(run uid, stream)`` a frame)."""
         raw = torch.from_numpy(frames)
         if self._pin:
             raw = raw.pin_memory()
@@ -267,10 +272,8 @@ class InferenceEngine(Worker):
             amp, phase = self.model.predict_tensor(x)
             obj = complex_objects(amp, phase)
             chi2 = fourier_chi2(amp, phase, x, obj=obj)
-            obs = frame_observables(amp, phase, raw, torch.from_numpy(origins), bin=self.crop_bin,
-                                    reference=self._reference(amp, phase, runs), obj=obj)
-            return (amp.float().cpu().numpy(), phase.float().cpu().numpy(), chi2.cpu().numpy(),
-                    {k: v.cpu().numpy() for k, v in obs.items()})
+            obs = self._observables(amp, phase, raw, origins, runs, obj)
+            return amp.float().cpu().numpy(), phase.float().cpu().numpy(), chi2.cpu().numpy(), obs
         except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
             if len(frames) > 1:
                 logger.warning("model failed on %d frames (%s); retrying in halves", len(frames), err)
@@ -287,9 +290,21 @@ class InferenceEngine(Worker):
                 return self._infer(frames, origins, runs)
             raise
 
-    def _reference(self, amp: torch.Tensor, phase: torch.Tensor, runs: list[str]) -> torch.Tensor:
-        """Each frame's run's first object (:func:`reference_objects`), kept from the run's first
-        frame until its end: ``(1, N, N)`` for a batch of one run, ``(n, N, N)`` otherwise."""
+    def _observables(self, amp: torch.Tensor, phase: torch.Tensor, raw: torch.Tensor, origins: np.ndarray,
+                     runs: list[tuple[str, str]], obj: torch.Tensor) -> dict[str, np.ndarray]:
+        """The frames' observables (NaN, and an error logged, if they cannot be had: the
+        reconstructions still go out, and the model is not retried for it)."""
+        try:
+            obs = frame_observables(amp, phase, raw, torch.from_numpy(origins), bin=self.crop_bin,
+                                    reference=self._reference(amp, phase, runs), obj=obj)
+            return {k: v.cpu().numpy() for k, v in obs.items()}
+        except Exception:
+            logger.exception("observables failed for %d frames (runs %s): NaN", len(runs), sorted(set(runs)))
+            return {k: np.full(len(runs), np.nan, np.float32) for k in OBSERVABLES if k != "chi2"}
+
+    def _reference(self, amp: torch.Tensor, phase: torch.Tensor, runs: list[tuple[str, str]]) -> torch.Tensor:
+        """Each frame's run and stream's first object (:func:`reference_objects`), kept from its
+        first frame until the run's end: ``(1, N, N)`` for a batch of one stream, ``(n, N, N)`` otherwise."""
         uids = list(dict.fromkeys(runs))
         for uid in uids:
             if uid not in self._references:
@@ -313,7 +328,7 @@ class InferenceEngine(Worker):
             version, name = self._take_new_model()
             frames = np.concatenate([b.frames for b in blocks]).astype(np.float32, copy=False)
             origins = np.concatenate([b.origins for b in blocks]).reshape(-1, 2)
-            runs = [b.run_uid for b in blocks for _ in range(len(b))]
+            runs = [(b.run_uid, b.stream) for b in blocks for _ in range(len(b))]  # each frame's run and stream
             try:
                 amp, phase, chi2, obs = self._infer(frames, origins, runs)
             except Exception:
@@ -367,7 +382,8 @@ class InferenceEngine(Worker):
 
     def _marker(self, marker: RunMarker) -> None:
         if marker.kind == "close":
-            self._references.pop(marker.run_uid, None)
+            for key in [k for k in self._references if k[0] == marker.run_uid]:
+                del self._references[key]
             used = sorted(self._run_versions.pop(marker.run_uid, {self.model_version}))
             marker.document["model_versions"] = [self.model_versions[v] for v in used]
         if self.adapter is not None:
@@ -387,6 +403,13 @@ class InferenceEngine(Worker):
             self._cond.notify_all()
 
     def _finish(self, blocks: list[FrameBlock], failed: bool = False) -> None:
+        if failed and self.on_failed is not None:
+            for b in blocks:
+                try:
+                    self.on_failed(b)
+                except Exception:
+                    logger.exception("on_failed could not take frames %s..%s of run %s", b.seq_nums[0],
+                                     b.seq_nums[-1], b.run_uid)
         with self._cond:
             for b in blocks:
                 if failed:

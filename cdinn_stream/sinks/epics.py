@@ -10,8 +10,10 @@ latest frame's observables (:data:`cdinn_stream.core.observables.OBSERVABLES`), 
 in :data:`OBSERVABLE_PVS`: ``P:PEAK_ROW``, ``P:PEAK_COL``, ``P:INTENSITY``, ``P:SUPPORT_AREA``,
 ``P:CENTROID_ROW``, ``P:CENTROID_COL``, ``P:PHASE_MEAN``, ``P:STRAIN_RMS``, ``P:CORRELATION``
 (what feedback plans read: :mod:`cdinn_stream.apps.plans`). ``P:SEQ_NUM`` is written last, once the
-frame's other values are in, and set to 0 before ``P:RUN_UID`` changes at a run's start: a reader
-that sees a run's frame ``n`` there reads that frame's values (or a later one's).
+frame's other values are in, and set to 0 before ``P:RUN_UID`` changes at a run's start (or when
+the IOC comes back mid-run): a reader that sees a run's frame ``n`` there and then reads the values
+gets that frame's or a later one's (a later write may land between its reads). One pipeline and
+one stream per prefix: two writers, or two streams of a run, would mix their frames on the PVs.
 
 Channel Access finds an IOC by UDP broadcast, which usually does not reach an IOC bound to
 127.0.0.1 (``cdinn-stream ioc``'s default): point the client at it before the process first uses
@@ -81,6 +83,8 @@ class EpicsSink:
         self._warned = False
         self._next_try = 0.0
         self._frames = 0
+        self._run_uid: str | None = None  # the run being written
+        self._announced: str | None = None  # the run the IOC was told of (RUN_UID)
         self._chi2: deque[float] = deque(maxlen=CHI2_WINDOW)
         self._rate_t0: float | None = None
         self._rate_n = 0
@@ -137,10 +141,20 @@ class EpicsSink:
     def open_run(self, run_uid: str, start: dict) -> None:
         self._frames = 0
         self._chi2.clear()
+        self._run_uid, self._announced = run_uid, None
         if self._connect():
-            # SEQ_NUM first: a reader that sees the new RUN_UID sees no frame of the old run as this run's
-            self._safe(lambda: (self._put("SEQ_NUM", 0), self._put("FRAMES", 0), self._confirm(),
-                                self._put("RUN_UID", run_uid), self._put("STATUS", "running"), self._confirm()))
+            self._safe(self._announce)
+
+    def _announce(self) -> None:
+        """The current run to the IOC: ``SEQ_NUM`` 0 first, so that a reader that sees the new
+        ``RUN_UID`` sees no frame of the old run as this run's (again after the IOC comes back)."""
+        self._put("SEQ_NUM", 0)
+        self._put("FRAMES", 0)
+        self._confirm()
+        self._put("RUN_UID", self._run_uid)
+        self._put("STATUS", "running")
+        self._confirm()
+        self._announced = self._run_uid
 
     def write(self, result: ResultBlock) -> None:
         now = time.monotonic()
@@ -166,6 +180,8 @@ class EpicsSink:
             self._rate_t0, self._rate_n = now, 0
 
         def put_all():
+            if self._announced != self._run_uid:  # the IOC was away when the run opened, or restarted
+                self._announce()
             self._put("AMPLITUDE", amp.ravel())
             self._put("PHASE", phase.ravel())
             self._put("SHAPE", np.array(amp.shape, np.int32))
@@ -200,7 +216,7 @@ class EpicsSink:
             fn()
             return True
         except Exception as err:
-            self._pvs, self._sent = None, []
+            self._pvs, self._sent, self._announced = None, [], None  # tell it the run again when it is back
             if not self._warned:
                 logger.warning("EPICS IOC %s went away (%s): going on without EPICS feedback (results count as "
                                "dropped in the sink's stats until it is back)", self.prefix, err)

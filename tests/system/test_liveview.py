@@ -64,8 +64,10 @@ def test_the_live_view_redraws_during_the_scan_and_shows_every_frame():
 
     fig = Figure(figsize=(11, 6.5))
     FigureCanvasAgg(fig)
-    view = LiveReconstructionView(fig=fig, rate=10)
-    seconds, stats = _scan([view], gui=view.update)
+    view = LiveReconstructionView(fig=fig, rate=10).start()  # its canvas timer calls update()
+    timer = view._timer
+    assert timer.interval == 100 and len(timer.callbacks) == 1
+    seconds, stats = _scan([view], gui=timer._on_timer)  # the GUI's event loop firing the timer
     times = np.array(view.redraw_times)
     during = times[times < times[0] + seconds - 0.5]  # redraws while frames came
     print(f"live view: {view.redraws} redraws, {len(during)} during the {seconds:.2f} s scan")
@@ -78,3 +80,6 @@ def test_the_live_view_redraws_during_the_scan_and_shows_every_frame():
     assert np.isfinite(np.asarray(fig.axes[0].images[0].get_array())).any()
     assert f"frame {FRAMES}" in fig._suptitle.get_text()
     assert view.update() is False  # nothing new: no redraw
+    assert len(timer.callbacks) == 1, "the timer kept its callback through idle ticks"
+    view.stop()
+    assert view._timer is None

@@ -13,7 +13,7 @@ def _listening() -> set[tuple[str, int]]:
             if c.status == psutil.CONN_LISTEN or (c.type == 2 and c.laddr)}  # TCP listeners and bound UDP
 
 
-def test_servers_bind_loopback_by_default(tmp_path):
+def test_servers_bind_loopback_by_default(tmp_path, tiled_server):
     from tiled.server import SimpleTiledServer
 
     from cdinn_stream.apps.ioc import IOCThread
@@ -24,7 +24,9 @@ def test_servers_bind_loopback_by_default(tmp_path):
     before = _listening()
     zmq_sink = ZmqPublisherSink(DEFAULT_ADDRESS.rsplit(":", 1)[0] + ":0")
     ioc = IOCThread(f"SEC{secrets.token_hex(2)}:").start()
-    with SimpleTiledServer(directory=tmp_path / "tiled", api_key=secrets.token_hex(8)) as server:
+    # the session server's key: tiled keeps an in-process server's single-user key in process-wide
+    # settings, so another key here would lock the session's server out for the tests after this one
+    with SimpleTiledServer(directory=tmp_path / "tiled", api_key=tiled_server.api_key) as server:
         new = _listening() - before
         assert any(port == server.port for _, port in new)
         assert new and all(ip == "127.0.0.1" for ip, _ in new), new
@@ -32,11 +34,11 @@ def test_servers_bind_loopback_by_default(tmp_path):
     zmq_sink.close()
 
 
-def test_the_embedded_tiled_server_wants_its_key(tmp_path):
+def test_the_embedded_tiled_server_wants_its_key(tmp_path, tiled_server):
     from tiled.client import from_uri
     from tiled.server import SimpleTiledServer
 
-    key = secrets.token_hex(8)
+    key = tiled_server.api_key  # not a new one: see above
     with SimpleTiledServer(directory=tmp_path / "tiled", api_key=key) as server:
         with pytest.raises(Exception, match="401|403|Unauthorized|credentials|authenticat"):
             from_uri(f"http://127.0.0.1:{server.port}", api_key="wrong-key").create_container("x")

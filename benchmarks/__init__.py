@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from cdinn_stream.core.simulate import simulate
 from cdinn_stream.core.timing import machine_info
 
-from . import detector, erhio, model, observables, pipeline, trust
+from . import detector, erhio, model, observables, pipeline, scale, trust
 
-SUITES = ("simulate", "model", "erhio", "pipeline", "trust", "detector", "observables")
+SUITES = ("simulate", "model", "erhio", "pipeline", "trust", "detector", "observables", "scale")
 #: what runs when no suite is named (trust takes about 5 minutes more on 2 cores)
 DEFAULT_SUITES = ("simulate", "model", "erhio", "pipeline")
 
@@ -67,6 +67,8 @@ def run_benchmarks(out_dir: str | Path, *, model_name: str = "cdinn-32",
         results["trust"] = trust.run(model_name, quick=quick)
     if "detector" in suites:
         results["detector"] = detector.run(model_name, quick=quick)
+    if "scale" in suites:
+        results["scale"] = scale.run(model_name, quick=quick)
     if "observables" in suites:
         results["observables"] = observables.run(model_name, quick=quick)
     (out / "bench.json").write_text(json.dumps(results, indent=1))
@@ -105,6 +107,8 @@ def bench_table(r: dict) -> str:
         lines += trust.table(r["trust"]) + [""]
     if "detector" in r:
         lines += detector.table(r["detector"]) + [""]
+    if "scale" in r:
+        lines += scale.table(r["scale"]) + [""]
     if "observables" in r:
         lines += observables.table(r["observables"]) + [""]
     return "\n".join(lines)

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..nn.options import DEFAULT_MODEL, PRECISION_HELP, PRECISIONS
+from ..sinks.zmq import DEFAULT_ADDRESS as ZMQ_ADDRESS
+from .view import DEFAULT_PORT as VIEW_PORT
 
 __all__ = ["main"]
 
@@ -244,6 +246,13 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_view(args: argparse.Namespace) -> int:
+    from .view import serve_view
+
+    print(json.dumps(serve_view(args.zmq, host=args.host, port=args.port, history=args.history)))
+    return 0
+
+
 def _pipeline(args: argparse.Namespace, *, parent: str | None = None) -> PipelineConfig:
     """The pipeline settings: the environment (``PipelineConfig.from_env``), then the options given."""
     from .config import PipelineConfig
@@ -257,6 +266,8 @@ def _pipeline(args: argparse.Namespace, *, parent: str | None = None) -> Pipelin
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    if args.nats:
+        return _cmd_replay_nats(args)
     from .config import connect_tiled
     from .replay import replay_run
 
@@ -268,9 +279,61 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nats_settings(args: argparse.Namespace, beamline: str):
+    from ..live.jetstream import JetStreamSettings
+
+    return JetStreamSettings(url=args.nats, prefix=args.prefix, beamline=beamline,
+                             **{k: getattr(args, k) for k in ("ack_wait", "max_deliver", "max_ack_pending")
+                                if getattr(args, k, None) is not None})
+
+
+def _cmd_replay_nats(args: argparse.Namespace) -> int:
+    from ..live.nats_publisher import JetStreamPublisher
+    from .config import connect_tiled
+    from .replay import replay_documents, run_documents
+
+    source = connect_tiled(args.tiled, args.api_key or os.environ.get("TILED_API_KEY"))
+    publisher = JetStreamPublisher(_nats_settings(args, args.beamline))
+    try:
+        n = replay_documents(run_documents(source, args.uid), publisher, pace=args.pace)
+    finally:
+        published = publisher.close()
+    print(json.dumps({"documents": n, "published": published, **publisher.stats()}))
+    return 0 if published else 1
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from .worker import build_worker
+
+    if args.adapt:
+        raise ValueError("--adapt is not available in the worker pool: each worker would adapt its own weights, and "
+                         "a frame redelivered to another worker would no longer give the same result")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    worker = build_worker(_pipeline(args, parent=args.parent), _nats_settings(args, args.beamline),
+                          name=args.name, group=args.group, close_wait=args.close_wait)
+
+    async def run() -> dict:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        return await worker.run(stop)
+
+    print(f"worker {worker.name}: frames from {args.nats} (Ctrl-C to stop)", flush=True)
+    print(json.dumps(asyncio.run(run()), default=str))
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    if args.tiled_follow:
+        return _serve_tiled_follow(args)
     from bluesky.callbacks.zmq import RemoteDispatcher
 
     cb = _pipeline(args).build()
@@ -284,6 +347,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         cb.close()
         print(json.dumps(cb.stats()))
+    return 0
+
+
+def _serve_tiled_follow(args: argparse.Namespace) -> int:
+    """``serve --tiled-follow URL``: the runs TiledWriter writes to that server, reconstructed as they are written."""
+    from .config import connect_tiled
+    from .follow import follow
+
+    config = _pipeline(args)
+    source = connect_tiled(args.tiled_follow, config.tiled_api_key)  # an unreachable server: one line, exit 2
+    cb = config.build()
+    follower = follow(source, cb)
+    print(f"reconstructing the runs written to {args.tiled_follow} as they are written (Ctrl-C to stop)", flush=True)
+    try:
+        follower.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        follower.close()
+        cb.close()
+        print(json.dumps({**cb.stats(), "followed": follower.stats()}))
     return 0
 
 
@@ -592,6 +676,30 @@ def build_parser() -> argparse.ArgumentParser:
     lsn.add_argument("--plot", default=None, help="save the latest amplitude/phase to this PNG at each run end")
     lsn.set_defaults(func=_cmd_listen)
 
+    vw = sub.add_parser("view", help="follow the pipeline's runs live in a browser (from its ZeroMQ results)",
+                        description="Serve a page that follows the runs the pipeline publishes on ZeroMQ: the "
+                                    "latest amplitude and strain (phase, ramp removed) images, every frame's "
+                                    "observables as trends (chi2, strain_rms, peak_row/peak_col, intensity, "
+                                    "correlation, support_area, ...), and counts (frames received and missed, run "
+                                    "uid, frame rate, model version). The page updates about 10 times a second and "
+                                    "says when no publisher is heard or a run ends. It is one more ZeroMQ "
+                                    "subscriber: it never slows the pipeline (a PUB socket drops for a slow "
+                                    "subscriber alone, and the page counts what it missed). No torch needed.",
+                        epilog="Prints the page's URL; open it in a browser on this machine. Ctrl-C stops it. "
+                               "E.g. cdinn-stream view --zmq tcp://127.0.0.1:5578 beside a pipeline started with "
+                               "--zmq-out tcp://127.0.0.1:5578 (or CDINN_ZMQ_OUT).")
+    vw.add_argument("--zmq", default=ZMQ_ADDRESS, metavar="ADDRESS",
+                    help="where the pipeline publishes its results (its --zmq-out or $CDINN_ZMQ_OUT; default "
+                         "%(default)s)")
+    vw.add_argument("--host", default="127.0.0.1",
+                    help="address to serve the page on (default %(default)s: this machine only; the page has no "
+                         "login, so any other address shows it to that whole network)")
+    vw.add_argument("--port", type=int, default=VIEW_PORT,
+                    help="port to serve the page on (default %(default)s; 0: a free one)")
+    vw.add_argument("--history", type=int, default=5000, metavar="FRAMES",
+                    help="frames of each run the trends keep (default %(default)s)")
+    vw.set_defaults(func=_cmd_view)
+
     r = sub.add_parser("replay", help="reconstruct a stored run from Tiled (as bluesky's TiledWriter stores it)",
                        description="Read the run's documents from Tiled and feed them to the live callback; "
                                    "results go to the sinks given (Tiled: container cdinn-replay/UID).")
@@ -600,16 +708,70 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pace", choices=("fast", "recorded"), default="fast", help="as fast as possible or as recorded")
     r.add_argument("--parent", default="cdinn-replay",
                    help="Tiled container for the results (default %(default)s: the live results stay)")
+    r.add_argument("--nats", default=None, metavar="URL",
+                   help="publish the run into this NATS JetStream server instead, for the worker pool (cdinn-stream "
+                        "worker) to reprocess; the sink options are then the workers' (docs/pipeline.md 'Scale-out')")
+    r.add_argument("--beamline", default="replay",
+                   help="with --nats: the subjects' beamline token (default %(default)s)")
+    r.add_argument("--prefix", default="cdinn", help="with --nats: the subjects' prefix (default %(default)s)")
     _add_sink_options(r, tiled_out="default: the server the run is read from")
     r.set_defaults(func=_cmd_replay)
 
-    sv = sub.add_parser("serve", help="reconstruct documents from a bluesky-0MQ-proxy (out of process)",
+    wk = sub.add_parser("worker", help="one worker of a pool sharing runs through NATS JetStream (scale-out)",
+                        description="Pull frames from the JetStream work queue that every worker shares, follow "
+                                    "every run's control documents, reconstruct with the live pipeline and "
+                                    "acknowledge each frame message only once its results are in Tiled and on "
+                                    "ZeroMQ. Start any number, on any hosts, against one NATS server and one Tiled "
+                                    "server; a worker that dies leaves its frames to the others (after --ack-wait). "
+                                    "Documents come from a JetStreamPublisher on the RunEngine (or cdinn-stream "
+                                    "replay --nats). Needs pip install 'cdinn-stream[nats]'.",
+                        epilog="E.g. cdinn-stream worker --nats nats://10.0.0.5:4222 --tiled http://10.0.0.6:8000 "
+                               "--zmq tcp://0.0.0.0:5579 (each worker binds its own ZeroMQ address; subscribers "
+                               "connect to all). Runs stored: <parent>/<run uid>, merged in seq_num order when "
+                               "every frame is acknowledged (docs/pipeline.md 'Scale-out').")
+    wk.add_argument("--nats", required=True, metavar="URL", help="the NATS server, e.g. nats://127.0.0.1:4222")
+    wk.add_argument("--tiled", dest="tiled_out", default=None, metavar="URL",
+                    help="Tiled server for the results (default $TILED_URL; same as --tiled-out)")
+    wk.add_argument("--zmq", dest="zmq_out", default=None, metavar="ADDRESS",
+                    help="publish results on this ZeroMQ address (default $CDINN_ZMQ_OUT; same as --zmq-out)")
+    wk.add_argument("--parent", default=None, help="Tiled container of the runs (default $CDINN_TILED_PARENT or cdinn)")
+    wk.add_argument("--prefix", default="cdinn", help="first token of the subjects (default %(default)s)")
+    wk.add_argument("--beamline", default="*", help="take the runs of this beamline only (default: all)")
+    wk.add_argument("--group", default="workers",
+                    help="the pool: its workers share the durable consumer <group>-<beamline> (default "
+                         "%(default)s; two pools must take disjoint beamlines: the server refuses overlapping ones)")
+    wk.add_argument("--name", default=None,
+                    help="this worker's name (default host-pid): keep it stable per worker, so that a restart "
+                         "finds what its earlier process spooled; its Tiled partitions are <uid>.<name>-p<token>")
+    wk.add_argument("--ack-wait", type=float, default=None, metavar="S",
+                    help="seconds to store a frame's results before the server hands it to another worker "
+                         "(default 30; set when the consumer is first made)")
+    wk.add_argument("--max-deliver", type=int, default=None, help="deliveries of a frame message at most (default 10)")
+    wk.add_argument("--max-ack-pending", type=int, default=None,
+                    help="frame messages out, unacknowledged, over the pool at most: the back-pressure (default 1024)")
+    wk.add_argument("--close-wait", type=float, default=5.0, metavar="S",
+                    help="seconds the merging worker waits for the others to close their partitions (default 5)")
+    wk.add_argument("--threads", type=int, default=None, help="torch CPU threads of this worker")
+    _add_sink_options(wk)
+    wk.set_defaults(func=_cmd_worker)
+
+    sv = sub.add_parser("serve", help="reconstruct runs out of process: from a bluesky-0MQ-proxy or following Tiled",
                         description="Subscribe a RemoteDispatcher to the proxy's output and run the callback. "
                                     "E.g. with `bluesky-0MQ-proxy 5577 5578`: cdinn-stream serve --zmq "
                                     "tcp://127.0.0.1:5578 --zmq-out tcp://127.0.0.1:5579, then cdinn-stream listen "
-                                    "tcp://127.0.0.1:5579 (the results need an address of their own).")
-    sv.add_argument("--zmq", required=True,
-                    help="the proxy's output address, where documents come from, e.g. tcp://127.0.0.1:5578")
+                                    "tcp://127.0.0.1:5579 (the results need an address of their own). Or, where the "
+                                    "scan writes its runs with TiledWriter(client, batch_size=1): cdinn-stream serve "
+                                    "--tiled-follow http://127.0.0.1:8000 --api-key KEY reconstructs each new run "
+                                    "while it is written, through Tiled's streaming API (docs/pipeline.md, "
+                                    "'Following Tiled').")
+    source = sv.add_mutually_exclusive_group(required=True)
+    source.add_argument("--zmq",
+                        help="the proxy's output address, where documents come from, e.g. tcp://127.0.0.1:5578")
+    source.add_argument("--tiled-follow", metavar="URL",
+                        help="instead, follow the runs that TiledWriter writes to this Tiled server (or container) "
+                             "from now on, each reconstructed while it is written, every frame once and in order; "
+                             "the server streams with `tiled serve catalog --temp`, or --cache memory / --cache "
+                             "redis://... (without: polled every 2 s); key from --api-key or $TILED_API_KEY")
     _add_sink_options(sv)
     sv.set_defaults(func=_cmd_serve)
 
@@ -628,10 +790,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", nargs="+", default=["cdinn-32", "cdinn-64"],
                    help="models of the model suite (default cdinn-32 cdinn-64)")
     b.add_argument("--suite", nargs="+", default=["simulate", "model", "erhio", "pipeline"],
-                   choices=["simulate", "model", "erhio", "pipeline", "trust", "detector"],
+                   choices=["simulate", "model", "erhio", "pipeline", "trust", "detector", "observables", "scale"],
                    help="suites to run (default: all but trust and detector, which take about 10 minutes each on "
                         "2 cores; detector: native-size 256x256, EIGER 1M and 4M frames end to end, inline and "
-                        "from HDF5 files, needs hdf5plugin for its compressed runs)")
+                        "from HDF5 files, needs hdf5plugin for its compressed runs; observables: what the per-frame "
+                        "observables add to the model's time, a minute; scale: 1, 2 and 4 NATS JetStream workers "
+                        "against the single-process pipeline and the latency the broker adds, a few minutes, needs "
+                        "the nats extra)")
     b.add_argument("-n", type=int, default=1024, help="patterns in the batched ER/HIO timing (default 1024)")
     b.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     b.add_argument("--device", default="cpu",

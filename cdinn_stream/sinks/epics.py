@@ -160,8 +160,9 @@ class EpicsSink:
         now = time.monotonic()
         n = len(result.amplitude)
         self._frames += n
-        if self._rate_t0 is None:
-            self._rate_t0, self._rate_n = now, 0
+        if self._rate_t0 is None:  # from when these frames entered the pipeline: a rate even for one write
+            received = np.asarray(result.frames.received, float)
+            self._rate_t0, self._rate_n = (float(received.min()) if received.size else now), 0
         self._rate_n += n
         self._chi2.extend(np.asarray(result.chi2, float)[-CHI2_WINDOW:].tolist())
         if not self._connect():

@@ -160,10 +160,13 @@ def _quiet_caproto():
 class TiledServerProcess:
     """``tiled serve catalog`` in a child process with a catalog on disk: stop and start it again
     on the same port and the data are still there. With ``directory=None``: a stock
-    ``tiled serve catalog --temp --api-key KEY``, as README.md says to start one."""
+    ``tiled serve catalog --temp --api-key KEY``, as README.md says to start one. ``tables``: the
+    catalog on disk stores tables too (in DuckDB), as bluesky's TiledWriter needs; such a server has
+    no streaming cache (no ``--cache``), unlike ``--temp``."""
 
-    def __init__(self, directory=None):
+    def __init__(self, directory=None, *, tables: bool = False):
         self.directory = directory
+        self.tables = tables
         self.api_key = secrets.token_hex(8)
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -183,6 +186,8 @@ class TiledServerProcess:
         else:
             (self.directory / "data").mkdir(parents=True, exist_ok=True)
             cmd += [str(self.directory / "catalog.db"), "-w", str(self.directory / "data")]
+            if self.tables:
+                cmd += ["-w", f"duckdb:///{self.directory / 'tables.duckdb'}"]
             if not self._initialised:
                 cmd.append("--init")
                 self._initialised = True

@@ -64,34 +64,6 @@ def test_with_the_ioc_every_frame_counts_as_delivered(ioc):
     assert epics.caget(ioc.prefix + "SEQ_NUM", timeout=5) == 20
 
 
-def test_an_ioc_that_comes_after_the_run_opened_is_told_the_run_before_its_frames(ioc):
-    """Feedback plans match ``P:RUN_UID``: an IOC that answers only mid-run (started late, or
-    restarted) gets the run uid, and ``SEQ_NUM`` reset first, before the next frame's values."""
-    import epics
-
-    from cdinn_stream.apps.ioc import IOCThread
-
-    prefix = f"LATE{uuid.uuid4().hex[:6]}:"
-    sink = EpicsSink(prefix, timeout=0.5, retry=0.0)
-    thread = SinkThread(sink)
-    thread.put(RunMarker("open", "run-late", {}))
-    thread.put(_result("run-late", 1, 5))
-    assert thread.drain(30)
-    late = IOCThread(prefix).start()
-    try:
-        start, deadline = 6, time.monotonic() + 30
-        while sink.frames_delivered == 0 and time.monotonic() < deadline:  # Channel Access finds it again
-            thread.put(_result("run-late", start, 5))
-            assert thread.drain(30)
-            start += 5
-        thread.close()
-        assert sink.frames_delivered == 5, (sink.frames_delivered, sink.frames_undelivered)
-        assert epics.caget(prefix + "RUN_UID", timeout=5) == "run-late"
-        assert epics.caget(prefix + "SEQ_NUM", timeout=5) == start - 1
-    finally:
-        late.stop()
-
-
 def test_the_ioc_command_prints_what_a_client_needs(tmp_path):
     """Start ``cdinn-stream ioc`` on a port of its own, take the ``export`` line it prints, and
     read a PV from a fresh process with exactly those settings."""

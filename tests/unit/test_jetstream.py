@@ -191,3 +191,22 @@ def test_a_partition_cut_short_in_a_write_is_merged_to_the_rows_every_array_hold
     container = {k: Node(np.zeros((lengths[k], 2))) for k in ARRAYS}
     rows = _rows(container)
     assert {len(v) for v in rows.values()} == {3}
+
+
+def test_a_partition_cut_short_in_its_first_write_has_no_row():
+    """SIGKILL while the first write creates the arrays one by one leaves some of them missing: no
+    row of that partition is whole, and the merge of the run goes on without it (it used to fail
+    on the missing ``frame_info`` and retry for ever)."""
+    from cdinn_stream.sinks.partitions import _rows as partition_rows
+
+    class Node:
+        def __init__(self, a):
+            self.a = a
+
+        def read(self):
+            return self.a
+
+    cut = {k: Node(np.zeros((4, 2))) for k in ("amplitude", "phase", "chi2")}
+    assert partition_rows(cut) is None
+    rows, duplicates = merge_rows([partition_rows(cut), _rows([3, 1, 2])])
+    assert rows["frame_info"][:, 0].tolist() == [1, 2, 3] and duplicates == 0

@@ -2,10 +2,11 @@
 
 On the crystal recipe's patterns, centred on their Bragg peak as the live crop makes them, at the
 engine's batch: the network alone; the trust figure (chi^2) as it was computed before the
-observables (its own cosine and sine of the phase); and the engine's step now, the complex objects
+observables (its own cosine and sine of the phase); and the engine's step now, the objects' planes
 made once and shared by chi^2 and :func:`~cdinn_stream.core.observe.frame_observables`. The
 observables' cost is the step's time less the old chi^2's (what they add per frame), and, for
-reference, the observables call alone; each as a fraction of the network's time, in one run.
+reference, the observables call alone, compiled (the kernels compiled before timing) and eager
+(where no compiler is at hand); each as a fraction of the network's time, in one run.
 
 And the IPython live view (:class:`~cdinn_stream.apps.liveview.LiveReconstructionView`) during a
 scan at a 200 Hz detector pace, the RunEngine in its own thread and the GUI's timer played by the
@@ -21,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from cdinn_stream.core.metrics import fourier_chi2
-from cdinn_stream.core.observe import complex_objects, frame_observables, reference_objects
+from cdinn_stream.core.metrics import centred_planes, fourier_chi2
+from cdinn_stream.core.observe import KERNELS, compile_observables, frame_observables, reference_objects
 from cdinn_stream.core.physics import normalized_amplitude, peak_offsets, roll_frames
 from cdinn_stream.core.simulate import diffraction_intensity, simulate
 from cdinn_stream.core.timing import time_call
@@ -52,21 +53,33 @@ def run(model_name: str, *, batch: int = 256, quick: bool = False) -> dict:
             reference = reference_objects(amp[:1], phase[:1])
 
             def step(amp=amp, phase=phase, reference=reference):  # the engine's, after the network
-                obj = complex_objects(amp, phase)
-                fourier_chi2(amp, phase, x, obj=obj)
-                frame_observables(amp, phase, crops, origins, reference=reference, obj=obj)
+                amp, phase = amp.float(), phase.float()
+                planes = centred_planes(amp, phase)
+                fourier_chi2(amp, phase, x, planes=planes)
+                frame_observables(amp, phase, crops, origins, reference=reference, planes=planes)
 
-            obj = complex_objects(amp, phase)
+            planes = centred_planes(amp, phase)
+            call = lambda a=amp.float(), p=phase.float(), r=reference, pl=planes: frame_observables(  # noqa: E731
+                a, p, crops, origins, reference=r, planes=pl)  # (step() rewrites the planes with the same values)
+            compiled = compile_observables(call)
             us = {"network_us": time_call(lambda m=m: m.predict_tensor(x), **timing),
                   "chi2_alone_us": time_call(lambda a=amp, p=phase: fourier_chi2(a, p, x), **timing),
                   "step_us": time_call(step, **timing),
-                  "observables_call_us": time_call(lambda a=amp, p=phase, o=obj, r=reference: frame_observables(
-                      a, p, crops, origins, reference=r, obj=o), **timing)}
+                  "observables_call_us": time_call(call, **timing)}
+            enabled = [kernel.enabled for kernel in KERNELS]
+            for kernel in KERNELS:  # the same calls where no compiler is at hand (CDINN_COMPILE=0)
+                kernel.enabled = False
+            try:
+                us["observables_eager_us"] = time_call(call, **timing)
+            finally:
+                for kernel, on in zip(KERNELS, enabled, strict=True):
+                    kernel.enabled = on
         us = {k: v / batch * 1e6 for k, v in us.items()}
         added = us["step_us"] - us["chi2_alone_us"]
         rows.append({"model": m.name, "precision": m.precision, "batch": batch, **us, "observables_added_us": added,
-                     "added_ratio": added / us["network_us"],
-                     "call_ratio": us["observables_call_us"] / us["network_us"]})
+                     "added_ratio": added / us["network_us"], "compiled": compiled,
+                     "call_ratio": us["observables_call_us"] / us["network_us"],
+                     "eager_ratio": us["observables_eager_us"] / us["network_us"]})
     return {"rows": rows, "live_view": live_view(model_name, frames=300 if quick else 1200)}
 
 
@@ -123,15 +136,16 @@ def table(r: dict) -> list[str]:
     """Markdown lines of :func:`run`'s results."""
     lines = ["### Observables per frame (crystal-recipe patterns, CPU, batch 256; microseconds a frame)", "",
              "| model | precision | network | chi^2 before | chi^2 + observables now | observables added | "
-             "observables call alone |",
-             "|---|---|---|---|---|---|---|"]
+             "observables call alone | eager (no compiler) |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['error']} | | | | | |")
+            lines.append(f"| {row['model']} | {row['error']} | | | | | | |")
             continue
         lines.append(f"| {row['model']} | {row['precision']} | {row['network_us']:.1f} | {row['chi2_alone_us']:.1f} | "
                      f"{row['step_us']:.1f} | {row['observables_added_us']:.1f} ({row['added_ratio']:.0%} of the "
-                     f"network) | {row['observables_call_us']:.1f} ({row['call_ratio']:.0%}) |")
+                     f"network) | {row['observables_call_us']:.1f} ({row['call_ratio']:.0%}) | "
+                     f"{row['observables_eager_us']:.1f} ({row['eager_ratio']:.0%}) |")
     v = r.get("live_view")
     if v:
         lines += ["", f"IPython live view (Agg, redrawn from a 10 Hz timer) during a {v['frames']}-frame scan at "

@@ -22,7 +22,7 @@ import torch
 
 from .physics import SUPPORT_THRESHOLD, far_field_torch, strain, twin_torch
 
-__all__ = ["chi2", "fourier_chi2", "align", "support_iou", "phase_rmse", "strain_rmse", "score"]
+__all__ = ["chi2", "centred_planes", "fourier_chi2", "align", "support_iou", "phase_rmse", "strain_rmse", "score"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -56,31 +56,39 @@ def chi2(amplitude: ArrayLike, phase: ArrayLike, intensity: ArrayLike) -> torch.
 _WORKSPACE = threading.local()  # per thread: buffers of the last batch shape (fresh ones page-fault on a CPU)
 
 
-def _complex_checkerboard(checkerboard: torch.Tensor) -> torch.Tensor:
-    """The checkerboard as complex64, kept with the thread's buffers (a complex-by-complex product
-    is vectorised; a real factor broadcast over ``view_as_real``'s last axis of 2 is not: 8x slower)."""
-    cached = getattr(_WORKSPACE, "complex_checkerboard", None)
-    if cached is None or cached[0] is not checkerboard:
-        cached = (checkerboard, checkerboard.to(torch.complex64))
-        _WORKSPACE.complex_checkerboard = cached
-    return cached[1]
-
-
 def _buffers(shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The calling thread's checkerboard and work tensors for ``shape`` (kept for the last shape)."""
     key = (tuple(shape), device, torch.is_inference_mode_enabled())  # inference tensors stay in inference mode
     cached = getattr(_WORKSPACE, "buffers", None)
     if cached is None or cached[0] != key:
         n = shape[-1]
         k = torch.arange(n, device=device)
         checkerboard = (1 - 2 * ((k[:, None] + k) % 2)).float()
-        cached = (key, checkerboard, *(torch.empty(shape, device=device) for _ in range(3)),
+        cached = (key, checkerboard, *(torch.empty(shape, device=device) for _ in range(4)),
                   torch.empty(shape, device=device, dtype=torch.complex64))
         _WORKSPACE.buffers = cached
     return cached[1:]
 
 
+def centred_planes(amplitude: torch.Tensor, phase: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real and imaginary planes, float32 ``(B, N, N)``, of the objects ``amplitude *
+    exp(i phase)`` times the ``(-1)**(r + c)`` checkerboard that puts their Fourier transform's
+    zero frequency at ``N // 2``: what :func:`fourier_chi2` transforms. Work tensors of the
+    calling thread (its next call, or :func:`fourier_chi2`'s without ``planes``, overwrites them).
+
+    The live pipeline makes them once a batch for the trust figure and the observables
+    (:func:`cdinn_stream.core.observe.frame_observables`: the checkerboard is a phase ramp of pi a
+    pixel, which their ramp removal takes out, so they are the plain objects' figures)."""
+    a, p = amplitude.float(), phase.float()
+    checkerboard, signed, _, re, im, _ = _buffers(a.shape, a.device)
+    torch.mul(a, checkerboard, out=signed)
+    torch.mul(signed, torch.sin(p, out=im), out=im)
+    torch.mul(signed, torch.cos(p, out=re), out=re)
+    return re, im
+
+
 def fourier_chi2(amplitude: torch.Tensor, phase: torch.Tensor, measured: torch.Tensor, *,
-                 obj: torch.Tensor | None = None) -> torch.Tensor:
+                 planes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`chi2` ``(B,)`` of objects ``(B, N, N)`` against measured *amplitudes* ``sqrt(I)``
     ``(B, N, N)`` (any overall scale, zero frequency at ``N // 2``, ``N`` even), in float32 on the
     tensors' device: the per-frame trust figure of the live pipeline.
@@ -88,23 +96,17 @@ def fourier_chi2(amplitude: torch.Tensor, phase: torch.Tensor, measured: torch.T
     The best scale ``s`` leaves ``chi2 = 1 - (sum |P| |M|)**2 / (sum |P|**2 sum |M|**2)``, and
     ``sum |P|**2`` is the object's own (Parseval), so one FFT per frame suffices; the centring
     shift of the transform is a ``(-1)**(k1 + k2)`` checkerboard on the object. Agrees with
-    :func:`chi2` to about 1e-6 (float32). ``obj``: the objects as complex64
-    (:func:`cdinn_stream.core.observe.complex_objects`), when the caller has them (the live
-    pipeline's engine: they are shared with the observables).
+    :func:`chi2` to about 1e-6 (float32). ``planes``: the objects' :func:`centred_planes`, when
+    the caller has them (the live pipeline's engine: they are shared with the observables).
     """
     n = amplitude.shape[-1]
     if n % 2 or measured.shape != amplitude.shape:
         return chi2(amplitude.float().cpu(), phase.float().cpu(), measured.float().cpu().square()).float().to(
             amplitude.device)
-    a, p, m = amplitude.float(), phase.float(), measured.float()
-    checkerboard, signed, work, imag, centred = _buffers(a.shape, a.device)
-    if obj is None:
-        torch.mul(a, checkerboard, out=signed)
-        torch.mul(signed, torch.sin(p, out=work), out=imag)
-        torch.mul(signed, torch.cos(p, out=work), out=work)
-        torch.complex(work, imag, out=centred)
-    else:
-        torch.mul(obj, _complex_checkerboard(checkerboard), out=centred)
+    a, m = amplitude.float(), measured.float()
+    re, im = centred_planes(amplitude, phase) if planes is None else planes
+    _, signed, work, _, _, centred = _buffers(a.shape, a.device)
+    torch.complex(re, im, out=centred)
     f = torch.view_as_real(torch.fft.fft2(centred))
     modulus = torch.mul(f[..., 0], f[..., 0], out=work).addcmul_(f[..., 1], f[..., 1]).sqrt_()
     cross = modulus.mul_(m).sum(dim=(-2, -1))

@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..core.metrics import fourier_chi2
+from ..core.metrics import centred_planes, fourier_chi2
 from ..core.observables import OBSERVABLES
-from ..core.observe import complex_objects, frame_observables, reference_objects
+from ..core.observe import frame_observables, reference_objects
 from ..core.physics import normalized_amplitude
 from ..core.timing import LatencyWindow, latency_ms
 from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
@@ -269,11 +269,11 @@ class InferenceEngine(Worker):
         try:
             raw = raw.to(self.model.device, non_blocking=True)
             x = normalized_amplitude(raw)
-            amp, phase = self.model.predict_tensor(x)
-            obj = complex_objects(amp, phase)
-            chi2 = fourier_chi2(amp, phase, x, obj=obj)
-            obs = self._observables(amp, phase, raw, origins, runs, obj)
-            return amp.float().cpu().numpy(), phase.float().cpu().numpy(), chi2.cpu().numpy(), obs
+            amp, phase = (t.float() for t in self.model.predict_tensor(x))  # once, for all that follows
+            planes = centred_planes(amp, phase)  # shared by the trust figure and the observables
+            chi2 = fourier_chi2(amp, phase, x, planes=planes)
+            obs = self._observables(amp, phase, raw, origins, runs, planes)
+            return amp.cpu().numpy(), phase.cpu().numpy(), chi2.cpu().numpy(), obs
         except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
             if len(frames) > 1:
                 logger.warning("model failed on %d frames (%s); retrying in halves", len(frames), err)
@@ -291,12 +291,12 @@ class InferenceEngine(Worker):
             raise
 
     def _observables(self, amp: torch.Tensor, phase: torch.Tensor, raw: torch.Tensor, origins: np.ndarray,
-                     runs: list[tuple[str, str]], obj: torch.Tensor) -> dict[str, np.ndarray]:
+                     runs: list[tuple[str, str]], planes: tuple[torch.Tensor, torch.Tensor]) -> dict[str, np.ndarray]:
         """The frames' observables (NaN, and an error logged, if they cannot be had: the
         reconstructions still go out, and the model is not retried for it)."""
         try:
             obs = frame_observables(amp, phase, raw, torch.from_numpy(origins), bin=self.crop_bin,
-                                    reference=self._reference(amp, phase, runs), obj=obj)
+                                    reference=self._reference(amp, phase, runs), planes=planes)
             return {k: v.cpu().numpy() for k, v in obs.items()}
         except Exception:
             logger.exception("observables failed for %d frames (runs %s): NaN", len(runs), sorted(set(runs)))
@@ -304,7 +304,7 @@ class InferenceEngine(Worker):
 
     def _reference(self, amp: torch.Tensor, phase: torch.Tensor, runs: list[tuple[str, str]]) -> torch.Tensor:
         """Each frame's run and stream's first object (:func:`reference_objects`), kept from its
-        first frame until the run's end: ``(1, N, N)`` for a batch of one stream, ``(n, N, N)`` otherwise."""
+        first frame until the run's end: ``(1, 2, N, N)`` for a batch of one stream, ``(n, 2, N, N)`` otherwise."""
         uids = list(dict.fromkeys(runs))
         for uid in uids:
             if uid not in self._references:

@@ -3,12 +3,16 @@ objects whose answer is known (simulated crystals, shifted, ramped, strained).""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
+from cdinn_stream.core.metrics import centred_planes
 from cdinn_stream.core.observables import OBSERVABLES
-from cdinn_stream.core.observe import complex_objects, frame_observables, reference_objects
+from cdinn_stream.core.observe import frame_observables, reference_objects
 from cdinn_stream.core.physics import SUPPORT_THRESHOLD, ramp, strain
 from cdinn_stream.core.simulate import diffraction_intensity, simulate
 
@@ -105,13 +109,45 @@ def test_correlation_is_one_for_the_same_crystal_whatever_the_ramp_and_offset_an
     assert torch.isnan(_observe(amp[:2], phase[:2])["correlation"]).all()  # no reference: not a number, not 1
 
 
-def test_the_shared_complex_objects_give_the_same_figures(crystals):
+def test_the_centred_planes_give_the_plain_objects_figures(crystals):
+    """The trust figure's planes carry the centring checkerboard, a ramp of pi a pixel: the ramp
+    removal takes it out, so the figures are those of the plain object's planes."""
     amp, phase = crystals
     crops = torch.from_numpy(diffraction_intensity(amp.numpy(), phase.numpy()))
-    own = frame_observables(amp, phase, crops, torch.zeros(len(amp), 2))
-    shared = frame_observables(amp, phase, crops, torch.zeros(len(amp), 2), obj=complex_objects(amp, phase))
-    for name in own:
-        torch.testing.assert_close(own[name], shared[name], equal_nan=True)
+    plain = (amp * torch.cos(phase), amp * torch.sin(phase))
+    reference = reference_objects(amp[:1], phase[:1])
+    for ref in (None, reference):
+        own = frame_observables(amp, phase, crops, torch.zeros(len(amp), 2), reference=ref, planes=plain)
+        shared = frame_observables(amp, phase, crops, torch.zeros(len(amp), 2), reference=ref,
+                                   planes=centred_planes(amp, phase))
+        for name in own:
+            torch.testing.assert_close(shared[name], own[name], equal_nan=True, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")),
+                    reason="torch.compile needs a C++ compiler on a CPU")
+def test_the_compiled_figures_are_the_eager_ones_and_the_calls_use_them(crystals):
+    """The first calls run eagerly while the kernels compile on a thread of their own; then the
+    compiled code runs (for the batch sizes it was compiled for: one, and more than one) and gives
+    the eager figures."""
+    from cdinn_stream.core.observe import COMPILE_ENV, KERNELS, compile_observables
+
+    if os.environ.get(COMPILE_ENV, "1") == "0":
+        pytest.skip(f"{COMPILE_ENV}=0")
+    amp, phase = crystals
+    crops = torch.from_numpy(diffraction_intensity(amp.numpy(), phase.numpy()))
+    reference = reference_objects(amp[:1], phase[:1])
+    for batch in (len(amp), 1):
+        args = (amp[:batch], phase[:batch], crops[:batch], torch.zeros(batch, 2))
+        with torch.inference_mode():
+            eager = frame_observables(*args, reference=reference)
+            assert compile_observables(lambda args=args: frame_observables(*args, reference=reference)), \
+                "torch.compile failed, or its code does not fit the calls (see the log)"
+            before = [k.compiled_calls for k in KERNELS]
+            compiled = frame_observables(*args, reference=reference)
+        assert [k.compiled_calls for k in KERNELS] == [b + 1 for b in before]
+        for name in eager:
+            torch.testing.assert_close(compiled[name], eager[name], equal_nan=True, atol=5e-4, rtol=1e-4)
 
 
 def test_the_docs_table_lists_every_observable_with_its_unit():
@@ -122,13 +158,16 @@ def test_the_docs_table_lists_every_observable_with_its_unit():
         assert f"| `{name}` | {unit or '-'} |" in text, name
 
 
-def test_the_trust_figure_from_the_shared_objects_is_the_same(crystals):
+def test_the_trust_figure_from_the_shared_planes_is_the_same(crystals):
     from cdinn_stream.core.metrics import fourier_chi2
     from cdinn_stream.core.physics import normalized_amplitude
 
     amp, phase = crystals
     x = normalized_amplitude(torch.from_numpy(diffraction_intensity(amp.numpy(), phase.numpy())))
-    shared = fourier_chi2(amp, phase, x, obj=complex_objects(amp, phase))
+    planes = centred_planes(amp, phase)
+    kept = (planes[0].clone(), planes[1].clone())
+    shared = fourier_chi2(amp, phase, x, planes=planes)
+    torch.testing.assert_close(planes, kept)  # the trust figure leaves them for the observables
     torch.testing.assert_close(shared, fourier_chi2(amp, phase, x))
 
 

@@ -69,7 +69,8 @@ _NUMBERS = {"views": int, "batch_size": int, "bin": int, "refine_every": int, "r
             "refine_window": int, "adapt": _flag}
 
 #: other ``CDINN_*`` variables the package reads (not pipeline settings)
-OTHER_VARIABLES = {"CDINN_MODELS", "CDINN_MALLOC_TUNING"}  # model search path; CPU allocator (nn.reconstruct)
+OTHER_VARIABLES = {"CDINN_MODELS", "CDINN_MALLOC_TUNING", "CDINN_COMPILE"}  # model search path; CPU allocator
+# (nn.reconstruct); 0: the observables not compiled (core.observe)
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ neighbouring pixels), the second sums the objects with their ramp taken out (pha
 correlation with the run's first frame). The centring checkerboard on those planes is itself a
 ramp, of pi a pixel, so the ramp removal takes it out with the object's own: every figure is the
 plain object's. Each pass is one fused loop once ``torch.compile`` has compiled it
-(:class:`FusedKernel`: about 1.5 us a frame on two CPU cores against 5-7 us for the same passes run
+(:class:`FusedKernel`: about 2-2.5 us a frame on two CPU cores against 7-12 us for the same passes run
 as some 50 separate torch operations); compiling takes seconds, so it happens on a thread of its
 own, and calls made meanwhile (or where no compiler is at hand, or with ``CDINN_COMPILE=0``) run
 the same functions eagerly.
@@ -134,6 +134,12 @@ _NAMES = ("peak_row", "peak_col", "intensity", "support_area", "centroid_row", "
 _COMPILER = threading.Lock()  # one compilation at a time in the process
 
 
+def _compiling_enabled() -> bool:
+    """Not ``CDINN_COMPILE=0``, and torch has compiler stances (2.6 and later)."""
+    return (os.environ.get(COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+            and hasattr(torch.compiler, "set_stance"))
+
+
 class FusedKernel:
     """``fn`` compiled by ``torch.compile`` (one fused loop nest instead of dozens of torch
     operations), compiled off the caller's thread.
@@ -154,8 +160,7 @@ class FusedKernel:
         self.compiled = None
         self.compiles = 0  # compilations finished
         self.compiled_calls = 0  # calls that ran the compiled code
-        self.enabled = (os.environ.get(COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-                        and hasattr(torch.compiler, "set_stance"))  # torch >= 2.6
+        self.enabled = _compiling_enabled()
         self._lock = threading.Lock()  # held while compiled code runs or is being compiled
         self._compiling: threading.Thread | None = None
 
@@ -163,7 +168,7 @@ class FusedKernel:
         if self.enabled and self._lock.acquire(blocking=False):
             try:
                 if self.compiled is not None:
-                    with torch.compiler.set_stance("fail_on_recompile"):
+                    with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
                         result = self.compiled(*args)
                     self.compiled_calls += 1
                     return result
@@ -174,7 +179,17 @@ class FusedKernel:
             finally:
                 self._lock.release()
             self._compile_for(args)
-        return self.fn(*args)
+        with torch.inference_mode():
+            return self.fn(*args)
+
+    def reset(self) -> None:
+        """Forget the compiled code (after a compilation in progress ends) and the counts."""
+        self.wait()
+        with self._lock:
+            if self.compiled is not None:
+                torch._dynamo.reset_code(self.fn.__code__)
+            self.compiled, self.compiles, self.compiled_calls = None, 0, 0
+            self.enabled = _compiling_enabled()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for a compilation in progress; True when none is left."""
@@ -199,17 +214,16 @@ class FusedKernel:
                 with torch.inference_mode(a.is_inference()):
                     a = a.detach().clone()
             copies.append(a)
-        modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
-        self._compiling = threading.Thread(target=self._compile, args=(tuple(copies), modes), daemon=True,
+        self._compiling = threading.Thread(target=self._compile, args=(tuple(copies),), daemon=True,
                                            name=f"compile-{self.fn.__name__}")
         self._compiling.start()
 
-    def _compile(self, args: tuple, modes: tuple[bool, bool]) -> None:
+    def _compile(self, args: tuple) -> None:
         with self._lock, _COMPILER:
             try:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
-                with torch.inference_mode(modes[0]), torch.set_grad_enabled(modes[1]):
+                with torch.inference_mode():  # as every call runs it (no autograd: one variant fewer)
                     self.compiled(*args)
                 self.compiles += 1
             except Exception as err:  # noqa: BLE001 - any compiler failure leaves the eager path
@@ -252,7 +266,8 @@ def reference_objects(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Ten
 def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch.Tensor, origins: torch.Tensor, *,
                       bin: int = 1, reference: torch.Tensor | None = None,
                       planes: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """:data:`OBSERVABLES` (but ``chi2``) of ``(B, N, N)`` reconstructions, each ``(B,)`` float32.
+    """:data:`OBSERVABLES` (but ``chi2``) of ``(B, N, N)`` reconstructions, each ``(B,)`` float32
+    (computed in inference mode: no autograd through them).
 
     ``crops`` are the measured ``(B, M, M)`` crops the model saw (counts, the peak at ``M // 2``),
     ``origins`` ``(B, 2)`` their top-left detector pixel and ``bin`` their binning; ``reference``
@@ -261,7 +276,7 @@ def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch
     caller has them: :func:`~cdinn_stream.core.metrics.centred_planes` (made here when not given)
     or the plain ``amplitude * cos(phase)``, ``amplitude * sin(phase)`` (the same figures).
 
-    Two passes over the objects: about 2 us a frame on two CPU cores once compiled, 7 us eagerly
+    Two passes over the objects: about 2-2.5 us a frame on two CPU cores once compiled, 7-12 us eagerly
     (``cdinn-stream bench --suite observables``)."""
     n = amplitude.shape[-1]
     a = amplitude.float()
@@ -270,7 +285,8 @@ def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch
     ref = reference if reference is not None else torch.zeros((1, 2, n, n), device=a.device)
     figures = _FIGURES(a, re, im, top, rows, cols, first, ref)  # (scalars outside: each value would compile anew)
     centre = float(crops.shape[-1] // 2 * bin + (bin - 1) / 2)  # the crop centre's detector pixel, from the origin
-    figures[:2].mul_(float(bin)).add_(origins.to(device=a.device, dtype=torch.float32).T).add_(centre)
+    peak = figures[:2] * float(bin) + origins.to(device=a.device, dtype=torch.float32).T + centre
+    values = [*peak.unbind(0), *figures[2:].unbind(0)]
     if reference is None:
-        figures[-1] = float("nan")
-    return dict(zip(_NAMES, figures.unbind(0), strict=True))
+        values[-1] = torch.full_like(values[-1], float("nan"))
+    return dict(zip(_NAMES, values, strict=True))

@@ -99,6 +99,9 @@ class Worker:
     def frames(self, run_uid: str) -> list[int]:
         return [s for uid, seq in self.results if uid == run_uid for s in seq]
 
+    def frames_all(self) -> list[int]:
+        return [s for _, seq in self.results for s in seq]
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
@@ -348,3 +351,92 @@ def test_pools_take_disjoint_beamlines(nats_server):
             await nc.close()
 
     asyncio.run(check())
+
+
+def test_a_stored_run_replayed_into_the_pool(pool, nats_server, tiled_server, tiled_client, tmp_path, capsys):
+    """``cdinn-stream replay UID --tiled URL --nats URL`` publishes a run that TiledWriter stored
+    (frames inline) into the stream; the pool reconstructs it and merges it in Tiled: every frame
+    once, in seq_num order, as the single-process replay of the same run gives them."""
+    import json
+
+    from bluesky import RunEngine
+    from bluesky.plans import count
+    from bluesky_tiled_plugins import TiledWriter
+
+    from cdinn_stream.apps.cli import main
+    from cdinn_stream.lab.sim import BCDIFrameSource, OperandoCrystal, make_detector, make_motors
+    from cdinn_stream.sinks import read_run
+
+    peak, strain = make_motors(64)
+    source = BCDIFrameSource(OperandoCrystal(32, seed=2), frame_shape=(96, 96), peak_motor=peak,
+                             strain_motor=strain, seed=2)
+    RE = RunEngine({})
+    RE.subscribe(TiledWriter(tiled_client))
+    (uid,) = RE(count([make_detector(source)], 40))
+    (worker,) = pool(1)
+    capsys.readouterr()
+    status = main(["replay", uid, "--tiled", f"http://127.0.0.1:{tiled_server.port}", "--api-key",
+                   tiled_server.api_key, "--nats", nats_server.url])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status == 0 and report["published"], report
+
+    def complete() -> bool:
+        worker.poll()
+        return "cdinn" in tiled_client and uid in tiled_client["cdinn"] and bool(
+            tiled_client["cdinn"][uid].metadata.get("complete"))
+
+    wait_for(complete, timeout=90, interval=0.2, what=f"replayed run {uid} complete in Tiled")
+    stored = read_run(tiled_client["cdinn"][uid])
+    np.testing.assert_array_equal(stored["seq_num"], np.arange(1, 41))
+    assert np.isfinite(stored["chi2"]).all() and stored["amplitude"].shape == (40, 32, 32)
+    assert tiled_client["cdinn"][uid].metadata["pool"]["frames"] == 40
+
+
+def test_tiled_away_mid_run_nothing_lost(nats_server, tiled_process, tmp_path):
+    """The Tiled server stops mid-run and comes back after the run's stop document: the worker
+    spools what it reconstructed meanwhile (and acknowledges it: it is on its disk), writes it back
+    when the server answers, and the run is merged; ``read_pool_run`` gives every frame once, in
+    seq_num order."""
+    from tiled.client import from_uri
+
+    from cdinn_stream.live.jetstream import JetStreamSettings
+    from cdinn_stream.live.nats_publisher import JetStreamPublisher
+    from cdinn_stream.sinks.partitions import read_pool_run
+    tiled = tiled_process
+    worker = Worker("w0", nats_server.url, tiled, tmp_path / "spool")
+    try:
+        wait_for(lambda: (worker.poll(), worker.heard)[1] and _waiting_pulls(nats_server.url) >= 1, timeout=120,
+                 interval=0.1, what="the worker connected and pulling")
+        publisher = JetStreamPublisher(JetStreamSettings(url=nats_server.url, beamline="test"))
+
+        def stop_tiled(page: int) -> None:
+            if page == 8:
+                wait_for(lambda: (worker.poll(), len(worker.frames_all()) >= 32)[1], timeout=60, interval=0.05,
+                         what="frames reconstructed before Tiled goes")
+                tiled.stop()
+
+        uid = _publish(publisher, pace=0.02, during=stop_tiled)
+        assert publisher.close()
+        wait_for(lambda: (worker.poll(), set(range(1, FRAMES + 1)) <= set(worker.frames(uid)))[1], timeout=90,
+                 interval=0.1, what="every frame reconstructed (on ZeroMQ) while Tiled is away")
+        spool = tmp_path / "spool" / "worker-w0"
+        assert any(spool.rglob("*")), "nothing spooled while Tiled was away"
+        tiled.start()
+        client = from_uri(tiled.uri, api_key=tiled.api_key)
+
+        def merged() -> bool:
+            worker.poll()
+            client.refresh() if hasattr(client, "refresh") else None
+            return "cdinn" in client and uid in client["cdinn"] and bool(client["cdinn"][uid].metadata.get("complete"))
+
+        wait_for(merged, timeout=120, interval=0.5, what=f"run {uid} merged after Tiled came back")
+
+        def whole() -> bool:
+            rows = read_pool_run(client, uid)
+            return len(rows.get("seq_num", ())) == FRAMES and rows
+
+        rows = wait_for(whole, timeout=60, interval=0.5, what="the spooled frames written back")
+        np.testing.assert_array_equal(rows["seq_num"], np.arange(1, FRAMES + 1))
+        assert np.isfinite(rows["chi2"]).all()
+    finally:
+        worker.stop()

@@ -59,7 +59,8 @@ def run(model_name: str, *, batch: int = 256, quick: bool = False) -> dict:
                 frame_observables(amp, phase, crops, origins, reference=reference, planes=planes)
 
             planes = centred_planes(amp, phase)
-            call = lambda a=amp.float(), p=phase.float(), r=reference, pl=planes: frame_observables(  # noqa: E731
+            amp32, phase32 = amp.float(), phase.float()
+            call = lambda a=amp32, p=phase32, r=reference, pl=planes: frame_observables(  # noqa: E731
                 a, p, crops, origins, reference=r, planes=pl)  # (step() rewrites the planes with the same values)
             compiled = compile_observables(call)
             us = {"network_us": time_call(lambda m=m: m.predict_tensor(x), **timing),

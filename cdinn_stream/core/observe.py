@@ -8,7 +8,7 @@ neighbouring pixels), the second sums the objects with their ramp taken out (pha
 correlation with the run's first frame). The centring checkerboard on those planes is itself a
 ramp, of pi a pixel, so the ramp removal takes it out with the object's own: every figure is the
 plain object's. Each pass is one fused loop once ``torch.compile`` has compiled it
-(:class:`FusedKernel`: about 2-2.5 us a frame on two CPU cores against 7-12 us for the same passes run
+(:class:`FusedKernel`: about 2-2.5 us a frame on two CPU cores against 11-12 us for the same passes run
 as some 50 separate torch operations); compiling takes seconds, so it happens on a thread of its
 own, and calls made meanwhile (or where no compiler is at hand, or with ``CDINN_COMPILE=0``) run
 the same functions eagerly.
@@ -30,22 +30,8 @@ __all__ = ["frame_observables", "reference_objects", "FusedKernel", "KERNELS", "
 
 logger = logging.getLogger(__name__)
 
-_WORKSPACE = threading.local()  # per thread: work tensors of the last batch shape (fresh ones page-fault on a CPU)
-
 #: ``CDINN_COMPILE=0`` runs the observables eagerly (no ``torch.compile``)
 COMPILE_ENV = "CDINN_COMPILE"
-
-
-def _work(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The calling thread's work tensor ``name``, the first ``shape[0]`` frames of one kept for the
-    largest batch seen (a batch's 1-2 MB temporaries, allocated afresh, cost more than the
-    arithmetic on them; live batches vary in size)."""
-    store = _WORKSPACE.__dict__.setdefault("tensors", {})
-    key = (name, tuple(shape[1:]), dtype, device, torch.is_inference_mode_enabled())
-    kept = store.get(key)
-    if kept is None or kept.shape[0] < shape[0]:
-        kept = store[key] = torch.empty(tuple(shape), dtype=dtype, device=device)
-    return kept[: shape[0]]
 
 
 # --- the figures: pure functions of the planes (run eagerly, or compiled by FusedKernel) -------------------------
@@ -147,12 +133,16 @@ class FusedKernel:
     A call runs the compiled code when code compiled earlier fits its arguments (shapes, device,
     dtypes); otherwise it runs ``fn`` eagerly, and the first such call starts compiling for
     arguments like its own on a thread of its own, so that the live pipeline never waits seconds
-    for the compiler. A compilation that fails (no C++ compiler, a device without a backend) is
-    logged once and the kernel stays eager; so does every call with ``CDINN_COMPILE=0``.
+    for the compiler. A compilation that fails (no C++ compiler, a device without a backend), or
+    compiled code that raises, is logged once and the kernel stays eager; so does every call with
+    ``CDINN_COMPILE=0``. Whether compiled code fits is asked of torch itself, under the compiler's
+    ``fail_on_recompile`` stance for the length of the call; the stance is process-wide, so a
+    function of the user's compiled for the first time on another thread in those microseconds
+    would fail with that message (set ``CDINN_COMPILE=0`` where that can happen).
     """
 
-    #: compilations at most (batches of one and of more, grad and inference mode, one or a reference a
-    #: frame, each device: each takes one; 8 is also torch's own limit of compilations of a function)
+    #: compilations at most (batches of one and of more, one or a reference a frame, inference or
+    #: normal tensors, each device: each takes one; 8 is also torch's own limit for a function)
     MAX_COMPILES = 8
 
     def __init__(self, fn) -> None:
@@ -161,23 +151,29 @@ class FusedKernel:
         self.compiles = 0  # compilations finished
         self.compiled_calls = 0  # calls that ran the compiled code
         self.enabled = _compiling_enabled()
-        self._lock = threading.Lock()  # held while compiled code runs or is being compiled
         self._compiling: threading.Thread | None = None
 
     def __call__(self, *args):
-        if self.enabled and self._lock.acquire(blocking=False):
+        # the compiler's stance is global: it is set only under _COMPILER, which every compilation
+        # holds too, so that no compilation of ours runs under it (a call finding the lock taken
+        # runs eagerly)
+        if self.enabled and self.compiled is not None and _COMPILER.acquire(blocking=False):
             try:
-                if self.compiled is not None:
-                    with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
-                        result = self.compiled(*args)
-                    self.compiled_calls += 1
-                    return result
-            except RuntimeError as err:
-                if "fail_on_recompile" not in str(err):
-                    raise
-                logger.debug("%s: no compiled code fits the call: %s", self.fn.__name__, err)
+                with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
+                    result = self.compiled(*args)
+                self.compiled_calls += 1
+                return result
+            except Exception as err:  # noqa: BLE001 - the eager functions below give the figures
+                if "fail_on_recompile" in str(err):
+                    logger.debug("%s: no compiled code fits the call: %s", self.fn.__name__, err)
+                    self._compile_for(args)
+                else:
+                    self.enabled = False
+                    logger.warning("%s: its compiled code failed (%s: %s): run eagerly from now on", self.fn.__name__,
+                                   type(err).__name__, str(err).splitlines()[0] if str(err) else "")
             finally:
-                self._lock.release()
+                _COMPILER.release()
+        elif self.enabled and self.compiled is None:
             self._compile_for(args)
         with torch.inference_mode():
             return self.fn(*args)
@@ -185,7 +181,7 @@ class FusedKernel:
     def reset(self) -> None:
         """Forget the compiled code (after a compilation in progress ends) and the counts."""
         self.wait()
-        with self._lock:
+        with _COMPILER:
             if self.compiled is not None:
                 torch._dynamo.reset_code(self.fn.__code__)
             self.compiled, self.compiles, self.compiled_calls = None, 0, 0
@@ -219,7 +215,7 @@ class FusedKernel:
         self._compiling.start()
 
     def _compile(self, args: tuple) -> None:
-        with self._lock, _COMPILER:
+        with _COMPILER:
             try:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
@@ -276,7 +272,7 @@ def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch
     caller has them: :func:`~cdinn_stream.core.metrics.centred_planes` (made here when not given)
     or the plain ``amplitude * cos(phase)``, ``amplitude * sin(phase)`` (the same figures).
 
-    Two passes over the objects: about 2-2.5 us a frame on two CPU cores once compiled, 7-12 us eagerly
+    Two passes over the objects: about 2-2.5 us a frame on two CPU cores once compiled, 11-12 us eagerly
     (``cdinn-stream bench --suite observables``)."""
     n = amplitude.shape[-1]
     a = amplitude.float()

@@ -26,7 +26,7 @@ from .metrics import centred_planes
 from .observables import PEAK_WINDOW
 from .physics import SUPPORT_THRESHOLD
 
-__all__ = ["frame_observables", "reference_objects", "FusedKernel", "KERNELS", "compile_observables"]
+__all__ = ["frame_observables", "reference_objects", "FusedKernel", "KERNELS", "compile_observables", "warm_up"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +248,33 @@ def compile_observables(call, rounds: int = 4, timeout: float = 600.0) -> bool:
         if not all(k.wait(timeout) and k.enabled for k in KERNELS):
             return False
     return False
+
+
+def warm_up(n: int, device: torch.device | str = "cpu", *, batch: int = 8) -> threading.Thread | None:
+    """Compile the kernels for ``n x n`` objects on ``device`` as the live engine calls them (in
+    inference mode, batches of ``batch`` frames and of one, one reference), on a thread of its own,
+    before the first frames come; returns the thread (``None`` when compiling is off)."""
+    if not all(k.enabled for k in KERNELS):
+        return None
+
+    def run() -> None:
+        try:
+            generator = torch.Generator().manual_seed(0)
+            with torch.inference_mode():
+                for b in (batch, 1):
+                    amp, phase, crops = (torch.rand((b, n, n), generator=generator).to(device) for _ in range(3))
+                    planes = centred_planes(amp, phase)
+                    reference = reference_objects(amp[:1], phase[:1])
+                    origins = torch.zeros((b, 2))
+                    args = (amp, phase, crops, origins)
+                    compile_observables(lambda a=args, r=reference, p=planes: frame_observables(*a, reference=r,
+                                                                                                planes=p))
+        except Exception:  # noqa: BLE001 - a warm-up that fails leaves the calls to compile (or not) themselves
+            logger.warning("compiling the observables ahead failed", exc_info=True)
+
+    thread = threading.Thread(target=run, daemon=True, name="compile-observables-ahead")
+    thread.start()
+    return thread
 
 
 def reference_objects(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ import torch
 
 from ..core.metrics import centred_planes, fourier_chi2
 from ..core.observables import OBSERVABLES
-from ..core.observe import frame_observables, reference_objects
+from ..core.observe import frame_observables, reference_objects, warm_up
 from ..core.physics import normalized_amplitude
 from ..core.timing import LatencyWindow, latency_ms
 from .blocks import FrameBlock, ResultBlock, RunMarker, Sink
@@ -113,6 +113,7 @@ class InferenceEngine(Worker):
         #: called with each block whose inference failed (its frames counted in ``frames_failed``, no
         #: result made): a pool worker gives its messages back instead of acknowledging them
         self.on_failed: Callable[[FrameBlock], None] | None = None
+        warm_up(model.size, model.device)  # the observables' compiled code, made before the frames come
         self._start()
 
     def current_model(self) -> tuple[CDIModel, int]:
@@ -263,17 +264,18 @@ class InferenceEngine(Worker):
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Amplitude, phase, chi^2 and observables of ``(n, size, size)`` measured crops whose
         detector origins are ``origins`` and runs ``runs`` (``(run uid, stream)`` a frame)."""
-        raw = torch.from_numpy(frames)
-        if self._pin:
-            raw = raw.pin_memory()
         try:
-            raw = raw.to(self.model.device, non_blocking=True)
-            x = normalized_amplitude(raw)
-            amp, phase = (t.float() for t in self.model.predict_tensor(x))  # once, for all that follows
-            planes = centred_planes(amp, phase)  # shared by the trust figure and the observables
-            chi2 = fourier_chi2(amp, phase, x, planes=planes)
-            obs = self._observables(amp, phase, raw, origins, runs, planes)
-            return amp.cpu().numpy(), phase.cpu().numpy(), chi2.cpu().numpy(), obs
+            with torch.inference_mode():  # all of it (the observables' compiled code is made for inference tensors)
+                raw = torch.from_numpy(frames)
+                if self._pin:
+                    raw = raw.pin_memory()
+                raw = raw.to(self.model.device, non_blocking=True)
+                x = normalized_amplitude(raw)
+                amp, phase = (t.float() for t in self.model.predict_tensor(x))  # once, for all that follows
+                planes = centred_planes(amp, phase)  # shared by the trust figure and the observables
+                chi2 = fourier_chi2(amp, phase, x, planes=planes)
+                obs = self._observables(amp, phase, raw, origins, runs, planes)
+                return amp.cpu().numpy(), phase.cpu().numpy(), chi2.cpu().numpy(), obs
         except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
             if len(frames) > 1:
                 logger.warning("model failed on %d frames (%s); retrying in halves", len(frames), err)

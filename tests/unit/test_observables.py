@@ -230,3 +230,31 @@ def test_the_engine_gives_each_frame_its_observables_whatever_the_batch_holds():
                 np.testing.assert_allclose(got[(run, stream, i + 1)][name], float(value[j]), rtol=2e-4, atol=2e-5,
                                            err_msg=f"{run} {stream} frame {i + 1} {name}")
         assert got[(run, stream, idx[0] + 1)]["correlation"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.skipif(not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")),
+                    reason="torch.compile needs a C++ compiler on a CPU")
+def test_compiled_ahead_the_engines_calls_run_compiled_code_at_once(crystals):
+    """``warm_up`` (the engine calls it when it is made) compiles for the engine's calls: a batch
+    of several frames and a batch of one, in inference mode, run compiled code at their first call,
+    with no compilation of their own."""
+    from cdinn_stream.core.observe import COMPILE_ENV, KERNELS, warm_up
+
+    if os.environ.get(COMPILE_ENV, "1") == "0":
+        pytest.skip(f"{COMPILE_ENV}=0")
+    for kernel in KERNELS:
+        kernel.reset()
+    thread = warm_up(32, "cpu")
+    thread.join(600)
+    assert not thread.is_alive()
+    compiles = [k.compiles for k in KERNELS]
+    amp, phase = crystals
+    crops = torch.from_numpy(diffraction_intensity(amp.numpy(), phase.numpy()))
+    for batch in (13, 1):
+        with torch.inference_mode():
+            a, p, c = amp[:batch].clone(), phase[:batch].clone(), crops[:batch].clone()
+            reference = reference_objects(a[:1], p[:1])
+            before = [k.compiled_calls for k in KERNELS]
+            frame_observables(a, p, c, torch.zeros(batch, 2), reference=reference, planes=centred_planes(a, p))
+        assert [k.compiled_calls for k in KERNELS] == [b + 1 for b in before], batch
+    assert [k.compiles for k in KERNELS] == compiles

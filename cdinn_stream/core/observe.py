@@ -8,17 +8,21 @@ neighbouring pixels), the second sums the objects with their ramp taken out (pha
 correlation with the run's first frame). The centring checkerboard on those planes is itself a
 ramp, of pi a pixel, so the ramp removal takes it out with the object's own: every figure is the
 plain object's. Each pass is one fused loop once ``torch.compile`` has compiled it
-(:class:`FusedKernel`: about 2-2.5 us a frame on two CPU cores against 11-12 us for the same passes run
-as some 50 separate torch operations); compiling takes seconds, so it happens on a thread of its
-own, and calls made meanwhile (or where no compiler is at hand, or with ``CDINN_COMPILE=0``) run
-the same functions eagerly.
+(:class:`FusedKernel`: about 2-2.5 us a frame on two CPU cores); compiling takes seconds of CPU,
+so it is done only for a process that makes many frames (the live engine starts it after its
+first 20,000: :func:`warm_up`), on a thread of its own. Until then, and where no compiler is at
+hand or with ``CDINN_COMPILE=0``, the same figures come from complex-valued eager torch
+(:func:`_eager_figures`, about 5 us a frame: the real-valued passes, written for the compiler,
+would take 11 eagerly).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
+import time
 
 import torch
 
@@ -118,6 +122,17 @@ _NAMES = ("peak_row", "peak_col", "intensity", "support_area", "centroid_row", "
 
 
 _COMPILER = threading.Lock()  # one compilation at a time in the process
+_EXITING = threading.Event()  # the interpreter is exiting: no compilation starts
+_AHEAD: list[threading.Thread] = []  # warm_up's threads
+
+
+@atexit.register
+def _wait_for_compilations(timeout: float = 60.0) -> None:
+    """At exit, let a compilation in progress end (the interpreter aborts if it exits under one)."""
+    _EXITING.set()
+    end = time.monotonic() + timeout
+    for thread in [*_AHEAD, *(k._compiling for k in KERNELS if k._compiling is not None)]:
+        thread.join(max(0.0, end - time.monotonic()))
 
 
 def _compiling_enabled() -> bool:
@@ -131,12 +146,13 @@ class FusedKernel:
     operations), compiled off the caller's thread.
 
     A call runs the compiled code when code compiled earlier fits its arguments (shapes, device,
-    dtypes); otherwise it runs ``fn`` eagerly, and the first such call starts compiling for
-    arguments like its own on a thread of its own, so that the live pipeline never waits seconds
-    for the compiler. A compilation that fails (no C++ compiler, a device without a backend), or
-    compiled code that raises, is logged once and the kernel stays eager; so does every call with
-    ``CDINN_COMPILE=0``. Whether compiled code fits is asked of torch itself, under the compiler's
-    ``fail_on_recompile`` stance for the length of the call; the stance is process-wide, so a
+    dtypes); otherwise it returns ``None`` (the caller computes the figures eagerly) and, once the
+    kernel is armed (:meth:`arm`), starts compiling for arguments like its own on a thread of its
+    own, so that the live pipeline never waits seconds for the compiler. A compilation that fails
+    (no C++ compiler, a device without a backend), or compiled code that raises, is logged once and
+    the kernel is off; so is every kernel with ``CDINN_COMPILE=0``. Whether compiled code fits is
+    asked of torch itself, under the compiler's ``fail_on_recompile`` stance for the length of the
+    call; the stance is process-wide, so a
     function of the user's compiled for the first time on another thread in those microseconds
     would fail with that message (set ``CDINN_COMPILE=0`` where that can happen).
     """
@@ -151,19 +167,22 @@ class FusedKernel:
         self.compiles = 0  # compilations finished
         self.compiled_calls = 0  # calls that ran the compiled code
         self.enabled = _compiling_enabled()
+        self.armed = False
         self._compiling: threading.Thread | None = None
 
     def __call__(self, *args):
+        """The compiled code's result, or ``None`` where it cannot run (not compiled yet, or not
+        for calls like this one: then, once :meth:`arm` was called, a compilation starts)."""
         # the compiler's stance is global: it is set only under _COMPILER, which every compilation
         # holds too, so that no compilation of ours runs under it (a call finding the lock taken
-        # runs eagerly)
+        # gets None)
         if self.enabled and self.compiled is not None and _COMPILER.acquire(blocking=False):
             try:
                 with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
                     result = self.compiled(*args)
                 self.compiled_calls += 1
                 return result
-            except Exception as err:  # noqa: BLE001 - the eager functions below give the figures
+            except Exception as err:  # noqa: BLE001 - the caller's eager code gives the figures
                 if "fail_on_recompile" in str(err):
                     logger.debug("%s: no compiled code fits the call: %s", self.fn.__name__, err)
                     self._compile_for(args)
@@ -175,8 +194,12 @@ class FusedKernel:
                 _COMPILER.release()
         elif self.enabled and self.compiled is None:
             self._compile_for(args)
-        with torch.inference_mode():
-            return self.fn(*args)
+        return None
+
+    def arm(self) -> None:
+        """Let calls that compiled code does not fit start compilations (off until then: a process
+        that makes a few thousand frames never pays the seconds of compiling)."""
+        self.armed = True
 
     def reset(self) -> None:
         """Forget the compiled code (after a compilation in progress ends) and the counts."""
@@ -185,7 +208,7 @@ class FusedKernel:
             if self.compiled is not None:
                 torch._dynamo.reset_code(self.fn.__code__)
             self.compiled, self.compiles, self.compiled_calls = None, 0, 0
-            self.enabled = _compiling_enabled()
+            self.enabled, self.armed = _compiling_enabled(), False
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for a compilation in progress; True when none is left."""
@@ -197,7 +220,8 @@ class FusedKernel:
     def _compile_for(self, args: tuple) -> None:
         """Start compiling for arguments like ``args`` (copies of them), unless a compilation is
         running or the budget of compilations is spent."""
-        if (self._compiling is not None and self._compiling.is_alive()) or not self.enabled:
+        if ((self._compiling is not None and self._compiling.is_alive()) or not self.enabled or not self.armed
+                or _EXITING.is_set()):
             return
         if self.compiles >= self.MAX_COMPILES:
             logger.warning("%s: compiled %d times and still not fitting its calls: run eagerly from now on",
@@ -240,7 +264,11 @@ def compile_observables(call, rounds: int = 4, timeout: float = 600.0) -> bool:
     wait for the compilations it starts, a few rounds. True when its last call ran compiled code
     (False where the kernels are eager: no compiler, ``CDINN_COMPILE=0``). For benchmarks and
     tests; the live pipeline does not wait (its calls run eagerly until the code is compiled)."""
+    for kernel in KERNELS:
+        kernel.arm()
     for _ in range(rounds):
+        if _EXITING.is_set():
+            return False
         before = [k.compiled_calls for k in KERNELS]
         call()
         if all(k.compiled_calls > b for k, b in zip(KERNELS, before, strict=True)):
@@ -250,12 +278,67 @@ def compile_observables(call, rounds: int = 4, timeout: float = 600.0) -> bool:
     return False
 
 
+_WORKSPACE = threading.local()  # per thread: work tensors of the last batch shape (fresh ones page-fault on a CPU)
+
+
+def _work(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The calling thread's work tensor ``name``, the first ``shape[0]`` frames of one kept for the
+    largest batch seen (a batch's 1-2 MB temporaries, allocated afresh, cost more than the
+    arithmetic on them; live batches vary in size)."""
+    store = _WORKSPACE.__dict__.setdefault("tensors", {})
+    key = (name, tuple(shape[1:]), dtype, device, torch.is_inference_mode_enabled())
+    kept = store.get(key)
+    if kept is None or kept.shape[0] < shape[0]:
+        kept = store[key] = torch.empty(tuple(shape), dtype=dtype, device=device)
+    return kept[: shape[0]]
+
+
+def _eager_figures(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, crops: torch.Tensor,
+                   reference: torch.Tensor) -> torch.Tensor:
+    """:func:`_support_figures` then :func:`_figures`, the same figures in complex arithmetic: what
+    runs until the kernels are compiled (a complex product is one vectorised operation in eager
+    torch where the real-valued passes take four: 2x faster uncompiled, 2x slower than compiled)."""
+    b, n = a.shape[0], a.shape[-1]
+    shape, device = tuple(a.shape), a.device
+    top = a.flatten(1).amax(dim=1).clamp_min(1e-30)
+    mask = torch.gt(a, (SUPPORT_THRESHOLD * top)[:, None, None], out=_work("mask", shape, torch.float32, device))
+    obj = torch.complex(re, im, out=_work("obj", shape, torch.complex64, device))
+    z = torch.mul(obj, mask, out=_work("z", shape, torch.complex64, device))
+    rows = torch.mul(z[:, 1:], z[:, :-1].conj(), out=_work("rows", (b, n - 1, n), torch.complex64, device))
+    cols = torch.mul(z[:, :, 1:], z[:, :, :-1].conj(), out=_work("cols", (b, n, n - 1), torch.complex64, device))
+    steps = torch.stack([torch.angle(rows.sum(dim=(1, 2))), torch.angle(cols.sum(dim=(1, 2)))], dim=1)
+    coords = torch.arange(n, device=device, dtype=torch.float32) - n // 2
+    angles = -steps[:, :, None] * coords
+    factors = torch.complex(torch.cos(angles), torch.sin(angles))  # (B, 2, N): the rows' and the columns'
+    z.mul_(factors[:, 1, None, :]).mul_(factors[:, 0, :, None])  # the ramp is separable: no exponential a pixel
+    w = torch.mul(a, mask, out=_work("w", shape, torch.float32, device))
+    by_row = w.sum(dim=2)
+    mass = by_row.sum(dim=1).clamp_min(1e-30)
+    total = z.sum(dim=(1, 2))
+    strain_rms = (-2 * torch.log((total.abs() / mass).clamp(1e-12, 1.0))).sqrt()
+    own = torch.mul(w, w, out=_work("own", shape, torch.float32, device)).sum(dim=(1, 2))
+    ref = torch.complex(reference[:, 0], reference[:, 1])
+    cross = torch.mul(z, ref.conj(), out=_work("cross", shape, torch.complex64, device)).sum(dim=(1, 2))
+    correlation = cross.abs() / (own * ref.abs().square().sum(dim=(1, 2))).sqrt().clamp_min(1e-30)
+    m, k = crops.shape[-1], PEAK_WINDOW
+    counts = crops.float()
+    around = counts[:, m // 2 - k : m // 2 + k + 1, m // 2 - k : m // 2 + k + 1].clamp_min(0)
+    offsets = torch.arange(-k, k + 1, device=device, dtype=torch.float32)
+    peak_mass = around.sum(dim=(1, 2)).clamp_min(1e-30)
+    return torch.stack([(around.sum(dim=2) * offsets).sum(dim=1) / peak_mass,
+                        (around.sum(dim=1) * offsets).sum(dim=1) / peak_mass, counts.sum(dim=(1, 2)),
+                        mask.sum(dim=(1, 2)), (by_row * coords).sum(dim=1) / mass,
+                        (w.sum(dim=1) * coords).sum(dim=1) / mass, torch.angle(total), strain_rms, correlation])
+
+
 def warm_up(n: int, device: torch.device | str = "cpu", *, batch: int = 8) -> threading.Thread | None:
     """Compile the kernels for ``n x n`` objects on ``device`` as the live engine calls them (in
     inference mode, batches of ``batch`` frames and of one, one reference), on a thread of its own,
     before the first frames come; returns the thread (``None`` when compiling is off)."""
     if not all(k.enabled for k in KERNELS):
         return None
+    for kernel in KERNELS:
+        kernel.arm()
 
     def run() -> None:
         try:
@@ -273,6 +356,7 @@ def warm_up(n: int, device: torch.device | str = "cpu", *, batch: int = 8) -> th
             logger.warning("compiling the observables ahead failed", exc_info=True)
 
     thread = threading.Thread(target=run, daemon=True, name="compile-observables-ahead")
+    _AHEAD.append(thread)
     thread.start()
     return thread
 
@@ -299,14 +383,16 @@ def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch
     caller has them: :func:`~cdinn_stream.core.metrics.centred_planes` (made here when not given)
     or the plain ``amplitude * cos(phase)``, ``amplitude * sin(phase)`` (the same figures).
 
-    Two passes over the objects: about 2-2.5 us a frame on two CPU cores once compiled, 11-12 us eagerly
-    (``cdinn-stream bench --suite observables``)."""
+    Two passes over the objects: about 2-2.5 us a frame on two CPU cores once compiled, 5 us
+    before (``cdinn-stream bench --suite observables``)."""
     n = amplitude.shape[-1]
     a = amplitude.float()
     re, im = centred_planes(amplitude, phase) if planes is None else planes
-    top, rows, cols, first = _SUPPORT_FIGURES(a, re, im, crops)
     ref = reference if reference is not None else torch.zeros((1, 2, n, n), device=a.device)
-    figures = _FIGURES(a, re, im, top, rows, cols, first, ref)  # (scalars outside: each value would compile anew)
+    first = _SUPPORT_FIGURES(a, re, im, crops)
+    figures = None if first is None else _FIGURES(a, re, im, *first, ref)  # (scalars outside: each compiles anew)
+    if figures is None:
+        figures = _eager_figures(a, re, im, crops, ref)
     centre = float(crops.shape[-1] // 2 * bin + (bin - 1) / 2)  # the crop centre's detector pixel, from the origin
     peak = figures[:2] * float(bin) + origins.to(device=a.device, dtype=torch.float32).T + centre
     values = [*peak.unbind(0), *figures[2:].unbind(0)]

@@ -35,6 +35,7 @@ lost to an out-of-memory error).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ if TYPE_CHECKING:  # the engine runs any model with predict_tensor; the type is 
 __all__ = ["FrameBlock", "ResultBlock", "Sink", "InferenceEngine", "EngineStats"]
 
 logger = logging.getLogger(__name__)
+
+#: frames after which the engine has the observables compiled (seconds of CPU, paid back over a
+#: few hundred thousand frames; a process making fewer runs them eagerly: cdinn_stream.core.observe)
+COMPILE_AFTER = 20_000
 
 
 @dataclass
@@ -113,7 +118,8 @@ class InferenceEngine(Worker):
         #: called with each block whose inference failed (its frames counted in ``frames_failed``, no
         #: result made): a pool worker gives its messages back instead of acknowledging them
         self.on_failed: Callable[[FrameBlock], None] | None = None
-        warm_up(model.size, model.device)  # the observables' compiled code, made before the frames come
+        #: the thread compiling the observables, once COMPILE_AFTER frames are made (True: none needed)
+        self._compiling_ahead: threading.Thread | bool = False
         self._start()
 
     def current_model(self) -> tuple[CDIModel, int]:
@@ -421,4 +427,7 @@ class InferenceEngine(Worker):
                 self._pending[b.run_uid] -= len(b)
                 if self._pending[b.run_uid] == 0:
                     del self._pending[b.run_uid]
+            if self.stats.frames_out >= COMPILE_AFTER and not self._compiling_ahead:
+                self._compiling_ahead = warm_up(self.model.size, self.model.device) or True  # a process making
+                # many frames pays the seconds of compiling
             self._cond.notify_all()

@@ -258,3 +258,39 @@ def test_compiled_ahead_the_engines_calls_run_compiled_code_at_once(crystals):
             frame_observables(a, p, c, torch.zeros(batch, 2), reference=reference, planes=centred_planes(a, p))
         assert [k.compiled_calls for k in KERNELS] == [b + 1 for b in before], batch
     assert [k.compiles for k in KERNELS] == compiles
+
+
+def test_the_engine_has_the_observables_compiled_only_after_many_frames(monkeypatch):
+    """Compiling costs seconds of CPU: an engine that has made fewer than ``COMPILE_AFTER`` frames
+    runs the observables eagerly and compiles nothing; past that it starts the compilation."""
+    import time
+
+    import cdinn_stream.live.engine as engine_module
+    from cdinn_stream.core.observe import KERNELS
+    from cdinn_stream.live.blocks import FrameBlock
+    from cdinn_stream.live.engine import InferenceEngine
+    from cdinn_stream.nn.model import CDINN, ModelConfig
+    from cdinn_stream.nn.reconstruct import CDIModel
+
+    for kernel in KERNELS:
+        kernel.reset()
+    monkeypatch.setattr(engine_module, "COMPILE_AFTER", 40)
+    model = CDIModel(CDINN(ModelConfig(32, (8, 16, 32), 1, 4)), name="tiny", device="cpu", precision="fp32")
+    frames = simulate(24, 32, seed=9).intensity.astype(np.float32)
+    engine = InferenceEngine(model, [], batch_size=8, max_latency=0.01)
+    engine.open_run("r", {})
+
+    def feed(lo: int) -> None:
+        seq = np.arange(lo, lo + 24)
+        engine.submit(FrameBlock("r", "primary", seq, seq * 0.1, frames, np.zeros((24, 2)), np.zeros((24, 2)),
+                                 np.full(24, time.monotonic())))
+        assert engine.flush(timeout=60)
+
+    feed(1)
+    assert not any(k.armed for k in KERNELS) and [k.compiles for k in KERNELS] == [0, 0]
+    feed(25)  # 48 frames made: past COMPILE_AFTER
+    engine.close()
+    if all(k.enabled for k in KERNELS):  # (off with CDINN_COMPILE=0: then nothing starts)
+        assert all(k.armed for k in KERNELS)
+        engine._compiling_ahead.join(600)
+        assert all(k.compiles >= 1 for k in KERNELS)

@@ -45,6 +45,7 @@ import os
 import socket
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ logger = logging.getLogger(__name__)
 
 #: seconds between two attempts at completing a run whose merge or publish failed
 RETRY_INTERVAL = 5.0
+#: completions put off at most while this worker's spool holds rows of the run (then merged without them)
+MAX_SPOOL_WAITS = 60
 
 
 def default_worker_name() -> str:
@@ -101,6 +104,7 @@ class PoolRun:
     claimed: bool = False  #: this worker's claim won: it merges (and retries until it has)
     summary: dict | None = None  #: the merge's summary, once merged
     announced: bool = False  #: ``complete`` published
+    spool_waits: int = 0  #: completions put off while this worker's spool held rows of the run
 
 
 class PoolWorker:
@@ -118,12 +122,14 @@ class PoolWorker:
         close_wait: seconds the merging worker waits for the others to close their partitions.
         fetch_batch: frame messages per fetch at most.
         max_inflight_frames: frames fed and not yet stored at most (then the worker stops pulling).
+        spooled: whether this worker's spool still holds rows of a run (its uid): the merge waits
+            for them to be written back to the partition (``None``: no spool).
     """
 
     def __init__(self, callback, tracker: AckTracker, settings: JetStreamSettings, *, name: str,
                  process: str | None = None, tiled_client=None, parent: str = "cdinn", group: str = WORK_CONSUMER,
                  close_wait: float = 5.0, fetch_batch: int = 64, max_inflight_frames: int = 512,
-                 check_interval: float = 0.2):
+                 check_interval: float = 0.2, spooled: Callable[[str], bool] | None = None):
         self.cb = callback
         self.tracker = tracker
         tracker.on_done = self._settled
@@ -140,6 +146,7 @@ class PoolWorker:
         self.fetch_batch = fetch_batch
         self.max_inflight_frames = max_inflight_frames
         self.check_interval = check_interval
+        self.spooled = spooled or (lambda uid: False)
         self.max_deliver = settings.max_deliver  # the shared consumer's, once bound (0: no limit)
         self.runs: dict[str, PoolRun] = {}
         #: runs completed or claimed by another worker (recent): their late control documents are
@@ -470,6 +477,14 @@ class PoolWorker:
                 run.claimed = True
             if run.summary is None:
                 summary: dict = {}
+                if self.spooled(run.uid) and run.spool_waits < MAX_SPOOL_WAITS:
+                    # merged without them, its own rows would come back to a partition merged away already
+                    run.spool_waits += 1
+                    logger.info("worker %s: run %s waits for its rows in this worker's spool to be written back",
+                                self.ident, run.uid)
+                    run.retry_at = time.monotonic() + RETRY_INTERVAL
+                    run.completing = False
+                    return
                 if self.tiled_client is not None:
                     end = {"stop": run.stop, "exit_status": (run.stop or {}).get("exit_status")}
                     summary = await self._loop.run_in_executor(
@@ -525,10 +540,12 @@ def build_worker(config: PipelineConfig, settings: JetStreamSettings, *, name: s
     stores: list = []
     if config.zmq_out:
         stores.append(ZmqPublisherSink(config.zmq_out))
+    partitions = None
     if client is not None:  # the spool is the name's: a process started again under it writes back what is left
         spool = Path(config.spool_dir) if config.spool_dir else default_spool_dir()
-        stores.append(PartitionSink(client, worker=name, process=process, parent=config.tiled_parent,
-                                    model_card=model.card, spool_dir=spool / f"worker-{name}"))
+        partitions = PartitionSink(client, worker=name, process=process, parent=config.tiled_parent,
+                                   model_card=model.card, spool_dir=spool / f"worker-{name}")
+        stores.append(partitions)
     tracker = AckTracker(len(stores), lambda token, ok: None)
     sinks: list = [tracked(s, tracker, i) for i, s in enumerate(stores)]
     if config.epics_prefix:
@@ -540,4 +557,5 @@ def build_worker(config: PipelineConfig, settings: JetStreamSettings, *, name: s
                                 refine_window=config.refine_window, close_sinks=True)
     return PoolWorker(cb, tracker, settings, name=name, process=process, tiled_client=client,
                       parent=config.tiled_parent, group=group, close_wait=close_wait, fetch_batch=fetch_batch,
-                      max_inflight_frames=max_inflight_frames or 2 * config.batch_size)
+                      max_inflight_frames=max_inflight_frames or 2 * config.batch_size,
+                      spooled=None if partitions is None else partitions.spools_run)

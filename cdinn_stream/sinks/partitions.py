@@ -141,6 +141,12 @@ class PartitionSink(TiledSink):
     def write_refined(self, block: RefinedBlock) -> None:
         super().write_refined(self._part(block))
 
+    def spools_run(self, run_uid: str) -> bool:
+        """Whether this sink's spool holds rows of the run (of any of its partitions) not yet
+        written back."""
+        return any(key.startswith(f"{run_uid}.") and self.spool.manifest(key).get("server", self.store.location)
+                   == self.store.location for key in self.spool.runs())  # (another server's: never written here)
+
     def close_run(self, run_uid: str, summary: dict) -> None:
         key = self._keys.pop(run_uid, None)
         if key is not None:

@@ -378,7 +378,8 @@ def test_a_stored_run_replayed_into_the_pool(pool, nats_server, tiled_server, ti
     status = main(["replay", uid, "--tiled", f"http://127.0.0.1:{tiled_server.port}", "--api-key",
                    tiled_server.api_key, "--nats", nats_server.url])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert status == 0 and report["published"] == report["documents"] >= 4 and report["waiting"] == 0, report
+    # published >= documents: a page over max_payload goes as several
+    assert status == 0 and report["published"] >= report["documents"] >= 4 and report["waiting"] == 0, report
 
     def complete() -> bool:
         worker.poll()

@@ -477,8 +477,12 @@ class PoolWorker:
                 run.claimed = True
             if run.summary is None:
                 summary: dict = {}
-                if self.spooled(run.uid) and run.spool_waits < MAX_SPOOL_WAITS:
-                    # merged without them, its own rows would come back to a partition merged away already
+                spooled = await self._loop.run_in_executor(None, self.spooled, run.uid)
+                if spooled and run.spool_waits >= MAX_SPOOL_WAITS:
+                    logger.warning("worker %s: run %s merged while this worker's spool still holds rows of it (not "
+                                   "written back in %d attempts): they go to its partition later (read_pool_run)",
+                                   self.ident, run.uid, run.spool_waits)
+                elif spooled:  # merged without them, its rows would come back to a partition merged away already
                     run.spool_waits += 1
                     logger.info("worker %s: run %s waits for its rows in this worker's spool to be written back",
                                 self.ident, run.uid)

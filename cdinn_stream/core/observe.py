@@ -126,13 +126,16 @@ _EXITING = threading.Event()  # the interpreter is exiting: no compilation start
 _AHEAD: list[threading.Thread] = []  # warm_up's threads
 
 
-@atexit.register
 def _wait_for_compilations(timeout: float = 60.0) -> None:
     """At exit, let a compilation in progress end (the interpreter aborts if it exits under one)."""
     _EXITING.set()
     end = time.monotonic() + timeout
     for thread in [*_AHEAD, *(k._compiling for k in KERNELS if k._compiling is not None)]:
         thread.join(max(0.0, end - time.monotonic()))
+
+
+# before atexit's handlers (inductor's among them, which shut its compile workers down)
+getattr(threading, "_register_atexit", atexit.register)(_wait_for_compilations)
 
 
 def _compiling_enabled() -> bool:
@@ -169,6 +172,7 @@ class FusedKernel:
         self.enabled = _compiling_enabled()
         self.armed = False
         self._compiling: threading.Thread | None = None
+        self._starting = threading.Lock()  # one thread starts a compilation (the engine's, warm_up's)
 
     def __call__(self, *args):
         """The compiled code's result, or ``None`` where it cannot run (not compiled yet, or not
@@ -220,6 +224,10 @@ class FusedKernel:
     def _compile_for(self, args: tuple) -> None:
         """Start compiling for arguments like ``args`` (copies of them), unless a compilation is
         running or the budget of compilations is spent."""
+        with self._starting:
+            self._start_compiling(args)
+
+    def _start_compiling(self, args: tuple) -> None:
         if ((self._compiling is not None and self._compiling.is_alive()) or not self.enabled or not self.armed
                 or _EXITING.is_set()):
             return
@@ -248,7 +256,7 @@ class FusedKernel:
                 self.compiles += 1
             except Exception as err:  # noqa: BLE001 - any compiler failure leaves the eager path
                 self.enabled = False
-                logger.warning("%s: torch.compile failed (%s: %s): the observables run eagerly (about 4x slower; "
+                logger.warning("%s: torch.compile failed (%s: %s): the observables run eagerly (about 2x slower; "
                                "set %s=0 to skip trying)", self.fn.__name__, type(err).__name__,
                                str(err).splitlines()[0] if str(err) else "", COMPILE_ENV)
 
@@ -392,7 +400,8 @@ def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch
     first = _SUPPORT_FIGURES(a, re, im, crops)
     figures = None if first is None else _FIGURES(a, re, im, *first, ref)  # (scalars outside: each compiles anew)
     if figures is None:
-        figures = _eager_figures(a, re, im, crops, ref)
+        with torch.inference_mode():  # as the compiled code (its work tensors take no autograd)
+            figures = _eager_figures(a, re.float(), im.float(), crops, ref.float())
     centre = float(crops.shape[-1] // 2 * bin + (bin - 1) / 2)  # the crop centre's detector pixel, from the origin
     peak = figures[:2] * float(bin) + origins.to(device=a.device, dtype=torch.float32).T + centre
     values = [*peak.unbind(0), *figures[2:].unbind(0)]

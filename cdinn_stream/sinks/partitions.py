@@ -144,8 +144,11 @@ class PartitionSink(TiledSink):
     def spools_run(self, run_uid: str) -> bool:
         """Whether this sink's spool holds rows of the run (of any of its partitions) not yet
         written back."""
-        return any(key.startswith(f"{run_uid}.") and self.spool.manifest(key).get("server", self.store.location)
-                   == self.store.location for key in self.spool.runs())  # (another server's: never written here)
+        try:
+            return any(key.startswith(f"{run_uid}.") and self.spool.manifest(key).get("server", self.store.location)
+                       == self.store.location for key in self.spool.runs())  # another server's: never written here
+        except (OSError, ValueError):  # the sink thread removed a spool while it was read: ask again later
+            return True
 
     def close_run(self, run_uid: str, summary: dict) -> None:
         key = self._keys.pop(run_uid, None)

@@ -235,7 +235,7 @@ def test_the_engine_gives_each_frame_its_observables_whatever_the_batch_holds():
 @pytest.mark.skipif(not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")),
                     reason="torch.compile needs a C++ compiler on a CPU")
 def test_compiled_ahead_the_engines_calls_run_compiled_code_at_once(crystals):
-    """``warm_up`` (the engine calls it when it is made) compiles for the engine's calls: a batch
+    """``warm_up`` (the engine calls it after ``COMPILE_AFTER`` frames) compiles for the engine's calls: a batch
     of several frames and a batch of one, in inference mode, run compiled code at their first call,
     with no compilation of their own."""
     from cdinn_stream.core.observe import COMPILE_ENV, KERNELS, warm_up
@@ -294,3 +294,19 @@ def test_the_engine_has_the_observables_compiled_only_after_many_frames(monkeypa
         assert all(k.armed for k in KERNELS)
         engine._compiling_ahead.join(600)
         assert all(k.compiles >= 1 for k in KERNELS)
+
+
+def test_the_eager_figures_are_the_compiled_passes_figures(crystals):
+    """Without a compiler too: the complex-valued eager code and the real-valued passes that get
+    compiled (run here as plain torch) give the same nine figures, with one reference and with
+    one a frame."""
+    from cdinn_stream.core.observe import _eager_figures, _figures, _support_figures
+
+    amp, phase = crystals
+    crops = torch.from_numpy(diffraction_intensity(amp.numpy(), phase.numpy()))
+    re, im = centred_planes(amp, phase)
+    for reference in (reference_objects(amp[:1], phase[:1]), reference_objects(amp.flip(0), phase.flip(0))):
+        with torch.inference_mode():
+            eager = _eager_figures(amp, re, im, crops, reference)
+            passes = _figures(amp, re, im, *_support_figures(amp, re, im, crops), reference)
+        torch.testing.assert_close(eager, passes, atol=5e-4, rtol=1e-4)

@@ -51,7 +51,7 @@ def _support_figures(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, crops:
     intensity centre of mass of the :data:`PEAK_WINDOW` around the crop's centre. Returns ``top``,
     the factors and the ``(9, B)`` figures (mass, row and column moments, sum of squares, support
     area; counts; the window's counts and row and column moments)."""
-    n, m, k = a.shape[-1], crops.shape[-1], PEAK_WINDOW
+    n = a.shape[-1]
     top = a.flatten(1).amax(dim=1).clamp_min(1e-30)
     mask = (a > SUPPORT_THRESHOLD * top[:, None, None]).float()
     x, y = re * mask, im * mask
@@ -70,15 +70,19 @@ def _support_figures(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, crops:
     moment_col = (w * coords[None, None, :]).sum(dim=(1, 2))
     own = (w * w).sum(dim=(1, 2))
     support = mask.sum(dim=(1, 2))
+    figures = torch.stack([mass, moment_row, moment_col, own, support, *_peak_window(crops)])
+    return top, rows, cols, figures
+
+
+def _peak_window(crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The crops' counts, and the counts and row and column moments (crop pixels from the centre)
+    of the :data:`PEAK_WINDOW` around each crop's centre, ``(B,)`` each."""
+    m, k = crops.shape[-1], PEAK_WINDOW
     counts = crops.float()
     around = counts[:, m // 2 - k : m // 2 + k + 1, m // 2 - k : m // 2 + k + 1].clamp_min(0)
-    offsets = torch.arange(-k, k + 1, device=a.device, dtype=torch.float32)
-    peak_mass = around.sum(dim=(1, 2))
-    peak_row = (around * offsets[None, :, None]).sum(dim=(1, 2))
-    peak_col = (around * offsets[None, None, :]).sum(dim=(1, 2))
-    figures = torch.stack([mass, moment_row, moment_col, own, support, counts.sum(dim=(1, 2)), peak_mass, peak_row,
-                           peak_col])
-    return top, rows, cols, figures
+    offsets = torch.arange(-k, k + 1, device=crops.device, dtype=torch.float32)
+    return (counts.sum(dim=(1, 2)), around.sum(dim=(1, 2)), (around * offsets[None, :, None]).sum(dim=(1, 2)),
+            (around * offsets[None, None, :]).sum(dim=(1, 2)))
 
 
 def _demodulate(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, top: torch.Tensor, rows: torch.Tensor,
@@ -155,9 +159,9 @@ class FusedKernel:
     (no C++ compiler, a device without a backend), or compiled code that raises, is logged once and
     the kernel is off; so is every kernel with ``CDINN_COMPILE=0``. Whether compiled code fits is
     asked of torch itself, under the compiler's ``fail_on_recompile`` stance for the length of the
-    call; the stance is process-wide, so a
-    function of the user's compiled for the first time on another thread in those microseconds
-    would fail with that message (set ``CDINN_COMPILE=0`` where that can happen).
+    call; the stance is process-wide, so a function of the user's compiled for the first time on
+    another thread in those microseconds would fail with that message (set ``CDINN_COMPILE=0``
+    where that can happen).
     """
 
     #: compilations at most (batches of one and of more, one or a reference a frame, inference or
@@ -328,21 +332,18 @@ def _eager_figures(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, crops: t
     ref = torch.complex(reference[:, 0], reference[:, 1])
     cross = torch.mul(z, ref.conj(), out=_work("cross", shape, torch.complex64, device)).sum(dim=(1, 2))
     correlation = cross.abs() / (own * ref.abs().square().sum(dim=(1, 2))).sqrt().clamp_min(1e-30)
-    m, k = crops.shape[-1], PEAK_WINDOW
-    counts = crops.float()
-    around = counts[:, m // 2 - k : m // 2 + k + 1, m // 2 - k : m // 2 + k + 1].clamp_min(0)
-    offsets = torch.arange(-k, k + 1, device=device, dtype=torch.float32)
-    peak_mass = around.sum(dim=(1, 2)).clamp_min(1e-30)
-    return torch.stack([(around.sum(dim=2) * offsets).sum(dim=1) / peak_mass,
-                        (around.sum(dim=1) * offsets).sum(dim=1) / peak_mass, counts.sum(dim=(1, 2)),
+    intensity, peak_mass, peak_row, peak_col = _peak_window(crops)
+    peak_mass = peak_mass.clamp_min(1e-30)
+    return torch.stack([peak_row / peak_mass, peak_col / peak_mass, intensity,
                         mask.sum(dim=(1, 2)), (by_row * coords).sum(dim=1) / mass,
                         (w.sum(dim=1) * coords).sum(dim=1) / mass, torch.angle(total), strain_rms, correlation])
 
 
 def warm_up(n: int, device: torch.device | str = "cpu", *, batch: int = 8) -> threading.Thread | None:
     """Compile the kernels for ``n x n`` objects on ``device`` as the live engine calls them (in
-    inference mode, batches of ``batch`` frames and of one, one reference), on a thread of its own,
-    before the first frames come; returns the thread (``None`` when compiling is off)."""
+    inference mode, batches of ``batch`` frames and of one, one reference), on a thread of its own
+    (the engine calls it once it has made ``COMPILE_AFTER`` frames); returns the thread (``None``
+    when compiling is off)."""
     if not all(k.enabled for k in KERNELS):
         return None
     for kernel in KERNELS:

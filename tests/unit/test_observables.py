@@ -16,6 +16,13 @@ from cdinn_stream.core.observe import frame_observables, reference_objects
 from cdinn_stream.core.physics import SUPPORT_THRESHOLD, ramp, strain
 from cdinn_stream.core.simulate import diffraction_intensity, simulate
 
+#: the compiled path is tested where it can run: a C++ compiler (inductor's CPU backend needs one)
+#: and compiling not turned off; without them the eager figures are tested against the passes
+needs_compiler = pytest.mark.skipif(
+    not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++"))
+    or os.environ.get("CDINN_COMPILE", "1").strip().lower() in ("0", "false", "no", "off"),
+    reason="torch.compile needs a C++ compiler on a CPU, and CDINN_COMPILE not 0")
+
 
 @pytest.fixture(scope="module")
 def crystals():
@@ -124,16 +131,13 @@ def test_the_centred_planes_give_the_plain_objects_figures(crystals):
             torch.testing.assert_close(shared[name], own[name], equal_nan=True, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.skipif(not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")),
-                    reason="torch.compile needs a C++ compiler on a CPU")
+@needs_compiler
 def test_the_compiled_figures_are_the_eager_ones_and_the_calls_use_them(crystals):
     """The first calls run eagerly while the kernels compile on a thread of their own; then the
     compiled code runs (for the batch sizes it was compiled for: one, and more than one) and gives
     the eager figures."""
-    from cdinn_stream.core.observe import COMPILE_ENV, KERNELS, compile_observables
+    from cdinn_stream.core.observe import KERNELS, compile_observables
 
-    if os.environ.get(COMPILE_ENV, "1") == "0":
-        pytest.skip(f"{COMPILE_ENV}=0")
     amp, phase = crystals
     crops = torch.from_numpy(diffraction_intensity(amp.numpy(), phase.numpy()))
     reference = reference_objects(amp[:1], phase[:1])
@@ -232,16 +236,13 @@ def test_the_engine_gives_each_frame_its_observables_whatever_the_batch_holds():
         assert got[(run, stream, idx[0] + 1)]["correlation"] == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.skipif(not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")),
-                    reason="torch.compile needs a C++ compiler on a CPU")
+@needs_compiler
 def test_compiled_ahead_the_engines_calls_run_compiled_code_at_once(crystals):
     """``warm_up`` (the engine calls it after ``COMPILE_AFTER`` frames) compiles for the engine's calls: a batch
     of several frames and a batch of one, in inference mode, run compiled code at their first call,
     with no compilation of their own."""
-    from cdinn_stream.core.observe import COMPILE_ENV, KERNELS, warm_up
+    from cdinn_stream.core.observe import KERNELS, warm_up
 
-    if os.environ.get(COMPILE_ENV, "1") == "0":
-        pytest.skip(f"{COMPILE_ENV}=0")
     for kernel in KERNELS:
         kernel.reset()
     thread = warm_up(32, "cpu")

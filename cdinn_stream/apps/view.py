@@ -361,8 +361,8 @@ def serve_view(address: str = DEFAULT_ADDRESS, *, host: str = "127.0.0.1", port:
                history: int = 5000) -> dict:
     """Serve the view until Ctrl-C; prints its URL. Returns the counts (as ``cdinn-stream listen``)."""
     view = LiveView(address, host=host, port=port, history=history).start()
-    print(f"cdinn-stream view: {view.url} (results from {address}; Ctrl-C to stop)", flush=True)
-    try:
+    try:  # (Ctrl-C as soon as the URL is out stops it cleanly too)
+        print(f"cdinn-stream view: {view.url} (results from {address}; Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -58,11 +58,12 @@ def _pixels(png: Path) -> np.ndarray:
 
 
 def _images_drawn(shot: np.ndarray) -> bool:
-    """Whether a screenshot shows an amplitude image and a strain image with red and blue in it."""
+    """Whether a screenshot shows an amplitude image and a strain image with red and blue in it
+    (pale blue counts: a frame whose largest strain is positive shows its negative side pale)."""
     amplitude, strain_image = shot[AMPLITUDE_BOX], shot[STRAIN_BOX]
     return bool(len(np.unique(amplitude.reshape(-1, 3), axis=0)) > 10
-                and ((strain_image[..., 2] - strain_image[..., 0]) > 60).sum() > 20
-                and ((strain_image[..., 0] - strain_image[..., 2]) > 60).sum() > 20)
+                and ((strain_image[..., 2] - strain_image[..., 0]) > 20).sum() > 20
+                and ((strain_image[..., 0] - strain_image[..., 2]) > 20).sum() > 20)
 
 
 def _paced_step(detectors, step, pos_cache):
@@ -145,8 +146,8 @@ def test_the_page_follows_a_live_run(RE, tmp_path):
     for name, shot in (("during", during), ("after", after)):
         amplitude, strain_image = shot[AMPLITUDE_BOX], shot[STRAIN_BOX]
         assert len(np.unique(amplitude.reshape(-1, 3), axis=0)) > 10 and amplitude.std() > 20, f"{name}: amplitude"
-        assert ((strain_image[..., 2] - strain_image[..., 0]) > 60).sum() > 20, f"{name}: blue strain pixels"
-        assert ((strain_image[..., 0] - strain_image[..., 2]) > 60).sum() > 20, f"{name}: red strain pixels"
+        assert ((strain_image[..., 2] - strain_image[..., 0]) > 20).sum() > 20, f"{name}: blue strain pixels"
+        assert ((strain_image[..., 0] - strain_image[..., 2]) > 20).sum() > 20, f"{name}: red strain pixels"
         line = np.abs(shot[CHI2_CHART_BOX] - CHART_BLUE).sum(axis=-1) < 60
         assert line.sum() > 100, "the chi2 trend is drawn"
     assert np.abs(during - after).sum(axis=-1).astype(bool).sum() > 1000, "the page changed between the screenshots"

@@ -6,7 +6,10 @@ observables (its own cosine and sine of the phase); and the engine's step now, t
 made once and shared by chi^2 and :func:`~cdinn_stream.core.observe.frame_observables`. The
 observables' cost is the step's time less the old chi^2's (what they add per frame), and, for
 reference, the observables call alone, compiled (the kernels compiled before timing) and eager
-(where no compiler is at hand); each as a fraction of the network's time, in one run.
+(where no compiler is at hand); each as a fraction of the network's time, in one run. The
+network, chi^2, the step and the call take turns in each timing round (:func:`time_rounds`), and
+differences and ratios are taken within a round, then the median: on a shared machine the load
+changes between rounds.
 
 And the IPython live view (:class:`~cdinn_stream.apps.liveview.LiveReconstructionView`) during a
 scan at a 200 Hz detector pace, the RunEngine in its own thread and the GUI's timer played by the
@@ -26,7 +29,7 @@ from cdinn_stream.core.metrics import centred_planes, fourier_chi2
 from cdinn_stream.core.observe import KERNELS, compile_observables, frame_observables, reference_objects
 from cdinn_stream.core.physics import normalized_amplitude, peak_offsets, roll_frames
 from cdinn_stream.core.simulate import diffraction_intensity, simulate
-from cdinn_stream.core.timing import time_call
+from cdinn_stream.core.timing import time_call, time_rounds
 from cdinn_stream.lab.sim import OperandoCrystal, make_detector
 from cdinn_stream.live.callback import ReconstructionCallback
 from cdinn_stream.nn.reconstruct import load_model
@@ -63,30 +66,34 @@ def run(model_name: str, *, batch: int = 256, quick: bool = False) -> dict:
             call = lambda a=amp32, p=phase32, r=reference, pl=planes: frame_observables(  # noqa: E731
                 a, p, crops, origins, reference=r, planes=pl)  # (step() rewrites the planes with the same values)
             compiled = compile_observables(call)
-            us = {"network_us": time_call(lambda m=m: m.predict_tensor(x), **timing),
-                  "chi2_alone_us": time_call(lambda a=amp, p=phase: fourier_chi2(a, p, x), **timing),
-                  "step_us": time_call(step, **timing),
-                  "observables_call_us": time_call(call, **timing)}
+            rounds = time_rounds({"network": lambda m=m: m.predict_tensor(x),
+                                  "chi2_alone": lambda a=amp, p=phase: fourier_chi2(a, p, x),
+                                  "step": step, "observables_call": call}, **timing)
             enabled = [kernel.enabled for kernel in KERNELS]
             for kernel in KERNELS:  # the same calls where no compiler is at hand (CDINN_COMPILE=0)
                 kernel.enabled = False
             try:
-                us["observables_eager_us"] = time_call(call, **timing)
+                eager = time_call(call, **timing)
             finally:
                 for kernel, on in zip(KERNELS, enabled, strict=True):
                     kernel.enabled = on
-        us = {k: v / batch * 1e6 for k, v in us.items()}
-        added = us["step_us"] - us["chi2_alone_us"]
-        rows.append({"model": m.name, "precision": m.precision, "batch": batch, **us, "observables_added_us": added,
-                     "added_ratio": added / us["network_us"], "compiled": compiled,
-                     "call_ratio": us["observables_call_us"] / us["network_us"],
+        per_frame = {k: v / batch * 1e6 for k, v in rounds.items()}  # microseconds a frame, a round each
+        us = {f"{k}_us": float(np.median(v)) for k, v in per_frame.items()}
+        us["observables_eager_us"] = eager / batch * 1e6
+        # what they add to the step, and the ratios, within each round (the same load), then the median
+        added = per_frame["step"] - per_frame["chi2_alone"]
+        rows.append({"model": m.name, "precision": m.precision, "batch": batch, **us,
+                     "observables_added_us": float(np.median(added)),
+                     "added_ratio": float(np.median(added / per_frame["network"])),
+                     "compiled": compiled,
+                     "call_ratio": float(np.median(per_frame["observables_call"] / per_frame["network"])),
                      "eager_ratio": us["observables_eager_us"] / us["network_us"]})
     return {"rows": rows, "live_view": live_view(model_name, frames=300 if quick else 1200)}
 
 
 def _timed_scan(model, frames: np.ndarray, delay: float, view=None) -> float:
     """Seconds a count of ``frames`` takes through the pipeline (RunEngine in its own thread; the
-    view, if any, updated every 0.1 s from this one, as a GUI timer would), until all are out."""
+    view, if any, updated from this one by a 10 Hz periodic timer, as a GUI's), until all are out."""
     from bluesky import RunEngine
     from bluesky.plans import count
 
@@ -96,12 +103,13 @@ def _timed_scan(model, frames: np.ndarray, delay: float, view=None) -> float:
     RE.subscribe(cb)
     scan = threading.Thread(target=RE, args=(count([make_detector(lambda: next(source))], num=len(frames),
                                                   delay=delay),))
-    t0 = time.monotonic()
+    t0 = tick = time.monotonic()
     scan.start()
-    while scan.is_alive():
+    while scan.is_alive():  # a periodic timer's ticks, every 0.1 s (one at once after a late redraw, as Qt's)
         if view is not None:
             view.update()
-        time.sleep(0.1)
+        tick = max(tick + 0.1, time.monotonic())
+        time.sleep(max(0.0, tick - time.monotonic()))
     cb.flush(120)
     seconds = time.monotonic() - t0
     cb.close()

@@ -7,9 +7,9 @@ the first finds the support, its moments and the object's phase ramp (the mean p
 neighbouring pixels), the second sums the objects with their ramp taken out (phase mean and spread;
 correlation with the run's first frame). The centring checkerboard on those planes is itself a
 ramp, of pi a pixel, so the ramp removal takes it out with the object's own: every figure is the
-plain object's. Each pass is one fused loop once ``torch.compile`` has compiled it
-(:class:`FusedKernel`: about 2-2.5 us a frame on two CPU cores); compiling takes seconds of CPU,
-so it is done only for a process that makes many frames (the live engine starts it after its
+plain object's. Both passes are one call of a kernel that ``torch.compile`` has compiled into a
+few fused loops (:class:`FusedKernel`: about 1.2 us a frame on two CPU cores); compiling takes
+seconds of CPU, so it is done only for a process that makes many frames (the live engine starts it after its
 first 20,000: :func:`warm_up`), on a thread of its own. Until then, and where no compiler is at
 hand or with ``CDINN_COMPILE=0``, the same figures come from complex-valued eager torch
 (:func:`_eager_figures`, about 5 us a frame: the real-valued passes, written for the compiler,
@@ -120,7 +120,21 @@ def _figures(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, top: torch.Ten
                         moment_col / mass, torch.atan2(total_im, total_re), strain_rms, correlation])
 
 
-#: the rows :func:`_figures` returns
+def _on_detector(figures: torch.Tensor, offsets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``figures`` with the peak's row and column (rows 0 and 1, crop pixels from the crop's
+    centre) in detector pixels: times the crops' binning ``scale`` (0-d), plus ``offsets`` ``(B, 2)``,
+    each crop centre's detector pixel."""
+    return torch.cat([figures[:2] * scale + offsets.T, figures[2:]])
+
+
+def _observe(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, crops: torch.Tensor, reference: torch.Tensor,
+             offsets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Both passes and the peak in detector pixels: the observables ``(9, B)`` in :data:`_NAMES`
+    order (one compiled call: two loop nests, and no call of their own for the small figures)."""
+    return _on_detector(_figures(a, re, im, *_support_figures(a, re, im, crops), reference), offsets, scale)
+
+
+#: the rows :func:`_observe` returns
 _NAMES = ("peak_row", "peak_col", "intensity", "support_area", "centroid_row", "centroid_col", "phase_mean",
           "strain_rms", "correlation")
 
@@ -150,7 +164,10 @@ def _compiling_enabled() -> bool:
 
 class FusedKernel:
     """``fn`` compiled by ``torch.compile`` (one fused loop nest instead of dozens of torch
-    operations), compiled off the caller's thread.
+    operations), compiled off the caller's thread. The first dimension of its tensor arguments
+    (of more than one row) is the batch, compiled for any size; the others are compiled for the
+    sizes of the call (a frame's loops of known length: 25 % faster than for any size), and
+    other sizes compile anew.
 
     A call runs the compiled code when code compiled earlier fits its arguments (shapes, device,
     dtypes); otherwise it returns ``None`` (the caller computes the figures eagerly) and, once the
@@ -245,6 +262,8 @@ class FusedKernel:
             if isinstance(a, torch.Tensor):
                 with torch.inference_mode(a.is_inference()):
                     a = a.detach().clone()
+                if a.dim() and a.shape[0] > 1:  # the batch: any size; the frame's sizes fixed (loops of known length)
+                    torch._dynamo.mark_dynamic(a, 0)
             copies.append(a)
         self._compiling = threading.Thread(target=self._compile, args=(tuple(copies),), daemon=True,
                                            name=f"compile-{self.fn.__name__}")
@@ -254,7 +273,8 @@ class FusedKernel:
         with _COMPILER:
             try:
                 if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                    # (dynamic in the batch: marked on the copies)
+                    self.compiled = torch.compile(self.fn, fullgraph=True, options=_inductor_options())
                 with torch.inference_mode():  # as every call runs it (no autograd: one variant fewer)
                     self.compiled(*args)
                 self.compiles += 1
@@ -265,10 +285,19 @@ class FusedKernel:
                                str(err).splitlines()[0] if str(err) else "", COMPILE_ENV)
 
 
-_SUPPORT_FIGURES = FusedKernel(_support_figures)
-_FIGURES = FusedKernel(_figures)
+def _inductor_options() -> dict:
+    """Inductor's settings for the kernels: the demodulated planes, read by four sums, stay in
+    registers (by default inductor stores them, 2 MB a batch of 256, and reads them back: 10 %
+    slower); the settings this torch does not know are left out."""
+    from torch._inductor import config
+
+    wanted = {"realize_opcount_threshold": 1000, "realize_reads_threshold": 100, "realize_acc_reads_threshold": 100}
+    return {k: v for k, v in wanted.items() if hasattr(config, k)}
+
+
+_OBSERVE = FusedKernel(_observe)
 #: the observables' kernels (``enabled``, ``compiles``, ``compiled_calls``, ``wait()``)
-KERNELS = (_SUPPORT_FIGURES, _FIGURES)
+KERNELS = (_OBSERVE,)
 
 
 def compile_observables(call, rounds: int = 4, timeout: float = 600.0) -> bool:
@@ -392,20 +421,20 @@ def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch
     caller has them: :func:`~cdinn_stream.core.metrics.centred_planes` (made here when not given)
     or the plain ``amplitude * cos(phase)``, ``amplitude * sin(phase)`` (the same figures).
 
-    Two passes over the objects: about 2-2.5 us a frame on two CPU cores once compiled, 5 us
+    Two passes over the objects: about 1.2 us a frame on two CPU cores once compiled, 5-6 us
     before (``cdinn-stream bench --suite observables``)."""
-    n = amplitude.shape[-1]
+    n, m = amplitude.shape[-1], crops.shape[-1]
     a = amplitude.float()
     re, im = centred_planes(amplitude, phase) if planes is None else planes
     ref = reference if reference is not None else torch.zeros((1, 2, n, n), device=a.device)
-    first = _SUPPORT_FIGURES(a, re, im, crops)
-    figures = None if first is None else _FIGURES(a, re, im, *first, ref)  # (scalars outside: each compiles anew)
+    centre = m // 2 * bin + (bin - 1) / 2  # the crop centre's detector pixel, from the origin
+    offsets = origins.to(device=a.device, dtype=torch.float32) + centre
+    scale = torch.tensor(float(bin), device=a.device)  # (a tensor: a float argument would compile anew for each)
+    figures = _OBSERVE(a, re, im, crops, ref, offsets, scale)
     if figures is None:
         with torch.inference_mode():  # as the compiled code (its work tensors take no autograd)
-            figures = _eager_figures(a, re.float(), im.float(), crops, ref.float())
-    centre = float(crops.shape[-1] // 2 * bin + (bin - 1) / 2)  # the crop centre's detector pixel, from the origin
-    peak = figures[:2] * float(bin) + origins.to(device=a.device, dtype=torch.float32).T + centre
-    values = [*peak.unbind(0), *figures[2:].unbind(0)]
+            figures = _on_detector(_eager_figures(a, re.float(), im.float(), crops, ref.float()), offsets, scale)
+    values = list(figures.unbind(0))
     if reference is None:
         values[-1] = torch.full_like(values[-1], float("nan"))
     return dict(zip(_NAMES, values, strict=True))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["machine_info", "time_call", "latency_ms", "LatencyWindow"]
+__all__ = ["machine_info", "time_call", "time_rounds", "latency_ms", "LatencyWindow"]
 
 
 def machine_info() -> dict:
@@ -29,20 +29,30 @@ def machine_info() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def _seconds_per_call(fn, min_seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= min_seconds:
+            return dt / n
+
+
 def time_call(fn, *, repeat: int = 5, min_seconds: float = 0.2) -> float:
     """Median seconds of ``fn()`` over ``repeat`` rounds (each round loops to ``min_seconds``)."""
     fn()
-    times = []
-    for _ in range(repeat):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            dt = time.perf_counter() - t0
-            if dt >= min_seconds:
-                break
-        times.append(dt / n)
-    return float(np.median(times))
+    return float(np.median([_seconds_per_call(fn, min_seconds) for _ in range(repeat)]))
+
+
+def time_rounds(fns: dict, *, repeat: int = 5, min_seconds: float = 0.2) -> dict[str, np.ndarray]:
+    """Seconds a call of each of ``fns`` (name: callable) in each of ``repeat`` rounds, the
+    functions taking turns within a round: on a shared machine, differences and ratios of the
+    same round are measured under the same load (take the median of those, not of each column)."""
+    for fn in fns.values():
+        fn()
+    rounds = [[_seconds_per_call(fn, min_seconds) for fn in fns.values()] for _ in range(repeat)]
+    return dict(zip(fns, np.asarray(rounds).T, strict=True))
 
 
 def latency_ms(seconds) -> dict[str, float | None]:

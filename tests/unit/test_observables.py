@@ -288,7 +288,7 @@ def test_the_engine_has_the_observables_compiled_only_after_many_frames(monkeypa
         assert engine.flush(timeout=60)
 
     feed(1)
-    assert not any(k.armed for k in KERNELS) and [k.compiles for k in KERNELS] == [0, 0]
+    assert not any(k.armed for k in KERNELS) and not any(k.compiles for k in KERNELS)
     feed(25)  # 48 frames made: past COMPILE_AFTER
     engine.close()
     if all(k.enabled for k in KERNELS):  # (off with CDINN_COMPILE=0: then nothing starts)

@@ -22,7 +22,11 @@ and subjects: :mod:`cdinn_stream.live.jetstream`; the publishing side:
   redelivery, and on the message's last delivery (``max_deliver``) terminates it with an error
   (so the run can still complete); a message held longer than half ``ack_wait`` is reported in
   progress. A worker that dies leaves its messages unacknowledged: after ``ack_wait`` the server
-  hands them to the others;
+  hands them to the others. A message whose last delivery went to a worker that died is not
+  delivered again: on the server's advisory (``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES``, one
+  worker of the pool takes each), or, when no worker heard it, once the pool's consumer is idle
+  and the run's stop is in, a worker removes it from the work queue and logs its frames as lost
+  (an error), so that the run completes; the merge then records ``frames_missing``;
 * decides that a run is complete when its stop document is in *and* no frame message of the run
   is left in the work queue (every one acknowledged or terminated), not when the stop arrives;
   then it closes the run in its callback, and the worker that creates the run's key in the
@@ -62,6 +66,7 @@ from ..live.jetstream import (
     frame_seq_nums,
     frames_left,
     run_claims,
+    work_consumer,
     work_subscription,
 )
 from ..live.nats_publisher import connect
@@ -153,7 +158,9 @@ class PoolWorker:
         #: ignored, until a new start of the same uid (a replay)
         self.finished: OrderedDict[str, str] = OrderedDict()
         self.counts: Counter[str] = Counter()
+        self._consumer = work_consumer(group, settings.beamline)  # the pool's shared consumer
         self._inflight: dict[int, int] = {}  # id(message) -> frames
+        self._room = asyncio.Event()  # set when frames in flight are answered (made in the loop's thread: 3.10+)
         self._touched: dict[int, float] = {}
         self._per_message = 1  # frames in the last frame message
         self._feeder = ThreadPoolExecutor(1, thread_name_prefix="cdinn-pool-feed")
@@ -180,6 +187,10 @@ class PoolWorker:
         frames = await work_subscription(js, s, self.group)
         limit = (await frames.consumer_info()).config.max_deliver
         self.max_deliver = int(limit) if limit and limit > 0 else 0  # 0: no limit (never terminated)
+        # the server's word that a frame message was delivered max_deliver times and never answered
+        # (its last worker died): one worker of the pool (a queue group) takes each
+        await nc.subscribe(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.frames_stream}.{self._consumer}",
+                           queue=f"{self._consumer}-max-deliveries", cb=self._on_max_deliveries)
         # every control document kept, from the first: the runs in progress are among them
         docs = await js.pull_subscribe(f"{s.prefix}.{s.beamline}.*", durable=f"docs-{self.ident}",
                                        stream=s.docs_stream,
@@ -322,8 +333,9 @@ class PoolWorker:
     async def _frame_loop(self, sub) -> None:
         while True:
             room = self.max_inflight_frames - sum(self._inflight.values())
-            if room <= 0:
-                await asyncio.sleep(0.002)
+            if room <= 0:  # until a message in flight is answered (no await between the sum and the clear)
+                self._room.clear()
+                await self._room.wait()
                 continue
             # no more messages than the room left holds (at the last message's frames each): the
             # other workers get the rest
@@ -345,7 +357,7 @@ class PoolWorker:
                 except Exception:
                     logger.exception("worker %s: frame message on %s failed", self.ident, msg.subject)
                     self.tracker.forget(msg)
-                    self._inflight.pop(id(msg), None)
+                    self._answered(msg)
                     await self._give_back(msg, "failed")
 
     async def _give_back(self, msg, why: str) -> None:
@@ -425,8 +437,13 @@ class PoolWorker:
         except Exception as err:  # the server away: the message comes back after ack_wait (a duplicate)
             logger.warning("worker %s: could not answer for %s: %r", self.ident, msg.subject, err)
         finally:
-            self._inflight.pop(id(msg), None)
-            self._touched.pop(id(msg), None)
+            self._answered(msg)
+
+    def _answered(self, msg) -> None:
+        """``msg`` is no longer in flight: room for more frames."""
+        self._inflight.pop(id(msg), None)
+        self._touched.pop(id(msg), None)
+        self._room.set()
 
     # -- upkeep: rejected frames, long writes, run completion -------------------------------
     async def _upkeep_loop(self) -> None:
@@ -452,9 +469,65 @@ class PoolWorker:
                     await msg.in_progress()
         now = time.monotonic()
         for run in [r for r in self.runs.values() if r.stop is not None and not r.completing and now >= r.retry_at]:
-            if await frames_left(self._js, self.settings, run.uid) == 0:
+            left = await frames_left(self._js, self.settings, run.uid)
+            if left and await self._consumer_idle():  # what is left will never be delivered: lost
+                left -= await self._drop_undeliverable(run.uid)
+            if left == 0:
                 run.completing = True
                 self._loop.create_task(self._complete(run))
+
+    # -- frame messages that will not be delivered again ------------------------------------------------
+    async def _on_max_deliveries(self, msg) -> None:
+        try:
+            advisory = json.loads(msg.data)
+            await self._drop(int(advisory["stream_seq"]), f"its last delivery ({advisory.get('deliveries')} of "
+                                                          f"{self.max_deliver or '?'}) was never answered")
+        except Exception as err:  # the next upkeep finds the message (once the pool is idle)
+            logger.warning("worker %s: a max-deliveries advisory could not be handled: %r", self.ident, err)
+
+    async def _consumer_idle(self) -> bool:
+        """Nothing of the pool's consumer is waiting for delivery or for an answer."""
+        info = await self._js.consumer_info(self.settings.frames_stream, self._consumer)
+        return not info.num_pending and not info.num_ack_pending
+
+    async def _drop_undeliverable(self, run_uid: str) -> int:
+        """(When the pool's consumer is idle.) Drop the run's frame messages left in the work queue:
+        delivered ``max_deliver`` times, never answered, and missed by the advisory (no worker was
+        connected). Returns how many."""
+        from nats.js.errors import NotFoundError
+
+        s, seq, dropped = self.settings, 0, 0
+        while True:
+            try:
+                msg = await self._js.get_msg(s.frames_stream, seq=seq + 1, subject=f"{s.prefix}.*.*.{run_uid}",
+                                             next=True)
+            except NotFoundError:
+                return dropped
+            seq = msg.seq
+            dropped += await self._drop(seq, "it was not delivered again after its last delivery went unanswered", msg)
+
+    async def _drop(self, stream_seq: int, why: str, msg=None) -> int:
+        """Remove frame message ``stream_seq`` from the work queue (so that its run can complete),
+        logging its frames as lost: 1, or 0 when it is gone already."""
+        from nats.js.errors import NotFoundError
+
+        s = self.settings
+        try:
+            msg = msg or await self._js.get_msg(s.frames_stream, seq=stream_seq)
+            run_uid = (msg.headers or {}).get(RUN_HEADER, "?")
+            try:
+                seq_nums = frame_seq_nums(*decode_document(msg.data))
+            except Exception:  # noqa: BLE001 - the message is lost either way; say what is known
+                seq_nums = []
+            if not await self._js.delete_msg(s.frames_stream, stream_seq):
+                return 0
+        except NotFoundError:  # acknowledged late, or dropped by another worker
+            return 0
+        logger.error("worker %s: frames %s of run %s lost: %s (the worker it went to stopped); removed from the work "
+                     "queue so that the run can complete", self.ident, list(seq_nums), run_uid, why)
+        self.counts["messages_lost"] += 1
+        self.counts["frames_lost"] += len(seq_nums)
+        return 1
 
     async def _close(self, run: PoolRun) -> None:
         """Close the run in the callback (its partition is finished) and wait for the sinks."""
@@ -491,9 +564,10 @@ class PoolWorker:
                     return
                 if self.tiled_client is not None:
                     end = {"stop": run.stop, "exit_status": (run.stop or {}).get("exit_status")}
+                    expected = ((run.stop or {}).get("num_events") or {}).get(run.stream)
                     summary = await self._loop.run_in_executor(
                         None, lambda: merge_partitions(self.tiled_client, run.uid, parent=self.parent,
-                                                       close_wait=self.close_wait, end=end))
+                                                       close_wait=self.close_wait, end=end, expected=expected))
                 run.summary = summary
             if not run.announced:
                 await self._publish(run, "complete", {"run_uid": run.uid, "claim": run.claim, "worker": self.name,

@@ -207,12 +207,14 @@ def _closed(container) -> bool:
 
 
 def merge_partitions(client, run_uid: str, *, parent: str = "cdinn", close_wait: float = 5.0,
-                     end: dict | None = None, chunk: int = 4096) -> dict:
+                     end: dict | None = None, chunk: int = 4096, expected: int | None = None) -> dict:
     """Merge a run's partitions into ``<parent>/<run uid>`` (see the module docstring), mark it
     complete with ``end`` and delete the partitions. Waits up to ``close_wait`` s for every
     partition to be closed by its worker (a partition of a worker that died is merged as it is).
-    Returns a summary: frames, duplicates dropped, workers; with ``skipped`` (why) and nothing
-    written when there is no partition, or when ``<parent>/<run uid>`` is complete already."""
+    Returns a summary: frames, duplicates dropped, workers (and, given the frames ``expected``,
+    the stop document's count, those and the ``frames_missing``: an error is logged when frames
+    are missing); with ``skipped`` (why) and nothing written when there is no partition, or when
+    ``<parent>/<run uid>`` is complete already."""
     target = client[parent] if parent in client else None
     if target is not None and run_uid in target and target[run_uid].metadata.get("complete"):
         logger.warning("run %s: %s/%s is complete already: not merged again (its partitions, if any, are left for "
@@ -241,6 +243,11 @@ def merge_partitions(client, run_uid: str, *, parent: str = "cdinn", close_wait:
         store.extend(run, {k: v[lo : lo + chunk] for k, v in rows.items()})
     versions = next((p.metadata.get("model_versions") for p in parts if p.metadata.get("model_versions")), [])
     summary = {"frames": n, "duplicates_dropped": duplicates, "workers": workers, "partitions": len(parts)}
+    if expected is not None:
+        summary.update(frames_expected=int(expected), frames_missing=max(0, int(expected) - n))
+        if n < expected:
+            logger.error("run %s: %d of its %d frames stored: %d missing (dropped after their last delivery, or the "
+                         "model failed on them: see the workers' logs)", run_uid, n, expected, expected - n)
     store.finish(run, {**(end or {}), "complete": bool(n), "model_versions": versions, "pool": summary})
     container = client[parts_name]
     for p in parts:

@@ -3,7 +3,8 @@ temporary store): two workers share a run; one is killed with SIGKILL mid-run; t
 restarts mid-run; a worker is killed and started again under the same name mid-run, with a
 message that exhausts its deliveries in the run before. Each time every frame ends in Tiled
 exactly once, in seq_num order, and on ZeroMQ at least once (a redelivered copy recognisable by
-run uid and seq_num)."""
+run uid and seq_num). And a message whose last delivery went to a worker that died: dropped with
+an error, the run complete without it (its frames recorded as missing)."""
 
 from __future__ import annotations
 
@@ -72,15 +73,18 @@ def nats_server(tmp_path):
 class Worker:
     """A ``cdinn-stream worker`` process and a SUB socket on its ZeroMQ results."""
 
-    def __init__(self, name: str, nats_url: str, tiled_server, spool: Path, *extra: str):
+    def __init__(self, name: str, nats_url: str, tiled_server, spool: Path, *extra: str, log: bool = False):
         self.name = name
         self.address = f"tcp://127.0.0.1:{free_port()}"
         env = {**os.environ, "CDINN_SPOOL": str(spool), "TILED_API_KEY": tiled_server.api_key}
+        #: with ``log``, its stderr goes to this file (read by the test), else to the test's
+        self.log_path = spool.parent / f"{name}.log"
+        self._log = open(self.log_path, "w") if log else None  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cdinn_stream", "worker", "--nats", nats_url, "--tiled",
              f"http://127.0.0.1:{tiled_server.port}", "--zmq", self.address, "--name", name, "--model", "cdinn-32",
              "--device", "cpu", "--precision", "fp32", "--threads", "1", "--batch-size", "32", "--ack-wait", "2",
-             "--close-wait", "3", *extra], env=env)
+             "--close-wait", "3", *extra], env=env, stderr=self._log)
         self.sock = zmq.Context.instance().socket(zmq.SUB)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"cdinn.")
         self.sock.connect(self.address)
@@ -114,15 +118,17 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.sock.close()
+        if self._log is not None:
+            self._log.close()
 
 
 @pytest.fixture
 def pool(nats_server, tiled_server, tmp_path):
     workers: list[Worker] = []
 
-    def start(n: int, *extra: str, name: str | None = None) -> list[Worker]:
-        new = [Worker(name or f"w{len(workers) + i}", nats_server.url, tiled_server, tmp_path / "spool", *extra)
-               for i in range(n)]
+    def start(n: int, *extra: str, name: str | None = None, log: bool = False) -> list[Worker]:
+        new = [Worker(name or f"w{len(workers) + i}", nats_server.url, tiled_server, tmp_path / "spool", *extra,
+                      log=log) for i in range(n)]
         workers.extend(new)
 
         def ready() -> bool:  # heard on ZeroMQ (heartbeats) and pulling from the shared consumer
@@ -441,3 +447,110 @@ def test_tiled_away_mid_run_nothing_lost(nats_server, tiled_process, tmp_path):
         assert np.isfinite(rows["chi2"]).all()
     finally:
         worker.stop()
+
+
+class Holder:
+    """A worker that pulls one frame message from the pool's consumer and dies holding it (never
+    answers): on a thread of its own, until :meth:`release` (its connection closes, unanswered)."""
+
+    def __init__(self, url: str):
+        import threading
+
+        self.url = url
+        self.seq_nums: list[int] = []
+        self.got = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._hold()), daemon=True)
+
+    def start(self) -> Holder:
+        self._thread.start()
+        return self
+
+    async def _hold(self) -> None:
+        from cdinn_stream.live.jetstream import (
+            JetStreamSettings,
+            decode_document,
+            ensure_streams,
+            frame_seq_nums,
+            work_subscription,
+        )
+
+        settings = JetStreamSettings(url=self.url, beamline="*", ack_wait=2, max_deliver=1)  # the pool's, made here
+        nc = await nats.connect(self.url)
+        js = nc.jetstream()
+        await ensure_streams(js, settings)
+        sub = await work_subscription(js, settings)
+        while not self.got.is_set() and not self._done.is_set():
+            try:
+                (msg,) = await sub.fetch(1, timeout=0.5)
+            except asyncio.TimeoutError:
+                continue
+            self.seq_nums = list(frame_seq_nums(*decode_document(msg.data)))
+            self.got.set()
+        while not self._done.is_set():
+            await asyncio.sleep(0.05)
+        await nc.close()
+
+    def release(self) -> None:
+        self._done.set()
+        self._thread.join(10)
+
+
+def _check_lost(tiled_client, worker: Worker, uid: str, lost: list[int]) -> None:
+    """The run completes without the ``lost`` frames, and says so: ``frames_missing`` in its
+    metadata, an error in the worker's log naming them."""
+    from cdinn_stream.sinks import read_run
+
+    def complete() -> bool:
+        worker.poll()
+        return "cdinn" in tiled_client and uid in tiled_client["cdinn"] and bool(
+            tiled_client["cdinn"][uid].metadata.get("complete"))
+
+    wait_for(complete, timeout=90, interval=0.2, what=f"run {uid} complete in Tiled without the held frames")
+    assert len(lost) == PAGE
+    stored = read_run(tiled_client["cdinn"][uid])
+    np.testing.assert_array_equal(stored["seq_num"], np.setdiff1d(np.arange(1, FRAMES + 1), lost))
+    pool_meta = tiled_client["cdinn"][uid].metadata["pool"]
+    assert pool_meta["frames_expected"] == FRAMES and pool_meta["frames_missing"] == PAGE
+    log = worker.log_path.read_text()
+    assert f"frames {lost} of run {uid} lost" in log, log[-3000:]
+
+
+def test_a_message_whose_last_delivery_died_is_dropped_on_the_advisory(pool, nats_server, tiled_client):
+    """A frame message's last delivery (``max_deliver`` 1 here) goes to a worker that dies
+    holding it: the server's advisory reaches the live worker, which drops it with an error, and
+    the run completes without its frames (recorded as missing) instead of waiting for ever."""
+    from cdinn_stream.live.jetstream import JetStreamSettings
+    from cdinn_stream.live.nats_publisher import JetStreamPublisher
+
+    holder = Holder(nats_server.url).start()  # makes the pool's consumer: ack_wait 2 s, one delivery
+    try:
+        (worker,) = pool(1, log=True)
+        publisher = JetStreamPublisher(JetStreamSettings(url=nats_server.url, beamline="test"))
+        uid = _publish(publisher, pace=0.05)
+        assert publisher.close()
+        assert holder.got.wait(10), "the holder got no frame message"
+        _check_lost(tiled_client, worker, uid, holder.seq_nums)
+        assert "max-deliveries advisory" not in worker.log_path.read_text()
+    finally:
+        holder.release()
+
+
+def test_a_message_whose_last_delivery_died_unheard_is_dropped_once_idle(pool, nats_server, tiled_client):
+    """As above, but the advisory comes while no worker is connected: the worker that starts
+    later finds the message left in the work queue once the pool's consumer is idle, drops it
+    with an error, and the run completes."""
+    from cdinn_stream.live.jetstream import JetStreamSettings
+    from cdinn_stream.live.nats_publisher import JetStreamPublisher
+
+    holder = Holder(nats_server.url).start()
+    try:
+        publisher = JetStreamPublisher(JetStreamSettings(url=nats_server.url, beamline="test"))
+        uid = _publish(publisher)
+        assert publisher.close()
+        assert holder.got.wait(10), "the holder got no frame message"
+        time.sleep(3)  # past ack_wait: the advisory is sent now, and nobody hears it
+        (worker,) = pool(1, log=True)
+        _check_lost(tiled_client, worker, uid, holder.seq_nums)
+    finally:
+        holder.release()

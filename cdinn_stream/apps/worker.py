@@ -37,7 +37,9 @@ and subjects: :mod:`cdinn_stream.live.jetstream`; the publishing side:
 Results on ZeroMQ carry the run uid and seq_nums: a frame redelivered after a worker died may be
 published twice (by the dead worker before it died, and by the one that took it over), and a
 subscriber recognises the copy by (run uid, seq_num). Each worker's ``correlation`` observable
-compares with the first frame *that worker* reconstructed of the run, not the run's first frame.
+(on ZeroMQ and the PVs) compares with the first frame *that worker* reconstructed of the run;
+the merge recomputes the stored run's against its first stored frame
+(:func:`correlation_from_first`), so that the record holds one reference.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..live.acks import AckTracker, tracked
 from ..live.jetstream import (
@@ -74,7 +78,7 @@ from ..sinks.partitions import PartitionSink, merge_partitions, process_token
 from ..sinks.spool import default_spool_dir
 from .config import PipelineConfig
 
-__all__ = ["PoolWorker", "build_worker", "default_worker_name"]
+__all__ = ["PoolWorker", "build_worker", "default_worker_name", "correlation_from_first"]
 
 logger = logging.getLogger(__name__)
 
@@ -567,7 +571,8 @@ class PoolWorker:
                     expected = ((run.stop or {}).get("num_events") or {}).get(run.stream)
                     summary = await self._loop.run_in_executor(
                         None, lambda: merge_partitions(self.tiled_client, run.uid, parent=self.parent,
-                                                       close_wait=self.close_wait, end=end, expected=expected))
+                                                       close_wait=self.close_wait, end=end, expected=expected,
+                                                       revise=correlation_from_first))
                 run.summary = summary
             if not run.announced:
                 await self._publish(run, "complete", {"run_uid": run.uid, "claim": run.claim, "worker": self.name,
@@ -601,6 +606,25 @@ class PoolWorker:
         subject = f"{self.settings.prefix}.{run.beamline}.{name}"
         await self._js.publish(subject, encode_document(name, doc), timeout=5.0,
                                headers={"Nats-Msg-Id": f"{run.claim}:{name}", RUN_HEADER: run.uid})
+
+
+def correlation_from_first(rows: dict[str, np.ndarray], chunk: int = 4096) -> None:
+    """Set the merged ``rows``' ``correlation`` (in their ``observables``) against the first row's
+    object (the run's first stored frame): each worker compared its frames with the first frame
+    *it* reconstructed, so the stored run holds one reference, as one process would have used."""
+    import torch
+
+    from ..core.observe import correlation, reference_objects
+    from ..sinks.tiled_layout import OBSERVABLE_COLUMNS
+
+    obs = rows.get("observables")
+    if obs is None or not len(obs) or "correlation" not in OBSERVABLE_COLUMNS:
+        return
+    column = OBSERVABLE_COLUMNS.index("correlation")
+    amp, phase = torch.from_numpy(np.asarray(rows["amplitude"])), torch.from_numpy(np.asarray(rows["phase"]))
+    reference = reference_objects(amp[:1], phase[:1])
+    for lo in range(0, len(obs), chunk):
+        obs[lo : lo + chunk, column] = correlation(amp[lo : lo + chunk], phase[lo : lo + chunk], reference).numpy()
 
 
 def build_worker(config: PipelineConfig, settings: JetStreamSettings, *, name: str | None = None,

@@ -30,7 +30,8 @@ from .metrics import centred_planes
 from .observables import PEAK_WINDOW
 from .physics import SUPPORT_THRESHOLD
 
-__all__ = ["frame_observables", "reference_objects", "FusedKernel", "KERNELS", "compile_observables", "warm_up"]
+__all__ = ["frame_observables", "reference_objects", "correlation", "FusedKernel", "KERNELS", "compile_observables",
+           "warm_up"]
 
 logger = logging.getLogger(__name__)
 
@@ -406,6 +407,19 @@ def reference_objects(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Ten
     re, im = a * torch.cos(p), a * torch.sin(p)  # its own: the batch's work tensors stay as they are
     top, rows, cols = _support_figures(a, re, im, a)[:3]
     return torch.stack(_demodulate(a, re, im, top, rows, cols), dim=1)
+
+
+def correlation(amplitude: torch.Tensor, phase: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``correlation`` ``(B,)`` of objects ``(B, N, N)`` with the planes of
+    :func:`reference_objects` (one, or one a frame), as :func:`frame_observables` computes it, in
+    plain eager torch: for results made elsewhere against another reference (the worker pool's
+    merge recomputes its stored runs' against their first stored frame)."""
+    with torch.inference_mode():
+        z = reference_objects(amplitude, phase)
+        x, y, rr, ri = z[:, 0], z[:, 1], reference[:, 0].float(), reference[:, 1].float()
+        cross_re, cross_im = (x * rr + y * ri).sum(dim=(1, 2)), (y * rr - x * ri).sum(dim=(1, 2))
+        own, theirs = (x * x + y * y).sum(dim=(1, 2)), (rr * rr + ri * ri).sum(dim=(1, 2))
+        return torch.sqrt(cross_re * cross_re + cross_im * cross_im) / torch.sqrt(own * theirs).clamp_min(1e-30)
 
 
 def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch.Tensor, origins: torch.Tensor, *,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -207,10 +208,13 @@ def _closed(container) -> bool:
 
 
 def merge_partitions(client, run_uid: str, *, parent: str = "cdinn", close_wait: float = 5.0,
-                     end: dict | None = None, chunk: int = 4096, expected: int | None = None) -> dict:
+                     end: dict | None = None, chunk: int = 4096, expected: int | None = None,
+                     revise: Callable[[dict[str, np.ndarray]], None] | None = None) -> dict:
     """Merge a run's partitions into ``<parent>/<run uid>`` (see the module docstring), mark it
     complete with ``end`` and delete the partitions. Waits up to ``close_wait`` s for every
     partition to be closed by its worker (a partition of a worker that died is merged as it is).
+    ``revise(rows)``, if given, may change the merged rows in place before they are written (the
+    worker pool recomputes their ``correlation`` against the run's first stored frame).
     Returns a summary: frames, duplicates dropped, workers (and, given the frames ``expected``,
     the stop document's count, those and the ``frames_missing``: an error is logged when frames
     are missing); with ``skipped`` (why) and nothing written when there is no partition, or when
@@ -235,6 +239,8 @@ def merge_partitions(client, run_uid: str, *, parent: str = "cdinn", close_wait:
         logger.warning("run %s: %d partitions not closed by their workers after %s s (a worker died, or its rows wait "
                        "in its spool?): merged as they are", run_uid, len(open_parts), close_wait)
     rows, duplicates = merge_rows([_rows(p) for p in parts])
+    if revise is not None and rows:
+        revise(rows)
     workers = sorted({p.metadata.get("worker", "?") for p in parts})
     store = TiledStore(client, parent=parent, model_card=parts[0].metadata.get("model_card"))
     run = store.create(run_uid, dict(parts[0].metadata.get("start", {})))

@@ -234,6 +234,16 @@ def test_two_workers_share_a_run(pool, nats_server, tiled_client):
     meta = _check_stored(tiled_client, workers, uid)
     assert meta["pool"]["workers"] == ["w0", "w1"]  # both took frames
     assert all(w.frames(uid) for w in workers)
+    # the stored correlation compares every frame with the run's first, not with each worker's first
+    import torch
+
+    from cdinn_stream.core.observe import correlation, reference_objects
+    from cdinn_stream.sinks import read_run
+
+    stored = read_run(tiled_client["cdinn"][uid])
+    amp, phase = torch.from_numpy(stored["amplitude"]), torch.from_numpy(stored["phase"])
+    np.testing.assert_allclose(stored["observables"]["correlation"],
+                               correlation(amp, phase, reference_objects(amp[:1], phase[:1])).numpy(), atol=1e-5)
     copies = Counter(s for w in workers for s in w.frames(uid))
     assert sum(copies.values()) - len(copies) == meta["pool"]["duplicates_dropped"] == 0  # nobody died
 

@@ -311,3 +311,27 @@ def test_the_eager_figures_are_the_compiled_passes_figures(crystals):
             eager = _eager_figures(amp, re, im, crops, reference)
             passes = _figures(amp, re, im, *_support_figures(amp, re, im, crops), reference)
         torch.testing.assert_close(eager, passes, atol=5e-4, rtol=1e-4)
+
+
+def test_the_correlation_alone_is_the_observables_and_the_pool_merge_rebases_it(crystals):
+    """``correlation`` computes the observable as ``frame_observables`` does (one reference, one
+    a frame); the pool's merge sets a run's against its first stored frame (1 there), whatever
+    reference each worker used."""
+    from cdinn_stream.apps.worker import correlation_from_first
+    from cdinn_stream.core.observe import correlation
+    from cdinn_stream.sinks.tiled_layout import OBSERVABLE_COLUMNS
+
+    amp, phase = crystals
+    for reference in (reference_objects(amp[:1], phase[:1]), reference_objects(amp.flip(0), phase.flip(0))):
+        torch.testing.assert_close(correlation(amp, phase, reference), _observe(amp, phase, reference=reference)[
+            "correlation"], atol=1e-4, rtol=1e-4)
+    column = OBSERVABLE_COLUMNS.index("correlation")
+    obs = np.zeros((len(amp), len(OBSERVABLE_COLUMNS)))
+    obs[:, column] = _observe(amp, phase, reference=reference_objects(amp[5:6], phase[5:6]))["correlation"]
+    before = obs[:, column].copy()  # against frame 5, as a worker whose first frame that was
+    rows = {"amplitude": amp.numpy(), "phase": phase.numpy(), "observables": obs}
+    correlation_from_first(rows, chunk=16)  # in chunks, as for long runs
+    first = _observe(amp, phase, reference=reference_objects(amp[:1], phase[:1]))["correlation"].numpy()
+    np.testing.assert_allclose(rows["observables"][:, column], first, atol=1e-4)
+    assert rows["observables"][0, column] == pytest.approx(1.0, abs=1e-5)
+    assert np.abs(rows["observables"][:, column] - before).max() > 0.1  # the crystals differ: so do the references

@@ -331,6 +331,8 @@ def _work(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.d
     key = (name, tuple(shape[1:]), dtype, device, torch.is_inference_mode_enabled())
     kept = store.get(key)
     if kept is None or kept.shape[0] < shape[0]:
+        for other in [k for k in store if k[3] != device]:  # another device's (before a fall back to the CPU): freed
+            del store[other]
         kept = store[key] = torch.empty(tuple(shape), dtype=dtype, device=device)
     return kept[: shape[0]]
 

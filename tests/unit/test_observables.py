@@ -335,3 +335,14 @@ def test_the_correlation_alone_is_the_observables_and_the_pool_merge_rebases_it(
     np.testing.assert_allclose(rows["observables"][:, column], first, atol=1e-4)
     assert rows["observables"][0, column] == pytest.approx(1.0, abs=1e-5)
     assert np.abs(rows["observables"][:, column] - before).max() > 0.1  # the crystals differ: so do the references
+
+
+def test_the_work_tensors_of_another_device_are_let_go():
+    """After the engine falls back from a GPU to the CPU, the eager figures' work tensors on the
+    GPU are freed: the calling thread keeps those of one device (here: the meta device stands for
+    the GPU)."""
+    from cdinn_stream.core.observe import _WORKSPACE, _work
+
+    _work("mask", (4, 8, 8), torch.float32, torch.device("meta"))
+    _work("mask", (4, 8, 8), torch.float32, torch.device("cpu"))
+    assert {k[3] for k in _WORKSPACE.tensors} == {torch.device("cpu")}

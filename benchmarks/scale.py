@@ -338,6 +338,8 @@ def table(r: dict) -> list[str]:
              f"{r['model']} fp32, batches of 64, {r['cores']} cores; each worker a process with one torch thread, "
              "ZeroMQ out "
              "(no Tiled). Frames/s from the first document published to the last frame received.", "",
+             "The rows of 1 and 2 workers are those of the first round; the ratio of the target (below the "
+             "table) is the median of the rounds' ratios.", "",
              "| network | pipeline | frames/s | vs 1 worker | vs in-process, 1 thread |", "|---|---|---|---|---|"]
     for key, t in r["throughput"].items():
         label = "default" if key == "views_1" else "8 views (model-bound)"
@@ -354,7 +356,8 @@ def table(r: dict) -> list[str]:
     lines += ["", f"Latency at {lat['rate']:.0f} frames/s (single-frame events, event time to subscriber, "
                   f"{lat['frames']} frames, medians of {len(lat.get('trials', [])) or 1} trials of the in-process "
                   f"pipeline then one worker, each warmed up at that rate; the p99 the broker adds in each: "
-                  f"{each} ms): in-process p50 {lat['in_process']['p50']:.1f} ms / p99 "
+                  f"{each} ms; the figures: medians of the trials' percentiles, and of their differences): "
+                  f"in-process p50 {lat['in_process']['p50']:.1f} ms / p99 "
                   f"{lat['in_process']['p99']:.1f} ms; through one worker p50 {lat['one_worker']['p50']:.1f} / p99 "
                   f"{lat['one_worker']['p99']:.1f} ms: the broker adds {lat['broker_adds_ms']['p50']:+.1f} ms (p50), "
                   f"{lat['broker_adds_ms']['p99']:+.1f} ms (p99). JetStream's own publish -> pull round trip at the "

@@ -84,6 +84,8 @@ logger = logging.getLogger(__name__)
 
 #: seconds between two attempts at completing a run whose merge or publish failed
 RETRY_INTERVAL = 5.0
+#: the JetStream API's error code for a message not in the stream (``delete_msg`` of one gone)
+NO_MESSAGE_FOUND = 10057
 #: completions put off at most while this worker's spool holds rows of the run (then merged without them)
 MAX_SPOOL_WAITS = 60
 
@@ -164,7 +166,9 @@ class PoolWorker:
         self.counts: Counter[str] = Counter()
         self._consumer = work_consumer(group, settings.beamline)  # the pool's shared consumer
         self._inflight: dict[int, int] = {}  # id(message) -> frames
-        self._room = asyncio.Event()  # set when frames in flight are answered (made in the loop's thread: 3.10+)
+        self._room: asyncio.Event | None = None  # set when frames in flight are answered (made in run()'s loop)
+        self._suspects: dict[str, set[int]] = {}  # run uid -> messages an idle sweep found left (dropped if again)
+        self._dropping: set[int] = set()  # stream sequences being dropped by this worker
         self._touched: dict[int, float] = {}
         self._per_message = 1  # frames in the last frame message
         self._feeder = ThreadPoolExecutor(1, thread_name_prefix="cdinn-pool-feed")
@@ -183,6 +187,7 @@ class PoolWorker:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         self._loop = asyncio.get_running_loop()
+        self._room = asyncio.Event()
         s = self.settings
         nc = await connect(s, f"cdinn-stream-worker-{self.ident}")
         self._js = js = nc.jetstream()
@@ -447,7 +452,8 @@ class PoolWorker:
         """``msg`` is no longer in flight: room for more frames."""
         self._inflight.pop(id(msg), None)
         self._touched.pop(id(msg), None)
-        self._room.set()
+        if self._room is not None:
+            self._room.set()
 
     # -- upkeep: rejected frames, long writes, run completion -------------------------------
     async def _upkeep_loop(self) -> None:
@@ -486,7 +492,7 @@ class PoolWorker:
             advisory = json.loads(msg.data)
             await self._drop(int(advisory["stream_seq"]), f"its last delivery ({advisory.get('deliveries')} of "
                                                           f"{self.max_deliver or '?'}) was never answered")
-        except Exception as err:  # the next upkeep finds the message (once the pool is idle)
+        except Exception as err:  # noqa: BLE001 - an upkeep finds the message (once the pool is idle)
             logger.warning("worker %s: a max-deliveries advisory could not be handled: %r", self.ident, err)
 
     async def _consumer_idle(self) -> bool:
@@ -495,26 +501,39 @@ class PoolWorker:
         return not info.num_pending and not info.num_ack_pending
 
     async def _drop_undeliverable(self, run_uid: str) -> int:
-        """(When the pool's consumer is idle.) Drop the run's frame messages left in the work queue:
-        delivered ``max_deliver`` times, never answered, and missed by the advisory (no worker was
-        connected). Returns how many."""
+        """(When the pool's consumer is idle.) Drop the run's frame messages left in the work queue
+        (delivered ``max_deliver`` times, never answered, and missed by the advisory: no worker was
+        connected) that the previous sweep found too (an acknowledgement the stream has not applied
+        yet is not taken for one). Returns how many."""
         from nats.js.errors import NotFoundError
 
-        s, seq, dropped = self.settings, 0, 0
+        if not self.max_deliver:  # no limit: every message is delivered again
+            return 0
+        s, seq, dropped, found = self.settings, 0, 0, set()
+        suspects = self._suspects.get(run_uid, set())
         while True:
             try:
                 msg = await self._js.get_msg(s.frames_stream, seq=seq + 1, subject=f"{s.prefix}.*.*.{run_uid}",
                                              next=True)
             except NotFoundError:
-                return dropped
+                break
             seq = msg.seq
-            dropped += await self._drop(seq, "it was not delivered again after its last delivery went unanswered", msg)
+            if seq in suspects:
+                dropped += await self._drop(seq, "it was not delivered again after its last delivery went "
+                                                 "unanswered", msg)
+            else:
+                found.add(seq)
+        self._suspects[run_uid] = found
+        return dropped
 
     async def _drop(self, stream_seq: int, why: str, msg=None) -> int:
         """Remove frame message ``stream_seq`` from the work queue (so that its run can complete),
-        logging its frames as lost: 1, or 0 when it is gone already."""
-        from nats.js.errors import NotFoundError
+        logging its frames as lost: 1, or 0 when it is gone already (or being dropped here)."""
+        from nats.js.errors import APIError, NotFoundError
 
+        if stream_seq in self._dropping:
+            return 0
+        self._dropping.add(stream_seq)
         s = self.settings
         try:
             msg = msg or await self._js.get_msg(s.frames_stream, seq=stream_seq)
@@ -527,8 +546,15 @@ class PoolWorker:
                 return 0
         except NotFoundError:  # acknowledged late, or dropped by another worker
             return 0
-        logger.error("worker %s: frames %s of run %s lost: %s (the worker it went to stopped); removed from the work "
-                     "queue so that the run can complete", self.ident, list(seq_nums), run_uid, why)
+        except APIError as err:
+            if err.err_code == NO_MESSAGE_FOUND:  # (delete_msg's word for it)
+                return 0
+            raise
+        finally:
+            self._dropping.discard(stream_seq)
+        logger.error("worker %s: frames %s of run %s lost: %s (the worker it went to stopped, or did not answer "
+                     "within ack_wait); removed from the work queue so that the run can complete", self.ident,
+                     list(seq_nums), run_uid, why)
         self.counts["messages_lost"] += 1
         self.counts["frames_lost"] += len(seq_nums)
         return 1

@@ -167,8 +167,8 @@ class FusedKernel:
     """``fn`` compiled by ``torch.compile`` (one fused loop nest instead of dozens of torch
     operations), compiled off the caller's thread. The first dimension of its tensor arguments
     (of more than one row) is the batch, compiled for any size; the others are compiled for the
-    sizes of the call (a frame's loops of known length: 25 % faster than for any size), and
-    other sizes compile anew.
+    sizes of the call (a frame's loops of known length: 25 % faster than for any size), and a
+    call of other sizes compiles code of its own for them.
 
     A call runs the compiled code when code compiled earlier fits its arguments (shapes, device,
     dtypes); otherwise it returns ``None`` (the caller computes the figures eagerly) and, once the
@@ -265,6 +265,8 @@ class FusedKernel:
                     a = a.detach().clone()
                 if a.dim() and a.shape[0] > 1:  # the batch: any size; the frame's sizes fixed (loops of known length)
                     torch._dynamo.mark_dynamic(a, 0)
+                for d in range(1, a.dim()):  # also when another frame size compiles (dynamo would make it any size)
+                    torch._dynamo.mark_static(a, d)
             copies.append(a)
         self._compiling = threading.Thread(target=self._compile, args=(tuple(copies),), daemon=True,
                                            name=f"compile-{self.fn.__name__}")
@@ -281,7 +283,7 @@ class FusedKernel:
                 self.compiles += 1
             except Exception as err:  # noqa: BLE001 - any compiler failure leaves the eager path
                 self.enabled = False
-                logger.warning("%s: torch.compile failed (%s: %s): the observables run eagerly (about 2x slower; "
+                logger.warning("%s: torch.compile failed (%s: %s): the observables run eagerly (about 4x slower; "
                                "set %s=0 to skip trying)", self.fn.__name__, type(err).__name__,
                                str(err).splitlines()[0] if str(err) else "", COMPILE_ENV)
 
@@ -341,7 +343,7 @@ def _eager_figures(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, crops: t
                    reference: torch.Tensor) -> torch.Tensor:
     """:func:`_support_figures` then :func:`_figures`, the same figures in complex arithmetic: what
     runs until the kernels are compiled (a complex product is one vectorised operation in eager
-    torch where the real-valued passes take four: 2x faster uncompiled, 2x slower than compiled)."""
+    torch where the real-valued passes take four: 2x faster uncompiled, 4-5x slower than compiled)."""
     b, n = a.shape[0], a.shape[-1]
     shape, device = tuple(a.shape), a.device
     top = a.flatten(1).amax(dim=1).clamp_min(1e-30)

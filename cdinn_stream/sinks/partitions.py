@@ -216,8 +216,9 @@ def merge_partitions(client, run_uid: str, *, parent: str = "cdinn", close_wait:
     ``revise(rows)``, if given, may change the merged rows in place before they are written (the
     worker pool recomputes their ``correlation`` against the run's first stored frame).
     Returns a summary: frames, duplicates dropped, workers (and, given the frames ``expected``,
-    the stop document's count, those and the ``frames_missing``: an error is logged when frames
-    are missing); with ``skipped`` (why) and nothing written when there is no partition, or when
+    the stop document's count, those and the ``frames_missing``, with a warning when frames are
+    missing; with ``revise``, whether it ``revised`` the rows: when it raises, the rows are stored
+    as they are); with ``skipped`` (why) and nothing written when there is no partition, or when
     ``<parent>/<run uid>`` is complete already."""
     target = client[parent] if parent in client else None
     if target is not None and run_uid in target and target[run_uid].metadata.get("complete"):
@@ -239,8 +240,15 @@ def merge_partitions(client, run_uid: str, *, parent: str = "cdinn", close_wait:
         logger.warning("run %s: %d partitions not closed by their workers after %s s (a worker died, or its rows wait "
                        "in its spool?): merged as they are", run_uid, len(open_parts), close_wait)
     rows, duplicates = merge_rows([_rows(p) for p in parts])
+    revised = None
     if revise is not None and rows:
-        revise(rows)
+        try:
+            revise(rows)
+            revised = True
+        except Exception:  # noqa: BLE001 - the rows as the workers made them are stored
+            logger.warning("run %s: revising the merged rows failed: stored as the workers made them", run_uid,
+                           exc_info=True)
+            revised = False
     workers = sorted({p.metadata.get("worker", "?") for p in parts})
     store = TiledStore(client, parent=parent, model_card=parts[0].metadata.get("model_card"))
     run = store.create(run_uid, dict(parts[0].metadata.get("start", {})))
@@ -249,11 +257,14 @@ def merge_partitions(client, run_uid: str, *, parent: str = "cdinn", close_wait:
         store.extend(run, {k: v[lo : lo + chunk] for k, v in rows.items()})
     versions = next((p.metadata.get("model_versions") for p in parts if p.metadata.get("model_versions")), [])
     summary = {"frames": n, "duplicates_dropped": duplicates, "workers": workers, "partitions": len(parts)}
+    if revised is not None:
+        summary["revised"] = revised
     if expected is not None:
         summary.update(frames_expected=int(expected), frames_missing=max(0, int(expected) - n))
         if n < expected:
-            logger.error("run %s: %d of its %d frames stored: %d missing (dropped after their last delivery, or the "
-                         "model failed on them: see the workers' logs)", run_uid, n, expected, expected - n)
+            logger.warning("run %s: %d of its %d frames stored: %d missing (rejected by the pipeline, e.g. empty or "
+                           "malformed frames; dropped after their last delivery; or the model failed on them: see the "
+                           "workers' logs)", run_uid, n, expected, expected - n)
     store.finish(run, {**(end or {}), "complete": bool(n), "model_versions": versions, "pool": summary})
     container = client[parts_name]
     for p in parts:

@@ -244,6 +244,7 @@ def test_two_workers_share_a_run(pool, nats_server, tiled_client):
     amp, phase = torch.from_numpy(stored["amplitude"]), torch.from_numpy(stored["phase"])
     np.testing.assert_allclose(stored["observables"]["correlation"],
                                correlation(amp, phase, reference_objects(amp[:1], phase[:1])).numpy(), atol=1e-5)
+    assert stored["observables"]["correlation"][0] == pytest.approx(1.0, abs=1e-5)
     copies = Counter(s for w in workers for s in w.frames(uid))
     assert sum(copies.values()) - len(copies) == meta["pool"]["duplicates_dropped"] == 0  # nobody died
 
@@ -468,12 +469,14 @@ class Holder:
 
         self.url = url
         self.seq_nums: list[int] = []
+        self.ready = threading.Event()  # the pool's consumer is made (with one delivery a message)
         self.got = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._hold()), daemon=True)
 
     def start(self) -> Holder:
         self._thread.start()
+        assert self.ready.wait(30), "the holder did not make the pool's consumer"
         return self
 
     async def _hold(self) -> None:
@@ -490,6 +493,7 @@ class Holder:
         js = nc.jetstream()
         await ensure_streams(js, settings)
         sub = await work_subscription(js, settings)
+        self.ready.set()
         while not self.got.is_set() and not self._done.is_set():
             try:
                 (msg,) = await sub.fetch(1, timeout=0.5)
@@ -506,9 +510,9 @@ class Holder:
         self._thread.join(10)
 
 
-def _check_lost(tiled_client, worker: Worker, uid: str, lost: list[int]) -> None:
+def _check_lost(tiled_client, worker: Worker, uid: str, lost: list[int], why: str) -> None:
     """The run completes without the ``lost`` frames, and says so: ``frames_missing`` in its
-    metadata, an error in the worker's log naming them."""
+    metadata, an error in the worker's log naming them and ``why``."""
     from cdinn_stream.sinks import read_run
 
     def complete() -> bool:
@@ -523,7 +527,7 @@ def _check_lost(tiled_client, worker: Worker, uid: str, lost: list[int]) -> None
     pool_meta = tiled_client["cdinn"][uid].metadata["pool"]
     assert pool_meta["frames_expected"] == FRAMES and pool_meta["frames_missing"] == PAGE
     log = worker.log_path.read_text()
-    assert f"frames {lost} of run {uid} lost" in log, log[-3000:]
+    assert f"frames {lost} of run {uid} lost: {why}" in log, log[-3000:]
 
 
 def test_a_message_whose_last_delivery_died_is_dropped_on_the_advisory(pool, nats_server, tiled_client):
@@ -537,10 +541,10 @@ def test_a_message_whose_last_delivery_died_is_dropped_on_the_advisory(pool, nat
     try:
         (worker,) = pool(1, log=True)
         publisher = JetStreamPublisher(JetStreamSettings(url=nats_server.url, beamline="test"))
-        uid = _publish(publisher, pace=0.05)
+        uid = _publish(publisher, pace=0.1)  # 3.2 s: the advisory comes (at 2 s) while frames still come
         assert publisher.close()
         assert holder.got.wait(10), "the holder got no frame message"
-        _check_lost(tiled_client, worker, uid, holder.seq_nums)
+        _check_lost(tiled_client, worker, uid, holder.seq_nums, "its last delivery (1 of 1) was never answered")
         assert "max-deliveries advisory" not in worker.log_path.read_text()
     finally:
         holder.release()
@@ -561,6 +565,6 @@ def test_a_message_whose_last_delivery_died_unheard_is_dropped_once_idle(pool, n
         assert holder.got.wait(10), "the holder got no frame message"
         time.sleep(3)  # past ack_wait: the advisory is sent now, and nobody hears it
         (worker,) = pool(1, log=True)
-        _check_lost(tiled_client, worker, uid, holder.seq_nums)
+        _check_lost(tiled_client, worker, uid, holder.seq_nums, "it was not delivered again")
     finally:
         holder.release()

@@ -343,6 +343,6 @@ def test_the_work_tensors_of_another_device_are_let_go():
     the GPU)."""
     from cdinn_stream.core.observe import _WORKSPACE, _work
 
-    _work("mask", (4, 8, 8), torch.float32, torch.device("meta"))
-    _work("mask", (4, 8, 8), torch.float32, torch.device("cpu"))
+    _work("test-mask", (4, 8, 8), torch.float32, torch.device("meta"))
+    _work("test-mask", (4, 8, 8), torch.float32, torch.device("cpu"))
     assert {k[3] for k in _WORKSPACE.tensors} == {torch.device("cpu")}

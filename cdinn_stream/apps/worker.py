@@ -84,6 +84,9 @@ logger = logging.getLogger(__name__)
 
 #: seconds between two attempts at completing a run whose merge or publish failed
 RETRY_INTERVAL = 5.0
+#: seconds between two looks, while the worker has no room, for frame messages the server delivered
+#: after their fetch returned
+LATE_CHECK = 0.1
 #: the JetStream API's error code for a message not in the stream (``delete_msg`` of one gone)
 NO_MESSAGE_FOUND = 10057
 #: completions put off at most while this worker's spool holds rows of the run (then merged without them)
@@ -169,7 +172,8 @@ class PoolWorker:
         self._room: asyncio.Event | None = None  # set when frames in flight are answered (made in run()'s loop)
         self._suspects: dict[str, set[int]] = {}  # run uid -> messages an idle sweep found left (dropped if again)
         self._dropping: set[int] = set()  # stream sequences being dropped by this worker
-        self._touched: dict[int, float] = {}
+        self._touched: dict[int, float] = {}  # id(message) -> when last reported in progress
+        self._fetched: dict[int, tuple] = {}  # id(message) -> (message, when fetched), until fed or answered
         self._per_message = 1  # frames in the last frame message
         self._feeder = ThreadPoolExecutor(1, thread_name_prefix="cdinn-pool-feed")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -342,13 +346,22 @@ class PoolWorker:
     async def _frame_loop(self, sub) -> None:
         while True:
             room = self.max_inflight_frames - sum(self._inflight.values())
-            if room <= 0:  # until a message in flight is answered (no await between the sum and the clear)
-                self._room.clear()
-                await self._room.wait()
+            if room > 0:
+                # no more messages than the room left holds (at the last message's frames each): the
+                # other workers get the rest
+                want = max(1, min(self.fetch_batch, room // max(self._per_message, 1)))
+            elif sub.pending_msgs:
+                # delivered to this worker already (the server hands out the rest of a fetch's batch
+                # after the fetch has returned): taken now, one at a time from the subscription's queue,
+                # or they would wait past ack_wait unreported and go to another worker as well
+                want = 1
+            else:  # until a message in flight is answered (no await between the sum and the clear), or more
+                self._room.clear()  # come in late
+                try:
+                    await asyncio.wait_for(self._room.wait(), LATE_CHECK)
+                except asyncio.TimeoutError:
+                    pass
                 continue
-            # no more messages than the room left holds (at the last message's frames each): the
-            # other workers get the rest
-            want = max(1, min(self.fetch_batch, room // max(self._per_message, 1)))
             try:
                 msgs = await sub.fetch(want, timeout=0.5)
             except asyncio.CancelledError:
@@ -358,6 +371,9 @@ class PoolWorker:
                     logger.debug("worker %s: fetch failed: %r", self.ident, err)
                     await asyncio.sleep(0.2)
                 continue
+            now = time.monotonic()
+            for msg in msgs:  # held from now: the upkeep reports them in progress while they wait their turn
+                self._fetched[id(msg)] = (msg, now)
             for msg in msgs:
                 try:
                     await self._frame(msg)
@@ -368,6 +384,10 @@ class PoolWorker:
                     self.tracker.forget(msg)
                     self._answered(msg)
                     await self._give_back(msg, "failed")
+                finally:
+                    self._fetched.pop(id(msg), None)
+                    if id(msg) not in self._inflight:  # answered here (given back, refused): nothing to report
+                        self._touched.pop(id(msg), None)
 
     async def _give_back(self, msg, why: str) -> None:
         """Ask for a redelivery; on the message's last delivery, terminate it (logged as an error:
@@ -417,7 +437,7 @@ class PoolWorker:
             return
         seq = frame_seq_nums(name, doc)
         self._inflight[id(msg)] = self._per_message = len(seq)
-        self.tracker.expect(msg, run_uid, stream, seq)
+        self.tracker.expect(msg, run_uid, stream, seq, since=self._fetched.get(id(msg), (None, None))[1])
         feeds = []
         if not run.opened:  # the run's documents so far, then the frame: submitted in order, no await between
             run.opened = True
@@ -467,16 +487,19 @@ class PoolWorker:
                 logger.debug("worker %s: upkeep failed: %r", self.ident, err)
 
     async def _upkeep(self) -> None:
+        # messages held past half ack_wait (waiting their turn after a fetch, their run's documents,
+        # the feeding thread, or their sinks) are reported in progress: not handed to another worker
+        now = time.monotonic()
+        held = [*((msg, now - since) for msg, since in list(self._fetched.values())), *self.tracker.waiting()]
+        for msg, age in held:
+            if min(age, now - self._touched.get(id(msg), 0.0)) > self.settings.ack_wait / 2:
+                self._touched[id(msg)] = now
+                await msg.in_progress()
         if len(self.tracker):
             # frames without results (rejected) are settled once the pipeline is idle (on the feeding thread)
             idle = await self._loop.run_in_executor(self._feeder, self.cb.flush, 0)
             if idle:
                 self.tracker.settle()
-            now = time.monotonic()
-            for msg, age in self.tracker.waiting():
-                if min(age, now - self._touched.get(id(msg), 0.0)) > self.settings.ack_wait / 2:
-                    self._touched[id(msg)] = now
-                    await msg.in_progress()
         now = time.monotonic()
         for run in [r for r in self.runs.values() if r.stop is not None and not r.completing and now >= r.retry_at]:
             left = await frames_left(self._js, self.settings, run.uid)

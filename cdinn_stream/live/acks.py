@@ -56,10 +56,13 @@ class AckTracker:
         self._pending: dict[int, _Pending] = {}
         self._by_key: dict[Key, list[_Pending]] = {}
 
-    def expect(self, token, run_uid: str, stream: str, seq_nums) -> None:
-        """A message (``token``) carrying these frames is about to be fed to the pipeline."""
+    def expect(self, token, run_uid: str, stream: str, seq_nums, since: float | None = None) -> None:
+        """A message (``token``) carrying these frames is about to be fed to the pipeline (held
+        since ``since``, ``time.monotonic()``: now by default; :meth:`waiting` counts from it)."""
         keys = {(run_uid, stream, int(s)) for s in seq_nums}
         entry = _Pending(token, {k: set(range(self.sinks)) for k in keys}, frozenset(keys))
+        if since is not None:
+            entry.since = since
         with self._lock:
             self._pending[id(token)] = entry
             for k in keys:

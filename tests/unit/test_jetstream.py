@@ -49,6 +49,18 @@ def test_a_message_is_settled_when_every_sink_wrote_every_frame():
     assert len(tracker) == 0
 
 
+def test_a_message_is_held_from_its_fetch():
+    """The age the worker reports messages in progress by counts from when it fetched them (they
+    may wait their turn, or their run's documents, before they are fed)."""
+    import time
+
+    tracker = AckTracker(1, lambda token, ok: None)
+    tracker.expect("fetched earlier", "run", "primary", [1], since=time.monotonic() - 5.0)
+    tracker.expect("now", "run", "primary", [2])
+    ages = dict(tracker.waiting())
+    assert ages["fetched earlier"] >= 5.0 > 1.0 > ages["now"]
+
+
 def test_settle_acknowledges_rejected_frames_and_redelivers_half_written_ones():
     done = {}
     tracker = AckTracker(2, lambda token, ok: done.__setitem__(token, ok))

@@ -746,7 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--ack-wait", type=float, default=None, metavar="S",
                     help="seconds to store a frame's results before the server hands it to another worker "
                          "(default 30; set when the consumer is first made)")
-    wk.add_argument("--max-deliver", type=int, default=None, help="deliveries of a frame message at most (default 10)")
+    wk.add_argument("--max-deliver", type=int, default=None,
+                    help="deliveries of a frame message at most (default 10); after the last, its frames are logged "
+                         "as lost and its run completes without them (frames_missing in the run's metadata)")
     wk.add_argument("--max-ack-pending", type=int, default=None,
                     help="frame messages out, unacknowledged, over the pool at most: the back-pressure (default 1024)")
     wk.add_argument("--close-wait", type=float, default=5.0, metavar="S",

@@ -105,10 +105,7 @@ def _figures(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, top: torch.Ten
     observables, ``(9, B)`` in :data:`OBSERVABLES` order, but the peak's row and column in crop
     pixels from the crop's centre."""
     dx, dy = _demodulate(a, re, im, top, rows, cols)
-    rr, ri = reference[:, 0], reference[:, 1]
     total_re, total_im = dx.sum(dim=(1, 2)), dy.sum(dim=(1, 2))
-    cross_re, cross_im = (dx * rr + dy * ri).sum(dim=(1, 2)), (dy * rr - dx * ri).sum(dim=(1, 2))
-    theirs = (rr * rr + ri * ri).sum(dim=(1, 2))
     mass, moment_row, moment_col, own, support, intensity, peak_mass, peak_row, peak_col = first.unbind(0)
     mass, peak_mass = mass.clamp_min(1e-30), peak_mass.clamp_min(1e-30)
     length = torch.sqrt(total_re * total_re + total_im * total_im)
@@ -116,7 +113,7 @@ def _figures(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, top: torch.Ten
     # the mean unit phasor; the RMS about the mean for a spread well under a radian, and defined
     # (not wrapped into nonsense) for phases spread over the whole circle
     strain_rms = torch.sqrt(-2 * torch.log((length / mass).clamp(1e-12, 1.0)))
-    correlation = torch.sqrt(cross_re * cross_re + cross_im * cross_im) / torch.sqrt(own * theirs).clamp_min(1e-30)
+    correlation = _correlation(dx, dy, own, reference)
     return torch.stack([peak_row / peak_mass, peak_col / peak_mass, intensity, support, moment_row / mass,
                         moment_col / mass, torch.atan2(total_im, total_re), strain_rms, correlation])
 
@@ -133,6 +130,15 @@ def _observe(a: torch.Tensor, re: torch.Tensor, im: torch.Tensor, crops: torch.T
     """Both passes and the peak in detector pixels: the observables ``(9, B)`` in :data:`_NAMES`
     order (one compiled call: two loop nests, and no call of their own for the small figures)."""
     return _on_detector(_figures(a, re, im, *_support_figures(a, re, im, crops), reference), offsets, scale)
+
+
+def _correlation(dx: torch.Tensor, dy: torch.Tensor, own: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``|<z, z_ref>| / (|z| |z_ref|)`` ``(B,)`` of the demodulated planes ``dx``, ``dy`` (``own``:
+    their ``sum |z|**2``) with the ``reference`` planes ``(1 or B, 2, N, N)``."""
+    rr, ri = reference[:, 0], reference[:, 1]
+    cross_re, cross_im = (dx * rr + dy * ri).sum(dim=(1, 2)), (dy * rr - dx * ri).sum(dim=(1, 2))
+    theirs = (rr * rr + ri * ri).sum(dim=(1, 2))
+    return torch.sqrt(cross_re * cross_re + cross_im * cross_im) / torch.sqrt(own * theirs).clamp_min(1e-30)
 
 
 #: the rows :func:`_observe` returns
@@ -420,10 +426,8 @@ def correlation(amplitude: torch.Tensor, phase: torch.Tensor, reference: torch.T
     merge recomputes its stored runs' against their first stored frame)."""
     with torch.inference_mode():
         z = reference_objects(amplitude, phase)
-        x, y, rr, ri = z[:, 0], z[:, 1], reference[:, 0].float(), reference[:, 1].float()
-        cross_re, cross_im = (x * rr + y * ri).sum(dim=(1, 2)), (y * rr - x * ri).sum(dim=(1, 2))
-        own, theirs = (x * x + y * y).sum(dim=(1, 2)), (rr * rr + ri * ri).sum(dim=(1, 2))
-        return torch.sqrt(cross_re * cross_re + cross_im * cross_im) / torch.sqrt(own * theirs).clamp_min(1e-30)
+        x, y = z[:, 0], z[:, 1]
+        return _correlation(x, y, (x * x + y * y).sum(dim=(1, 2)), reference.float())
 
 
 def frame_observables(amplitude: torch.Tensor, phase: torch.Tensor, crops: torch.Tensor, origins: torch.Tensor, *,

@@ -266,6 +266,8 @@ def _pipeline(args: argparse.Namespace, *, parent: str | None = None) -> Pipelin
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    if args.window is not None and not args.nats:
+        raise SystemExit("replay: --window cuts the frames sent to the worker pool: it needs --nats URL")
     if args.nats:
         return _cmd_replay_nats(args)
     from .config import connect_tiled
@@ -293,7 +295,7 @@ def _cmd_replay_nats(args: argparse.Namespace) -> int:
     from .replay import replay_documents, run_documents
 
     source = connect_tiled(args.tiled, args.api_key or os.environ.get("TILED_API_KEY"))
-    publisher = JetStreamPublisher(_nats_settings(args, args.beamline))
+    publisher = JetStreamPublisher(_nats_settings(args, args.beamline), window=args.window)
     try:
         n = replay_documents(run_documents(source, args.uid), publisher, pace=args.pace)
     finally:
@@ -714,6 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--beamline", default="replay",
                    help="with --nats: the subjects' beamline token (default %(default)s)")
     r.add_argument("--prefix", default="cdinn", help="with --nats: the subjects' prefix (default %(default)s)")
+    r.add_argument("--window", type=int, default=None, metavar="PIXELS",
+                   help="with --nats: send each inline frame cut to a PIXELS x PIXELS window around its Bragg peak "
+                        "(at least the model's window on the detector plus 16; twice it is safe), not whole: detector "
+                        "frames over the server's max_payload travel so (docs/pipeline.md 'Scale-out')")
     _add_sink_options(r, tiled_out="default: the server the run is read from")
     r.set_defaults(func=_cmd_replay)
 

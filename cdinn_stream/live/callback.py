@@ -45,7 +45,7 @@ from event_model.documents import (
 
 from ..nn.reconstruct import CDIModel, load_model, user_models_dir
 from .blocks import Closes, FrameBlock, Sink
-from .crop import PeakTracker, clean_frames, crop_frames, find_peaks
+from .crop import PeakTracker, clean_frames, crop_frames, cut_windows, find_peaks
 from .engine import InferenceEngine
 from .frames import AD_HDF5_DATASET, AD_HDF5_SPECS, FileFrames, HDF5Files, group_file_frames, open_frames
 from .intake import FrameIntake
@@ -191,9 +191,17 @@ class FrameCropper:
         """How many refinement-grid pixels one model pixel spans (real space)."""
         return self.refine_window * self.refine_bin // self.bin
 
+    @property
+    def side(self) -> int:
+        """How far the crops reach on the detector (pixels): the model's window, or the refinement's."""
+        return max(self.size * self.bin, self.refine_window * self.size * self.refine_bin)
+
     def block(self, run_uid: str, stream: str, frames: np.ndarray, seq_nums: np.ndarray,
-              times: np.ndarray) -> FrameBlock | None:
-        """A block of cropped frames, or ``None`` (the frames rejected and counted)."""
+              times: np.ndarray, window_origins: np.ndarray | None = None) -> FrameBlock | None:
+        """A block of cropped frames, or ``None`` (the frames rejected and counted). With
+        ``window_origins`` ``(n, 2)``, the frames are windows cut out of the detector's frames at
+        those corners (:mod:`cdinn_stream.live.windows`): each searched whole, the mask's window
+        applied, and the crops' origins and peaks given on the detector."""
         reject = self.rejections
         received = time.monotonic()
         frames = frames if isinstance(frames, FileFrames) else np.asarray(frames)  # file frames: read as cropped
@@ -205,16 +213,28 @@ class FrameCropper:
         if frames.ndim != 3:
             reject(run_uid, seq_nums, f"bad shape: frames of shape {frames.shape[1:]} are not 2-D images")
             return None
-        if self.mask is not None and self.mask.shape != frames.shape[1:]:
-            reject(run_uid, seq_nums, f"bad shape: frame shape {frames.shape[1:]} does not match the mask "
-                                      f"{self.mask.shape}")
+        mask = self.mask
+        if window_origins is not None:
+            window_origins = np.asarray(window_origins, np.int64)
+            frames, mask = self._windows(run_uid, seq_nums, frames, window_origins)
+            if frames is None:
+                return None
+        elif mask is not None and mask.shape != frames.shape[1:]:
+            reject(run_uid, seq_nums, f"bad shape: frame shape {frames.shape[1:]} does not match the mask {mask.shape}")
             return None
         # centre as the model does: the centre of mass for a network trained centred, else the brightest pixel
-        if self.track:  # near the last peak, the whole frame when due or lost (whole on small frames)
+        if window_origins is not None:  # each window on its own (their corners move with the peak)
+            clean = clean_frames(frames, None)
+            if mask is not None:
+                clean *= mask
+            peaks, offsets = find_peaks(clean, centre=self.centre), np.zeros((len(clean), 2), np.int64)
+        elif self.track:  # near the last peak, the whole frame when due or lost (whole on small frames)
             peaks, clean, offsets = self.tracker(run_uid, stream).find(frames, self.mask)
         else:
-            clean = clean_frames(frames, self.mask)
+            clean = clean_frames(frames, mask)
             peaks, offsets = find_peaks(clean, centre=self.centre), np.zeros((len(clean), 2), np.int64)
+        if window_origins is not None:  # from the windows' pixels to the detector's
+            peaks, offsets = peaks + window_origins, offsets + window_origins
         empty = clean.reshape(len(clean), -1).max(axis=1) <= 0
         if empty.any():
             reject(run_uid, seq_nums[empty], "empty frame: no positive counts")
@@ -230,6 +250,23 @@ class FrameCropper:
         return FrameBlock(run_uid, stream, np.asarray(seq_nums, np.int64), np.asarray(times, np.float64),
                           crops.frames, crops.origins + offsets, peaks.astype(np.int64), np.full(len(clean), received),
                           wide)
+
+
+    def _windows(self, run_uid: str, seq_nums: np.ndarray, frames: np.ndarray, origins: np.ndarray
+                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Windows checked against their corners; the mask's windows ``(n, h, w)`` (or ``None``)."""
+        if origins.shape != (len(frames), 2):
+            self.rejections(run_uid, seq_nums, f"bad shape: window origins of shape {origins.shape} for "
+                                               f"{len(frames)} frames")
+            return None, None
+        if self.mask is None:
+            return frames, None
+        side = frames.shape[1:]
+        if (origins < 0).any() or (origins + side > self.mask.shape).any():
+            self.rejections(run_uid, seq_nums, f"bad shape: windows of {side} at {origins.tolist()[:2]}... do not lie "
+                                               f"on the mask's detector {self.mask.shape}")
+            return None, None
+        return frames, cut_windows(np.broadcast_to(self.mask, (len(frames), *self.mask.shape)), origins, side)
 
 
 #: the interpreter's thread switch interval while refinement or adaptation runs beside the model (s)
@@ -385,6 +422,7 @@ class RunReconstructor(DocumentRouter):
         self.image_key = image_key
         self.intake = intake
         self.streams: dict[str, tuple[str, str | None]] = {}  # descriptor uid -> (stream, image key)
+        self.window_keys: dict[str, str] = {}  # descriptor uid -> its window origins' key (frames cut to windows)
         self.stream_resources: dict[str, StreamResource] = {}
         self.files = HDF5Files()  # the stream_resource and AD_HDF5 files of the run, open until its end
         self.ad_resources: dict[str, tuple[str, int]] = {}  # AD_HDF5 resource uid -> (file, frames a datum)
@@ -414,7 +452,17 @@ class RunReconstructor(DocumentRouter):
         return images[0] if images else None
 
     def descriptor(self, doc: EventDescriptor) -> EventDescriptor:
-        self.streams[doc["uid"]] = (doc.get("name", "primary"), self._image_key(doc))
+        key = self._image_key(doc)
+        self.streams[doc["uid"]] = (doc.get("name", "primary"), key)
+        window = doc["data_keys"][key].get("cdinn_window") if key is not None else None
+        if isinstance(window, dict) and window.get("origin_key"):  # frames cut to windows where they were taken
+            self.window_keys[doc["uid"]] = str(window["origin_key"])
+            shape = doc["data_keys"][key].get("shape") or []
+            if shape and min(shape[-2:]) < self.cropper.side + 16:
+                logger.warning("run %s stream %s: frames come as windows of %s pixels, little more than the crops' %d "
+                               "(a crop off the window's centre is padded with zeros): publish windows of at least "
+                               "%d pixels", self.uid, doc.get("name"), shape[-2:], self.cropper.side,
+                               2 * self.cropper.side)
         return doc
 
     def event_page(self, doc: EventPage) -> EventPage:
@@ -442,7 +490,14 @@ class RunReconstructor(DocumentRouter):
         if frames.ndim < 2 or (frames.dtype == object):
             self.reject(self.uid, seq, f"bad shape: frames of shape {frames.shape} are not 2-D images")
             return doc
-        self._submit(stream, frames, seq, np.asarray(doc["time"], float))
+        origins = None
+        if doc["descriptor"] in self.window_keys:
+            try:
+                origins = np.asarray(doc["data"][self.window_keys[doc["descriptor"]]], np.int64).reshape(len(seq), 2)
+            except Exception as err:
+                self.reject(self.uid, seq, f"bad shape: the frames' window origins: {err!r}")
+                return doc
+        self._submit(stream, frames, seq, np.asarray(doc["time"], float), window_origins=origins)
         return doc
 
     def resource(self, doc: dict) -> dict:
@@ -514,11 +569,12 @@ class RunReconstructor(DocumentRouter):
                 logger.exception("run %s: frames %s failed", self.uid, part_seq[:1])
                 self.reject(self.uid, part_seq, f"failed: {type(err).__name__}: {err}")
 
-    def _submit(self, stream: str, frames, seq: np.ndarray, times: np.ndarray, now: bool = False) -> None:
+    def _submit(self, stream: str, frames, seq: np.ndarray, times: np.ndarray, now: bool = False,
+                window_origins: np.ndarray | None = None) -> None:
         if len(frames) != len(seq):
             self.reject(self.uid, seq, f"bad shape: {len(frames)} frames for {len(seq)} events")
             return
-        block = self.cropper.block(self.uid, stream, frames, seq, times)
+        block = self.cropper.block(self.uid, stream, frames, seq, times, window_origins)
         if block is not None and (now or self._later(self.engine.submit, block, frames=len(block), seq=block.seq_nums)):
             self.frames_seen += len(block)
             if now:

@@ -22,7 +22,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..core.physics import CENTRE_WINDOW
 
 __all__ = ["Crops", "box_sum", "clean_frames", "despeckle", "find_peaks", "coarse_peaks", "good_bins", "Scratch",
-           "windows_around", "centre_of_mass_peaks", "crop_frames", "crop_around_peaks", "PeakTracker"]
+           "windows_around", "centre_of_mass_peaks", "crop_frames", "crop_around_peaks", "PeakTracker",
+           "window_origins", "cut_windows"]
 
 
 @dataclass
@@ -251,6 +252,23 @@ def windows_around(frames: np.ndarray, origins: np.ndarray, size: int, mask: np.
         np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         np.maximum(out, 0, out=out)
     return out
+
+
+def window_origins(peaks: np.ndarray, side: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """``(N, 2)`` top-left corners of ``side`` (rows, columns) windows centred on ``peaks``,
+    moved where needed to lie inside frames of ``shape`` (a window never reaches past an edge:
+    a peak near the edge is off the window's centre instead)."""
+    limit = np.maximum(np.asarray(shape[-2:], np.int64) - side, 0)
+    origins = np.asarray(peaks, np.int64).reshape(-1, 2) - np.asarray(side, np.int64) // 2
+    return np.clip(origins, 0, limit)
+
+
+def cut_windows(frames: np.ndarray, origins: np.ndarray, side: tuple[int, int]) -> np.ndarray:
+    """The ``side`` windows of ``(N, H, W)`` frames at ``origins`` (inside the frames:
+    :func:`window_origins`), in the frames' own dtype (raw counts stay raw)."""
+    views = sliding_window_view(frames, tuple(side), axis=(1, 2))
+    origins = np.asarray(origins, np.int64).reshape(-1, 2)
+    return np.ascontiguousarray(views[np.arange(len(origins)), origins[:, 0], origins[:, 1]])
 
 
 def centre_of_mass_peaks(frames: np.ndarray, peaks: np.ndarray, *, window: int = CENTRE_WINDOW) -> np.ndarray:

@@ -14,7 +14,10 @@ Frames travel three ways, as the detector makes them:
   to do (write the frames to files, or raise ``max_payload``);
 * by reference (``stream_resource``/``stream_datum`` of ophyd-async's HDF5 writers, AreaDetector
   ``resource``/``datum``): only the documents travel; the workers read the files (a shared file
-  system), only the Bragg peak's window of each frame while the peak is tracked.
+  system), only the Bragg peak's window of each frame while the peak is tracked;
+* cut to windows here (``window=``: inline detector frames and no shared file system): each
+  frame travels as a ``window x window`` cut around its Bragg peak, with where it lies on the
+  detector (:mod:`cdinn_stream.live.windows`), the peak found on this host as the pipeline finds it.
 
 Nothing is lost while the server is away: documents wait in the queue (``max_queued``
 documents; past it the RunEngine's thread waits, with a warning) and are published again with
@@ -38,6 +41,7 @@ from .jetstream import (
     ensure_streams,
     message_id,
 )
+from .windows import PeakWindows
 
 __all__ = ["JetStreamPublisher", "split_page", "nats_client"]
 
@@ -79,10 +83,17 @@ class JetStreamPublisher:
         settings: the server, subject prefix and beamline.
         max_queued: documents waiting to be published at most before the caller waits.
         connect_timeout: seconds to reach the server at start.
+        window: cut each inline detector frame to a ``window x window`` window around its Bragg
+            peak before it travels (:class:`~cdinn_stream.live.windows.PeakWindows`: at least the
+            model's window on the detector plus 16 pixels; twice it is safe); ``None``: whole frames.
+        image_key: with ``window``, the detector's data key (default: the one 2-D image field).
+        mask: with ``window``, ``(H, W)`` bool, True for good detector pixels (for the peak search).
     """
 
-    def __init__(self, settings: JetStreamSettings, *, max_queued: int = 10_000, connect_timeout: float = 30.0):
+    def __init__(self, settings: JetStreamSettings, *, max_queued: int = 10_000, connect_timeout: float = 30.0,
+                 window: int | None = None, image_key: str | None = None, mask=None):
         self.settings = settings
+        self.windows = None if window is None else PeakWindows(window, image_key=image_key, mask=mask)
         self.max_queued = max_queued
         self.published = 0
         self.retries = 0
@@ -113,8 +124,21 @@ class JetStreamPublisher:
             logger.warning("%s document of no known run: not published", name)
             return
         subject = document_subject(self.settings.prefix, self.settings.beamline, name, run_uid)
+        if self.windows is not None:
+            doc = self._cut(name, doc)
         for part_name, part in self._parts(name, doc):
             self._put(subject, encode_document(part_name, part), message_id(part_name, part, run_uid), run_uid)
+
+    def _cut(self, name: str, doc: dict) -> dict:
+        """The document as it travels with windows (:attr:`windows`; as it is when it cannot be cut)."""
+        try:
+            if name in ("descriptor", "event", "event_page"):
+                return getattr(self.windows, name)(doc)
+            if name == "stop":
+                self.windows.stop(doc)
+        except Exception as err:  # never into the RunEngine: the workers judge the document as it is
+            logger.warning("%s document not cut to windows (published as it is): %r", name, err)
+        return doc
 
     def _run_of(self, name: str, doc: dict) -> str | None:
         if name == "start":

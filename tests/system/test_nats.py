@@ -249,6 +249,55 @@ def test_two_workers_share_a_run(pool, nats_server, tiled_client):
     assert sum(copies.values()) - len(copies) == meta["pool"]["duplicates_dropped"] == 0  # nobody died
 
 
+def test_detector_frames_cut_to_windows_where_taken(pool, nats_server, tiled_client):
+    """Eiger 1M frames (4 MB each: over the server's 1 MiB max_payload whole) published cut to
+    96-pixel windows around their peaks: stored once each, the peak given on the detector."""
+    from event_model import compose_run
+
+    from cdinn_stream.lab.sim import EIGER_1M, native_frames
+    from cdinn_stream.live.jetstream import JetStreamSettings
+    from cdinn_stream.live.nats_publisher import JetStreamPublisher, PayloadTooLarge
+    from cdinn_stream.sinks import read_run
+
+    pool(1)
+    frames, mask, peaks = native_frames(24, EIGER_1M, seed=3, jump_every=10)
+    run = compose_run()
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "det_image": {"source": "sim", "dtype": "array", "shape": list(EIGER_1M.shape)}})
+    whole = JetStreamPublisher(JetStreamSettings(url=nats_server.url, beamline="test"))
+    whole("start", run.start_doc)
+    whole("descriptor", desc.descriptor_doc)
+    with pytest.raises(PayloadTooLarge):
+        whole("event_page", desc.compose_event_page(data={"det_image": frames[:1]}, timestamps={"det_image": [0.0]},
+                                                    seq_num=[1], time=[0.0], validate=False))
+    whole("stop", run.compose_stop())
+    whole.close()
+    run = compose_run()
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "det_image": {"source": "sim", "dtype": "array", "shape": list(EIGER_1M.shape)}})
+    publisher = JetStreamPublisher(JetStreamSettings(url=nats_server.url, beamline="test"), window=96, mask=mask)
+    publisher("start", run.start_doc)
+    publisher("descriptor", desc.descriptor_doc)
+    for lo in range(0, 24, 4):
+        now = time.time()
+        publisher("event_page", desc.compose_event_page(
+            data={"det_image": frames[lo : lo + 4]}, timestamps={"det_image": [now] * 4},
+            seq_num=list(range(lo + 1, lo + 5)), time=[now] * 4, validate=False))
+    publisher("stop", run.compose_stop())
+    assert publisher.close()
+    uid = run.start_doc["uid"]
+
+    def complete() -> bool:
+        return "cdinn" in tiled_client and uid in tiled_client["cdinn"] and bool(
+            tiled_client["cdinn"][uid].metadata.get("complete"))
+
+    wait_for(complete, timeout=90, interval=0.2, what=f"run {uid} complete in Tiled")
+    stored = read_run(tiled_client["cdinn"][uid])
+    np.testing.assert_array_equal(stored["seq_num"], np.arange(1, 25))
+    found = np.stack([stored["observables"]["peak_row"], stored["observables"]["peak_col"]], axis=1)
+    assert np.abs(found - peaks).max() < 3  # on the detector, not in the window
+
+
 def test_worker_killed_mid_run(pool, nats_server, tiled_client):
     from cdinn_stream.live.jetstream import JetStreamSettings
     from cdinn_stream.live.nats_publisher import JetStreamPublisher
@@ -370,10 +419,11 @@ def test_pools_take_disjoint_beamlines(nats_server):
     asyncio.run(check())
 
 
-def test_a_stored_run_replayed_into_the_pool(pool, nats_server, tiled_server, tiled_client, capsys):
+@pytest.mark.parametrize("window", [None, "64"])
+def test_a_stored_run_replayed_into_the_pool(pool, nats_server, tiled_server, tiled_client, capsys, window):
     """``cdinn-stream replay UID --tiled URL --nats URL`` publishes a run that TiledWriter stored
-    (frames inline) into the stream; the pool reconstructs it and merges it in Tiled: every frame
-    once, in seq_num order."""
+    (frames inline) into the stream, whole or (``--window``) cut around their peaks; the pool
+    reconstructs it and merges it in Tiled: every frame once, in seq_num order."""
     import json
 
     from bluesky import RunEngine
@@ -393,7 +443,7 @@ def test_a_stored_run_replayed_into_the_pool(pool, nats_server, tiled_server, ti
     (worker,) = pool(1)
     capsys.readouterr()
     status = main(["replay", uid, "--tiled", f"http://127.0.0.1:{tiled_server.port}", "--api-key",
-                   tiled_server.api_key, "--nats", nats_server.url])
+                   tiled_server.api_key, "--nats", nats_server.url, *(["--window", window] if window else [])])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # published >= documents: a page over max_payload goes as several
     assert status == 0 and report["published"] >= report["documents"] >= 4 and report["waiting"] == 0, report
@@ -408,6 +458,14 @@ def test_a_stored_run_replayed_into_the_pool(pool, nats_server, tiled_server, ti
     np.testing.assert_array_equal(stored["seq_num"], np.arange(1, 41))
     assert np.isfinite(stored["chi2"]).all() and stored["amplitude"].shape == (40, 32, 32)
     assert tiled_client["cdinn"][uid].metadata["pool"]["frames"] == 40
+    # the peak on the detector (with --window too): where a search of the stored whole frames puts it
+    from cdinn_stream.apps.replay import run_documents
+    from cdinn_stream.live.crop import clean_frames, find_peaks
+
+    raw = np.concatenate([np.asarray(doc["data"]["bcdi_img"]) for name, doc in run_documents(tiled_client, uid)
+                          if name == "event_page" and "bcdi_img" in doc["data"]])
+    found = np.stack([stored["observables"]["peak_row"], stored["observables"]["peak_col"]], axis=1)
+    assert np.abs(found - find_peaks(clean_frames(raw))).max() <= 1.5
 
 
 def test_tiled_away_mid_run_nothing_lost(nats_server, tiled_process, tmp_path):

@@ -754,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 30; set when the consumer is first made)")
     wk.add_argument("--max-deliver", type=int, default=None,
                     help="deliveries of a frame message at most (default 10); after the last, its frames are logged "
-                         "as lost and its run completes without them (frames_missing in the run's metadata)")
+                         "as lost and its run completes without them (frames_lost in the run's metadata)")
     wk.add_argument("--max-ack-pending", type=int, default=None,
                     help="frame messages out, unacknowledged, over the pool at most: the back-pressure (default 1024)")
     wk.add_argument("--close-wait", type=float, default=5.0, metavar="S",

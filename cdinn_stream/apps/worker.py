@@ -26,7 +26,8 @@ and subjects: :mod:`cdinn_stream.live.jetstream`; the publishing side:
   delivered again: on the server's advisory (``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES``, one
   worker of the pool takes each), or, when no worker heard it, once the pool's consumer is idle
   and the run's stop is in, a worker removes it from the work queue and logs its frames as lost
-  (an error), so that the run completes; the merge then records ``frames_missing``;
+  (an error), so that the run completes; the merge then records ``frames_missing`` and, of
+  them, ``frames_lost`` apart from those the pipelines rejected (``frames_rejected``);
 * decides that a run is complete when its stop document is in *and* no frame message of the run
   is left in the work queue (every one acknowledged or terminated), not when the stop arrives;
   then it closes the run in its callback, and the worker that creates the run's key in the

@@ -8,7 +8,24 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 __all__ = ["FrameBlock", "RunMarker", "ResultBlock", "RefinedBlock", "Sink", "Idles", "Spills", "WritesRefined",
-           "CountsUndelivered", "Closes"]
+           "CountsUndelivered", "Closes", "seq_ranges", "range_seq_nums"]
+
+
+def seq_ranges(seq_nums) -> list[list[int]]:
+    """seq_nums as inclusive ``[first, last]`` ranges, in order and each once (for a run's
+    metadata: ``[[1, 5000]]``, not 5000 numbers)."""
+    seq = np.unique(np.asarray(seq_nums, np.int64))
+    if not len(seq):
+        return []
+    breaks = np.flatnonzero(np.diff(seq) != 1)
+    starts, ends = np.r_[0, breaks + 1], np.r_[breaks, len(seq) - 1]
+    return [[int(seq[a]), int(seq[b])] for a, b in zip(starts, ends, strict=True)]
+
+
+def range_seq_nums(ranges) -> np.ndarray:
+    """The seq_nums of :func:`seq_ranges`' ranges."""
+    parts = [np.arange(int(a), int(b) + 1) for a, b in ranges or []]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 @dataclass

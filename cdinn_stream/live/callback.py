@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from event_model.documents import (
 )
 
 from ..nn.reconstruct import CDIModel, load_model, user_models_dir
-from .blocks import Closes, FrameBlock, Sink
+from .blocks import Closes, FrameBlock, Sink, seq_ranges
 from .crop import PeakTracker, clean_frames, crop_frames, cut_windows, find_peaks
 from .engine import InferenceEngine
 from .frames import AD_HDF5_DATASET, AD_HDF5_SPECS, FileFrames, HDF5Files, group_file_frames, open_frames
@@ -103,15 +104,29 @@ class PassThroughFiller(Filler):
 class Rejections:
     """Frames and documents turned away, counted by category (the reason's text before the first
     colon: bad shape, bad dtype, empty frame, unreadable, unfilled, unknown descriptor, document)
-    and logged with the run uid and seq_nums."""
+    and logged with the run uid and seq_nums; each run's rejected seq_nums are kept until its end
+    (:meth:`of_run`: the run's end summary, and so its metadata in Tiled, lists them)."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self._runs: dict[str, dict[str, list[int]]] = {}
+        self._lock = threading.Lock()  # the RunEngine's thread and the intake's both reject
 
     def __call__(self, run_uid: str | None, seq_nums, reason: str) -> None:
         seq = [int(s) for s in np.atleast_1d(seq_nums)]
-        self.counts[reason.split(":")[0]] += len(seq)
+        category = reason.split(":")[0]
+        self.counts[category] += len(seq)
+        if run_uid is not None:
+            with self._lock:
+                self._runs.setdefault(run_uid, {}).setdefault(category, []).extend(seq)
         logger.warning("run %s seq_num %s: %s", run_uid, _seq_text(seq), reason)
+
+    def of_run(self, run_uid: str) -> dict[str, list[list[int]]]:
+        """The run's rejected frames by category, as inclusive seq_num ranges (:func:`seq_ranges`),
+        forgotten here."""
+        with self._lock:
+            found = self._runs.pop(run_uid, {})
+        return {category: seq_ranges(seq) for category, seq in found.items()}
 
     def document(self, name: str, run_uid: str | None, err: BaseException) -> None:
         """A document that could not be handled at all."""
@@ -590,4 +605,5 @@ class RunReconstructor(DocumentRouter):
             self.files.close()
             peak_search = self.cropper.forget(self.uid)
         finally:  # the run's end reaches the sinks whatever happened
-            self.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen, "peak_search": peak_search})
+            self.engine.close_run(self.uid, {"stop": doc, "frames": self.frames_seen, "peak_search": peak_search,
+                                             "frames_rejected": self.reject.of_run(self.uid)})

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..live.blocks import RefinedBlock, ResultBlock
+from ..live.blocks import RefinedBlock, ResultBlock, range_seq_nums, seq_ranges
 from .spooled import SpooledSink
 from .tiled import RunState, TiledSink, TiledStore
 from .tiled_layout import ARRAYS, frame_info_columns, read_observables
@@ -215,11 +215,15 @@ def merge_partitions(client, run_uid: str, *, parent: str = "cdinn", close_wait:
     partition to be closed by its worker (a partition of a worker that died is merged as it is).
     ``revise(rows)``, if given, may change the merged rows in place before they are written (the
     worker pool recomputes their ``correlation`` against the run's first stored frame).
-    Returns a summary: frames, duplicates dropped, workers (and, given the frames ``expected``,
-    the stop document's count, those and the ``frames_missing``, with a warning when frames are
-    missing; with ``revise``, whether it ``revised`` the rows: when it raises, the rows are stored
-    as they are); with ``skipped`` (why) and nothing written when there is no partition, or when
-    ``<parent>/<run uid>`` is complete already."""
+    Returns a summary: frames, duplicates dropped, workers, ``frames_rejected`` (the frames the
+    workers' pipelines turned away, by category, as seq_num ranges: an empty frame, a malformed
+    one; from the partitions' end summaries) and, given the frames ``expected`` (the stop
+    document's count), those, ``frames_missing`` (expected less stored) and of them
+    ``frames_lost``: missing and rejected by no worker (dropped after their last delivery, or
+    the model failed on them: the workers' error lines name them), with a warning when frames
+    are missing; with ``revise``, whether it ``revised`` the rows (when it raises, the rows are
+    stored as they are); with ``skipped`` (why) and nothing written when there is no partition,
+    or when ``<parent>/<run uid>`` is complete already."""
     target = client[parent] if parent in client else None
     if target is not None and run_uid in target and target[run_uid].metadata.get("complete"):
         logger.warning("run %s: %s/%s is complete already: not merged again (its partitions, if any, are left for "
@@ -256,20 +260,38 @@ def merge_partitions(client, run_uid: str, *, parent: str = "cdinn", close_wait:
     for lo in range(0, n, chunk):
         store.extend(run, {k: v[lo : lo + chunk] for k, v in rows.items()})
     versions = next((p.metadata.get("model_versions") for p in parts if p.metadata.get("model_versions")), [])
-    summary = {"frames": n, "duplicates_dropped": duplicates, "workers": workers, "partitions": len(parts)}
+    stored = rows["frame_info"][:, 0].astype(np.int64) if n else np.zeros(0, np.int64)
+    rejected = _rejected(parts, stored)
+    summary = {"frames": n, "duplicates_dropped": duplicates, "workers": workers, "partitions": len(parts),
+               "frames_rejected": {k: seq_ranges(v) for k, v in rejected.items()}}
     if revised is not None:
         summary["revised"] = revised
     if expected is not None:
-        summary.update(frames_expected=int(expected), frames_missing=max(0, int(expected) - n))
-        if n < expected:
-            logger.warning("run %s: %d of its %d frames stored: %d missing (rejected by the pipeline, e.g. empty or "
-                           "malformed frames; dropped after their last delivery; or the model failed on them: see the "
-                           "workers' logs)", run_uid, n, expected, expected - n)
+        missing = max(0, int(expected) - n)
+        turned_away = len(np.unique(np.concatenate([np.zeros(0, np.int64), *rejected.values()])))
+        lost = max(0, missing - turned_away)
+        summary.update(frames_expected=int(expected), frames_missing=missing, frames_lost=lost)
+        if missing:
+            logger.warning("run %s: %d of its %d frames stored: %d missing, of which %d rejected by the workers' "
+                           "pipelines (%s) and %d lost (dropped after their last delivery, or the model failed on "
+                           "them: see the workers' error lines)", run_uid, n, expected, missing, turned_away,
+                           ", ".join(f"{k}: {len(v)}" for k, v in rejected.items()) or "none", lost)
     store.finish(run, {**(end or {}), "complete": bool(n), "model_versions": versions, "pool": summary})
     container = client[parts_name]
     for p in parts:
         container.delete_contents(p.item["id"], recursive=True, external_only=False)
     return summary
+
+
+def _rejected(parts: list, stored: np.ndarray) -> dict[str, np.ndarray]:
+    """The seq_nums the partitions' workers rejected, by category, less those some worker
+    stored (a frame rejected by a worker whose sink then failed, stored on its redelivery)."""
+    found: dict[str, list[np.ndarray]] = {}
+    for p in parts:
+        for category, ranges in (p.metadata.get("frames_rejected") or {}).items():
+            found.setdefault(category, []).append(range_seq_nums(ranges))
+    out = {k: np.setdiff1d(np.concatenate(v), stored) for k, v in found.items()}
+    return {k: v for k, v in out.items() if len(v)}
 
 
 def read_pool_run(client, run_uid: str, parent: str = "cdinn") -> dict[str, np.ndarray]:

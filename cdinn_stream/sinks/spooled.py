@@ -225,7 +225,8 @@ class SpooledSink:
         # a run of which no frame was reconstructed is not complete: a reader must not take it for results
         done = bool(run.n or (self.spool.has(run_uid) and self.spool.frames(run_uid)))
         end = {"complete": done, "exit_status": stop.get("exit_status"), "stop": stop,
-               "model_versions": summary.get("model_versions", [])}
+               "model_versions": summary.get("model_versions", []),
+               "frames_rejected": summary.get("frames_rejected") or {}}  # by category, seq_num ranges
         if not done:
             end["status"] = "no frame reconstructed"
         if not self.spool.has(run_uid):

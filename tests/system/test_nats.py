@@ -251,7 +251,8 @@ def test_two_workers_share_a_run(pool, nats_server, tiled_client):
 
 def test_detector_frames_cut_to_windows_where_taken(pool, nats_server, tiled_client):
     """Eiger 1M frames (4 MB each: over the server's 1 MiB max_payload whole) published cut to
-    96-pixel windows around their peaks: stored once each, the peak given on the detector."""
+    96-pixel windows around their peaks: stored once each, the peak given on the detector; two
+    empty frames rejected by the worker's pipeline, recorded as such in the merged run."""
     from event_model import compose_run
 
     from cdinn_stream.lab.sim import EIGER_1M, native_frames
@@ -261,6 +262,7 @@ def test_detector_frames_cut_to_windows_where_taken(pool, nats_server, tiled_cli
 
     pool(1)
     frames, mask, peaks = native_frames(24, EIGER_1M, seed=3, jump_every=10)
+    frames[[4, 5]] = 0  # seq_nums 5 and 6: empty
     run = compose_run()
     desc = run.compose_descriptor(name="primary", data_keys={
         "det_image": {"source": "sim", "dtype": "array", "shape": list(EIGER_1M.shape)}})
@@ -293,9 +295,13 @@ def test_detector_frames_cut_to_windows_where_taken(pool, nats_server, tiled_cli
 
     wait_for(complete, timeout=90, interval=0.2, what=f"run {uid} complete in Tiled")
     stored = read_run(tiled_client["cdinn"][uid])
-    np.testing.assert_array_equal(stored["seq_num"], np.arange(1, 25))
+    kept = np.setdiff1d(np.arange(1, 25), [5, 6])
+    np.testing.assert_array_equal(stored["seq_num"], kept)
     found = np.stack([stored["observables"]["peak_row"], stored["observables"]["peak_col"]], axis=1)
-    assert np.abs(found - peaks).max() < 3  # on the detector, not in the window
+    assert np.abs(found - peaks[kept - 1]).max() < 3  # on the detector, not in the window
+    pool_meta = tiled_client["cdinn"][uid].metadata["pool"]
+    assert pool_meta["frames_rejected"] == {"empty frame": [[5, 6]]}
+    assert pool_meta["frames_missing"] == 2 and pool_meta["frames_lost"] == 0
 
 
 def test_worker_killed_mid_run(pool, nats_server, tiled_client):
@@ -583,7 +589,8 @@ def _check_lost(tiled_client, worker: Worker, uid: str, lost: list[int], why: st
     stored = read_run(tiled_client["cdinn"][uid])
     np.testing.assert_array_equal(stored["seq_num"], np.setdiff1d(np.arange(1, FRAMES + 1), lost))
     pool_meta = tiled_client["cdinn"][uid].metadata["pool"]
-    assert pool_meta["frames_expected"] == FRAMES and pool_meta["frames_missing"] == PAGE
+    assert pool_meta["frames_expected"] == FRAMES and pool_meta["frames_missing"] == pool_meta["frames_lost"] == PAGE
+    assert pool_meta["frames_rejected"] == {}
     log = worker.log_path.read_text()
     assert f"frames {lost} of run {uid} lost: {why}" in log, log[-3000:]
 

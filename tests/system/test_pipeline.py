@@ -32,7 +32,7 @@ def _check(uid, n, collector, client):
     np.testing.assert_array_equal(info["peak"], np.concatenate([np.asarray(m[1]["peak"]) for m in results]))
     np.testing.assert_array_equal(info["time"], [t for m in results for t in m[1]["time"]])
     assert rec["frame_info"].metadata["columns"] == list(FRAME_INFO_COLUMNS)
-    assert rec.metadata["complete"] and rec.metadata["frames"] == n
+    assert rec.metadata["complete"] and rec.metadata["frames"] == n and rec.metadata["frames_rejected"] == {}
     amp = np.concatenate([m[2] for m in results])
     np.testing.assert_allclose(rec["amplitude"].read(), amp)
     everything = read_run(rec)

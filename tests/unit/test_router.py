@@ -12,7 +12,7 @@ class Engine:
     """Stands in for the inference engine: records what a run hands it."""
 
     def __init__(self):
-        self.opened, self.blocks, self.closed = [], [], []
+        self.opened, self.blocks, self.closed, self.summaries = [], [], [], []
 
     def open_run(self, uid, start):
         self.opened.append(uid)
@@ -23,6 +23,7 @@ class Engine:
 
     def close_run(self, uid, summary):
         self.closed.append((uid, summary["frames"]))
+        self.summaries.append(summary)
 
 
 def test_a_run_crops_its_frames_and_counts_its_rejections_on_its_own():
@@ -41,3 +42,12 @@ def test_a_run_crops_its_frames_and_counts_its_rejections_on_its_own():
     assert block.frames.shape == (2, 16, 16) and list(block.seq_nums) == [1, 2]
     assert rejections.counts["empty frame"] == 1
     assert engine.opened == ["r1"] and engine.closed == [("r1", 2)]
+    assert engine.summaries[0]["frames_rejected"] == {"empty frame": [[3, 3]]}  # into the run's metadata
+    assert rejections.of_run("r1") == {}  # handed over with the run's end, not kept
+
+
+def test_seq_nums_travel_as_ranges():
+    from cdinn_stream.live.blocks import range_seq_nums, seq_ranges
+
+    assert seq_ranges([7, 1, 2, 3, 9, 8, 2]) == [[1, 3], [7, 9]] and seq_ranges([]) == []
+    assert range_seq_nums([[1, 3], [7, 9]]).tolist() == [1, 2, 3, 7, 8, 9] and len(range_seq_nums([])) == 0

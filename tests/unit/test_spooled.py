@@ -133,9 +133,10 @@ def test_results_spooled_while_the_store_is_away_are_written_back_in_order(sink,
     sink.write(_result("r1", 21))  # straight to the store again
     assert store.runs["r1"].seq == list(range(1, 26))
     versions = [{"version": 0, "name": "m"}]  # the engine's list of the weights the run's frames used
-    sink.close_run("r1", {"stop": {"exit_status": "success"}, "model_versions": versions})
-    assert store.runs["r1"].end == {"complete": True, "exit_status": "success",
-                                    "stop": {"exit_status": "success"}, "frames": 25, "model_versions": versions}
+    rejected = {"empty frame": [[26, 27]]}  # seq_num ranges the pipeline turned away
+    sink.close_run("r1", {"stop": {"exit_status": "success"}, "model_versions": versions, "frames_rejected": rejected})
+    assert store.runs["r1"].end == {"complete": True, "exit_status": "success", "stop": {"exit_status": "success"},
+                                    "frames": 25, "model_versions": versions, "frames_rejected": rejected}
 
 
 def test_writes_catch_up_a_bounded_amount_each(sink, store):
@@ -222,7 +223,8 @@ def test_a_run_with_no_frame_is_not_complete(sink, store):
     sink.open_run("r1", {"uid": "r1"})
     sink.close_run("r1", {"stop": {"exit_status": "abort"}})
     assert store.runs["r1"].end == {"complete": False, "exit_status": "abort", "stop": {"exit_status": "abort"},
-                                    "status": "no frame reconstructed", "frames": 0, "model_versions": []}
+                                    "status": "no frame reconstructed", "frames": 0, "model_versions": [],
+                                    "frames_rejected": {}}
 
 
 def test_a_bad_request_is_raised_not_spooled(sink, store):

@@ -48,7 +48,15 @@ from ..nn.reconstruct import CDIModel, load_model, user_models_dir
 from .blocks import Closes, FrameBlock, Sink, seq_ranges
 from .crop import PeakTracker, clean_frames, crop_frames, cut_windows, find_peaks
 from .engine import InferenceEngine
-from .frames import AD_HDF5_DATASET, AD_HDF5_SPECS, FileFrames, HDF5Files, group_file_frames, open_frames
+from .frames import (
+    AD_HDF5_DATASET,
+    AD_HDF5_SPECS,
+    FileFrames,
+    HDF5Files,
+    NumpySeqHandler,
+    group_file_frames,
+    open_frames,
+)
 from .intake import FrameIntake
 from .publish import SinkThread, to_all
 from .refine import Refiner
@@ -60,16 +68,11 @@ logger = logging.getLogger(__name__)
 
 
 def default_handler_registry() -> dict:
-    """Handlers for external (resource/datum) frames: ``NPY_SEQ`` of ``ophyd.sim`` (none without
-    ophyd: frames written to such files are then rejected as unfilled, with a warning).
-    AreaDetector's HDF5 plugin files (``AD_HDF5``, ``AD_HDF5_SWMR``) need no handler: the
-    :class:`RunReconstructor` opens them itself, a page of datums at a time (a handler given for
-    them in ``handler_registry`` is used instead)."""
-    try:
-        from ophyd.sim import NumpySeqHandler
-    except ImportError:
-        logger.warning("ophyd is not installed: frames in external files (NPY_SEQ) cannot be read")
-        return {}
+    """Handlers for external (resource/datum) frames: ``NPY_SEQ`` of ``ophyd.sim``
+    (:class:`~cdinn_stream.live.frames.NumpySeqHandler`). AreaDetector's HDF5 plugin files
+    (``AD_HDF5``, ``AD_HDF5_SWMR``) need no handler: the :class:`RunReconstructor` opens them
+    itself, a page of datums at a time (a handler given for them in ``handler_registry`` is used
+    instead)."""
     return {"NPY_SEQ": NumpySeqHandler}
 
 

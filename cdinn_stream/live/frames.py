@@ -8,11 +8,14 @@ Formats, by the mimetype bluesky and Tiled give them:
 * ``multipart/related;type=application/x-npy``: one ``.npy`` file per frame (``ophyd.sim``'s
   ``NPY_SEQ`` detectors, as TiledWriter stores them): the files are ``parameters["data_uris"]``,
   or ``uri`` and a ``parameters["template"]`` such as ``"%s_%d.npy"``.
+
+And the ``NPY_SEQ`` handler of resource/datum documents (:class:`NumpySeqHandler`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
@@ -21,10 +24,29 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "read_frames", "open_frames", "local_path", "FileFrames", "HDF5Files", "AD_HDF5_SPECS",
-           "AD_HDF5_DATASET", "group_file_frames"]
+           "AD_HDF5_DATASET", "group_file_frames", "NumpySeqHandler"]
 
 HDF5 = "application/x-hdf5"
 NPY_SEQ = "multipart/related;type=application/x-npy"
+
+
+class NumpySeqHandler:
+    """The handler of ``NPY_SEQ`` resources (``ophyd.sim``'s ``SynSignalWithRegistry``): datum
+    ``index`` is the file ``<root>/<resource_path>_<index>.npy``. As ``ophyd.sim.NumpySeqHandler``
+    reads them, without importing ophyd (which starts its control layer's threads, eight polling
+    10 times a second, in every process that reads frames)."""
+
+    specs = {"NPY_SEQ"}
+
+    def __init__(self, filename: str, root: str = ""):
+        self._name = os.path.join(root, filename)
+
+    def __call__(self, index: int) -> np.ndarray:
+        return np.load(f"{self._name}_{index}.npy", allow_pickle=False)
+
+    def get_file_list(self, datum_kwarg_gen) -> list[str]:
+        """The files of these datums (for export)."""
+        return [f"{self._name}_{kwargs['index']}.npy" for kwargs in datum_kwarg_gen]
 
 
 def local_path(uri: str) -> str:

@@ -281,6 +281,17 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _window_side(text: str) -> int:
+    """``--window``: a side of at least :data:`~cdinn_stream.live.windows.MIN_SIDE` pixels."""
+    from ..live.windows import MIN_SIDE
+
+    side = int(text)
+    if side < MIN_SIDE:
+        raise argparse.ArgumentTypeError(f"a window of {side} pixels is too small: at least the model's window on the "
+                                         "detector plus 16 pixels (twice it is safe)")
+    return side
+
+
 def _nats_settings(args: argparse.Namespace, beamline: str):
     from ..live.jetstream import JetStreamSettings
 
@@ -716,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--beamline", default="replay",
                    help="with --nats: the subjects' beamline token (default %(default)s)")
     r.add_argument("--prefix", default="cdinn", help="with --nats: the subjects' prefix (default %(default)s)")
-    r.add_argument("--window", type=int, default=None, metavar="PIXELS",
+    r.add_argument("--window", type=_window_side, default=None, metavar="PIXELS",
                    help="with --nats: send each inline frame cut to a PIXELS x PIXELS window around its Bragg peak "
                         "(at least the model's window on the detector plus 16; twice it is safe), not whole: detector "
                         "frames over the server's max_payload travel so (docs/pipeline.md 'Scale-out')")

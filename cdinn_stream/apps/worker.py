@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from ..live.acks import AckTracker, tracked
+from ..live.blocks import range_seq_nums
 from ..live.jetstream import (
     RUN_HEADER,
     WORK_CONSUMER,
@@ -624,15 +625,17 @@ class PoolWorker:
                                                        close_wait=self.close_wait, end=end, expected=expected,
                                                        revise=correlation_from_first))
                 run.summary = summary
+            brief = {**run.summary, "frames_rejected": {  # counts in messages (the seq_num ranges are in Tiled)
+                k: int(len(range_seq_nums(v))) for k, v in (run.summary.get("frames_rejected") or {}).items()}}
             if not run.announced:
                 await self._publish(run, "complete", {"run_uid": run.uid, "claim": run.claim, "worker": self.name,
-                                                      **run.summary})
+                                                      **brief})
                 run.announced = True
             await self._claims.put(run.claim, json.dumps({"worker": self.ident, "state": "complete",
-                                                          "time": time.time(), **run.summary}).encode())
+                                                          "time": time.time(), **brief}).encode())
             self.counts["runs_merged"] += 1
             self.counts["runs_completed"] += 1
-            logger.info("worker %s: run %s complete: %s", self.ident, run.uid, json.dumps(run.summary))
+            logger.info("worker %s: run %s complete: %s", self.ident, run.uid, json.dumps(brief))
             self._forget(run)
         except Exception:
             logger.exception("worker %s: completing run %s failed: trying again in %s s", self.ident, run.uid,

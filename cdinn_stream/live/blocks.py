@@ -8,17 +8,21 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 __all__ = ["FrameBlock", "RunMarker", "ResultBlock", "RefinedBlock", "Sink", "Idles", "Spills", "WritesRefined",
-           "CountsUndelivered", "Closes", "seq_ranges", "range_seq_nums"]
+           "CountsUndelivered", "Closes", "seq_ranges", "range_seq_nums", "MAX_RANGES"]
 
 
-def seq_ranges(seq_nums) -> list[list[int]]:
+#: ranges :func:`seq_ranges` keeps at most (the first ones): a run's metadata stays small
+MAX_RANGES = 10_000
+
+
+def seq_ranges(seq_nums, limit: int = MAX_RANGES) -> list[list[int]]:
     """seq_nums as inclusive ``[first, last]`` ranges, in order and each once (for a run's
-    metadata: ``[[1, 5000]]``, not 5000 numbers)."""
+    metadata: ``[[1, 5000]]``, not 5000 numbers); the first ``limit`` ranges at most."""
     seq = np.unique(np.asarray(seq_nums, np.int64))
     if not len(seq):
         return []
     breaks = np.flatnonzero(np.diff(seq) != 1)
-    starts, ends = np.r_[0, breaks + 1], np.r_[breaks, len(seq) - 1]
+    starts, ends = np.r_[0, breaks + 1][:limit], np.r_[breaks, len(seq) - 1][:limit]
     return [[int(seq[a]), int(seq[b])] for a, b in zip(starts, ends, strict=True)]
 
 

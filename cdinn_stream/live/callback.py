@@ -45,7 +45,7 @@ from event_model.documents import (
 )
 
 from ..nn.reconstruct import CDIModel, load_model, user_models_dir
-from .blocks import Closes, FrameBlock, Sink, seq_ranges
+from .blocks import MAX_RANGES, Closes, FrameBlock, Sink, seq_ranges
 from .crop import PeakTracker, clean_frames, crop_frames, cut_windows, find_peaks
 from .engine import InferenceEngine
 from .frames import (
@@ -112,24 +112,31 @@ class Rejections:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
-        self._runs: dict[str, dict[str, list[int]]] = {}
+        self._runs: dict[str, dict[str, list[np.ndarray]]] = {}
         self._lock = threading.Lock()  # the RunEngine's thread and the intake's both reject
 
     def __call__(self, run_uid: str | None, seq_nums, reason: str) -> None:
-        seq = [int(s) for s in np.atleast_1d(seq_nums)]
+        seq = np.atleast_1d(np.asarray(seq_nums)).astype(np.int64)
         category = reason.split(":")[0]
-        self.counts[category] += len(seq)
-        if run_uid is not None:
-            with self._lock:
-                self._runs.setdefault(run_uid, {}).setdefault(category, []).extend(seq)
-        logger.warning("run %s seq_num %s: %s", run_uid, _seq_text(seq), reason)
+        with self._lock:
+            self.counts[category] += len(seq)
+            if run_uid is not None:
+                self._runs.setdefault(run_uid, {}).setdefault(category, []).append(seq)
+        logger.warning("run %s seq_num %s: %s", run_uid, _seq_text(seq.tolist()), reason)
 
     def of_run(self, run_uid: str) -> dict[str, list[list[int]]]:
-        """The run's rejected frames by category, as inclusive seq_num ranges (:func:`seq_ranges`),
-        forgotten here."""
+        """The run's rejected frames by category, as inclusive seq_num ranges (:func:`seq_ranges`:
+        the first :data:`MAX_RANGES` of each), forgotten here."""
         with self._lock:
             found = self._runs.pop(run_uid, {})
-        return {category: seq_ranges(seq) for category, seq in found.items()}
+        out = {}
+        for category, parts in found.items():
+            seq = np.concatenate(parts)
+            out[category] = seq_ranges(seq)
+            if len(out[category]) == MAX_RANGES and len(seq_ranges(seq, MAX_RANGES + 1)) > MAX_RANGES:
+                logger.warning("run %s: %d frames rejected (%s) in more than %d ranges: the first %d kept in its "
+                               "metadata", run_uid, len(seq), category, MAX_RANGES, MAX_RANGES)
+        return out
 
     def document(self, name: str, run_uid: str | None, err: BaseException) -> None:
         """A document that could not be handled at all."""
@@ -276,6 +283,10 @@ class FrameCropper:
         if origins.shape != (len(frames), 2):
             self.rejections(run_uid, seq_nums, f"bad shape: window origins of shape {origins.shape} for "
                                                f"{len(frames)} frames")
+            return None, None
+        if (origins < 0).any() or min(frames.shape[1:]) < 1:
+            self.rejections(run_uid, seq_nums, "not cut: the frames could not be cut to windows where they were taken "
+                                               "(see the publisher's log)")
             return None, None
         if self.mask is None:
             return frames, None
@@ -440,7 +451,8 @@ class RunReconstructor(DocumentRouter):
         self.image_key = image_key
         self.intake = intake
         self.streams: dict[str, tuple[str, str | None]] = {}  # descriptor uid -> (stream, image key)
-        self.window_keys: dict[str, str] = {}  # descriptor uid -> its window origins' key (frames cut to windows)
+        #: descriptor uid -> its window origins' key and the detector's shape (frames cut to windows)
+        self.window_keys: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.stream_resources: dict[str, StreamResource] = {}
         self.files = HDF5Files()  # the stream_resource and AD_HDF5 files of the run, open until its end
         self.ad_resources: dict[str, tuple[str, int]] = {}  # AD_HDF5 resource uid -> (file, frames a datum)
@@ -474,7 +486,7 @@ class RunReconstructor(DocumentRouter):
         self.streams[doc["uid"]] = (doc.get("name", "primary"), key)
         window = doc["data_keys"][key].get("cdinn_window") if key is not None else None
         if isinstance(window, dict) and window.get("origin_key"):  # frames cut to windows where they were taken
-            self.window_keys[doc["uid"]] = str(window["origin_key"])
+            self.window_keys[doc["uid"]] = (str(window["origin_key"]), tuple(window.get("detector_shape") or ()))
             shape = doc["data_keys"][key].get("shape") or []
             if shape and min(shape[-2:]) < self.cropper.side + 16:
                 logger.warning("run %s stream %s: frames come as windows of %s pixels, little more than the crops' %d "
@@ -510,8 +522,14 @@ class RunReconstructor(DocumentRouter):
             return doc
         origins = None
         if doc["descriptor"] in self.window_keys:
+            origin_key, detector = self.window_keys[doc["descriptor"]]
+            mask = self.cropper.mask
+            if mask is not None and detector and mask.shape != detector:
+                self.reject(self.uid, seq, f"bad shape: windows of a detector of shape {detector}, the mask's is "
+                                           f"{mask.shape}")
+                return doc
             try:
-                origins = np.asarray(doc["data"][self.window_keys[doc["descriptor"]]], np.int64).reshape(len(seq), 2)
+                origins = np.asarray(doc["data"][origin_key], np.int64).reshape(len(seq), 2)
             except Exception as err:
                 self.reject(self.uid, seq, f"bad shape: the frames' window origins: {err!r}")
                 return doc

@@ -163,9 +163,9 @@ class JetStreamPublisher:
         if events <= 1:
             raise PayloadTooLarge(
                 f"a {name} document of {size} bytes (one frame) is larger than the NATS server's max_payload "
-                f"({self.max_payload} bytes): write the frames to files (stream_resource/stream_datum or resource/"
-                "datum: the workers read them), send crops instead of whole frames, or raise max_payload in the "
-                "server's configuration (at most 64 MiB)")
+                f"({self.max_payload} bytes): cut the frames to windows around their peak here "
+                "(JetStreamPublisher(..., window=256)), write them to files (stream_resource/stream_datum or resource/"
+                "datum: the workers read them), or raise max_payload in the server's configuration (at most 64 MiB)")
         half = events // 2
         return self._parts(name, split_page(doc, 0, half)) + self._parts(name, split_page(doc, half, events))
 
@@ -224,6 +224,7 @@ class JetStreamPublisher:
                 self._cond.notify_all()
 
     def stats(self) -> dict:
-        """Documents published, publishes retried, and documents still waiting."""
+        """Documents published, publishes retried, documents still waiting and (with ``window``)
+        frames cut to windows and frames that could not be cut."""
         return {"published": self.published, "retries": self.retries, "waiting": self._waiting,
-                "time": time.time()}
+                **(self.windows.counts if self.windows is not None else {}), "time": time.time()}

@@ -237,6 +237,7 @@ def merge_partitions(client, run_uid: str, *, parent: str = "cdinn", close_wait:
         if not open_parts or time.monotonic() > deadline:
             break
         time.sleep(0.1)
+    parts = [client[parts_name][p.item["id"]] for p in parts]  # read again: their metadata as they closed
     if not parts:
         logger.warning("run %s: no partition to merge (no worker stored a frame of it): nothing written", run_uid)
         return {"frames": 0, "workers": [], "skipped": "no partition"}

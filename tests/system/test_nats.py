@@ -453,6 +453,8 @@ def test_a_stored_run_replayed_into_the_pool(pool, nats_server, tiled_server, ti
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # published >= documents: a page over max_payload goes as several
     assert status == 0 and report["published"] >= report["documents"] >= 4 and report["waiting"] == 0, report
+    if window:  # every frame went as a window
+        assert report["frames_cut"] == 40 and report["frames_not_cut"] == 0, report
 
     def complete() -> bool:
         worker.poll()

@@ -108,22 +108,42 @@ def test_a_peak_at_the_detector_edge_and_frames_that_cannot_be_cut():
     origins = np.asarray(page["data"]["det_image" + WINDOW_SUFFIX])
     np.testing.assert_array_equal(origins, [[0, 268], [85, 135]])
     assert desc["data_keys"]["det_image" + WINDOW_SUFFIX]["shape"] == [2]
-    strange = {**names[2][1], "data": {**names[2][1]["data"], "det_image": [["a"]]}}
-    assert windows.event_page(strange) is strange
+    # frames that cannot be cut travel as empty placeholders at (-1, -1), never whole
+    strange = windows.event_page({**names[2][1], "data": {**names[2][1]["data"], "det_image": [["a"]]}})
+    assert strange["data"]["det_image"].shape == (2, 0, 0)
+    np.testing.assert_array_equal(strange["data"]["det_image" + WINDOW_SUFFIX], [[-1, -1], [-1, -1]])
+    assert windows.counts == {"frames_cut": 2, "frames_not_cut": 2}
     event = windows.event({"descriptor": desc["uid"], "data": {"det_image": frames[1], "motor": 1},
-                           "timestamps": {"det_image": 0.0}, "seq_num": 2, "time": 0.0, "uid": "e"})
-    assert event["data"]["det_image"].shape == (32, 32)
+                           "timestamps": {"det_image": 5.0, "motor": 5.0}, "seq_num": 2, "time": 5.0, "uid": "e"})
+    assert event["data"]["det_image"].shape == (32, 32) and event["data"]["motor"] == 1
     assert list(event["data"]["det_image" + WINDOW_SUFFIX]) == [85, 135]
+    assert event["timestamps"]["det_image" + WINDOW_SUFFIX] == 5.0
     with pytest.raises(ValueError, match="too small"):
         PeakWindows(8)
 
 
+def test_masked_pixels_travel_as_zero():
+    """Gaps marked with the dtype's largest value (as detectors do) arrive as 0, so a worker
+    without the mask makes the crops of one with it."""
+    frames, mask, _ = native_frames(6, EIGER_1M, seed=2)
+    frames[:, ~mask] = np.iinfo(frames.dtype).max
+    windows = PeakWindows(512, mask=mask)  # reaches across a module gap
+    docs = list(_documents(frames, page=3))
+    windows.descriptor(docs[1][1])
+    page = windows.event_page(docs[2][1])
+    cut, origins = page["data"]["det_image"], page["data"]["det_image" + WINDOW_SUFFIX]
+    gaps = ~np.stack([mask[r : r + 512, c : c + 512] for r, c in origins])
+    assert gaps.any() and (cut[gaps] == 0).all() and (cut[~gaps] < np.iinfo(frames.dtype).max).all()
+
+
 def test_windows_the_worker_cannot_place_are_rejected_with_their_seq_nums(tiny_model):
-    frames, mask, _ = native_frames(4, EIGER_1M, seed=1)
+    frames, mask, _ = native_frames(6, EIGER_1M, seed=1)
     windows = PeakWindows(96, mask=mask)
     keep = Keep()
     cb = ReconstructionCallback(model=tiny_model, sinks=[keep], mask=mask, max_latency=0.01)
     for name, doc in _documents(frames, page=2):
+        if name == "event_page" and doc["seq_num"][0] == 5:
+            doc = {**doc, "data": {**doc["data"], "det_image": "not frames"}}  # the publisher cannot cut it
         doc = _travelled(name, doc, windows)[1]
         if name == "event_page" and doc["seq_num"][0] == 3:
             doc["data"]["det_image" + WINDOW_SUFFIX] = [[2000, 0], [0, 0]]  # off the detector
@@ -131,4 +151,12 @@ def test_windows_the_worker_cannot_place_are_rejected_with_their_seq_nums(tiny_m
     assert cb.flush(60)
     cb.close()
     assert np.concatenate([b.seq_nums for b in keep.blocks]).tolist() == [1, 2]
+    assert dict(cb.rejected) == {"bad shape": 2, "not cut": 2}
+    # a mask of another detector: rejected, not applied at the wrong place
+    cb = ReconstructionCallback(model=tiny_model, sinks=[], mask=mask[:-10], max_latency=0.01)
+    windows = PeakWindows(96)
+    for name, doc in _documents(frames[:2], page=2):
+        cb(*_travelled(name, doc, windows))
+    assert cb.flush(60)
+    cb.close()
     assert dict(cb.rejected) == {"bad shape": 2}

@@ -19,7 +19,9 @@ is counted (``received``, ``rejected``). Beside it, per frame in the same run: o
 frame (``frame.sum()``, the practical limit of any full-frame work), a whole-frame search + crop of a
 frame (as a run's first frame, a check or a fallback: :func:`~cdinn_stream.live.crop.coarse_peaks`
 and the window around the rough peak),
-the tracked search + crop (in memory), reading a tracked window from the file, decompressing a
+the tracked search + crop (in memory), cutting the frames to 256-pixel windows as the pool's publisher
+does (``JetStreamPublisher(window=256)``: the tracked search and the cut, on the RunEngine's thread),
+reading a tracked window from the file, decompressing a
 whole compressed frame, and the model at batch 256. With ``tiled=True`` the 1M
 ``stream_resource`` run is repeated with a Tiled server as a second sink.
 """
@@ -39,6 +41,7 @@ from cdinn_stream.lab.detector import run_documents, write_frames
 from cdinn_stream.lab.sim import EIGER_1M, EIGER_4M, DetectorGeometry, native_frames
 from cdinn_stream.live.callback import FrameCropper, ReconstructionCallback
 from cdinn_stream.live.frames import HDF5Files
+from cdinn_stream.live.windows import PeakWindows
 from cdinn_stream.nn.reconstruct import load_model
 from cdinn_stream.sinks import TiledSink, ZmqPublisherSink
 
@@ -145,6 +148,18 @@ def stages(model, frames: np.ndarray, mask: np.ndarray, path: Path, compressed: 
             c.block("r", "p", frames[i : i + PAGE], np.arange(i, min(i + PAGE, n)), np.zeros(min(PAGE, n - i)))
 
     out["tracked_search_crop_us"] = time_call(tracked, repeat=3) / n * 1e6
+
+    def cut_to_windows():  # what JetStreamPublisher(window=256) does on the RunEngine's thread
+        windows = PeakWindows(256, mask=mask)
+        desc = {"uid": "d", "run_start": "r", "data_keys": {"img": {"shape": list(frames.shape[1:]), "dtype": "array",
+                                                                    "source": "sim"}}}
+        windows.descriptor(desc)
+        for i in range(0, n, PAGE):
+            k = min(PAGE, n - i)
+            windows.event_page({"descriptor": "d", "seq_num": list(range(i, i + k)), "data": {"img": frames[i : i + k]},
+                                "timestamps": {"img": [0.0] * k}})
+
+    out["publisher_window_us"] = time_call(cut_to_windows, repeat=3) / n * 1e6
     files = HDF5Files()
     side = 4 * (model.size + 2)
     r0, c0 = frames.shape[1] // 3, frames.shape[2] // 3

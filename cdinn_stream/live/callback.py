@@ -276,7 +276,6 @@ class FrameCropper:
                           crops.frames, crops.origins + offsets, peaks.astype(np.int64), np.full(len(clean), received),
                           wide)
 
-
     def _windows(self, run_uid: str, seq_nums: np.ndarray, frames: np.ndarray, origins: np.ndarray
                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Windows checked against their corners; the mask's windows ``(n, h, w)`` (or ``None``)."""
@@ -291,7 +290,7 @@ class FrameCropper:
         if self.mask is None:
             return frames, None
         side = frames.shape[1:]
-        if (origins < 0).any() or (origins + side > self.mask.shape).any():
+        if (origins + side > self.mask.shape).any():
             self.rejections(run_uid, seq_nums, f"bad shape: windows of {side} at {origins.tolist()[:2]}... do not lie "
                                                f"on the mask's detector {self.mask.shape}")
             return None, None

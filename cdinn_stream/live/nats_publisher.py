@@ -5,13 +5,13 @@ every document of every run on ``<prefix>.<beamline>.<document name>`` (subjects
 wire format: :mod:`cdinn_stream.live.jetstream`), in the order the RunEngine emits them, from a
 thread of its own: the RunEngine's thread only encodes and queues.
 
-Frames travel three ways, as the detector makes them:
+Frames travel three ways:
 
 * inline (``event``/``event_page`` data, small frames such as 128 x 128 crops or a simulated
   detector): in the message. A page bigger than the server's ``max_payload`` (1 MiB by
   default in ``nats-server``; up to 64 MiB with ``max_payload`` in its configuration) is split
   into several pages; a single event bigger than that raises :class:`PayloadTooLarge` with what
-  to do (write the frames to files, or raise ``max_payload``);
+  to do (cut the frames to windows, write them to files, or raise ``max_payload``);
 * by reference (``stream_resource``/``stream_datum`` of ophyd-async's HDF5 writers, AreaDetector
   ``resource``/``datum``): only the documents travel; the workers read the files (a shared file
   system), only the Bragg peak's window of each frame while the peak is tracked;

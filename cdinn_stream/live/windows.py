@@ -27,8 +27,9 @@ with the dtype's largest value): a worker without the mask makes the same crops.
 reference (``stream_datum``, ``datum``) and streams without one inline image key pass unchanged;
 frames of a cut stream that cannot be cut (not numeric 2-D images) travel as empty placeholders
 at origin ``(-1, -1)``, which the workers reject with their seq_nums. Cost on the RunEngine's
-thread: the pipeline's peak search (tracked near the last peak on frames at least four windows
-wide, about 1 ms a 1M frame; an empty frame sends the rest of its page to whole-frame searches).
+thread: the pipeline's peak search, tracked in a 128-pixel region around the last peak on frames
+at least 256 pixels wide, and the cut (``publisher_window_us`` of ``cdinn-stream bench --suite
+detector``); an empty frame sends the rest of its page to whole-frame searches.
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ class PeakWindows:
         side = (min(self.side, frames.shape[1]), min(self.side, frames.shape[2]))
         mask = self.mask if self.mask is not None and self.mask.shape == frames.shape[1:] else None
         tracker = self._trackers.get(descriptor)
-        if tracker is None:  # tracked near the last peak on frames at least 4 windows wide
-            reach = max(min(side) // 2, 8)
+        if tracker is None:  # searched in a 128-pixel region around the last peak (a 512 one cost 5x)
+            reach = max(min(min(side) // 2, 32), 8)
             tracker = self._trackers[descriptor] = PeakTracker(reach, max(4 * reach, 2 * reach + 28, 40),
                                                                centre=self.centre)
         peaks, _, _ = tracker.find(frames, mask)

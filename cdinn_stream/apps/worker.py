@@ -60,7 +60,6 @@ from pathlib import Path
 import numpy as np
 
 from ..live.acks import AckTracker, tracked
-from ..live.blocks import range_seq_nums
 from ..live.jetstream import (
     RUN_HEADER,
     WORK_CONSUMER,
@@ -626,7 +625,7 @@ class PoolWorker:
                                                        revise=correlation_from_first))
                 run.summary = summary
             brief = {**run.summary, "frames_rejected": {  # counts in messages (the seq_num ranges are in Tiled)
-                k: int(len(range_seq_nums(v))) for k, v in (run.summary.get("frames_rejected") or {}).items()}}
+                k: sum(b - a + 1 for a, b in v) for k, v in (run.summary.get("frames_rejected") or {}).items()}}
             if not run.announced:
                 await self._publish(run, "complete", {"run_uid": run.uid, "claim": run.claim, "worker": self.name,
                                                       **brief})

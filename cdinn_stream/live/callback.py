@@ -192,11 +192,20 @@ class FrameCropper:
         """The peak tracker of a run's stream (made on first use)."""
         key = (run_uid, stream)
         if key not in self.trackers:
-            bins = max(self.bin, self.refine_bin)  # a binned crop reaches up to a bin further than its half side
-            side = max(self.size * self.bin, self.refine_window * self.size * self.refine_bin) + 2 * bins
-            self.trackers[key] = PeakTracker(side, self.track_window or 4 * side, check_every=self.track_every,
+            self.trackers[key] = PeakTracker(self._reach, self._search_window, check_every=self.track_every,
                                              centre=self.centre)
         return self.trackers[key]
+
+    @property
+    def _reach(self) -> int:
+        """The crops' side with room for binning (a binned crop reaches up to a bin further than its half side)."""
+        return self.side + 2 * max(self.bin, self.refine_bin)
+
+    @property
+    def _search_window(self) -> int:
+        """The side of the region a tracked peak is searched in (even)."""
+        window = self.track_window or 4 * self._reach
+        return window + window % 2
 
     def forget(self, run_uid: str) -> dict:
         """Drop a run's trackers; their counts, summed over its streams."""
@@ -252,7 +261,7 @@ class FrameCropper:
             clean = clean_frames(frames, None)
             if mask is not None:
                 clean *= mask
-            peaks, offsets = find_peaks(clean, centre=self.centre), np.zeros((len(clean), 2), np.int64)
+            peaks, offsets = self._window_peaks(clean, window_origins), np.zeros((len(clean), 2), np.int64)
         elif self.track:  # near the last peak, the whole frame when due or lost (whole on small frames)
             peaks, clean, offsets = self.tracker(run_uid, stream).find(frames, self.mask)
         else:
@@ -275,6 +284,21 @@ class FrameCropper:
         return FrameBlock(run_uid, stream, np.asarray(seq_nums, np.int64), np.asarray(times, np.float64),
                           crops.frames, crops.origins + offsets, peaks.astype(np.int64), np.full(len(clean), received),
                           wide)
+
+    def _window_peaks(self, clean: np.ndarray, origins: np.ndarray) -> np.ndarray:
+        """Peaks of clean windows (in their pixels) found as a tracked search finds them on the
+        whole frame: in a region of the tracker's size around a first find, its corner even on the
+        detector (so that the 2x2-binned search pairs the same pixels; a window wider than the
+        region would be searched 4x4-binned, which can land a pixel or more away)."""
+        peaks = find_peaks(clean, centre=self.centre)
+        region = self._search_window
+        n, h, w = clean.shape
+        if min(h, w) <= region:
+            return peaks
+        start = np.clip(peaks - region // 2, 0, [h - region, w - region])
+        odd = (start + origins) % 2 == 1
+        start = np.where(odd & (start > 0), start - 1, np.where(odd, start + 1, start))
+        return find_peaks(cut_windows(clean, start, (region, region)), centre=self.centre) + start
 
     def _windows(self, run_uid: str, seq_nums: np.ndarray, frames: np.ndarray, origins: np.ndarray
                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -531,6 +555,10 @@ class RunReconstructor(DocumentRouter):
                 origins = np.asarray(doc["data"][origin_key], np.int64).reshape(len(seq), 2)
             except Exception as err:
                 self.reject(self.uid, seq, f"bad shape: the frames' window origins: {err!r}")
+                return doc
+            if len(detector) == 2 and frames.ndim == 3 and (origins + frames.shape[1:] > detector).any():
+                self.reject(self.uid, seq, f"bad shape: windows of {frames.shape[1:]} at {origins.tolist()[:2]}... "
+                                           f"reach past the detector {detector}")
                 return doc
         self._submit(stream, frames, seq, np.asarray(doc["time"], float), window_origins=origins)
         return doc

@@ -87,7 +87,8 @@ class JetStreamPublisher:
             peak before it travels (:class:`~cdinn_stream.live.windows.PeakWindows`: at least the
             model's window on the detector plus 16 pixels; twice it is safe); ``None``: whole frames.
         image_key: with ``window``, the detector's data key (default: the one 2-D image field).
-        mask: with ``window``, ``(H, W)`` bool, True for good detector pixels (for the peak search).
+        mask: with ``window``, ``(H, W)`` bool, True for good detector pixels (the peak search
+            skips the others, and they travel as 0).
     """
 
     def __init__(self, settings: JetStreamSettings, *, max_queued: int = 10_000, connect_timeout: float = 30.0,

@@ -56,7 +56,8 @@ class PeakWindows:
     Args:
         side: the window's side in detector pixels.
         image_key: the detector's data key; default: the one 2-D image field of each descriptor.
-        mask: ``(H, W)`` bool, True for good detector pixels (for the peak search).
+        mask: ``(H, W)`` bool, True for good detector pixels (the peak search skips the others,
+            and they travel as 0).
         centre: find the peak as a network trained centred does (centre of mass), else the
             brightest smoothed pixel.
     """
@@ -115,7 +116,7 @@ class PeakWindows:
         if found is None:
             return doc
         run_uid, key = found
-        n = len(doc.get("seq_num") or [])
+        n = len(doc.get("seq_num", ()))
         try:
             windows, origins = self._cut(doc["descriptor"], np.asarray(doc["data"][key]))
             if len(windows) != n:
@@ -165,6 +166,6 @@ class PeakWindows:
     def stop(self, doc: dict) -> None:
         """Forget the run's streams and trackers."""
         run_uid = doc.get("run_start")
-        for uid in [u for u, (run, _, _) in self._streams.items() if run == run_uid]:
+        for uid in [u for u, (run, _) in self._streams.items() if run == run_uid]:
             self._streams.pop(uid, None)
             self._trackers.pop(uid, None)

@@ -70,23 +70,25 @@ def test_windows_lie_inside_the_frame_in_its_dtype():
     np.testing.assert_array_equal(cut[1], frames[1, 6:10, 6:12])
 
 
-def test_windowed_frames_give_the_crops_of_the_whole_frames(tiny_model):
+@pytest.mark.parametrize("side", [96, 256])
+def test_windowed_frames_give_the_crops_of_the_whole_frames(tiny_model, side):
     """Eiger 1M frames (module gaps, hot pixels, a peak that drifts and jumps) through the
-    callback whole, and cut to 96-pixel windows then encoded and decoded as a worker gets them:
-    the same crops, origins and peaks on the detector, at 1 % of the bytes."""
+    callback whole, and cut to windows (narrower and wider than the tracker's search region) then
+    encoded and decoded as a worker gets them: the same crops, origins and peaks on the detector,
+    at a few % of the bytes."""
     frames, mask, _ = native_frames(18, EIGER_1M, seed=5, jump_every=7)
     documents = list(_documents(frames))
     whole = _reconstructed(documents, tiny_model, mask)
-    windows = PeakWindows(96, mask=mask)
+    windows = PeakWindows(side, mask=mask)
     sent = [_travelled(name, doc, windows) for name, doc in documents]
     desc = next(doc for name, doc in sent if name == "descriptor")
-    assert desc["data_keys"]["det_image"]["shape"] == [96, 96]
+    assert desc["data_keys"]["det_image"]["shape"] == [side, side]
     assert desc["data_keys"]["det_image"]["cdinn_window"]["detector_shape"] == list(EIGER_1M.shape)
     page = next(doc for name, doc in sent if name == "event_page")
     assert page["data"]["det_image"].dtype == frames.dtype and page["data"]["motor"] == [0, 1, 2, 3, 4, 5]
     assert np.asarray(page["data"]["det_image" + WINDOW_SUFFIX]).shape == (6, 2)
     size = sum(len(encode_document(n, d)) for n, d in documents if n == "event_page")
-    assert sum(len(encode_document(n, d)) for n, d in sent if n == "event_page") < 0.01 * size
+    assert sum(len(encode_document(n, d)) for n, d in sent if n == "event_page") < 0.07 * size
     cut_blocks = _reconstructed(sent, tiny_model, mask)
     get = {name: (lambda blocks, name=name: np.concatenate([getattr(b, name) for b in blocks]))
            for name in ("seq_nums", "frames", "origins", "peaks")}
@@ -97,7 +99,8 @@ def test_windowed_frames_give_the_crops_of_the_whole_frames(tiny_model):
 
 def test_a_peak_at_the_detector_edge_and_frames_that_cannot_be_cut():
     """A peak in a corner: the window lies inside the detector, the peak off its centre, on the
-    detector where it was. Frames of another shape, or not numbers, travel as they are."""
+    detector where it was. Frames that are not numbers travel as placeholders; a run's stop
+    forgets its streams."""
     windows = PeakWindows(32)
     frames = np.zeros((2, 200, 300), np.uint16)
     frames[0, 2:5, 296:299] = 1000  # top right corner
@@ -120,6 +123,8 @@ def test_a_peak_at_the_detector_edge_and_frames_that_cannot_be_cut():
     assert event["timestamps"]["det_image" + WINDOW_SUFFIX] == 5.0
     with pytest.raises(ValueError, match="too small"):
         PeakWindows(8)
+    windows.stop(names[-1][1])
+    assert not windows._streams and not windows._trackers
 
 
 def test_masked_pixels_travel_as_zero():

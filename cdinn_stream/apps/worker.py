@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from ..live.acks import AckTracker, tracked
+from ..live.frames import image_keys
 from ..live.jetstream import (
     RUN_HEADER,
     WORK_CONSUMER,
@@ -326,11 +327,7 @@ class PoolWorker:
 
     def _has_image(self, descriptor: dict) -> bool:
         """Whether the descriptor's stream holds the detector's image (the callback's rule)."""
-        keys = descriptor.get("data_keys", {})
-        key = getattr(self.cb, "image_key", None)
-        if key is not None:
-            return key in keys
-        return any(len(dk.get("shape") or []) >= 2 for dk in keys.values())
+        return bool(image_keys(descriptor.get("data_keys", {}), getattr(self.cb, "image_key", None)))
 
     def _forget(self, run: PoolRun) -> None:
         if self.runs.get(run.uid) is run:

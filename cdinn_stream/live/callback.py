@@ -55,6 +55,7 @@ from .frames import (
     HDF5Files,
     NumpySeqHandler,
     group_file_frames,
+    image_keys,
     open_frames,
 )
 from .intake import FrameIntake
@@ -132,10 +133,11 @@ class Rejections:
         out = {}
         for category, parts in found.items():
             seq = np.concatenate(parts)
-            out[category] = seq_ranges(seq)
-            if len(out[category]) == MAX_RANGES and len(seq_ranges(seq, MAX_RANGES + 1)) > MAX_RANGES:
+            ranges = seq_ranges(seq, MAX_RANGES + 1)
+            if len(ranges) > MAX_RANGES:
                 logger.warning("run %s: %d frames rejected (%s) in more than %d ranges: the first %d kept in its "
                                "metadata", run_uid, len(seq), category, MAX_RANGES, MAX_RANGES)
+            out[category] = ranges[:MAX_RANGES]
         return out
 
     def document(self, name: str, run_uid: str | None, err: BaseException) -> None:
@@ -494,10 +496,7 @@ class RunReconstructor(DocumentRouter):
         return True
 
     def _image_key(self, doc: EventDescriptor) -> str | None:
-        keys = doc.get("data_keys", {})
-        if self.image_key is not None:
-            return self.image_key if self.image_key in keys else None
-        images = [k for k, dk in keys.items() if len(dk.get("shape") or []) >= 2]
+        images = image_keys(doc.get("data_keys", {}), self.image_key)
         if len(images) > 1:
             logger.warning("run %s stream %s has several images %s: pass image_key=...", self.uid,
                            doc.get("name"), images)

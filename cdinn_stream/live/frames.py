@@ -24,10 +24,18 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "read_frames", "open_frames", "local_path", "FileFrames", "HDF5Files", "AD_HDF5_SPECS",
-           "AD_HDF5_DATASET", "group_file_frames", "NumpySeqHandler"]
+           "AD_HDF5_DATASET", "group_file_frames", "NumpySeqHandler", "image_keys"]
 
 HDF5 = "application/x-hdf5"
 NPY_SEQ = "multipart/related;type=application/x-npy"
+
+
+def image_keys(data_keys: dict, image_key: str | None = None) -> list[str]:
+    """A descriptor's detector image fields: ``image_key`` when given (and there), else every
+    field of two or more dimensions (the callback's, the worker pool's and the publisher's rule)."""
+    if image_key is not None:
+        return [image_key] if image_key in data_keys else []
+    return [k for k, dk in data_keys.items() if len(dk.get("shape") or []) >= 2]
 
 
 class NumpySeqHandler:

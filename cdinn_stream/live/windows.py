@@ -39,6 +39,7 @@ import logging
 import numpy as np
 
 from .crop import PeakTracker, cut_windows, window_origins
+from .frames import image_keys
 
 __all__ = ["PeakWindows", "WINDOW_SUFFIX", "MIN_SIDE"]
 
@@ -77,9 +78,7 @@ class PeakWindows:
         self.counts = {"frames_cut": 0, "frames_not_cut": 0}
 
     def _image_key(self, keys: dict) -> str | None:
-        if self.image_key is not None:
-            return self.image_key if self.image_key in keys else None
-        images = [k for k, dk in keys.items() if len(dk.get("shape") or []) >= 2 and not dk.get("external")]
+        images = [k for k in image_keys(keys, self.image_key) if not keys[k].get("external")]
         return images[0] if len(images) == 1 else None
 
     def descriptor(self, doc: dict) -> dict:
